@@ -1,0 +1,229 @@
+"""Frozen pretrained encoders: image in [0, 1] -> grid of patch features.
+
+Every encoder is loaded with transformers' `from_pretrained`, so `encoder_config_path` is either a Hub id
+(resolved through the local Hugging Face cache, downloaded when there is a network) or a local directory
+holding `config.json` + weights. A config names an encoder by string through `ENCODERS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.utils import cached_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class EncoderNotAvailableError(OSError):
+    """The encoder's weights are neither in a local directory nor reachable through the Hub cache."""
+
+
+def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
+    return EncoderNotAvailableError(
+        f"Could not load the encoder '{path}': it is not a local directory with config.json and weights, "
+        f"and it could not be fetched from the Hugging Face Hub (no network, or not in the local cache). "
+        f"On a machine with network run `huggingface-cli download {path} --local-dir DIR`, copy DIR here and "
+        f"pass encoder_config_path=DIR. (cause: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+    )
+
+
+def load_config(path: str):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _not_available(path, err) from err
+
+
+def load_pretrained(model_class: type[PreTrainedModel], path: str, **kwargs) -> PreTrainedModel:
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _not_available(path, err) from err
+
+
+def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std from the checkpoint's `preprocessor_config.json`, or the family's defaults.
+
+    Read as a plain JSON file (local directory or Hub cache) rather than through an image processor,
+    which would pull in optional dependencies and, for some classes, network calls.
+    """
+    resolved = cached_file(
+        path,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if resolved is None or not os.path.isfile(resolved):
+        return tuple(default_mean), tuple(default_std)
+    with open(resolved) as f:
+        config = json.load(f)
+    mean = config.get("image_mean", default_mean)
+    std = config.get("image_std", default_std)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _drop_layernorm_affine(norm: nn.LayerNorm) -> nn.LayerNorm:
+    # RAE: the final LayerNorm without its learned scale/shift, so every token is normalised to zero mean
+    # and unit variance per channel. This keeps latent scales comparable across encoders and codebooks.
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+
+
+class FrozenEncoder(nn.Module):
+    """Base class: normalises [0, 1] images, runs the frozen backbone, returns patch tokens (B, N, C).
+
+    Frozen for real: parameters do not require grad, the module stays in eval() whatever its parent does,
+    and the forward runs under no_grad.
+    """
+
+    default_mean = IMAGENET_MEAN
+    default_std = IMAGENET_STD
+
+    def __init__(self, model: PreTrainedModel, path: str, patch_size: int, hidden_size: int):
+        super().__init__()
+        self.model = model
+        self.path = path
+        self.patch_size = int(patch_size)
+        self.hidden_size = int(hidden_size)
+        mean, std = read_image_stats(path, self.default_mean, self.default_std)
+        # Not persistent: they come from the checkpoint's own files, so saved VQRAE weights never hold them.
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.model.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        # A frozen encoder never enters training mode (no dropout, no drop-path), even under model.train().
+        return super().train(False)
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixel_values = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+        return self.patch_tokens(pixel_values)
+
+
+class Dinov2withNorm(FrozenEncoder):
+    """DINOv2 and DINOv2-with-registers; patch tokens only (CLS and register tokens dropped)."""
+
+    def __init__(self, path: str, normalize: bool = True):
+        from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+        config = load_config(path)
+        classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+        if config.model_type not in classes:
+            raise ValueError(
+                f"Dinov2withNorm expects a DINOv2 checkpoint (model_type one of {sorted(classes)}), "
+                f"got model_type='{config.model_type}' at '{path}'"
+            )
+        model = load_pretrained(classes[config.model_type], path)
+        if normalize:
+            model.layernorm = _drop_layernorm_affine(model.layernorm)
+        self.num_prefix_tokens = 1 + getattr(config, "num_register_tokens", 0)
+        super().__init__(model, path, config.patch_size, config.hidden_size)
+
+    def patch_tokens(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, self.num_prefix_tokens :]
+
+
+class SigLIP2(FrozenEncoder):
+    """SigLIP and SigLIP2 vision towers; patch tokens of the last hidden state.
+
+    Fixed-resolution SigLIP2 checkpoints (e.g. google/siglip2-base-patch16-256) use the SigLIP architecture;
+    NaFlex checkpoints (model_type siglip2) take pre-patchified pixels and are fed a full, unpadded grid.
+    A full image-text checkpoint works too: only its vision tower is loaded.
+    """
+
+    default_mean = SIGLIP_MEAN
+    default_std = SIGLIP_STD
+
+    def __init__(self, path: str, normalize: bool = True):
+        from transformers import SiglipVisionModel
+
+        config = load_config(path)
+        vision_config = getattr(config, "vision_config", config)
+        self.naflex = config.model_type.startswith("siglip2")
+        if self.naflex:
+            from transformers import Siglip2VisionModel as model_class
+        elif config.model_type.startswith("siglip"):
+            model_class = SiglipVisionModel
+        else:
+            raise ValueError(
+                f"SigLIP2 expects a SigLIP or SigLIP2 checkpoint, got model_type='{config.model_type}' at '{path}'"
+            )
+        # The attention-pooling head only makes the pooled output, which a tokenizer never uses.
+        model = load_pretrained(model_class, path, vision_use_head=False)
+        if normalize:
+            model.post_layernorm = _drop_layernorm_affine(model.post_layernorm)
+        super().__init__(model, path, vision_config.patch_size, vision_config.hidden_size)
+
+    def patch_tokens(self, pixel_values):
+        if not self.naflex:
+            return self.model(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        b, c, height, width = pixel_values.shape
+        p = self.patch_size
+        h, w = height // p, width // p
+        # Same patch layout as Siglip2ImageProcessor: row-major patches, each flattened as (p, p, C).
+        patches = pixel_values.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, p * p * c)
+        mask = torch.ones(b, h * w, dtype=torch.long, device=pixel_values.device)
+        shapes = torch.tensor([[h, w]] * b, dtype=torch.long, device=pixel_values.device)
+        return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+
+class MAE(FrozenEncoder):
+    """MAE ViT encoder with masking turned off: every patch comes out, in raster order, CLS dropped."""
+
+    def __init__(self, path: str, normalize: bool = True):
+        from transformers import ViTMAEModel
+
+        config = load_config(path)
+        if config.model_type != "vit_mae":
+            raise ValueError(f"MAE expects a ViT-MAE checkpoint, got model_type='{config.model_type}' at '{path}'")
+        model = load_pretrained(ViTMAEModel, path, mask_ratio=0.0)
+        if normalize:
+            model.layernorm = _drop_layernorm_affine(model.layernorm)
+        super().__init__(model, path, config.patch_size, config.hidden_size)
+
+    def patch_tokens(self, pixel_values):
+        b, _, height, width = pixel_values.shape
+        n = (height // self.patch_size) * (width // self.patch_size)
+        # mask_ratio=0 keeps every patch, but ViT-MAE still shuffles them by argsort(noise):
+        # an increasing noise makes that shuffle the identity, so tokens stay in raster order.
+        noise = torch.arange(n, device=pixel_values.device, dtype=torch.float32).expand(b, n)
+        out = self.model(pixel_values=pixel_values, noise=noise, interpolate_pos_encoding=True)
+        return out.last_hidden_state[:, 1:]
+
+
+ENCODERS: dict[str, type[FrozenEncoder]] = {
+    "Dinov2withNorm": Dinov2withNorm,
+    "SigLIP2": SigLIP2,
+    "SigLIP": SigLIP2,
+    "SigLIP2wNorm": SigLIP2,
+    "MAE": MAE,
+    "MAEwNorm": MAE,
+}
+
+
+def build_encoder(encoder_cls: str, path: str, **params) -> FrozenEncoder:
+    if encoder_cls not in ENCODERS:
+        raise ValueError(f"Unknown encoder_cls '{encoder_cls}'; expected one of {sorted(ENCODERS)}")
+    return ENCODERS[encoder_cls](path, **params)
+
+
+__all__ = [
+    "ENCODERS",
+    "EncoderNotAvailableError",
+    "FrozenEncoder",
+    "Dinov2withNorm",
+    "SigLIP2",
+    "MAE",
+    "build_encoder",
+]

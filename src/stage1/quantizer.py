@@ -1,0 +1,261 @@
+"""EMA vector quantizer: each feature snaps to its nearest codebook entry.
+
+The codebook is not trained by gradients. It follows the exponential-moving-average rule of the VQ-VAE
+paper's appendix (as Sonnet's `VectorQuantizerEMA` implements it), with Laplace smoothing of the cluster
+sizes:
+
+    N_k   <- decay * N_k   + (1 - decay) * n_k              n_k: features assigned to code k in the batch
+    m_k   <- decay * m_k   + (1 - decay) * sum_{i->k} z_i
+    N'_k   = (N_k + eps) / (sum_j N_j + K * eps) * sum_j N_j
+    e_k    = m_k / N'_k
+
+Under torch.distributed the batch statistics n_k and sum z_i are summed over ranks before the update, so
+every rank computes the same codebook. When wrapping a model in DistributedDataParallel, pass
+`broadcast_buffers=False`: the quantizer keeps its buffers in sync itself, and DDP's per-forward broadcast
+from rank 0 would only cost time (and hide a bug if they ever diverged).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# The search never materialises more than this many distances at once (64 MiB in fp32).
+DEFAULT_MAX_DISTANCES_PER_CHUNK = 1 << 24
+EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK):
+    """Index of the nearest code (squared L2) for every row of z (M, D), searched in row chunks.
+
+    argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): ||z||^2 is the same for every k, so each chunk
+    costs one GEMM (addmm) and an argmin, and holds at most `max_distances` distances.
+    """
+    codebook_sq = codebook.pow(2).sum(dim=1)
+    rows = max(1, max_distances // codebook.shape[0])
+    indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        chunk = z[start : start + rows]
+        distances = torch.addmm(codebook_sq, chunk, codebook.t(), beta=1.0, alpha=-2.0)
+        indices[start : start + rows] = distances.argmin(dim=1)
+    return indices
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantizer with an EMA codebook and straight-through gradients.
+
+    forward(z) takes (B, C, H, W) or (B, N, C) and returns (z_q, losses, indices): z_q has z's shape and
+    dtype, indices are (B, H, W) or (B, N) long. The EMA update runs only in training mode.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        dead_code_threshold: float = 0.0,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        max_distances_per_chunk: int = DEFAULT_MAX_DISTANCES_PER_CHUNK,
+    ):
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError(
+                f"num_embeddings and embedding_dim must be positive, got {num_embeddings} and {embedding_dim}"
+            )
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be positive, got {epsilon}")
+        if commitment_cost < 0:
+            raise ValueError(f"commitment_cost must be >= 0, got {commitment_cost}")
+        if not 0.0 <= dead_code_threshold < 1.0:
+            raise ValueError(
+                f"dead_code_threshold must be in [0, 1) (a restarted code starts with EMA count 1), "
+                f"got {dead_code_threshold}"
+            )
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.commitment_cost = float(commitment_cost)
+        self.decay = float(decay)
+        self.epsilon = float(epsilon)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.kmeans_iters = int(kmeans_iters)
+        self.max_distances_per_chunk = int(max_distances_per_chunk)
+
+        embedding = torch.randn(num_embeddings, embedding_dim)
+        self.register_buffer("embedding", embedding)
+        # Each code starts as if it had been assigned once, to itself: e_k = m_k / N_k holds from step 0.
+        self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
+        self.register_buffer("ema_embed_sum", embedding.clone())
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding
+
+    def _apply(self, fn, recurse=True):
+        # EMA statistics must stay fp32 even if the model is cast to bf16: keep the fp32 values and only
+        # follow the device move.
+        kept = {name: self._buffers[name] for name in EMA_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 4:
+            if z.shape[1] != self.embedding_dim:
+                raise ValueError(f"expected (B, {self.embedding_dim}, H, W) features, got shape {tuple(z.shape)}")
+            return z.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
+        if z.dim() == 3:
+            if z.shape[2] != self.embedding_dim:
+                raise ValueError(f"expected (B, N, {self.embedding_dim}) features, got shape {tuple(z.shape)}")
+            return z.reshape(-1, self.embedding_dim)
+        raise ValueError(f"expected features of shape (B, C, H, W) or (B, N, C), got shape {tuple(z.shape)}")
+
+    @staticmethod
+    def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dim() == 4:
+            b, c, h, w = like.shape
+            return flat.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return flat.reshape(like.shape)
+
+    @staticmethod
+    def _index_shape(z: torch.Tensor) -> tuple[int, ...]:
+        return (z.shape[0], *z.shape[2:]) if z.dim() == 4 else tuple(z.shape[:2])
+
+    # ---- public API ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest-code indices only (no EMA update, no losses)."""
+        flat = self._flatten(z).float()
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return nearest_code(flat, self.embedding, self.max_distances_per_chunk).reshape(self._index_shape(z))
+
+    def lookup(self, indices: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
+        """Code vectors for indices (B, H, W) -> (B, D, H, W) (or (B, H, W, D)); (B, N) -> (B, N, D)."""
+        vectors = self.embedding[indices]
+        if indices.dim() == 3 and channels_first:
+            vectors = vectors.permute(0, 3, 1, 2)
+        return vectors
+
+    def forward(self, z: torch.Tensor):
+        flat_in = self._flatten(z)
+        # Distances, losses and EMA statistics in fp32, even inside a bf16 autocast region.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = flat_in.float()
+            if self.training and not bool(self.initialized):
+                self._kmeans_init(flat.detach())
+            indices = nearest_code(flat.detach(), self.embedding, self.max_distances_per_chunk)
+            quantized = self.embedding[indices]  # looked up before this step's EMA update, as in Sonnet
+            counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            if self.training:
+                sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat.detach())
+                _all_reduce_sum(counts, sums)
+                self._ema_update(counts, sums)
+                if self.dead_code_threshold > 0:
+                    self._restart_dead_codes(flat.detach())
+
+            commitment_loss = F.mse_loss(flat, quantized.detach())
+            losses = {
+                "vq_loss": self.commitment_cost * commitment_loss,
+                "commitment_loss": commitment_loss,
+                # ||sg(z) - e||^2: reported only; the EMA rule, not a gradient, moves the codebook.
+                "codebook_loss": commitment_loss.detach(),
+                **self._usage_metrics(counts),
+            }
+            # Straight-through estimator: forward value exactly e (z - sg(z) is exactly 0), gradient
+            # d z_q / d z = identity.
+            flat_q = quantized + (flat - flat.detach())
+
+        z_q = self._unflatten(flat_q.to(z.dtype), z)
+        return z_q, losses, indices.reshape(self._index_shape(z))
+
+    # ---- EMA ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.ema_embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        n = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
+        self.embedding.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Codes whose EMA count fell below the threshold restart from random features of this batch.
+
+        The dead set is the same on every rank (cluster sizes are synchronised); the replacement features are
+        rank 0's, broadcast, so codebooks stay identical.
+        """
+        dead = self.ema_cluster_size < self.dead_code_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+        samples = _broadcast_from_rank0(flat[picks].contiguous())
+        self.embedding[dead] = samples
+        self.ema_embed_sum[dead] = samples
+        self.ema_cluster_size[dead] = 1.0
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        """Lloyd's k-means on the first training batch (rank 0's, broadcast), then EMA state from the centroids."""
+        k = self.num_embeddings
+        if flat.shape[0] >= k:
+            start = flat[torch.randperm(flat.shape[0], device=flat.device)[:k]]
+        else:
+            start = flat[torch.randint(0, flat.shape[0], (k,), device=flat.device)]
+        centroids = start.clone()
+        for _ in range(self.kmeans_iters):
+            assign = nearest_code(flat, centroids, self.max_distances_per_chunk)
+            counts = torch.bincount(assign, minlength=k).float()
+            sums = torch.zeros_like(centroids).index_add_(0, assign, flat)
+            filled = counts > 0  # an empty cluster keeps its previous centroid
+            centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
+        centroids = _broadcast_from_rank0(centroids.contiguous())
+        self.embedding.copy_(centroids)
+        self.ema_embed_sum.copy_(centroids)
+        self.ema_cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+
+    def _usage_metrics(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        probs = counts / counts.sum().clamp_min(1.0)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+        return {
+            "perplexity": torch.exp(entropy),
+            "codebook_usage": (counts > 0).float().mean(),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"commitment_cost={self.commitment_cost}, decay={self.decay}, epsilon={self.epsilon}, "
+            f"dead_code_threshold={self.dead_code_threshold}"
+        )
+
+
+__all__ = ["VectorQuantizer", "nearest_code"]

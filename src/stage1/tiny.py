@@ -1,0 +1,71 @@
+"""Tiny, randomly initialised encoder checkpoints, built from transformers configs and saved to disk.
+
+They let the tests and the offline quickstart run the real `from_pretrained` loading path without any
+download. Their features are random projections, not pretrained ones: a stand-in, never a substitute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY_FAMILIES = ("dinov2", "dinov2_reg", "siglip", "siglip2_naflex", "mae")
+ENCODER_CLS = {
+    "dinov2": "Dinov2withNorm",
+    "dinov2_reg": "Dinov2withNorm",
+    "siglip": "SigLIP2",
+    "siglip2_naflex": "SigLIP2",
+    "mae": "MAE",
+}
+
+
+def save_tiny_encoder(
+    family: str,
+    directory: str,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    patch_size: int = 8,
+    image_size: int = 32,
+    seed: int = 0,
+    image_mean=None,
+    image_std=None,
+) -> str:
+    """Write a tiny `family` checkpoint to `directory` (config.json + model.safetensors); return the path.
+
+    With image_mean/image_std, a preprocessor_config.json is written too, as Hub checkpoints have.
+    """
+    import transformers as tf
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny encoder family '{family}'; expected one of {TINY_FAMILIES}")
+    dims = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=4 * hidden_size,
+        patch_size=patch_size,
+    )
+    sized = dict(dims, image_size=image_size)
+    torch.manual_seed(seed)
+    if family == "dinov2":
+        model = tf.Dinov2Model(tf.Dinov2Config(**sized))
+    elif family == "dinov2_reg":
+        model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(num_register_tokens=4, **sized))
+    elif family == "siglip":
+        # A full image-text checkpoint, as the Hub's fixed-resolution SigLIP / SigLIP2 repos are.
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    vocab_size=64, bos_token_id=1, eos_token_id=2)
+        model = tf.SiglipModel(tf.SiglipConfig(vision_config=sized, text_config=text))
+    elif family == "siglip2_naflex":
+        grid = image_size // patch_size
+        model = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(num_patches=grid * grid, **dims))
+    else:
+        model = tf.ViTMAEModel(tf.ViTMAEConfig(**sized))
+    model.save_pretrained(directory)
+    if image_mean is not None or image_std is not None:
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_mean": list(image_mean), "image_std": list(image_std)}, f)
+    return directory

@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: tiny real checkpoints and test images."""
+
+import os
+
+import torch
+
+from stage1.tiny import ENCODER_CLS, TINY_FAMILIES, save_tiny_encoder
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+IMAGE_SIZE = 32
+# Deliberately unusual statistics, to show they are read from the checkpoint's preprocessor_config.json.
+CUSTOM_MEAN = [0.1, 0.2, 0.3]
+CUSTOM_STD = [0.5, 0.6, 0.7]
+
+
+def build_tiny_encoders(root: str) -> dict[str, tuple[str, str]]:
+    """family -> (encoder_cls, directory), each a real transformers checkpoint on disk."""
+    out = {}
+    for family in TINY_FAMILIES:
+        stats = dict(image_mean=CUSTOM_MEAN, image_std=CUSTOM_STD) if family == "dinov2" else {}
+        path = save_tiny_encoder(family, os.path.join(root, family), image_size=IMAGE_SIZE, **TINY, **stats)
+        out[family] = (ENCODER_CLS[family], path)
+    return out
+
+
+def tiny_vqrae(encoder_dir, **overrides):
+    from stage1 import VQRAE
+
+    kwargs = dict(
+        encoder_cls="Dinov2withNorm",
+        encoder_config_path=encoder_dir,
+        encoder_input_size=IMAGE_SIZE,
+        decoder_config_path="tiny",
+        decoder_patch_size=8,
+        num_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return VQRAE(**kwargs)
+
+
+def smooth_images(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
+    """Natural-ish test images: low-frequency colour fields in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False).clamp(0, 1)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from helpers import CUSTOM_MEAN, CUSTOM_STD, TINY
+
+from stage1 import ENCODERS, EncoderNotAvailableError, build_encoder
+from stage1.tiny import TINY_FAMILIES
+
+NAMES = list(TINY_FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_encoders):
+    return {name: build_encoder(*tiny_encoders[name]) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_grid_shape_on_non_square_images(encoders, name):
+    encoder = encoders[name]
+    x = torch.rand(2, 3, 32, 48)
+    tokens = encoder(x)
+    p = TINY["patch_size"]
+    # CLS / register tokens dropped: exactly one token per patch.
+    assert tokens.shape == (2, (32 // p) * (48 // p), TINY["hidden_size"])
+    assert torch.isfinite(tokens).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encoder_is_frozen(encoders, name):
+    encoder = encoders[name]
+    wrapper = torch.nn.Sequential(encoder)
+    wrapper.train()
+    assert not encoder.training and not encoder.model.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    tokens = encoder(x)
+    assert not tokens.requires_grad  # ran under no_grad: no graph into the encoder
+    head = torch.nn.Linear(tokens.shape[-1], 1)
+    head(tokens).sum().backward()
+    assert head.weight.grad is not None
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_final_layernorm_has_no_affine_so_tokens_are_normalised(encoders, name):
+    tokens = encoders[name](torch.rand(2, 3, 32, 32))
+    assert torch.allclose(tokens.mean(-1), torch.zeros(()), atol=1e-4)
+    assert torch.allclose(tokens.var(-1, unbiased=False), torch.ones(()), atol=1e-2)
+
+
+def test_input_normalisation_read_from_preprocessor_config(encoders):
+    encoder = encoders["dinov2"]
+    assert encoder.image_mean.flatten().tolist() == pytest.approx(CUSTOM_MEAN)
+    assert encoder.image_std.flatten().tolist() == pytest.approx(CUSTOM_STD)
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(CUSTOM_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CUSTOM_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        manual = encoder.model(pixel_values=(x - mean) / std).last_hidden_state[:, 1:]
+    assert torch.allclose(encoder(x), manual, atol=1e-6)
+    # Without a preprocessor config the family's defaults apply (SigLIP: 0.5 / 0.5).
+    assert encoders["siglip"].image_mean.flatten().tolist() == pytest.approx([0.5] * 3)
+
+
+def test_registers_are_dropped(encoders):
+    encoder = encoders["dinov2_reg"]
+    x = torch.rand(1, 3, 32, 32)
+    pixel_values = (x - encoder.image_mean) / encoder.image_std
+    with torch.no_grad():
+        full = encoder.model(pixel_values=pixel_values).last_hidden_state
+    assert full.shape[1] == 1 + 4 + 16
+    assert torch.equal(encoder(x), full[:, 5:])
+
+
+def test_mae_keeps_every_patch_in_order(encoders):
+    encoder = encoders["mae"]
+    assert encoder.model.config.mask_ratio == 0.0
+    x = torch.rand(2, 3, 32, 32)
+    first, second = encoder(x), encoder(x)
+    # ViT-MAE shuffles tokens by random noise unless told otherwise: repeated calls would differ.
+    assert torch.equal(first, second)
+    # The token at each position depends on its own patch: change one patch, that token moves most.
+    y = x.clone()
+    y[:, :, 8:16, 16:24] = 1 - y[:, :, 8:16, 16:24]
+    change = (encoder(y) - first).norm(dim=-1).mean(0)
+    assert change.argmax().item() == 1 * 4 + 2
+
+
+def test_siglip2_naflex_patch_layout_matches_image_processor(encoders):
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    encoder = encoders["siglip2_naflex"]
+    x = torch.rand(2, 3, 32, 48)
+    pixel_values = (x - encoder.image_mean) / encoder.image_std
+    patches = torch.stack([convert_image_to_patches(img, 8) for img in pixel_values])
+    with torch.no_grad():
+        expected = encoder.model(
+            pixel_values=patches,
+            pixel_attention_mask=torch.ones(2, 24, dtype=torch.long),
+            spatial_shapes=torch.tensor([[4, 6], [4, 6]]),
+        ).last_hidden_state
+    assert torch.allclose(encoder(x), expected, atol=1e-6)
+
+
+def test_missing_weights_give_one_clear_error(tmp_path):
+    with pytest.raises(EncoderNotAvailableError) as err:
+        build_encoder("Dinov2withNorm", "no-such-org/no-such-dinov2")
+    message = str(err.value)
+    assert "no-such-org/no-such-dinov2" in message and "--local-dir" in message
+    with pytest.raises(EncoderNotAvailableError):
+        build_encoder("MAE", str(tmp_path / "empty-dir"))
+
+
+def test_unknown_encoder_name_and_wrong_family(tiny_encoders):
+    with pytest.raises(ValueError, match="Unknown encoder_cls 'DINOv9'.*Dinov2withNorm"):
+        build_encoder("DINOv9", "whatever")
+    with pytest.raises(ValueError, match="expects a ViT-MAE checkpoint, got model_type='dinov2'"):
+        build_encoder("MAE", tiny_encoders["dinov2"][1])
+    assert {"Dinov2withNorm", "SigLIP2", "MAE"} <= set(ENCODERS)

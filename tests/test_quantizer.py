@@ -1,0 +1,204 @@
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stage1 import VectorQuantizer, nearest_code
+
+
+def brute_force(z, codebook):
+    return torch.cdist(z.double(), codebook.double()).argmin(dim=1)
+
+
+def clustered(n_per, centers, noise=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    points = centers.repeat_interleave(n_per, 0)
+    return points + noise * torch.randn(points.shape, generator=g)
+
+
+def test_indices_equal_brute_force_and_chunks_equal_dense():
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(1000, 16, generator=g), torch.randn(300, 16, generator=g)
+    expected = brute_force(z, codebook)
+    dense = nearest_code(z, codebook, max_distances=10**9)
+    chunked = nearest_code(z, codebook, max_distances=300 * 7)  # 7 rows a chunk, last one ragged
+    tiny = nearest_code(z, codebook, max_distances=1)  # one row a chunk
+    assert torch.equal(dense, expected)
+    assert torch.equal(chunked, expected) and torch.equal(tiny, expected)
+
+
+def test_forward_layouts_values_and_index_shapes():
+    vq = VectorQuantizer(32, 8).eval()
+    z = torch.randn(2, 8, 3, 5)
+    z_q, losses, idx = vq(z)
+    assert idx.shape == (2, 3, 5) and idx.dtype == torch.long
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert torch.equal(idx.flatten(), brute_force(flat, vq.codebook))
+    # The forward value is exactly the code vector.
+    assert torch.equal(z_q, vq.codebook[idx].permute(0, 3, 1, 2))
+    tokens = z.flatten(2).transpose(1, 2)  # (B, N, C)
+    zt_q, _, idx_t = vq(tokens)
+    assert idx_t.shape == (2, 15) and torch.equal(idx_t, idx.flatten(1))
+    assert torch.equal(zt_q, z_q.flatten(2).transpose(1, 2))
+    assert losses["commitment_loss"].item() == pytest.approx(((flat - vq.codebook[idx.flatten()]) ** 2).mean().item())
+    assert losses["vq_loss"].item() == pytest.approx(0.25 * losses["commitment_loss"].item())
+
+
+def test_straight_through_gradient_reaches_z_unchanged():
+    vq = VectorQuantizer(16, 4, commitment_cost=0.0).eval()
+    z = torch.randn(3, 4, 2, 2, requires_grad=True)
+    z_q, _, _ = vq(z)
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward()
+    assert torch.equal(z.grad, upstream)
+    # With a commitment cost the extra gradient is exactly beta * d/dz mean((z - e)^2).
+    vq.commitment_cost = 0.5
+    z.grad = None
+    z_q, losses, idx = vq(z)
+    ((z_q * upstream).sum() + losses["vq_loss"]).backward()
+    e = vq.codebook[idx].permute(0, 3, 1, 2)
+    expected = upstream + 0.5 * 2 * (z.detach() - e) / z.numel()
+    assert torch.allclose(z.grad, expected, atol=1e-6)
+
+
+def test_one_ema_step_matches_the_formula():
+    k, d, decay, eps = 6, 3, 0.9, 1e-3
+    vq = VectorQuantizer(k, d, decay=decay, epsilon=eps).train()
+    g = torch.Generator().manual_seed(1)
+    size0 = torch.rand(k, generator=g) + 0.5
+    sum0 = torch.randn(k, d, generator=g)
+    vq.ema_cluster_size.copy_(size0)
+    vq.ema_embed_sum.copy_(sum0)
+    vq.embedding.copy_(sum0 / size0.unsqueeze(1))
+    codebook0 = vq.embedding.clone()
+    z = torch.randn(20, d, generator=g)
+    _, _, idx = vq(z.unsqueeze(0))
+
+    assign = brute_force(z, codebook0)  # assignment uses the codebook from before the step
+    assert torch.equal(idx.flatten(), assign)
+    counts = torch.stack([(assign == j).sum() for j in range(k)]).float()
+    sums = torch.stack([z[assign == j].sum(0) for j in range(k)])
+    size1 = decay * size0 + (1 - decay) * counts
+    sum1 = decay * sum0 + (1 - decay) * sums
+    n = size1.sum()
+    smoothed = (size1 + eps) / (n + k * eps) * n
+    assert torch.allclose(vq.ema_cluster_size, size1, atol=1e-6)
+    assert torch.allclose(vq.ema_embed_sum, sum1, atol=1e-6)
+    assert torch.allclose(vq.embedding, sum1 / smoothed.unsqueeze(1), atol=1e-6)
+
+
+def test_eval_and_encode_never_update_the_codebook():
+    vq = VectorQuantizer(8, 4)
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    z = torch.randn(2, 4, 3, 3)
+    vq.eval()(z)
+    vq.train().encode(z)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    vq.train()(z)
+    assert not torch.equal(vq.embedding, before["embedding"])
+
+
+def test_dead_code_is_restarted_from_batch_features():
+    vq = VectorQuantizer(8, 4, dead_code_threshold=0.5).train()
+    vq.ema_cluster_size[3] = 0.01  # code 3 is dead
+    far = vq.embedding.abs().max() * 100
+    vq.embedding[3] = far  # and far from all data, so the batch does not revive it
+    vq.ema_embed_sum[3] = far * 0.01
+    z = torch.randn(50, 4)
+    vq(z.unsqueeze(0))
+    restarted = vq.embedding[3]
+    assert torch.isclose((z - restarted).norm(dim=1).min(), torch.zeros(()), atol=1e-6)
+    assert vq.ema_cluster_size[3] == 1.0
+    assert torch.equal(vq.ema_embed_sum[3], restarted)
+    alive = vq.ema_cluster_size >= 0.5
+    assert alive.all()
+
+
+def test_kmeans_init_finds_the_clusters():
+    torch.manual_seed(0)
+    centers = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, -5.0, -5.0]])
+    z = clustered(50, centers)
+    vq = VectorQuantizer(4, 3, kmeans_init=True).train()
+    assert not bool(vq.initialized)
+    _, losses, idx = vq(z.unsqueeze(0))
+    assert bool(vq.initialized)
+    # One code per cluster, each at its cluster's mean (up to the EMA step after init).
+    distance = torch.cdist(centers, vq.codebook).min(dim=1).values
+    assert (distance < 0.1).all()
+    assert losses["codebook_usage"].item() == 1.0
+    assert losses["perplexity"].item() == pytest.approx(4.0, rel=1e-4)
+
+
+def test_usage_metrics():
+    vq = VectorQuantizer(8, 2).eval()
+    _, losses, _ = vq(vq.codebook.clone().unsqueeze(0))  # every code used once
+    assert losses["perplexity"].item() == pytest.approx(8.0, rel=1e-5)
+    assert losses["codebook_usage"].item() == 1.0
+    _, losses, _ = vq(vq.codebook[2].repeat(5, 1).unsqueeze(0))  # one code only
+    assert losses["perplexity"].item() == pytest.approx(1.0, rel=1e-5)
+    assert losses["codebook_usage"].item() == pytest.approx(1 / 8)
+
+
+def test_bf16_autocast_gives_the_fp32_indices_and_keeps_fp32_buffers():
+    torch.manual_seed(0)
+    centers = torch.randn(16, 8) * 4
+    vq = VectorQuantizer(16, 8).train()
+    vq.embedding.copy_(centers)
+    vq.ema_embed_sum.copy_(centers)
+    z = clustered(4, centers, noise=0.05).reshape(1, 64, 8)
+    reference = vq.encode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, losses, idx = vq(z)
+        _, _, idx_bf16_input = vq(z.to(torch.bfloat16))
+    assert torch.equal(idx, reference) and torch.equal(idx_bf16_input, reference)
+    assert losses["commitment_loss"].dtype == torch.float32
+    vq.to(torch.bfloat16)
+    assert all(getattr(vq, name).dtype == torch.float32 for name in ("embedding", "ema_cluster_size", "ema_embed_sum"))
+    z_q, _, _ = vq(z.to(torch.bfloat16))
+    assert z_q.dtype == torch.bfloat16 and torch.isfinite(vq.codebook).all()
+
+
+def test_bad_feature_shapes_and_arguments():
+    vq = VectorQuantizer(8, 4)
+    with pytest.raises(ValueError, match=r"expected \(B, 4, H, W\) features, got shape \(1, 5, 2, 2\)"):
+        vq(torch.randn(1, 5, 2, 2))
+    with pytest.raises(ValueError, match="got shape"):
+        vq(torch.randn(4))
+    with pytest.raises(ValueError, match="decay must be in"):
+        VectorQuantizer(8, 4, decay=1.5)
+
+
+# ---- two processes (gloo): statistics are all-reduced, codebooks stay identical ----------------------------
+def _train_rank(rank, world, init_file, out_dir, data, restart):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # different random restarts per rank: the broadcast must fix that
+    vq = VectorQuantizer(16, 4, decay=0.8, dead_code_threshold=0.7 if restart else 0.0).train()
+    state = torch.load(os.path.join(out_dir, "init.pt"), weights_only=True)
+    vq.load_state_dict(state)
+    for step_data in data:
+        shard = step_data.chunk(world)[rank]
+        vq(shard.unsqueeze(0))
+    torch.save(vq.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, restart):
+    torch.manual_seed(0)
+    data = [torch.randn(64, 4) + 3 * i for i in range(4)]  # the data drifts, so some codes die
+    reference = VectorQuantizer(16, 4, decay=0.8, dead_code_threshold=0.7 if restart else 0.0).train()
+    torch.save(reference.state_dict(), tmp_path / "init.pt")
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), data, restart), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    if not restart:
+        # Summed statistics over two halves == statistics of the whole batch in one process.
+        for step_data in data:
+            reference(step_data.unsqueeze(0))
+        assert torch.allclose(rank0["embedding"], reference.embedding, atol=1e-5)
+        assert torch.allclose(rank0["ema_cluster_size"], reference.ema_cluster_size, atol=1e-5)

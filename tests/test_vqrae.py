@@ -1,0 +1,240 @@
+import json
+import os
+import re
+
+import pytest
+import torch
+from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
+from safetensors.torch import load_file, save_file
+
+from stage1 import VQRAE
+
+
+@pytest.fixture(scope="module")
+def model(dinov2_dir):
+    torch.manual_seed(0)
+    return tiny_vqrae(dinov2_dir).eval()
+
+
+@pytest.mark.parametrize("reshape_to_2d", [True, False])
+@pytest.mark.parametrize("quantize_before_reshape", [True, False])
+def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d, quantize_before_reshape):
+    torch.manual_seed(0)
+    model = tiny_vqrae(
+        dinov2_dir, reshape_to_2d=reshape_to_2d, quantize_before_reshape=quantize_before_reshape
+    ).eval()
+    x = smooth_images(3)
+    indices = model.encode_to_indices(x)
+    assert indices.shape == (3, 4, 4) and indices.dtype == torch.long
+    x_rec = model(x)
+    assert x_rec.shape == x.shape
+    assert torch.equal(model.decode_from_indices(indices), x_rec)
+    assert torch.equal(model.decode_from_indices(indices.flatten(1)), x_rec)  # (B, N) indices too
+    z_q, _, quantizer_indices = model.quantize(model.encode(x))
+    assert torch.equal(quantizer_indices.reshape(3, 4, 4), indices)
+    assert torch.equal(model.decode(z_q), x_rec)
+
+
+def test_layout_options_give_the_same_codes(dinov2_dir):
+    outputs = []
+    for reshape_to_2d, before in [(True, False), (True, True), (False, False)]:
+        torch.manual_seed(0)
+        model = tiny_vqrae(dinov2_dir, reshape_to_2d=reshape_to_2d, quantize_before_reshape=before).eval()
+        x = smooth_images(2)
+        z = model.encode(x)
+        assert z.shape == ((2, 32, 4, 4) if reshape_to_2d else (2, 16, 32))
+        outputs.append((model.encode_to_indices(x), model(x)))
+    for indices, images in outputs[1:]:
+        assert torch.equal(indices, outputs[0][0]) and torch.equal(images, outputs[0][1])
+
+
+def test_decoder_patch_differs_from_encoder_patch(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, decoder_patch_size=16).eval()  # 4x4 tokens -> 64 px natively
+    x = smooth_images(2)
+    indices = model.encode_to_indices(x)
+    assert model.decode_from_indices(indices).shape == (2, 3, 64, 64)
+    x_rec = model(x)
+    assert x_rec.shape == x.shape  # model(x) keeps the input's size
+    assert torch.equal(model.decode_from_indices(indices, output_size=(IMAGE_SIZE, IMAGE_SIZE)), x_rec)
+
+
+def test_encoder_input_size_resizes_for_the_encoder(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, encoder_input_size=32).eval()
+    big = smooth_images(1, size=64)
+    assert model.encode_to_indices(big).shape == (1, 4, 4)
+    assert model(big).shape == big.shape
+    unresized = tiny_vqrae(dinov2_dir, encoder_input_size=None).eval()
+    assert unresized.encode_to_indices(big).shape == (1, 8, 8)
+
+
+def test_only_the_decoder_gets_gradients(model):
+    model.train()
+    try:
+        assert not model.encoder.training
+        _, losses = model(smooth_images(2), return_loss=True)
+        losses["loss"].backward()
+        assert all(p.grad is None for p in model.encoder.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith("decoder.") for n in trainable)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_losses_have_the_documented_entries(model):
+    model.train()
+    try:
+        x = smooth_images(2)
+        x_rec, losses = model(x, return_loss=True)
+    finally:
+        model.eval()
+    for key in ("recon_loss", "vq_loss", "commitment_loss", "codebook_loss", "perplexity", "codebook_usage", "loss"):
+        assert key in losses and torch.isfinite(losses[key]), key
+    assert losses["recon_loss"].item() == pytest.approx((x_rec - x).abs().mean().item(), rel=1e-5)
+    assert 0 < losses["codebook_usage"].item() <= 1
+    assert losses["loss"].item() == pytest.approx(losses["recon_loss"].item() + losses["vq_loss"].item(), rel=1e-6)
+
+
+def test_noise_only_in_training(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, noise_tau=0.5)
+    x = smooth_images(2)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_save_and_load_give_identical_outputs(model, tmp_path):
+    x = smooth_images(2)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert not any(k.startswith("encoder.") for k in weights)  # the frozen encoder is stored by reference
+    assert "quantizer.embedding" in weights and "decoder.head.weight" in weights
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["encoder_config_path"] == model.config["encoder_config_path"]
+    loaded = VQRAE.from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded.encode_to_indices(x), model.encode_to_indices(x))
+
+
+def test_save_with_encoder_is_self_contained(model, tmp_path):
+    x = smooth_images(2)
+    model.save_pretrained(tmp_path / "full", save_encoder=True)
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["encoder_config_path"] == "encoder"
+    loaded = VQRAE.from_pretrained(tmp_path / "full").eval()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_latent_normalisation_from_stats_file(dinov2_dir, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(32, generator=g), torch.rand(32, generator=g) + 0.5
+    save_file({"mean": mean, "var": var}, str(tmp_path / "stats.safetensors"))
+    torch.manual_seed(0)
+    plain = tiny_vqrae(dinov2_dir, reshape_to_2d=False).eval()
+    torch.manual_seed(0)
+    normed = tiny_vqrae(dinov2_dir, reshape_to_2d=False, normalization_stat_path=str(tmp_path / "stats.safetensors"))
+    normed.eval()
+    x = smooth_images(2)
+    expected = (plain.encode(x) - mean) / (var + 1e-6).sqrt()
+    assert torch.allclose(normed.encode(x), expected, atol=1e-5)
+    # The statistics travel with the weights: the reloaded model no longer needs the file.
+    normed.save_pretrained(tmp_path / "ckpt")
+    os.remove(tmp_path / "stats.safetensors")
+    assert torch.allclose(VQRAE.from_pretrained(tmp_path / "ckpt").encode(x), expected, atol=1e-5)
+    save_file({"mean": mean[:8], "var": var[:8]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="statistics for 8 channels, but the encoder has 32"):
+        tiny_vqrae(dinov2_dir, normalization_stat_path=str(tmp_path / "bad.safetensors"))
+
+
+def test_overfitting_four_images_lowers_recon_loss_5x(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, vq_decay=0.9).train()
+    x = smooth_images(4, seed=1)
+    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=2e-3)
+    history = []
+    for _ in range(300):
+        _, losses = model(x, return_loss=True)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append(losses["recon_loss"].item())
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    print(f"recon_loss {first:.4f} -> {last:.4f}")
+    assert last < first / 5, (first, last)
+
+
+BAD_IMAGES = [
+    (torch.rand(2, 4, 32, 32), re.escape("expected 3 (RGB) channels, got 4 channels in shape (2, 4, 32, 32)")),
+    (torch.rand(3, 32, 32), r"expected images of shape \(B, 3, H, W\), got rank 3"),
+    ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), "expected float images in \\[0, 1\\], got dtype torch.uint8"),
+    (torch.rand(2, 3, 32, 32) * 255, r"expected finite pixel values in \[0, 1\], got values in"),
+    (torch.full((1, 3, 32, 32), float("nan")), "expected finite pixel values"),
+    (torch.rand(0, 3, 32, 32), "non-empty batch"),
+]
+
+
+@pytest.mark.parametrize("images,message", BAD_IMAGES)
+def test_bad_images_raise_clear_errors(model, images, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode_to_indices(images)
+    with pytest.raises(ValueError, match=message):
+        model(images)
+
+
+def test_image_size_must_fit_the_patch_size_without_resizing(dinov2_dir):
+    model = tiny_vqrae(dinov2_dir, encoder_input_size=None)
+    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be a multiple of the encoder's patch size 8"):
+        model.encode_to_indices(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"encoder_input_size \(30\) must be a multiple of the encoder's patch size \(8\)"):
+        tiny_vqrae(dinov2_dir, encoder_input_size=30)
+
+
+BAD_INDICES = [
+    (torch.zeros(1, 4, 4), "expected integer indices \\(torch.long\\), got dtype torch.float32"),
+    (torch.full((1, 4, 4), 64), re.escape("indices must lie in [0, 63] (codebook size 64), got values in [64, 64]")),
+    (torch.full((1, 4, 4), -1), re.escape("got values in [-1, -1]")),
+    (torch.zeros(4, dtype=torch.long), r"expected indices of shape \(B, h, w\) or \(B, h\*w\), got shape \(4,\)"),
+    (torch.zeros(1, 15, dtype=torch.long), "15 tokens do not form a square grid"),
+]
+
+
+@pytest.mark.parametrize("indices,message", BAD_INDICES)
+def test_bad_indices_raise_clear_errors(model, indices, message):
+    with pytest.raises(ValueError, match=message):
+        model.decode_from_indices(indices)
+
+
+def test_broken_checkpoints_give_clear_errors(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint"):
+        VQRAE.from_pretrained(tmp_path / "nothing-here")
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["quantizer.embedding"] = weights["quantizer.embedding"][:10]
+    save_file(weights, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"quantizer.embedding: file \(10, 32\) vs model \(64, 32\)"):
+        VQRAE.from_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["encoder_cls"] = "DINOv9"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Unknown encoder_cls 'DINOv9'"):
+        VQRAE.from_pretrained(tmp_path / "ckpt")
+
+
+def test_developers_md_api_block_runs_as_written(dinov2_dir):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "DEVELOPERS.md")).read()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "facebook/dinov2-base" in block
+    # The Hub id is not reachable offline: the same code runs on a local tiny checkpoint directory.
+    code = block.replace('"facebook/dinov2-base"', repr(dinov2_dir))
+    namespace = {"x": smooth_images(2, size=224)}
+    exec(compile(code, "DEVELOPERS.md", "exec"), namespace)
+    indices, losses = namespace["indices"], namespace["losses"]
+    assert indices.shape == (2, 28, 28)  # 224 px / the tiny encoder's 8 px patches
+    assert {"recon_loss", "vq_loss"} <= set(losses)
+    assert namespace["x_rec"].shape == (2, 3, 28 * 16, 28 * 16)  # decoder patch 16: native 448 px
