@@ -202,3 +202,22 @@ def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, resta
             reference(step_data.unsqueeze(0))
         assert torch.allclose(rank0["embedding"], reference.embedding, atol=1e-5)
         assert torch.allclose(rank0["ema_cluster_size"], reference.ema_cluster_size, atol=1e-5)
+
+
+def test_search_never_holds_more_than_the_distance_budget(monkeypatch):
+    """The N x K distance matrix is only ever built in blocks of at most `max_distances` entries."""
+    blocks = []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        blocks.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    z, codebook = torch.randn(4096, 8), torch.randn(512, 8)
+    budget = 512 * 100
+    indices = nearest_code(z, codebook, max_distances=budget)
+    assert blocks and max(blocks) <= budget and sum(blocks) == 4096 * 512
+    monkeypatch.setattr(torch, "addmm", real_addmm)
+    assert torch.equal(indices, brute_force(z, codebook))
