@@ -49,6 +49,7 @@ class DecoderConfig:
 # Widths and depths of the MAE / RAE decoders (XL is RAE's ViT-XL decoder).
 DECODER_PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "vit_xl": dict(hidden_size=1152, num_hidden_layers=28, num_attention_heads=16, intermediate_size=4096),

@@ -49,7 +49,17 @@ def save_tiny_encoder(
         patch_size=patch_size,
     )
     sized = dict(dims, image_size=image_size)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+        torch.manual_seed(seed)
+        model = _build(tf, family, dims, sized, image_size, patch_size)
+    model.save_pretrained(directory)
+    if image_mean is not None or image_std is not None:
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_mean": list(image_mean), "image_std": list(image_std)}, f)
+    return directory
+
+
+def _build(tf, family, dims, sized, image_size, patch_size):
     if family == "dinov2":
         model = tf.Dinov2Model(tf.Dinov2Config(**sized))
     elif family == "dinov2_reg":
@@ -64,8 +74,4 @@ def save_tiny_encoder(
         model = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(num_patches=grid * grid, **dims))
     else:
         model = tf.ViTMAEModel(tf.ViTMAEConfig(**sized))
-    model.save_pretrained(directory)
-    if image_mean is not None or image_std is not None:
-        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-            json.dump({"image_mean": list(image_mean), "image_std": list(image_std)}, f)
-    return directory
+    return model

@@ -1,0 +1,101 @@
+"""Training data: every image under a folder (an ImageFolder tree or a flat folder), in [0, 1].
+
+Determinism: the sampler yields (index, epoch) pairs and the dataset seeds each sample's augmentation from
+(seed, epoch, index), so the images a step sees do not depend on worker count, timing or resumption.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+
+def find_images(root: str) -> list[str]:
+    """Sorted relative paths of all image files under root (recursively); clear errors if there are none."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder '{root}' does not exist or is not a directory")
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        found.extend(
+            os.path.relpath(os.path.join(folder, f), root)
+            for f in sorted(files)
+            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+        )
+    if not found:
+        raise ValueError(
+            f"no images found under '{root}' (looked recursively for files ending in {', '.join(IMG_EXTENSIONS)})"
+        )
+    return found
+
+
+def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip: bool = True):
+    if augment == "random_resized_crop":
+        crop = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
+    elif augment == "center_crop":
+        crop = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    else:
+        raise ValueError(f"data.augment must be 'random_resized_crop' or 'center_crop', got '{augment}'")
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose([v2.PILToTensor(), *crop, *flip, v2.ToDtype(torch.float32, scale=True)])
+
+
+class ImageDataset(Dataset):
+    """Images under `root`. An unreadable file is skipped (the next readable one stands in), warned about once,
+    and counted in the sample's `skipped` field so the trainer can report the total."""
+
+    def __init__(self, root: str, transform, seed: int = 0):
+        self.root = root
+        self.paths = find_images(root)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(os.path.join(self.root, self.paths[index])) as image:
+            return image.convert("RGB")
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        skipped = 0
+        for attempt in range(min(len(self), 100)):
+            candidate = (index + attempt) % len(self)
+            try:
+                image = self.load(candidate)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                skipped += 1
+                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {type(err).__name__}: {err}")
+        else:
+            raise RuntimeError(f"100 consecutive unreadable images under {self.root}, starting at {self.paths[index]}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            pixels = self.transform(image)
+        return {"image": pixels, "skipped": skipped}
+
+
+class ResumableDistributedSampler(Sampler):
+    """Endless stream of (index, epoch) for this rank, shuffled per epoch exactly as DistributedSampler does,
+    starting `start` samples in: resuming at step s with per-rank batch b starts at s * b."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0, start: int = 0):
+        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_epoch = len(self.sampler)
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            for index in list(self.sampler)[offset:]:
+                yield index, epoch
+            epoch, offset = epoch + 1, 0

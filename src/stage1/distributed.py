@@ -1,0 +1,108 @@
+"""torch.distributed set-up for torchrun (or a plain single process), on CPU (gloo) or CUDA (nccl)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment; a lone process runs without one.
+
+    The timeout bounds every collective, so a rank that dies brings the others down with an error instead
+    of a silent hang.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be auto, cuda or cpu, got '{device}'")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=timeout_minutes), device_id=dev if dev.type == "cuda" else None
+        )
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar logs over ranks (one all-reduce)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_over_ranks(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` on every rank (pickled over the process group: only our own trusted processes)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ranks_agree(tensors: dict[str, torch.Tensor], device: torch.device) -> bool:
+    """True if every rank holds bit-identical tensors (compared through rank 0's copy)."""
+    if not dist.is_initialized():
+        return True
+    mismatch = torch.zeros((), dtype=torch.float64, device=device)
+    for value in tensors.values():
+        local = value.detach().to(device).contiguous()
+        if local.dtype == torch.bool:  # not every backend broadcasts bool
+            local = local.to(torch.uint8)
+        reference = local.clone()
+        dist.broadcast(reference, src=0)
+        mismatch += (local != reference).sum().double()
+    dist.all_reduce(mismatch)
+    return mismatch.item() == 0

@@ -1,0 +1,88 @@
+"""Training checkpoints: one directory per step, written whole under a temporary name and renamed.
+
+    checkpoints/step-000500/
+        config.json, model.safetensors    the VQRAE (raw decoder weights), loadable with VQRAE.from_pretrained
+        ema.safetensors                   the same keys with the EMA decoder weights
+        discriminator.safetensors
+        train_config.yaml                 the resolved training config
+        trainer_state.pt                  optimizer / scheduler / scaler / RNG states, step; read back with
+                                          torch.load(weights_only=True), so it can never run code
+
+A crash mid-write leaves only a hidden `.step-*.tmp` directory, which is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_NAME = "trainer_state.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def write_checkpoint(root: str, step: int, files: dict[str, object], keep_last: int | None = None) -> str:
+    """Write `files` (name -> dict of tensors for .safetensors, torch-saveable object for .pt, str for text,
+    callable(path) for anything else) as root/step-N, atomically; prune to the newest `keep_last`."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, step_dir_name(step))
+    tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".tmp", dir=root)
+    try:
+        for name, content in files.items():
+            path = os.path.join(tmp, name)
+            if callable(content):
+                content(path)
+            elif name.endswith(".safetensors"):
+                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, path)
+            elif name.endswith(".pt"):
+                torch.save(content, path)
+            else:
+                with open(path, "w") as f:
+                    f.write(content)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # re-written step (e.g. a rerun): move the old one aside first
+            stale = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".old", dir=root)
+            os.replace(final, os.path.join(stale, "old"))
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint directories under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = STEP_DIR.match(name)
+        if match and os.path.isfile(os.path.join(root, name, STATE_NAME)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(directory: str) -> dict:
+    return torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+
+
+def read_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, name))

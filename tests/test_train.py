@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchvision.utils import save_image
+
+from stage1 import VQRAE
+from stage1.config import REPO_ROOT, load_train_config
+from stage1.data import ImageDataset, build_transform
+from stage1.losses import adaptive_weight, build_lpips
+from stage1.trainer import train
+
+LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
+             "grad_norm", "lr", "g_loss", "adaptive_weight", "d_loss")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Eight small structured images (smooth colour fields with an edge), some not square."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        coarse = torch.rand(1, 3, 4, 4, generator=g)
+        image = torch.nn.functional.interpolate(coarse, size=(40, 48 if i % 2 else 40), mode="bilinear")[0]
+        image[:, : 10 + i, :] *= 0.5
+        os.makedirs(root / f"class{i % 2}", exist_ok=True)
+        save_image(image, root / f"class{i % 2}" / f"{i}.png")
+    return str(root)
+
+
+def run(image_dir, results_dir, *overrides):
+    cfg = load_train_config(["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}", *overrides])
+    return train(cfg)
+
+
+def metrics(results_dir):
+    with open(os.path.join(results_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_logs(results_dir):
+    return {m["step"]: m for m in metrics(results_dir) if "loss" in m}
+
+
+def test_training_writes_loadable_checkpoints_without_the_encoder(image_dir, tmp_path):
+    summary = run(image_dir, tmp_path / "run")
+    assert summary["step"] == 8
+    model = VQRAE.from_pretrained(summary["final"]).eval()
+    assert model.quantizer.num_embeddings == 64
+    checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert checkpoints == ["step-0000004", "step-0000008"]  # keep_last=2, nothing else left behind
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(tmp_path / "run" / "checkpoints" / "step-0000008" / name)
+        assert weights and not any(k.startswith("encoder.") for k in weights)
+    raw = load_file(tmp_path / "run" / "checkpoints" / "step-0000008" / "model.safetensors")
+    ema = load_file(tmp_path / "run" / "checkpoints" / "step-0000008" / "ema.safetensors")
+    assert not torch.equal(raw["decoder.head.weight"], ema["decoder.head.weight"])  # EMA is its own copy
+    assert torch.equal(raw["quantizer.embedding"], ema["quantizer.embedding"])
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-0000004.png", "step-0000008.png"]
+    assert os.path.isfile(tmp_path / "run" / "reconstructions.png")
+    logs = step_logs(tmp_path / "run")
+    assert sorted(logs) == list(range(1, 9))
+    assert all(0 < logs[s]["codebook_usage"] <= 1 and logs[s]["perplexity"] >= 1 for s in logs)
+
+
+def test_adversarial_term_starts_after_disc_start(image_dir, tmp_path):
+    run(image_dir, tmp_path / "run", "loss.disc_start=5")
+    logs = step_logs(tmp_path / "run")
+    for step in range(1, 6):
+        assert "g_loss" not in logs[step] and "d_loss" not in logs[step]
+        # Before disc_start the total is exactly recon + lpips + vq (weights 1.0 and 0.5 in loss/tiny.yaml).
+        expected = logs[step]["recon_loss"] + 0.5 * logs[step]["lpips"] + logs[step]["vq_loss"]
+        assert logs[step]["loss"] == pytest.approx(expected, rel=1e-5)
+    for step in range(6, 9):
+        assert {"g_loss", "d_loss", "adaptive_weight"} <= set(logs[step])
+        assert logs[step]["adaptive_weight"] > 0
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    out = layer(x)
+    nll, g = out.pow(2).mean(), -out.sum() * 3
+    weight = adaptive_weight(nll, g, layer.weight)
+    grad_nll = torch.autograd.grad(nll, layer.weight, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(g, layer.weight, retain_graph=True)[0]
+    assert weight.item() == pytest.approx((grad_nll.norm() / (grad_g.norm() + 1e-4)).item(), rel=1e-6)
+    assert not weight.requires_grad
+    assert adaptive_weight(nll, g * 1e-9, layer.weight, max_weight=5.0).item() == 5.0
+
+
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(image_dir, tmp_path):
+    run(image_dir, tmp_path / "whole")
+    interrupted = run(image_dir, tmp_path / "split", "train.stop_at=4")
+    assert interrupted["step"] == 4 and "final" not in interrupted
+    resumed = run(image_dir, tmp_path / "split")  # resume=auto picks up checkpoints/step-0000004
+    assert resumed["step"] == 8
+    whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
+    assert sorted(split) == list(range(1, 9))  # each step logged once
+    for step in range(1, 9):
+        for key in LOSS_KEYS:
+            if key in whole[step]:
+                assert split[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-8), (step, key)
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_loss_falls_on_a_small_overfit_run(image_dir, tmp_path):
+    run(image_dir, tmp_path / "run", "train.steps=80", "train.ckpt_every=80", "train.sample_every=null",
+        "train.warmup_steps=5", "loss.disc_start=1000", "quantizer.num_embeddings=128", "data.augment=center_crop",
+        "data.hflip=false")
+    logs = step_logs(tmp_path / "run")
+    first = sum(logs[s]["recon_loss"] for s in range(1, 6)) / 5
+    last = sum(logs[s]["recon_loss"] for s in range(76, 81)) / 5
+    assert last < first / 2, (first, last)
+
+
+def test_two_processes_with_torchrun_keep_identical_codebooks(image_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "scripts", "train_stage1.py"), "experiment=tiny_test",
+               f"data.path={image_dir}", f"results_dir={tmp_path / 'ddp'}", "train.steps=6", "train.ckpt_every=3"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = [m for m in metrics(tmp_path / "ddp") if m.get("checkpoint")]
+    assert [c["step"] for c in checks] == [3, 6]
+    assert all(c["ranks_identical"] for c in checks)
+    assert VQRAE.from_pretrained(tmp_path / "ddp" / "final").quantizer.num_embeddings == 64
+    assert sorted(step_logs(tmp_path / "ddp")) == list(range(1, 7))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("encoder.cls=DINOv9", "encoder.cls must be one of"),
+        ("train.lr=-0.001", "train.lr must be > 0, got -0.001"),
+        ("train.steps=0", "train.steps must be > 0"),
+        ("quantizer.decay=1.5", r"quantizer.decay must be in \[0, 1\)"),
+        ("image_size=36", r"image_size \(36\) must be a multiple of the encoder's patch size \(8\)"),
+    ],
+)
+def test_bad_config_values_fail_at_start(image_dir, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run(image_dir, tmp_path / "bad", override)
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_missing_or_empty_data_folder_fails_at_start(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no images found under"):
+        run(str(tmp_path / "empty"), tmp_path / "r1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(str(tmp_path / "nowhere"), tmp_path / "r2")
+    with pytest.raises(ValueError, match="config value missing: data.path"):
+        train(load_train_config(["experiment=tiny_test", f"results_dir={tmp_path / 'r3'}"]))
+
+
+def test_unknown_config_keys_are_rejected():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="lerning_rate"):
+        load_train_config(["experiment=tiny_test", "train.lerning_rate=1"])
+
+
+def test_unreadable_images_are_skipped_and_counted(image_dir, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        save_image(torch.rand(3, 16, 16), folder / name)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dataset = ImageDataset(str(folder), build_transform(16, "center_crop"))
+    assert dataset.paths == ["a.png", "b.png", "c.png"]
+    with pytest.warns(UserWarning, match="skipping unreadable image b.png"):
+        sample = dataset[(1, 0)]
+    assert sample["skipped"] == 1 and sample["image"].shape == (3, 16, 16)
+    assert dataset[(0, 0)]["skipped"] == 0
+
+
+def test_lpips_without_its_weights_fails_at_start_with_advice(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    # torchvision fetches backbone weights through torch.hub into $TORCH_HOME: make that download fail.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match="lpips_random_backbone=true"):
+        build_lpips("alex", random_backbone=False)
