@@ -7,7 +7,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
-
 from helpers import build_tiny_encoders  # noqa: E402
 
 

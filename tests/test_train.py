@@ -34,7 +34,8 @@ def image_dir(tmp_path_factory):
 
 
 def run(image_dir, results_dir, *overrides):
-    cfg = load_train_config(["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}", *overrides])
+    base = ["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}"]
+    cfg = load_train_config([*base, *overrides])
     return train(cfg)
 
 
@@ -194,3 +195,37 @@ def test_lpips_without_its_weights_fails_at_start_with_advice(monkeypatch, tmp_p
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="lpips_random_backbone=true"):
         build_lpips("alex", random_backbone=False)
+
+
+@pytest.mark.parametrize("encoder", ["tiny_siglip", "tiny_mae"])
+def test_other_encoder_families_train(image_dir, tmp_path, encoder):
+    summary = run(image_dir, tmp_path / encoder, f"encoder={encoder}", "train.steps=2", "train.ckpt_every=2",
+                  "train.sample_every=null", "train.report_reconstructions=false")
+    model = VQRAE.from_pretrained(summary["final"])
+    assert model.config["encoder_cls"] == {"tiny_siglip": "SigLIP2", "tiny_mae": "MAE"}[encoder]
+
+
+def test_bf16_autocast_training_on_cpu(image_dir, tmp_path):
+    run(image_dir, tmp_path / "bf16", "precision=bf16", "train.steps=4", "train.sample_every=null",
+        "train.report_reconstructions=false")
+    logs = step_logs(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(logs[s]["loss"])) for s in logs)
+    weights = load_file(tmp_path / "bf16" / "final" / "model.safetensors")
+    codebook = weights["quantizer.embedding"]
+    assert codebook.dtype == torch.float32 and torch.isfinite(codebook).all()
+
+
+HUB_ENCODERS = [
+    ("dinov2_b", "facebook/dinov2-base"),
+    ("dinov2_reg_b", "facebook/dinov2-with-registers-base"),
+    ("siglip2_b", "google/siglip2-base-patch16-256"),
+    ("mae_b", "facebook/vit-mae-base"),
+]
+
+
+@pytest.mark.parametrize("encoder,hub_id", HUB_ENCODERS)
+def test_hub_encoders_fail_clearly_offline(image_dir, tmp_path, encoder, hub_id):
+    from stage1 import EncoderNotAvailableError
+
+    with pytest.raises(EncoderNotAvailableError, match=hub_id):
+        run(image_dir, tmp_path / encoder, f"encoder={encoder}", "image_size=32")

@@ -191,7 +191,8 @@ def test_image_size_must_fit_the_patch_size_without_resizing(dinov2_dir):
     model = tiny_vqrae(dinov2_dir, encoder_input_size=None)
     with pytest.raises(ValueError, match=r"image size \(30, 32\) must be a multiple of the encoder's patch size 8"):
         model.encode_to_indices(torch.rand(1, 3, 30, 32))
-    with pytest.raises(ValueError, match=r"encoder_input_size \(30\) must be a multiple of the encoder's patch size \(8\)"):
+    message = r"encoder_input_size \(30\) must be a multiple of the encoder's patch size \(8\)"
+    with pytest.raises(ValueError, match=message):
         tiny_vqrae(dinov2_dir, encoder_input_size=30)
 
 

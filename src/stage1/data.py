@@ -74,7 +74,9 @@ class ImageDataset(Dataset):
                 break
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 skipped += 1
-                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {type(err).__name__}: {err}")
+                warnings.warn(
+                    f"skipping unreadable image {self.paths[candidate]}: {type(err).__name__}: {err}", stacklevel=2
+                )
         else:
             raise RuntimeError(f"100 consecutive unreadable images under {self.root}, starting at {self.paths[index]}")
         with torch.random.fork_rng(devices=[]):

@@ -72,7 +72,7 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def sum_over_ranks(value: int, device: torch.device) -> int:

@@ -160,8 +160,9 @@ class Trainer:
         if self.info.is_main and not os.path.isfile(os.path.join(path, "config.json")):
             tiny = OmegaConf.to_container(enc.tiny)
             save_tiny_encoder(tiny.pop("family"), path, image_size=self.cfg.image_size, seed=self.cfg.seed, **tiny)
-            print(f"encoder: a tiny randomly initialised {enc.tiny.family} stand-in at {path} (untrained: "
-                  f"reconstructions show the pipeline working, not a real tokenizer)")
+            print(f"encoder: a tiny randomly initialised {enc.tiny.family} stand-in at {path}. It is untrained: "
+                  f"the reconstructions show the pipeline working, not a real tokenizer. On a machine with "
+                  f"network and a GPU, train with a real encoder, e.g. encoder=dinov2_b decoder.patch_size=16.")
         distributed.barrier()
         return path
 
@@ -206,7 +207,8 @@ class Trainer:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         if self.ema is not None:
             ema = read_tensors(directory, "ema.safetensors")
-            self.ema.module.load_state_dict({k[len("decoder."):]: v for k, v in ema.items() if k.startswith("decoder.")})
+            prefix = "decoder."
+            self.ema.module.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
             self.ema.n_averaged.fill_(state["ema_n_averaged"])
         self.step = state["step"]
         self.skipped_images = state["skipped_images"]
@@ -430,7 +432,7 @@ class Trainer:
             scores = psnr(rec, images)
             names = self.dataset.paths[: len(images)]
             print(f"reconstructions of {len(images)} images by {final} (codes -> pixels):")
-            for name, score in zip(names, scores.tolist()):
+            for name, score in zip(names, scores.tolist(), strict=True):
                 print(f"  {name:32s} PSNR {score:6.2f} dB")
             print(f"  mean PSNR {scores.mean():.2f} dB")
             grid = make_grid(torch.cat([images, rec]).cpu(), nrow=len(images), padding=2)
