@@ -144,7 +144,7 @@ def test_two_processes_with_torchrun_keep_identical_codebooks(image_dir, tmp_pat
         ("train.lr=-0.001", "train.lr must be > 0, got -0.001"),
         ("train.steps=0", "train.steps must be > 0"),
         ("quantizer.decay=1.5", r"quantizer.decay must be in \[0, 1\)"),
-        ("image_size=36", r"image_size \(36\) must be a multiple of the encoder's patch size \(8\)"),
+        ("image_size=36", r"encoder_input_size \(36\) must be a multiple of the encoder.s patch size \(8\)"),
     ],
 )
 def test_bad_config_values_fail_at_start(image_dir, tmp_path, override, message):

@@ -22,13 +22,13 @@ def find_images(root: str) -> list[str]:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder '{root}' does not exist or is not a directory")
     found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
+    for folder, _, files in os.walk(root, followlinks=True):
         found.extend(
             os.path.relpath(os.path.join(folder, f), root)
             for f in sorted(files)
             if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
         )
+    found.sort()
     if not found:
         raise ValueError(
             f"no images found under '{root}' (looked recursively for files ending in {', '.join(IMG_EXTENSIONS)})"

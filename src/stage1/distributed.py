@@ -39,7 +39,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
+            raise ValueError("device=cuda was asked for, but torch sees no CUDA device")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     elif device == "cpu":

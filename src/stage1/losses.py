@@ -27,8 +27,8 @@ def build_lpips(net: str = "vgg", random_backbone: bool = False) -> nn.Module:
         raise RuntimeError(
             f"LPIPS needs torchvision's pretrained {net} backbone, which could not be loaded "
             f"({type(err).__name__}: {err}). Either give this machine network access once, or place the "
-            f"weights file in {torch.hub.get_dir()}/checkpoints/, or set loss.lpips_random_backbone=true "
-            f"(tests and offline smoke runs only: the loss is then not perceptual)."
+            f"weights file in {torch.hub.get_dir()}/checkpoints/. For tests and offline smoke runs only, an "
+            f"untrained backbone can stand in (training: loss.lpips_random_backbone=true); it is not perceptual."
         ) from err
     return model.eval().requires_grad_(False)
 

@@ -131,6 +131,18 @@ class VQRAE(nn.Module):
         grid = (encoder_input_size or 224) // patch
         self.decoder = ViTDecoder(latent_dim, decoder_config, grid_size=grid)
 
+    @property
+    def image_size(self) -> int | None:
+        """Side of the images this model paints natively (None when encoder_input_size is None)."""
+        if self.encoder_input_size is None:
+            return None
+        return self.encoder_input_size // self.encoder.patch_size * self.decoder.patch_size
+
+    @property
+    def grid_size(self) -> int | None:
+        """Codes per side for the encoder's input size (None when encoder_input_size is None)."""
+        return None if self.encoder_input_size is None else self.encoder_input_size // self.encoder.patch_size
+
     # ---- checks ---------------------------------------------------------------------------------------------
     def _check_images(self, x) -> None:
         if not isinstance(x, torch.Tensor):

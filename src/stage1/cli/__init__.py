@@ -1,0 +1,1 @@
+"""Command-line tools: vqrae-reconstruct, vqrae-tokenize, vqrae-decode, vqrae-evaluate, vqrae-latent-stats."""

@@ -1,0 +1,101 @@
+"""What every command shares: device / precision / batch arguments, model loading, image preprocessing,
+and one clean error line (exit code 2) instead of a traceback for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..encoders import EncoderNotAvailableError
+from ..images import load_image, resize_center_crop
+from ..vqrae import VQRAE
+
+
+class CLIError(Exception):
+    """Bad input to a command: printed as one line, exit code 2."""
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
+    parser.add_argument("--encoder-path", default=None,
+                        help="local directory of the frozen encoder, if the one the model references is not reachable")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side the images are resized and center-cropped to (default: the model's own size)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def load_model(args, device: torch.device | None = None) -> VQRAE:
+    overrides = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
+    model = VQRAE.from_pretrained(args.model, **overrides)
+    return model.to(device or resolve_device(args.device)).eval()
+
+
+def model_image_size(model: VQRAE, requested: int | None) -> int:
+    """The side images get: as asked, else what the model paints natively, else 256 (fitted to the patch)."""
+    patch = model.encoder.patch_size
+    size = requested or model.image_size or 256 // patch * patch
+    if size < 1:
+        raise CLIError(f"--image-size must be positive, got {size}")
+    if model.encoder_input_size is None and size % patch:
+        raise CLIError(f"--image-size {size} must be a multiple of the encoder's patch size {patch}")
+    return size
+
+
+def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
+    """An image file as the model needs it, with a note of every conversion made."""
+    try:
+        pixels, note = load_image(path)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read image '{path}': {err}") from err
+    if tuple(pixels.shape[-2:]) != (size, size):
+        pixels = resize_center_crop(pixels, size)
+        note += f", resized (shorter side) and center-cropped to {size}x{size}"
+    return pixels, note
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    if size < 1:
+        raise CLIError(f"--batch-size must be positive, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def run_cli(prog: str, run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    try:
+        return run(argv) or 0
+    except (CLIError, ValueError, FileNotFoundError, EncoderNotAvailableError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

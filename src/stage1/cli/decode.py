@@ -1,0 +1,82 @@
+"""vqrae-decode: shards of code indices (from vqrae-tokenize) -> images.
+
+    vqrae-decode --model results/quickstart/final --tokens tokens/ --out decoded/
+
+Each image is written as OUT/<its relative path>.png. The model must match the shards (codebook size and
+grid shape): that is checked against manifest.json before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..images import save_png
+from .common import CLIError, add_runtime_args, autocast, batches, load_model, run_cli
+from .tokenize import MANIFEST
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="vqrae-decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the model the shards were made with (directory or Hub id)")
+    parser.add_argument("--encoder-path", default=None, help="local directory of the frozen encoder, if needed")
+    parser.add_argument("--tokens", required=True, help="folder written by vqrae-tokenize")
+    parser.add_argument("--out", required=True, help="folder for the decoded PNGs")
+    add_runtime_args(parser, batch_size=32)
+    return parser.parse_args(argv)
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise CLIError(f"{folder} has no {MANIFEST}: not a finished vqrae-tokenize output")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_model_fits(model, manifest: dict) -> None:
+    k = model.quantizer.num_embeddings
+    if manifest["codebook_size"] != k:
+        raise CLIError(f"the shards use a codebook of {manifest['codebook_size']} codes, the model has {k}: "
+                       f"decode with the model that made them ({manifest['model']})")
+    grid = [model.grid_size] * 2 if model.grid_size else None
+    if grid is not None and manifest["grid_shape"] != grid:
+        raise CLIError(f"the shards hold {manifest['grid_shape']} code grids, the model makes {grid}: "
+                       f"decode with the model that made them ({manifest['model']})")
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    manifest = read_manifest(args.tokens)
+    model = load_model(args)
+    check_model_fits(model, manifest)
+    device = next(model.decoder.parameters()).device
+    size = manifest["image_size"]
+    shards = {}
+    entries = manifest["images"]
+    targets = [os.path.join(args.out, os.path.splitext(entry["path"])[0] + ".png") for entry in entries]
+    if len(set(targets)) != len(targets):
+        raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
+    with torch.no_grad():
+        for chunk in tqdm(list(batches(entries, args.batch_size)), desc="decode", unit="batch"):
+            codes = []
+            for entry in chunk:
+                if entry["shard"] not in shards:
+                    shards[entry["shard"]] = np.load(os.path.join(args.tokens, entry["shard"]), allow_pickle=False)
+                codes.append(torch.from_numpy(shards[entry["shard"]][entry["row"]].astype(np.int64)))
+            with autocast(device, args.precision):
+                images = model.decode_from_indices(torch.stack(codes).to(device), output_size=(size, size))
+            for entry, image in zip(chunk, images.float().cpu(), strict=True):
+                save_png(image, os.path.join(args.out, os.path.splitext(entry["path"])[0] + ".png"))
+    print(f"decoded {len(entries)} image(s) of {size}x{size} into {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("vqrae-decode", run, argv)

@@ -1,0 +1,182 @@
+"""vqrae-evaluate: reconstruction quality and codebook use of a model on an image folder.
+
+    vqrae-evaluate --model results/quickstart/final --data assets --out eval/ [--limit 50000]
+        [--fid-weights pt_inception-2015-12-05.pth]
+
+Images go through the tokenizer (codes -> pixels). Writes OUT/results.json with PSNR, SSIM (torchmetrics),
+LPIPS (lpips), rFID (torchmetrics / torch-fidelity), codebook usage (codes used / K over the whole set),
+perplexity, bits per image, and OUT/code_usage.png (code frequencies, sorted). A metric whose weights are not
+available (LPIPS's backbone, FID's Inception: both are downloads) is null with the reason in `notes`, and the
+other metrics still run. FID's Inception weights can be given as a local file with --fid-weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from ..atomic import atomic_path, write_json
+from ..data import find_images
+from ..losses import build_lpips
+from .common import (
+    CLIError,
+    add_model_args,
+    add_runtime_args,
+    autocast,
+    batches,
+    load_model,
+    model_image_size,
+    prepare,
+    psnr,
+    run_cli,
+)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="vqrae-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
+    parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
+    parser.add_argument("--fid-weights", default=None, help="local file of torch-fidelity's Inception-v3 weights")
+    add_runtime_args(parser, batch_size=32)
+    return parser.parse_args(argv)
+
+
+def build_fid(weights: str | None, device: torch.device):
+    """torchmetrics' FID on torch-fidelity's Inception-v3, from a checked local weights file."""
+    if weights is None:
+        return None, ("no --fid-weights given: the Inception-v3 weights are a download; pass a local copy of "
+                      "torch-fidelity's pt_inception-2015-12-05 weights to compute rFID")
+    if not os.path.isfile(weights):
+        raise CLIError(f"--fid-weights file '{weights}' does not exist")
+    try:
+        # torch-fidelity unpickles this file without restrictions: make sure it holds tensors only first.
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CLIError(f"--fid-weights '{weights}' is not a plain tensor state dict ({type(err).__name__}); "
+                       f"refusing to unpickle it") from err
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
+    return fid.to(device), None
+
+
+def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 300) -> None:
+    """Code frequencies sorted from most to least used (log scale), as a PNG."""
+    k = counts.numel()
+    ordered = counts.sort(descending=True).values.double()
+    bins = min(k, width - 60)
+    edges = torch.linspace(0, k, bins + 1).long()
+    heights = [ordered[edges[i] : max(edges[i + 1], edges[i] + 1)].mean().item() for i in range(bins)]
+    top = math.log10(max(ordered[0].item(), 1.0) + 1)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, bottom, plot_h = 50, height - 30, height - 60
+    for i, value in enumerate(heights):
+        h = 0 if value <= 0 else max(1, round(math.log10(value + 1) / top * plot_h))
+        x = left + i * (width - 60) / bins
+        draw.rectangle([x, bottom - h, x + max((width - 60) / bins - 1, 0), bottom], fill=(40, 90, 160))
+    draw.line([left, bottom, width - 10, bottom], fill="black")
+    draw.line([left, 30, left, bottom], fill="black")
+    used = int((counts > 0).sum())
+    draw.text((left, 8), f"code usage, sorted by frequency (log scale): {used} of {k} codes used", fill="black")
+    draw.text((left, bottom + 8), "codes, most used first", fill="black")
+    draw.text((4, 30), f"{int(ordered[0])}", fill="black")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="png")
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be positive, got {args.limit}")
+    paths = find_images(args.data)[: args.limit]
+    model = load_model(args)
+    device = next(model.decoder.parameters()).device
+    size = model_image_size(model, args.image_size)
+    k = model.quantizer.num_embeddings
+    notes = {}
+    fid, notes["rfid"] = build_fid(args.fid_weights, device)
+    try:
+        lpips = build_lpips(args.lpips_net).to(device)
+    except RuntimeError as err:
+        lpips, notes["lpips"] = None, str(err)
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    counts = torch.zeros(k, dtype=torch.long)
+    psnrs, lpips_values, skipped, grid = [], [], [], None
+    with torch.no_grad():
+        for chunk in tqdm(list(batches(paths, args.batch_size)), desc="evaluate", unit="batch"):
+            images = []
+            for rel in chunk:
+                try:
+                    images.append(prepare(os.path.join(args.data, rel), size)[0])
+                except CLIError as err:
+                    skipped.append({"path": rel, "reason": str(err)})
+            if not images:
+                continue
+            x = torch.stack(images).to(device)
+            with autocast(device, args.precision):
+                codes = model.encode_to_indices(x)
+                rec = model.decode_from_indices(codes, output_size=(size, size)).float()
+            grid = list(codes.shape[1:])
+            counts += torch.bincount(codes.flatten().cpu(), minlength=k)
+            psnrs.append(psnr(rec, x).cpu())
+            ssim.update(rec, x)
+            if lpips is not None:
+                lpips_values.append(lpips(rec * 2 - 1, x * 2 - 1).flatten().float().cpu())
+            if fid is not None:
+                fid.update(x, real=True)
+                fid.update(rec, real=False)
+    if not psnrs:
+        raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
+    psnrs = torch.cat(psnrs)
+    probs = counts.double() / counts.sum()
+    entropy_bits = -(probs[probs > 0] * probs[probs > 0].log2()).sum().item()
+    tokens = grid[0] * grid[1]
+    rfid = None
+    if fid is not None:
+        if len(psnrs) < 2:
+            notes["rfid"] = "rFID needs at least 2 images"
+        else:
+            rfid = float(fid.compute())
+    results = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "num_images": len(psnrs),
+        "skipped_images": skipped,
+        "image_size": size,
+        "grid_shape": grid,
+        "codebook_size": k,
+        "psnr": psnrs.mean().item(),
+        "ssim": float(ssim.compute()),
+        "lpips": torch.cat(lpips_values).mean().item() if lpips_values else None,
+        "rfid": rfid,
+        "codes_used": int((counts > 0).sum()),
+        "codebook_usage": (counts > 0).double().mean().item(),
+        "perplexity": 2.0**entropy_bits,
+        "bits_per_image": tokens * math.log2(k),
+        "entropy_bits_per_image": tokens * entropy_bits,
+        "notes": {key: value for key, value in notes.items() if value},
+    }
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "results.json"), results)
+    usage_plot(counts, os.path.join(args.out, "code_usage.png"))
+    for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image"):
+        value = results[key]
+        print(f"{key:16s} {'n/a (see notes in results.json)' if value is None else f'{value:.4f}'}")
+    print(f"wrote {os.path.join(args.out, 'results.json')} and code_usage.png ({len(psnrs)} images)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("vqrae-evaluate", run, argv)

@@ -1,0 +1,98 @@
+"""vqrae-latent-stats: per-channel mean and variance of a frozen encoder's latents over an image folder.
+
+    vqrae-latent-stats --encoder facebook/dinov2-base --encoder-cls Dinov2withNorm --data /data/train \
+        --out stats.safetensors [--image-size 224] [--limit 10000]
+
+Streaming and numerically stable (per-batch moments merged with Chan et al.'s parallel update, in float64).
+The output (`mean`, `var`, `count`) is what VQRAE(normalization_stat_path=...) reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..atomic import atomic_path
+from ..data import find_images
+from ..encoders import ENCODERS, build_encoder
+from .common import CLIError, add_runtime_args, autocast, batches, prepare, resolve_device, run_cli
+
+
+class RunningMoments:
+    """Per-channel count, mean and sum of squared deviations, merged batch by batch (Chan et al. 1979)."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64)
+        self.m2 = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        n = rows.shape[0]
+        if n == 0:
+            return
+        mean = rows.mean(0)
+        m2 = (rows - mean).pow(2).sum(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="vqrae-latent-stats", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
+    parser.add_argument("--encoder-cls", default="Dinov2withNorm", choices=sorted(ENCODERS))
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="safetensors file to write")
+    parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
+    add_runtime_args(parser, batch_size=32)
+    return parser.parse_args(argv)
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    paths = find_images(args.data)[: args.limit]
+    device = resolve_device(args.device)
+    encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
+    if args.image_size % encoder.patch_size:
+        raise CLIError(f"--image-size {args.image_size} must be a multiple of the encoder's patch size "
+                       f"{encoder.patch_size}")
+    moments = RunningMoments(encoder.hidden_size)
+    skipped = 0
+    for chunk in tqdm(list(batches(paths, args.batch_size)), desc="latent stats", unit="batch"):
+        images = []
+        for rel in chunk:
+            try:
+                images.append(prepare(os.path.join(args.data, rel), args.image_size)[0])
+            except CLIError as err:
+                skipped += 1
+                print(f"skipping: {err}")
+        if images:
+            with autocast(device, args.precision):
+                tokens = encoder(torch.stack(images).to(device))
+            moments.update(tokens.float().flatten(0, 1).cpu())
+    if moments.count == 0:
+        raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
+    stats = {"mean": moments.mean.float(), "var": moments.var.float(), "count": torch.tensor([moments.count])}
+    with atomic_path(args.out) as tmp:
+        save_file(stats, tmp, metadata={"encoder": str(args.encoder), "encoder_cls": args.encoder_cls,
+                                        "image_size": str(args.image_size), "images": str(len(paths) - skipped)})
+    print(f"wrote {args.out}: mean/var of {encoder.hidden_size} channels over {moments.count} tokens "
+          f"from {len(paths) - skipped} image(s)" + (f" ({skipped} unreadable, skipped)" if skipped else ""))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli("vqrae-latent-stats", run, argv)

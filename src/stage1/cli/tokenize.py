@@ -1,0 +1,177 @@
+"""vqrae-tokenize: every image under a folder -> its grid of code indices, in shards.
+
+    vqrae-tokenize --model results/quickstart/final --data assets --out tokens/
+    torchrun --standalone --nproc_per_node=8 -m stage1.cli.tokenize --model ... --data ... --out ...
+
+SHARD_DIR/shard-00000.npy holds the codes of up to --shard-size images, shape (n, h, w), in the smallest
+unsigned integer type that holds the codebook size; shard-00000.json lists its images. manifest.json
+gathers model, codebook size, grid shape, image size and, for every image, its relative path, shard and
+row. Run it again after an interruption: finished shards are kept and only the rest is computed, giving
+the same bytes as an uninterrupted run. Shards are dealt to torchrun ranks round-robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import distributed
+from ..atomic import atomic_path, write_json
+from ..data import find_images
+from .common import (
+    CLIError,
+    add_model_args,
+    add_runtime_args,
+    autocast,
+    batches,
+    load_model,
+    model_image_size,
+    prepare,
+    run_cli,
+)
+
+MANIFEST = "manifest.json"
+RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
+
+
+def index_dtype(codebook_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds indices 0 .. codebook_size - 1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if codebook_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise CLIError(f"codebook size {codebook_size} does not fit a 32-bit index")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="vqrae-tokenize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    add_runtime_args(parser, batch_size=32)
+    return parser.parse_args(argv)
+
+
+def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
+    codes, kept, skipped = [], [], []
+    for chunk in batches(paths, args.batch_size):
+        images = []
+        for rel in chunk:
+            try:
+                images.append(prepare(os.path.join(root, rel), size)[0])
+                kept.append(rel)
+            except CLIError as err:
+                skipped.append({"path": rel, "reason": str(err)})
+        if images:
+            with torch.no_grad(), autocast(device, args.precision):
+                codes.append(model.encode_to_indices(torch.stack(images).to(device)).cpu())
+    grid = (model.grid_size, model.grid_size) if model.grid_size else (size // model.encoder.patch_size,) * 2
+    array = torch.cat(codes).numpy() if codes else np.zeros((0, *grid), dtype=np.int64)
+    return array.astype(index_dtype(model.quantizer.num_embeddings)), kept, skipped
+
+
+def run(argv=None) -> int:
+    args = parse(argv)
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be positive, got {args.shard_size}")
+    paths = find_images(args.data)
+    info = distributed.setup(args.device)
+    try:
+        device = info.device
+        model = load_model(args, device)
+        size = model_image_size(model, args.image_size)
+        num_shards = (len(paths) + args.shard_size - 1) // args.shard_size
+        run_record = {
+            "model": str(args.model),
+            "codebook_size": model.quantizer.num_embeddings,
+            "image_size": size,
+            "shard_size": args.shard_size,
+            "images": len(paths),
+        }
+        os.makedirs(args.out, exist_ok=True)
+        if info.is_main:
+            _check_or_write_run_record(args.out, run_record)
+        distributed.barrier()
+
+        mine = [i for i in range(num_shards) if i % info.world_size == info.rank]
+        todo = [i for i in mine if not _shard_done(args.out, i)]
+        if info.is_main and len(todo) < len(mine):
+            print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already done")
+        for i in tqdm(todo, desc="tokenize", unit="shard", disable=not info.is_main):
+            shard_paths = paths[i * args.shard_size : (i + 1) * args.shard_size]
+            array, kept, skipped = tokenize_shard(model, shard_paths, args.data, size, args, device)
+            with atomic_path(os.path.join(args.out, shard_name(i) + ".npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, array)
+            # Written last: a shard counts as done only when its listing exists.
+            write_json(os.path.join(args.out, shard_name(i) + ".json"), {"images": kept, "skipped": skipped})
+        distributed.barrier()
+        if info.is_main:
+            manifest = _assemble_manifest(args.out, num_shards, run_record, model, size)
+            print(f"tokenized {manifest['num_images']} image(s) into {num_shards} shard(s) of "
+                  f"{manifest['grid_shape'][0]}x{manifest['grid_shape'][1]} codes ({manifest['dtype']}); "
+                  f"{len(manifest['skipped'])} unreadable image(s) skipped; manifest: "
+                  f"{os.path.join(args.out, MANIFEST)}")
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _check_or_write_run_record(out: str, record: dict) -> None:
+    path = os.path.join(out, RUN_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != record:
+            raise CLIError(
+                f"{out} holds shards of another tokenization ({previous}); this run is {record}. "
+                f"Use an empty --out folder, or delete that one."
+            )
+    else:
+        write_json(path, record)
+
+
+def _shard_done(out: str, i: int) -> bool:
+    return all(os.path.isfile(os.path.join(out, shard_name(i) + ext)) for ext in (".npy", ".json"))
+
+
+def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int) -> dict:
+    images, skipped, grid, dtype = [], [], None, None
+    for i in range(num_shards):
+        with open(os.path.join(out, shard_name(i) + ".json")) as f:
+            listing = json.load(f)
+        array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
+        grid, dtype = list(array.shape[1:]), str(array.dtype)
+        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row} for row, p in enumerate(listing["images"])]
+        skipped += listing["skipped"]
+    manifest = {
+        "model": record["model"],
+        "encoder": model.config["encoder_config_path"],
+        "codebook_size": record["codebook_size"],
+        "grid_shape": grid,
+        "image_size": size,
+        "dtype": dtype,
+        "num_images": len(images),
+        "num_shards": num_shards,
+        "images": images,
+        "skipped": skipped,
+    }
+    write_json(os.path.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def main(argv=None) -> int:
+    return run_cli("vqrae-tokenize", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

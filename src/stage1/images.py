@@ -1,0 +1,58 @@
+"""Image files <-> float tensors in [0, 1]: any PIL mode in (grey, palette, RGBA, 16-bit, CMYK, ...),
+RGB out; PNG out through a crash-safe write."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.utils import save_image
+
+from .atomic import atomic_path
+
+# Full-scale value of high-bit-depth integer modes.
+_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def load_image(path: str) -> tuple[torch.Tensor, str]:
+    """(3, H, W) float tensor in [0, 1] and a short description of the conversion it took."""
+    with Image.open(path) as image:
+        image.load()
+        mode, size = image.mode, image.size
+        if mode in _HIGH_BIT_MODES or mode == "F":
+            # 16/32-bit grey: scale by the format's full range (PIL's RGB conversion would clip it to 8 bits).
+            array = np.asarray(image, dtype=np.float64)
+            scale = _HIGH_BIT_MODES.get(mode, 1.0)
+            if mode == "I" and array.max() <= 255:
+                scale = 255.0
+            grey = torch.from_numpy(np.clip(array / scale, 0.0, 1.0)).float()
+            return grey.expand(3, -1, -1).clone(), f"{mode} {size[0]}x{size[1]} -> RGB (grey, {int(scale) + 1} levels)"
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+            # Composite on white: transparent pixels have no colour of their own.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(background, rgba).convert("RGB")
+            note = f"{mode} {size[0]}x{size[1]} -> RGB (alpha composited on white)"
+        else:
+            rgb = image.convert("RGB")
+            note = f"{mode} {size[0]}x{size[1]}" + ("" if mode == "RGB" else " -> RGB")
+    pixels = v2.functional.to_dtype(v2.functional.pil_to_tensor(rgb), torch.float32, scale=True)
+    return pixels, note
+
+
+def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to `size` (antialiased bicubic), then the central size x size square."""
+    resized = v2.functional.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.functional.center_crop(resized, [size, size]).clamp(0.0, 1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The 8-bit pixels a PNG of `images` holds (same rounding as torchvision's save_image)."""
+    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def save_png(images: torch.Tensor, path: str, **grid_kwargs) -> None:
+    """One image (3, H, W) or a grid of a batch, written atomically as PNG."""
+    with atomic_path(path) as tmp:
+        save_image(images.detach().float().cpu(), tmp, format="png", **grid_kwargs)

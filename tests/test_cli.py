@@ -1,0 +1,252 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import smooth_images, tiny_vqrae
+from PIL import Image
+from safetensors.torch import load_file
+
+from stage1 import VQRAE
+from stage1.cli import decode, evaluate, latent_stats, reconstruct, tokenize
+from stage1.cli.common import prepare, psnr
+from stage1.images import to_uint8
+
+SIZE = 32  # the tiny model's native size: 4x4 codes of an 8 px patch encoder, painted with 8 px patches
+
+
+@pytest.fixture(scope="module")
+def model_dir(dinov2_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Images in the modes a real folder holds: RGB JPEG, grey, RGBA, 16-bit, palette; not square; nested."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested").mkdir()
+    pixels = (smooth_images(5, size=48, seed=3).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    Image.fromarray(pixels[0][:40]).save(root / "rgb.jpg", quality=95)
+    Image.fromarray(pixels[1]).convert("L").save(root / "grey.png")
+    rgba = Image.fromarray(pixels[2]).convert("RGBA")
+    rgba.putalpha(Image.fromarray((np.arange(48 * 48).reshape(48, 48) % 256).astype(np.uint8)))
+    rgba.save(root / "alpha.png")
+    Image.fromarray((pixels[3][..., 0].astype(np.uint16) * 257)).save(root / "nested" / "deep16.png")
+    Image.fromarray(pixels[4]).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "nested" / "palette.png")
+    (root / "README.txt").write_text("not an image, ignored")
+    return str(root)
+
+
+def images_as_model_sees_them(folder, names):
+    return torch.stack([prepare(os.path.join(folder, n), SIZE)[0] for n in names])
+
+
+def test_image_modes_are_converted(image_dir):
+    assert Image.open(os.path.join(image_dir, "nested", "deep16.png")).mode.startswith("I")
+    deep, note = prepare(os.path.join(image_dir, "nested", "deep16.png"), SIZE)
+    assert "65536 levels" in note and deep.shape == (3, SIZE, SIZE)
+    assert torch.equal(deep[0], deep[1])  # grey -> three equal channels
+    _, note = prepare(os.path.join(image_dir, "alpha.png"), SIZE)
+    assert "alpha composited on white" in note and f"center-cropped to {SIZE}x{SIZE}" in note
+
+
+def test_psnr_on_a_known_pair():
+    a = torch.full((1, 3, 8, 8), 0.5)
+    b = torch.full((1, 3, 8, 8), 0.6)  # MSE 0.01 -> 20 dB
+    assert psnr(a, b).item() == pytest.approx(20.0, abs=1e-4)
+
+
+def test_reconstruct_writes_side_by_side_png(model_dir, image_dir, tmp_path, capsys):
+    images = [os.path.join(image_dir, "rgb.jpg"), os.path.join(image_dir, "alpha.png")]
+    out = tmp_path / "rec.png"
+    argv = ["--model", model_dir, "--image", images[0], "--image", images[1], "--out", str(out)]
+    assert reconstruct.main(argv) == 0
+    written = Image.open(out)
+    assert written.size == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)  # 2 rows of original | reconstruction
+    printed = capsys.readouterr().out
+    model = VQRAE.from_pretrained(model_dir).eval()
+    x = images_as_model_sees_them(image_dir, ["rgb.jpg", "alpha.png"])
+    with torch.no_grad():
+        expected = psnr(model(x), x)
+    for path, score in zip(images, expected.tolist(), strict=True):
+        assert f"{path}: PSNR {score:.2f} dB" in printed
+    assert "alpha composited on white" in printed
+
+
+def test_tokenize_then_decode_reproduces_model_pixels(model_dir, image_dir, tmp_path):
+    tokens, decoded = tmp_path / "tokens", tmp_path / "decoded"
+    assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tokens), "--batch-size", "8"]) == 0
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    names = [e["path"] for e in manifest["images"]]
+    assert names == ["alpha.png", "grey.png", "nested/deep16.png", "nested/palette.png", "rgb.jpg"]
+    assert manifest["codebook_size"] == 64 and manifest["grid_shape"] == [4, 4] and manifest["image_size"] == SIZE
+    codes = np.load(tokens / "shard-00000.npy")
+    assert codes.dtype == np.uint8 and codes.shape == (5, 4, 4)  # 64 codes fit in a byte
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(decoded),
+                        "--batch-size", "8"]) == 0
+    model = VQRAE.from_pretrained(model_dir).eval()
+    x = images_as_model_sees_them(image_dir, names)
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(codes.astype(np.int64)), model.encode_to_indices(x))
+        expected = to_uint8(model(x))
+    for i, name in enumerate(names):
+        png = np.asarray(Image.open(decoded / (os.path.splitext(name)[0] + ".png")).convert("RGB"))
+        assert np.array_equal(png, expected[i].permute(1, 2, 0).numpy()), name
+
+
+def test_interrupted_tokenize_resumes_to_identical_bytes(model_dir, image_dir, tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ["--model", model_dir, "--data", image_dir, "--shard-size", "2", "--batch-size", "2"]
+    assert tokenize.main([*args, "--out", str(whole)]) == 0
+    assert tokenize.main([*args, "--out", str(broken)]) == 0
+    # What a kill after the first shard leaves: shard 0 complete, a writer's temporary, nothing else.
+    for name in os.listdir(broken):
+        if name.startswith(("shard-00001", "shard-00002", "manifest")):
+            os.remove(broken / name)
+    (broken / ".shard-00001.npy.abc123.tmp").write_bytes(b"partial")
+    assert tokenize.main([*args, "--out", str(broken)]) == 0
+    finished = sorted(n for n in os.listdir(whole))
+    assert finished == ["manifest.json", *[f"shard-0000{i}.{e}" for i in range(3) for e in ("json", "npy")],
+                        "tokenize_run.json"]
+    for name in finished:
+        assert (whole / name).read_bytes() == (broken / name).read_bytes(), name
+
+
+def test_tokenize_refuses_a_folder_of_another_run(model_dir, image_dir, tmp_path):
+    args = ["--model", model_dir, "--data", image_dir, "--out", str(tmp_path / "t")]
+    assert tokenize.main([*args, "--shard-size", "2"]) == 0
+    assert tokenize.main([*args, "--shard-size", "3"]) == 2
+
+
+def test_decode_with_the_wrong_model_fails_before_any_work(model_dir, image_dir, dinov2_dir, tmp_path, capsys):
+    tokens = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tokens)]) == 0
+    other = tmp_path / "other"
+    tiny_vqrae(dinov2_dir, num_embeddings=32).save_pretrained(other)
+    out = tmp_path / "decoded"
+    assert decode.main(["--model", str(other), "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert "codebook of 64 codes, the model has 32" in capsys.readouterr().err
+    assert not out.exists()
+    wider = tmp_path / "wider"
+    tiny_vqrae(dinov2_dir, encoder_input_size=48).save_pretrained(wider)
+    assert decode.main(["--model", str(wider), "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert "[4, 4] code grids, the model makes [6, 6]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_writes_every_metric(model_dir, image_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", model_dir, "--data", image_dir, "--out", str(out), "--limit", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "codes_used", "perplexity", "bits_per_image",
+                "entropy_bits_per_image", "num_images", "grid_shape", "codebook_size", "notes"):
+        assert key in results, key
+    assert results["num_images"] == 4 and results["bits_per_image"] == 16 * 6  # 4x4 codes of log2(64) bits
+    names = ["alpha.png", "grey.png", "nested/deep16.png", "nested/palette.png"]
+    model = VQRAE.from_pretrained(model_dir).eval()
+    x = images_as_model_sees_them(image_dir, names)
+    with torch.no_grad():
+        rec, codes = model(x), model.encode_to_indices(x)
+    by_hand = (10 * torch.log10(1 / ((rec - x) ** 2).flatten(1).mean(1))).mean().item()
+    assert results["psnr"] == pytest.approx(by_hand, rel=1e-5)
+    assert results["codes_used"] == codes.unique().numel()
+    assert results["codebook_usage"] == pytest.approx(codes.unique().numel() / 64)
+    assert 0 < results["ssim"] <= 1
+    # Offline: no LPIPS backbone and no Inception weights, said so, and the rest still ran.
+    assert results["lpips"] is None and "backbone" in results["notes"]["lpips"]
+    assert results["rfid"] is None and "--fid-weights" in results["notes"]["rfid"]
+    assert Image.open(out / "code_usage.png").size == (800, 300)
+
+
+def test_evaluate_computes_rfid_from_a_local_inception_file(model_dir, image_dir, tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    # A real Inception-v3, randomly initialised (its weights are a download): build it without loading.
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        inception = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(torch.nn.Module.state_dict(inception), weights)
+    out = tmp_path / "eval"
+    argv = ["--model", model_dir, "--data", image_dir, "--out", str(out), "--fid-weights", str(weights)]
+    assert evaluate.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results["rfid"], float) and results["rfid"] >= 0 and "rfid" not in results["notes"]
+
+
+def test_evaluate_refuses_a_pickle_with_code(model_dir, image_dir, tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"weights": Payload()}, evil)
+    argv = ["--model", model_dir, "--data", image_dir, "--out", str(tmp_path / "eval"), "--fid-weights", str(evil)]
+    assert evaluate.main(argv) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "eval").exists()
+
+
+def test_latent_stats_match_a_direct_computation(dinov2_dir, image_dir, tmp_path):
+    out = tmp_path / "stats.safetensors"
+    argv = ["--encoder", dinov2_dir, "--data", image_dir, "--out", str(out), "--image-size", "32", "--batch-size", "2"]
+    assert latent_stats.main(argv) == 0
+    stats = load_file(out)
+    from stage1 import build_encoder
+
+    encoder = build_encoder("Dinov2withNorm", dinov2_dir)
+    names = ["alpha.png", "grey.png", "nested/deep16.png", "nested/palette.png", "rgb.jpg"]
+    tokens = encoder(images_as_model_sees_them(image_dir, names)).flatten(0, 1).double()
+    assert int(stats["count"]) == tokens.shape[0]
+    assert torch.allclose(stats["mean"].double(), tokens.mean(0), atol=1e-5)
+    assert torch.allclose(stats["var"].double(), tokens.var(0, unbiased=False), atol=1e-5)
+    # The file is what normalization_stat_path reads: latents come out standardised per channel.
+    model = tiny_vqrae(dinov2_dir, normalization_stat_path=str(out), reshape_to_2d=False).eval()
+    z = model.encode(images_as_model_sees_them(image_dir, names)).flatten(0, 1)
+    assert torch.allclose(z.mean(0), torch.zeros(32), atol=1e-3)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(32), atol=1e-3)
+
+
+def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert tokenize.main(["--model", model_dir, "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "data folder" in capsys.readouterr().err and not out.exists()
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert evaluate.main(["--model", model_dir, "--data", str(empty), "--out", str(out)]) == 2
+    assert "no images found" in capsys.readouterr().err and not out.exists()
+    assert reconstruct.main(["--model", model_dir, "--image", str(empty / "nope.png"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()
+    (empty / "broken.png").write_bytes(b"not really a png")
+    assert reconstruct.main(["--model", model_dir, "--image", str(empty / "broken.png"), "--out", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    assert decode.main(["--model", model_dir, "--tokens", str(empty), "--out", str(out)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert reconstruct.main(["--model", str(tmp_path / "no-model"), "--image", "x.png", "--out", str(out)]) == 2
+
+
+def test_unreadable_images_are_skipped_by_tokenize(model_dir, image_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    assert tokenize.main(["--model", model_dir, "--data", str(data), "--out", str(tmp_path / "t")]) == 0
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["num_images"] == 5 and [s["path"] for s in manifest["skipped"]] == ["corrupt.png"]
+
+
+@pytest.mark.parametrize("command", ["vqrae-reconstruct", "vqrae-tokenize", "vqrae-decode", "vqrae-evaluate",
+                                     "vqrae-latent-stats"])
+def test_console_entry_points_are_installed(command):
+    executable = os.path.join(os.path.dirname(sys.executable), command)
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout
