@@ -250,3 +250,17 @@ def test_console_entry_points_are_installed(command):
     executable = os.path.join(os.path.dirname(sys.executable), command)
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_tokenize_on_two_ranks_gives_the_same_bytes(model_dir, image_dir, tmp_path):
+    args = ["--model", model_dir, "--data", image_dir, "--shard-size", "2"]
+    assert tokenize.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "stage1.cli.tokenize", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two"))
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
