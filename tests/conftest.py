@@ -7,7 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from helpers import build_tiny_encoders  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,17 @@ def tiny_encoders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dinov2_dir(tiny_encoders):
     return tiny_encoders["dinov2"][1]
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    """Eight small structured images (smooth colour fields with an edge), some not square."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        coarse = torch.rand(1, 3, 4, 4, generator=g)
+        image = torch.nn.functional.interpolate(coarse, size=(40, 48 if i % 2 else 40), mode="bilinear")[0]
+        image[:, : 10 + i, :] *= 0.5
+        os.makedirs(root / f"class{i % 2}", exist_ok=True)
+        save_image(image, root / f"class{i % 2}" / f"{i}.png")
+    return str(root)

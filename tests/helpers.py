@@ -1,5 +1,6 @@
 """Helpers shared by the tests: tiny real checkpoints and test images."""
 
+import json
 import os
 
 import torch
@@ -43,3 +44,22 @@ def smooth_images(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 4, 4, generator=g)
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def run_training(image_dir, results_dir, *overrides):
+    """Train the tiny_test experiment in-process."""
+    from stage1.config import load_train_config
+    from stage1.trainer import train
+
+    base = ["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}"]
+    return train(load_train_config([*base, *overrides]))
+
+
+def train_metrics(results_dir):
+    with open(os.path.join(results_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_logs(results_dir):
+    """step -> logged scalars (checkpoint lines left out)."""
+    return {m["step"]: m for m in train_metrics(results_dir) if "loss" in m}

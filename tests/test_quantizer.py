@@ -221,3 +221,34 @@ def test_search_never_holds_more_than_the_distance_budget(monkeypatch):
     assert blocks and max(blocks) <= budget and sum(blocks) == 4096 * 512
     monkeypatch.setattr(torch, "addmm", real_addmm)
     assert torch.equal(indices, brute_force(z, codebook))
+
+
+def test_cached_code_norms_follow_every_codebook_change():
+    vq = VectorQuantizer(32, 4).eval()
+    z = torch.randn(200, 4)
+    assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
+    vq.train()(z.unsqueeze(0))  # EMA update writes the codebook in place
+    vq.eval()
+    assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
+    vq.embedding[5] = z[0] + 1e-4  # a direct write
+    assert vq.encode(z[:1].unsqueeze(0)).item() == 5
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    state["embedding"] = torch.randn(32, 4)
+    vq.load_state_dict(state)
+    assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
+
+
+def test_non_finite_features_never_reach_the_codebook():
+    vq = VectorQuantizer(8, 4, dead_code_threshold=0.5, kmeans_init=True).train()
+    z = torch.randn(1, 20, 4)
+    z[0, 3, 1] = float("nan")
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    _, losses, _ = vq(z)
+    assert losses["skipped_ema_update"].item() == 1.0
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, before[key]), key  # not even k-means initialisation ran
+    z[0, 3, 1] = float("inf")
+    vq(z)
+    assert torch.isfinite(vq.codebook).all() and not bool(vq.initialized)
+    _, losses, _ = vq(torch.randn(1, 20, 4))
+    assert losses["skipped_ema_update"].item() == 0.0 and bool(vq.initialized)

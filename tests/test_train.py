@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -6,6 +5,8 @@ import urllib.error
 
 import pytest
 import torch
+from helpers import run_training as run
+from helpers import step_logs, train_metrics
 from safetensors.torch import load_file
 from torchvision.utils import save_image
 
@@ -19,37 +20,8 @@ LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perpl
              "grad_norm", "lr", "g_loss", "adaptive_weight", "d_loss")
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """Eight small structured images (smooth colour fields with an edge), some not square."""
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        coarse = torch.rand(1, 3, 4, 4, generator=g)
-        image = torch.nn.functional.interpolate(coarse, size=(40, 48 if i % 2 else 40), mode="bilinear")[0]
-        image[:, : 10 + i, :] *= 0.5
-        os.makedirs(root / f"class{i % 2}", exist_ok=True)
-        save_image(image, root / f"class{i % 2}" / f"{i}.png")
-    return str(root)
-
-
-def run(image_dir, results_dir, *overrides):
-    base = ["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}"]
-    cfg = load_train_config([*base, *overrides])
-    return train(cfg)
-
-
-def metrics(results_dir):
-    with open(os.path.join(results_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_logs(results_dir):
-    return {m["step"]: m for m in metrics(results_dir) if "loss" in m}
-
-
-def test_training_writes_loadable_checkpoints_without_the_encoder(image_dir, tmp_path):
-    summary = run(image_dir, tmp_path / "run")
+def test_training_writes_loadable_checkpoints_without_the_encoder(train_images, tmp_path):
+    summary = run(train_images, tmp_path / "run")
     assert summary["step"] == 8
     model = VQRAE.from_pretrained(summary["final"]).eval()
     assert model.quantizer.num_embeddings == 64
@@ -69,8 +41,8 @@ def test_training_writes_loadable_checkpoints_without_the_encoder(image_dir, tmp
     assert all(0 < logs[s]["codebook_usage"] <= 1 and logs[s]["perplexity"] >= 1 for s in logs)
 
 
-def test_adversarial_term_starts_after_disc_start(image_dir, tmp_path):
-    run(image_dir, tmp_path / "run", "loss.disc_start=5")
+def test_adversarial_term_starts_after_disc_start(train_images, tmp_path):
+    run(train_images, tmp_path / "run", "loss.disc_start=5")
     logs = step_logs(tmp_path / "run")
     for step in range(1, 6):
         assert "g_loss" not in logs[step] and "d_loss" not in logs[step]
@@ -95,11 +67,11 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     assert adaptive_weight(nll, g * 1e-9, layer.weight, max_weight=5.0).item() == 5.0
 
 
-def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(image_dir, tmp_path):
-    run(image_dir, tmp_path / "whole")
-    interrupted = run(image_dir, tmp_path / "split", "train.stop_at=4")
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(train_images, tmp_path):
+    run(train_images, tmp_path / "whole")
+    interrupted = run(train_images, tmp_path / "split", "train.stop_at=4")
     assert interrupted["step"] == 4 and "final" not in interrupted
-    resumed = run(image_dir, tmp_path / "split")  # resume=auto picks up checkpoints/step-0000004
+    resumed = run(train_images, tmp_path / "split")  # resume=auto picks up checkpoints/step-0000004
     assert resumed["step"] == 8
     whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
     assert sorted(split) == list(range(1, 9))  # each step logged once
@@ -113,8 +85,8 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(image_dir, tmp
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
 
 
-def test_loss_falls_on_a_small_overfit_run(image_dir, tmp_path):
-    run(image_dir, tmp_path / "run", "train.steps=80", "train.ckpt_every=80", "train.sample_every=null",
+def test_loss_falls_on_a_small_overfit_run(train_images, tmp_path):
+    run(train_images, tmp_path / "run", "train.steps=80", "train.ckpt_every=80", "train.sample_every=null",
         "train.warmup_steps=5", "loss.disc_start=1000", "quantizer.num_embeddings=128", "data.augment=center_crop",
         "data.hflip=false")
     logs = step_logs(tmp_path / "run")
@@ -123,14 +95,14 @@ def test_loss_falls_on_a_small_overfit_run(image_dir, tmp_path):
     assert last < first / 2, (first, last)
 
 
-def test_two_processes_with_torchrun_keep_identical_codebooks(image_dir, tmp_path):
+def test_two_processes_with_torchrun_keep_identical_codebooks(train_images, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO_ROOT, "scripts", "train_stage1.py"), "experiment=tiny_test",
-               f"data.path={image_dir}", f"results_dir={tmp_path / 'ddp'}", "train.steps=6", "train.ckpt_every=3"]
+               f"data.path={train_images}", f"results_dir={tmp_path / 'ddp'}", "train.steps=6", "train.ckpt_every=3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checks = [m for m in metrics(tmp_path / "ddp") if m.get("checkpoint")]
+    checks = [m for m in train_metrics(tmp_path / "ddp") if m.get("checkpoint")]
     assert [c["step"] for c in checks] == [3, 6]
     assert all(c["ranks_identical"] for c in checks)
     assert VQRAE.from_pretrained(tmp_path / "ddp" / "final").quantizer.num_embeddings == 64
@@ -147,9 +119,9 @@ def test_two_processes_with_torchrun_keep_identical_codebooks(image_dir, tmp_pat
         ("image_size=36", r"encoder_input_size \(36\) must be a multiple of the encoder.s patch size \(8\)"),
     ],
 )
-def test_bad_config_values_fail_at_start(image_dir, tmp_path, override, message):
+def test_bad_config_values_fail_at_start(train_images, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        run(image_dir, tmp_path / "bad", override)
+        run(train_images, tmp_path / "bad", override)
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
@@ -171,7 +143,7 @@ def test_unknown_config_keys_are_rejected():
         load_train_config(["experiment=tiny_test", "train.lerning_rate=1"])
 
 
-def test_unreadable_images_are_skipped_and_counted(image_dir, tmp_path):
+def test_unreadable_images_are_skipped_and_counted(train_images, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     for name in ("a.png", "c.png"):
@@ -198,15 +170,15 @@ def test_lpips_without_its_weights_fails_at_start_with_advice(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("encoder", ["tiny_siglip", "tiny_mae"])
-def test_other_encoder_families_train(image_dir, tmp_path, encoder):
-    summary = run(image_dir, tmp_path / encoder, f"encoder={encoder}", "train.steps=2", "train.ckpt_every=2",
+def test_other_encoder_families_train(train_images, tmp_path, encoder):
+    summary = run(train_images, tmp_path / encoder, f"encoder={encoder}", "train.steps=2", "train.ckpt_every=2",
                   "train.sample_every=null", "train.report_reconstructions=false")
     model = VQRAE.from_pretrained(summary["final"])
     assert model.config["encoder_cls"] == {"tiny_siglip": "SigLIP2", "tiny_mae": "MAE"}[encoder]
 
 
-def test_bf16_autocast_training_on_cpu(image_dir, tmp_path):
-    run(image_dir, tmp_path / "bf16", "precision=bf16", "train.steps=4", "train.sample_every=null",
+def test_bf16_autocast_training_on_cpu(train_images, tmp_path):
+    run(train_images, tmp_path / "bf16", "precision=bf16", "train.steps=4", "train.sample_every=null",
         "train.report_reconstructions=false")
     logs = step_logs(tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(logs[s]["loss"])) for s in logs)
@@ -224,8 +196,8 @@ HUB_ENCODERS = [
 
 
 @pytest.mark.parametrize("encoder,hub_id", HUB_ENCODERS)
-def test_hub_encoders_fail_clearly_offline(image_dir, tmp_path, encoder, hub_id):
+def test_hub_encoders_fail_clearly_offline(train_images, tmp_path, encoder, hub_id):
     from stage1 import EncoderNotAvailableError
 
     with pytest.raises(EncoderNotAvailableError, match=hub_id):
-        run(image_dir, tmp_path / encoder, f"encoder={encoder}", "image_size=32")
+        run(train_images, tmp_path / encoder, f"encoder={encoder}", "image_size=32")

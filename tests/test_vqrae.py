@@ -175,6 +175,8 @@ BAD_IMAGES = [
     ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), "expected float images in \\[0, 1\\], got dtype torch.uint8"),
     (torch.rand(2, 3, 32, 32) * 255, r"expected finite pixel values in \[0, 1\], got values in"),
     (torch.full((1, 3, 32, 32), float("nan")), "expected finite pixel values"),
+    (torch.full((1, 3, 32, 32), float("inf")), "expected finite pixel values"),
+    (torch.rand(1, 3, 32, 32).double().to(torch.complex64), "expected float images"),
     (torch.rand(0, 3, 32, 32), "non-empty batch"),
 ]
 

@@ -52,6 +52,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", ">= 0")
     need(t.warmup_steps >= 0, "train.warmup_steps", ">= 0")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "> 0 or null")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1")
     need(t.ema_decay is None or 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) or null")
     need(t.ckpt_every > 0, "train.ckpt_every", "> 0")
     need(t.keep_last is None or t.keep_last >= 1, "train.keep_last", ">= 1 or null")

@@ -83,6 +83,14 @@ def sum_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """True only if `flag` (a bool tensor) is true on every rank."""
+    flag = flag.float()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj` on every rank (pickled over the process group: only our own trusted processes)."""
     if not dist.is_initialized():

@@ -37,24 +37,41 @@ def _all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def _all_ranks_finite(t: torch.Tensor) -> bool:
+    finite = torch.isfinite(t).all().float()
+    if _distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     if _distributed():
         dist.broadcast(t, src=0)
     return t
 
 
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK):
+def nearest_code(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK,
+    codebook_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Index of the nearest code (squared L2) for every row of z (M, D), searched in row chunks.
 
     argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): ||z||^2 is the same for every k, so each chunk
-    costs one GEMM (addmm) and an argmin, and holds at most `max_distances` distances.
+    costs one GEMM (addmm, the norms added as its bias) and an argmin, and holds at most `max_distances`
+    distances. One workspace serves every chunk: fresh large buffers cost page faults on the CPU.
+    `codebook_sq` (the squared norms of the codes) may be passed in when cached.
     """
-    codebook_sq = codebook.pow(2).sum(dim=1)
-    rows = max(1, max_distances // codebook.shape[0])
+    if codebook_sq is None:
+        codebook_sq = codebook.pow(2).sum(dim=1)
+    rows = min(max(1, max_distances // codebook.shape[0]), max(z.shape[0], 1))
     indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    workspace = torch.empty(rows, codebook.shape[0], dtype=torch.result_type(z, codebook), device=z.device)
     for start in range(0, z.shape[0], rows):
         chunk = z[start : start + rows]
-        distances = torch.addmm(codebook_sq, chunk, codebook.t(), beta=1.0, alpha=-2.0)
+        distances = workspace[: chunk.shape[0]]
+        torch.addmm(codebook_sq, chunk, codebook.t(), beta=1.0, alpha=-2.0, out=distances)
         indices[start : start + rows] = distances.argmin(dim=1)
     return indices
 
@@ -109,10 +126,22 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("ema_embed_sum", embedding.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._norms_cache: tuple | None = None
 
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding
+
+    def _codebook_sq(self) -> torch.Tensor:
+        """Squared code norms, recomputed only when the codebook changed (its version counter moves on every
+        in-place write: EMA updates, restarts, load_state_dict)."""
+        cache = self._norms_cache
+        if cache is None or cache[0] is not self.embedding or cache[1] != self.embedding._version:
+            cache = self._norms_cache = (self.embedding, self.embedding._version, self.embedding.pow(2).sum(dim=1))
+        return cache[2]
+
+    def _search(self, flat: torch.Tensor) -> torch.Tensor:
+        return nearest_code(flat, self.embedding, self.max_distances_per_chunk, self._codebook_sq())
 
     def _apply(self, fn, recurse=True):
         # EMA statistics must stay fp32 even if the model is cast to bf16: keep the fp32 values and only
@@ -154,7 +183,7 @@ class VectorQuantizer(nn.Module):
         """Nearest-code indices only (no EMA update, no losses)."""
         flat = self._flatten(z).float()
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return nearest_code(flat, self.embedding, self.max_distances_per_chunk).reshape(self._index_shape(z))
+            return self._search(flat).reshape(self._index_shape(z))
 
     def lookup(self, indices: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
         """Code vectors for indices (B, H, W) -> (B, D, H, W) (or (B, H, W, D)); (B, N) -> (B, N, D)."""
@@ -168,15 +197,15 @@ class VectorQuantizer(nn.Module):
         # Distances, losses and EMA statistics in fp32, even inside a bf16 autocast region.
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = flat_in.float()
-            if self.training and not bool(self.initialized):
+            # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
+            update = self.training and _all_ranks_finite(flat.detach())
+            if update and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
-            indices = nearest_code(flat.detach(), self.embedding, self.max_distances_per_chunk)
+            indices = self._search(flat.detach())
             quantized = self.embedding[indices]  # looked up before this step's EMA update, as in Sonnet
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-            if self.training:
-                sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat.detach())
-                _all_reduce_sum(counts, sums)
-                self._ema_update(counts, sums)
+            if update:
+                self._ema_update(counts, indices, flat.detach())
                 if self.dead_code_threshold > 0:
                     self._restart_dead_codes(flat.detach())
 
@@ -188,6 +217,8 @@ class VectorQuantizer(nn.Module):
                 "codebook_loss": commitment_loss.detach(),
                 **self._usage_metrics(counts),
             }
+            if self.training:
+                losses["skipped_ema_update"] = torch.tensor(float(not update), device=flat.device)
             # Straight-through estimator: forward value exactly e (z - sg(z) is exactly 0), gradient
             # d z_q / d z = identity.
             flat_q = quantized + (flat - flat.detach())
@@ -197,12 +228,19 @@ class VectorQuantizer(nn.Module):
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+    def _ema_update(self, counts: torch.Tensor, indices: torch.Tensor, flat: torch.Tensor) -> None:
+        """counts: this batch's assignments per code (summed over ranks in place); flat: its features."""
+        self.ema_embed_sum.mul_(self.decay)
+        if _distributed():
+            sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat)
+            _all_reduce_sum(counts, sums)
+            self.ema_embed_sum.add_(sums, alpha=1.0 - self.decay)
+        else:  # touch only the assigned rows: no K x D temporary
+            self.ema_embed_sum.index_add_(0, indices, flat, alpha=1.0 - self.decay)
         self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        self.ema_embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
-        self.embedding.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
+        torch.div(self.ema_embed_sum, smoothed.unsqueeze(1), out=self.embedding)
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:

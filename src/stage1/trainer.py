@@ -128,6 +128,7 @@ class Trainer:
         )
         self.step = 0
         self.skipped_images = 0
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
         self._resume()
         if self.step == 0:
             torch.manual_seed(cfg.seed + info.rank)
@@ -212,6 +213,7 @@ class Trainer:
             self.ema.n_averaged.fill_(state["ema_n_averaged"])
         self.step = state["step"]
         self.skipped_images = state["skipped_images"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
         rng = state["rng"]
         if len(rng) == self.info.world_size:
             torch.set_rng_state(rng[self.info.rank]["cpu"])
@@ -230,8 +232,14 @@ class Trainer:
         path = os.path.join(self.results_dir, "metrics.jsonl")
         if not os.path.isfile(path):
             return
+        kept = []
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line torn by a crash
+                    continue
         with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
 
@@ -274,13 +282,21 @@ class Trainer:
                     add("adaptive_weight", weight)
             self.scaler.scale(total / accum).backward()
             pairs.append((x, x_rec.detach()))
-            for key in ("recon_loss", "vq_loss", "commitment_loss", "perplexity", "codebook_usage"):
+            for key in ("recon_loss", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
+                        "skipped_ema_update"):
                 add(key, losses[key])
             add("loss", total)
 
         self.scaler.unscale_(self.optimizer)
-        if cfg.train.grad_clip is not None:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.decoder.parameters(), cfg.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.decoder.parameters(), cfg.train.grad_clip or math.inf)
+        logs["grad_norm"] = grad_norm
+        if not distributed.all_ranks_true(torch.isfinite(logs["loss"]) & torch.isfinite(grad_norm)):
+            # A NaN/Inf loss or gradient on any rank: no rank updates anything this step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: backs the loss scale off if the gradients overflowed
+            self.scheduler.step()  # the schedule follows steps taken, skipped or not
+            logs["nonfinite"] = torch.ones(())
+            return logs
         self.scaler.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -299,11 +315,12 @@ class Trainer:
                 self.scaler.scale(d_loss / accum).backward()
                 add("d_loss", d_loss)
             self.scaler.unscale_(self.disc_optimizer)
-            if cfg.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip)
-            self.scaler.step(self.disc_optimizer)
+            disc_norm = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip or math.inf)
+            if distributed.all_ranks_true(torch.isfinite(logs["d_loss"]) & torch.isfinite(disc_norm)):
+                self.scaler.step(self.disc_optimizer)
             self.disc_optimizer.zero_grad(set_to_none=True)
         self.scaler.update()
+        logs["nonfinite"] = torch.zeros(())
         return logs
 
     # ---- the run --------------------------------------------------------------------------------------------
@@ -322,6 +339,7 @@ class Trainer:
             skipped = sum(int(b["skipped"].sum()) for b in batches)
             logs = self._train_step(batches)
             self.step += 1
+            self._count_nonfinite(bool(logs["nonfinite"]))
             window_images += sum(b["image"].shape[0] for b in batches) * self.info.world_size
             self.skipped_images += distributed.sum_over_ranks(skipped, self.device)
             bar.update(1)
@@ -329,7 +347,7 @@ class Trainer:
                 elapsed = time.time() - window_start
                 last_logs = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)
                 last_logs.update(lr=self.scheduler.get_last_lr()[0], images_per_sec=window_images / max(elapsed, 1e-9),
-                                 skipped_images=self.skipped_images)
+                                 skipped_images=self.skipped_images, nonfinite_steps=self.nonfinite_steps)
                 self._log(last_logs)
                 bar.set_postfix(loss=f"{last_logs['loss']:.4f}", img_s=f"{last_logs['images_per_sec']:.1f}",
                                 refresh=False)
@@ -346,6 +364,25 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return summary
+
+    def _count_nonfinite(self, bad: bool) -> None:
+        """Skipped steps are counted and logged; too many in a row stop the run (checkpoints stay as they were)."""
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.info.is_main:
+            print(f"step {self.step}: NaN/Inf loss or gradient, step skipped "
+                  f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in all)")
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            last = latest_checkpoint(self.ckpt_root)
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (up to step {self.step}); "
+                f"stopping. The last good checkpoint, {last or 'none yet'}, is untouched: lower train.lr, use "
+                f"precision=fp32 or check the data, then resume from it."
+            )
 
     # ---- outputs --------------------------------------------------------------------------------------------
     def _log(self, logs: dict[str, float]) -> None:
@@ -401,6 +438,7 @@ class Trainer:
                     "disc_optimizer": self.disc_optimizer.state_dict() if self.disc is not None else None,
                     "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
                     "skipped_images": self.skipped_images,
+                    "nonfinite_steps": self.nonfinite_steps,
                     "rng": rng,
                     "world_size": self.info.world_size,
                 },

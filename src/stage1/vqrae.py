@@ -278,25 +278,19 @@ class VQRAE(nn.Module):
         write_json(os.path.join(directory, CONFIG_NAME), config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "VQRAE":
-        """Load from a directory written by save_pretrained or a Hub repo id; overrides replace config entries
-        (e.g. encoder_config_path=<local dir> where the referenced Hub encoder is not available offline)."""
+    def from_pretrained(cls, path: str | os.PathLike, weights_name: str = WEIGHTS_NAME, **overrides) -> "VQRAE":
+        """Load from a directory written by save_pretrained (or a training checkpoint: weights_name=
+        "ema.safetensors" for its EMA weights) or a Hub repo id. Overrides replace config entries, e.g.
+        encoder_config_path=<local dir> where the referenced Hub encoder is not available offline."""
         import json
 
         path = os.fspath(path)
-        try:
-            config_file = cached_file(path, CONFIG_NAME)
-            weights_file = cached_file(path, WEIGHTS_NAME)
-        except OSError as err:
-            raise FileNotFoundError(
-                f"'{path}' is not a VQRAE checkpoint: expected a directory (or Hub repo) with {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            ) from err
-        with open(config_file) as f:
+        with open(cls._resolve(path, CONFIG_NAME)) as f:
             config = json.load(f)
         unknown = sorted(set(config) - set(cls._config_keys()))
         if unknown:
-            raise ValueError(f"{config_file} has unknown keys {unknown}")
+            raise ValueError(f"{os.path.join(path, CONFIG_NAME)} has unknown keys {unknown}")
+        weights_file = cls._resolve(path, weights_name)
         config.update(overrides)
         if config["encoder_config_path"] == ENCODER_SUBDIR and os.path.isdir(os.path.join(path, ENCODER_SUBDIR)):
             config["encoder_config_path"] = os.path.join(path, ENCODER_SUBDIR)
@@ -317,6 +311,16 @@ class VQRAE(nn.Module):
             )
         model.load_state_dict(state, strict=False)
         return model
+
+    @staticmethod
+    def _resolve(path: str, name: str) -> str:
+        try:
+            return cached_file(path, name)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"'{path}' is not a VQRAE checkpoint: expected a directory (or Hub repo) with {CONFIG_NAME} and "
+                f"{name} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            ) from err
 
     @classmethod
     def _config_keys(cls) -> list[str]:

@@ -1,0 +1,229 @@
+"""Failing clearly, losing nothing, running no code from files: the guarantees in the README."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from helpers import run_training as run
+from helpers import smooth_images, step_logs, tiny_vqrae
+from safetensors.torch import load_file
+
+from stage1 import VQRAE
+from stage1.config import REPO_ROOT
+from stage1.data import ImageDataset, build_transform
+from stage1.train_checkpoint import latest_checkpoint, list_checkpoints
+
+
+# ---- NaN / Inf ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def nan_at(monkeypatch):
+    """Make the training loss NaN on the given training forward calls (1-based)."""
+    calls = {"n": 0}
+    original = VQRAE.forward
+
+    def install(bad_calls):
+        def forward(self, x, return_loss=False):
+            out = original(self, x, return_loss)
+            if return_loss:
+                calls["n"] += 1
+                if calls["n"] in bad_calls:
+                    out[1]["recon_loss"] = out[1]["recon_loss"] * float("nan")
+            return out
+
+        monkeypatch.setattr(VQRAE, "forward", forward)
+
+    return install
+
+
+def test_nan_steps_are_skipped_and_counted(train_images, tmp_path, nan_at):
+    nan_at({3, 4})
+    summary = run(train_images, tmp_path / "run", "train.sample_every=null")
+    assert summary["step"] == 8
+    logs = step_logs(tmp_path / "run")
+    assert [s for s in logs if logs[s]["nonfinite"]] == [3, 4]
+    assert logs[8]["nonfinite_steps"] == 2
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_too_many_nan_steps_stop_the_run_and_keep_the_last_checkpoint(train_images, tmp_path, nan_at):
+    nan_at(set(range(5, 100)))
+    with pytest.raises(FloatingPointError, match="3 steps in a row had NaN/Inf .*step-0000004"):
+        run(train_images, tmp_path / "run", "train.max_nonfinite_steps=3", "train.sample_every=null")
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000004"]
+    good = VQRAE.from_pretrained(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert torch.isfinite(good.quantizer.codebook).all()
+
+
+# ---- loading never unpickles ----------------------------------------------------------------------------------
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(train_images, tmp_path):
+    run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    marker = tmp_path / "pwned"
+    torch.save({"step": Payload(str(marker))}, os.path.join(checkpoint, "trainer_state.pt"))
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        run(train_images, tmp_path / "run", "train.sample_every=null")
+    assert not marker.exists()
+
+
+def test_model_loading_reads_only_safetensors_and_json(dinov2_dir, tmp_path):
+    model = tiny_vqrae(dinov2_dir)
+    model.save_pretrained(tmp_path / "ckpt")
+    marker = tmp_path / "pwned"
+    # A pickle disguised under the weights' name is not a safetensors file: refused, nothing runs.
+    torch.save({"x": Payload(str(marker))}, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(Exception):  # noqa: B017  (safetensors' own header error)
+        VQRAE.from_pretrained(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+# ---- crash-safe writes -----------------------------------------------------------------------------------------
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_vqrae
+    model = tiny_vqrae({encoder!r})
+    big = {{f"decoder.extra{{i}}": torch.randn(512, 1024) for i in range(24)}}  # ~50 MB: slow enough to kill
+    model.trainable_state_dict = lambda: {{**dict(model.state_dict()), **big}}
+    print("writing", flush=True)
+    while True:
+        model.save_pretrained({target!r})
+    """
+)
+
+
+def test_killing_a_writer_mid_write_keeps_the_previous_checkpoint(dinov2_dir, tmp_path):
+    target = tmp_path / "ckpt"
+    good = tiny_vqrae(dinov2_dir)
+    good.save_pretrained(target)
+    expected = good.eval()(smooth_images(1))
+    script = WRITER.format(tests=os.path.dirname(__file__), encoder=dinov2_dir, target=str(target))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for delay in (0.3, 1.0, 2.0):
+        writer = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "writing"
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        names = os.listdir(target)
+        assert {"config.json", "model.safetensors"} <= set(names)
+        leftovers = [n for n in names if n not in ("config.json", "model.safetensors")]
+        # Only hidden temporaries (ours: .NAME.*.tmp; safetensors' own: .tmp*) can be left by a kill.
+        assert all(n.startswith(".") and ".tmp" in n for n in leftovers), leftovers
+        # Whichever complete file is there loads (the killed writer's full version has extra tensors).
+        weights = load_file(target / "model.safetensors")
+        assert "quantizer.embedding" in weights
+    for leftover in [n for n in os.listdir(target) if n.startswith(".")]:
+        os.remove(target / leftover)
+    good.save_pretrained(target)
+    assert torch.equal(VQRAE.from_pretrained(target).eval()(smooth_images(1)), expected)
+
+
+def test_hidden_temporaries_are_never_taken_for_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".step-0000009.abc.tmp").mkdir(parents=True)
+    (root / ".step-0000009.abc.tmp" / "trainer_state.pt").write_bytes(b"partial")
+    (root / "step-0000008").mkdir()  # no trainer_state.pt: incomplete
+    assert latest_checkpoint(str(root)) is None
+
+
+def test_metrics_survive_a_torn_last_line(train_images, tmp_path):
+    run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.3')  # a crash mid-write
+    run(train_images, tmp_path / "run", "train.sample_every=null")
+    assert sorted(step_logs(tmp_path / "run")) == list(range(1, 9))
+
+
+# ---- bad files ------------------------------------------------------------------------------------------------
+def test_unreadable_files_are_skipped(tmp_path, monkeypatch):
+    from torchvision.utils import save_image
+
+    for name in ("a.png", "b.png", "c.png"):
+        save_image(torch.rand(3, 8, 8), tmp_path / name)
+    dataset = ImageDataset(str(tmp_path), build_transform(8, "center_crop"))
+    real_load = ImageDataset.load
+
+    def no_permission(self, index):
+        if self.paths[index] == "b.png":
+            raise PermissionError(13, "Permission denied", "b.png")
+        return real_load(self, index)
+
+    monkeypatch.setattr(ImageDataset, "load", no_permission)
+    with pytest.warns(UserWarning, match="skipping unreadable image b.png: PermissionError"):
+        assert dataset[(1, 0)]["skipped"] == 1
+
+
+def test_weights_from_another_config_are_refused(dinov2_dir, tmp_path):
+    tiny_vqrae(dinov2_dir, num_embeddings=32).save_pretrained(tmp_path / "a")
+    tiny_vqrae(dinov2_dir, num_embeddings=64).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"quantizer.embedding: file \(32, 32\) vs model \(64, 32\)"):
+        VQRAE.from_pretrained(tmp_path / "b")
+    os.remove(tmp_path / "b" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint"):
+        VQRAE.from_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["num_embedings"] = 3
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown keys \['num_embedings'\]"):
+        VQRAE.from_pretrained(tmp_path / "a")
+
+
+def test_bad_constructor_values(dinov2_dir):
+    for kwargs, message in [
+        (dict(num_embeddings=0), "num_embeddings and embedding_dim must be positive"),
+        (dict(vq_decay=1.0), r"decay must be in \[0, 1\)"),
+        (dict(commitment_cost=-1.0), "commitment_cost must be >= 0"),
+        (dict(decoder_patch_size=0), "patch_size must be a positive integer"),
+        (dict(noise_tau=-0.1), "noise_tau must be >= 0"),
+        (dict(recon_loss="l3"), "recon_loss must be 'l1' or 'l2'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tiny_vqrae(dinov2_dir, **kwargs)
+
+
+# ---- distributed ------------------------------------------------------------------------------------------------
+FAILING_RANK = textwrap.dedent(
+    """
+    import sys
+    from stage1.config import load_train_config
+    from stage1.trainer import Trainer, train
+    original = Trainer._train_step
+    def failing(self, batches):
+        if self.info.rank == 1 and self.step == 2:
+            raise RuntimeError("injected failure on rank 1")
+        return original(self, batches)
+    Trainer._train_step = failing
+    train(load_train_config(sys.argv[1:]))
+    """
+)
+
+
+def test_a_failing_rank_brings_the_job_down_with_its_error(train_images, tmp_path):
+    script = tmp_path / "failing_train.py"
+    script.write_text(FAILING_RANK)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "experiment=tiny_test", f"data.path={train_images}", f"results_dir={tmp_path / 'run'}",
+               "dist_timeout_minutes=1"]
+    start = time.time()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stdout + result.stderr
+    assert time.time() - start < 120  # no hang waiting on the dead rank
