@@ -70,7 +70,7 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.device, args.repeats)))
         return
     print(f"machine: {machine()}; device {args.device}")
-    n = k = 8192 if args.quick else 65536
+    n = k = 16384 if args.quick else 65536
     d = 64
     result = measure(n, k, d, args.device, repeats=1)
     dense = n * k * 4

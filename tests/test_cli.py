@@ -264,3 +264,14 @@ def test_tokenize_on_two_ranks_gives_the_same_bytes(model_dir, image_dir, tmp_pa
     assert names == sorted(os.listdir(tmp_path / "two"))
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_index_dtype_must_hold_the_codebook(dinov2_dir, image_dir, tmp_path, capsys):
+    big = tmp_path / "big"
+    tiny_vqrae(dinov2_dir, num_embeddings=300).save_pretrained(big)
+    out = tmp_path / "t"
+    assert tokenize.main(["--model", str(big), "--data", image_dir, "--out", str(out), "--index-dtype", "uint8"]) == 2
+    assert "--index-dtype uint8 holds at most 256 codes, but the model's codebook has 300" in capsys.readouterr().err
+    assert not (out / "shard-00000.npy").exists()
+    assert tokenize.main(["--model", str(big), "--data", image_dir, "--out", str(tmp_path / "auto")]) == 0
+    assert np.load(tmp_path / "auto" / "shard-00000.npy").dtype == np.uint16

@@ -34,6 +34,12 @@ def test_training_writes_loadable_checkpoints_without_the_encoder(train_images, 
     ema = load_file(tmp_path / "run" / "checkpoints" / "step-0000008" / "ema.safetensors")
     assert not torch.equal(raw["decoder.head.weight"], ema["decoder.head.weight"])  # EMA is its own copy
     assert torch.equal(raw["quantizer.embedding"], ema["quantizer.embedding"])
+    step_dir = tmp_path / "run" / "checkpoints" / "step-0000008"
+    with_ema = VQRAE.from_pretrained(step_dir, weights_name="ema.safetensors")
+    assert torch.equal(with_ema.decoder.head.weight, ema["decoder.head.weight"])
+    assert torch.equal(VQRAE.from_pretrained(step_dir).decoder.head.weight, raw["decoder.head.weight"])
+    # final/ holds the EMA decoder
+    assert torch.equal(model.decoder.head.weight, ema["decoder.head.weight"])
     assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-0000004.png", "step-0000008.png"]
     assert os.path.isfile(tmp_path / "run" / "reconstructions.png")
     logs = step_logs(tmp_path / "run")

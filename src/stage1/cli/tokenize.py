@@ -39,12 +39,17 @@ MANIFEST = "manifest.json"
 RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
 
 
-def index_dtype(codebook_size: int) -> np.dtype:
-    """The smallest unsigned integer type that holds indices 0 .. codebook_size - 1."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if codebook_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise CLIError(f"codebook size {codebook_size} does not fit a 32-bit index")
+INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
+
+
+def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
+    """The requested index type (checked to hold codebook_size codes), or the smallest unsigned one that does."""
+    candidates = INDEX_DTYPES if requested == "auto" else (requested,)
+    for name in candidates:
+        if codebook_size - 1 <= np.iinfo(np.dtype(name)).max:
+            return np.dtype(name)
+    raise CLIError(f"--index-dtype {requested} holds at most {np.iinfo(np.dtype(requested)).max + 1} codes, "
+                   f"but the model's codebook has {codebook_size}")
 
 
 def shard_name(i: int) -> str:
@@ -58,6 +63,8 @@ def parse(argv):
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
+                        help="integer type of the shards (auto: the smallest unsigned type that fits)")
     add_runtime_args(parser, batch_size=32)
     return parser.parse_args(argv)
 
@@ -77,7 +84,7 @@ def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, 
                 codes.append(model.encode_to_indices(torch.stack(images).to(device)).cpu())
     grid = (model.grid_size, model.grid_size) if model.grid_size else (size // model.encoder.patch_size,) * 2
     array = torch.cat(codes).numpy() if codes else np.zeros((0, *grid), dtype=np.int64)
-    return array.astype(index_dtype(model.quantizer.num_embeddings)), kept, skipped
+    return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
 
 
 def run(argv=None) -> int:
@@ -90,12 +97,14 @@ def run(argv=None) -> int:
         device = info.device
         model = load_model(args, device)
         size = model_image_size(model, args.image_size)
+        index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         num_shards = (len(paths) + args.shard_size - 1) // args.shard_size
         run_record = {
             "model": str(args.model),
             "codebook_size": model.quantizer.num_embeddings,
             "image_size": size,
             "shard_size": args.shard_size,
+            "index_dtype": args.index_dtype,
             "images": len(paths),
         }
         os.makedirs(args.out, exist_ok=True)
