@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from stage1 import VQRAE
 from stage1.cli import decode, evaluate, latent_stats, reconstruct, tokenize
-from stage1.cli.common import prepare, psnr
-from stage1.images import to_uint8
+from stage1.cli.common import prepare
+from stage1.images import psnr, to_uint8
 
 SIZE = 32  # the tiny model's native size: 4x4 codes of an 8 px patch encoder, painted with 8 px patches
 

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from .images import load_image
+
 
 def find_images(root: str) -> list[str]:
     """Sorted relative paths of all image files under root (recursively); clear errors if there are none."""
@@ -44,7 +46,7 @@ def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip
     else:
         raise ValueError(f"data.augment must be 'random_resized_crop' or 'center_crop', got '{augment}'")
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return v2.Compose([v2.PILToTensor(), *crop, *flip, v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot)
 
 
 class ImageDataset(Dataset):
@@ -60,9 +62,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
-        with Image.open(os.path.join(self.root, self.paths[index])) as image:
-            return image.convert("RGB")
+    def load(self, index: int) -> torch.Tensor:
+        return load_image(os.path.join(self.root, self.paths[index]))[0]
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)

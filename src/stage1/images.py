@@ -47,6 +47,12 @@ def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return v2.functional.center_crop(resized, [size, size]).clamp(0.0, 1.0)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """The 8-bit pixels a PNG of `images` holds (same rounding as torchvision's save_image)."""
     return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)

@@ -28,6 +28,7 @@ from . import distributed
 from .atomic import atomic_path
 from .config import validate_train_config
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
+from .images import psnr
 from .losses import PatchDiscriminator, adaptive_weight, build_lpips, generator_loss, hinge_d_loss
 from .tiny import save_tiny_encoder
 from .train_checkpoint import latest_checkpoint, read_state, read_tensors, write_checkpoint
@@ -42,11 +43,6 @@ def train(cfg: DictConfig) -> dict:
         return Trainer(cfg, info).run()
     finally:
         distributed.teardown()
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
 
 
 @contextmanager

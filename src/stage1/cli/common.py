@@ -84,12 +84,6 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1.0 / mse)
-
-
 def run_cli(prog: str, run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
         return run(argv) or 0

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, write_json
 from ..data import find_images
+from ..images import psnr
 from ..losses import build_lpips
 from .common import (
     CLIError,
@@ -32,7 +33,6 @@ from .common import (
     load_model,
     model_image_size,
     prepare,
-    psnr,
     run_cli,
 )
 

@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..images import save_png
+from ..images import psnr, save_png
 from .common import (
     CLIError,
     add_model_args,
@@ -22,7 +22,6 @@ from .common import (
     load_model,
     model_image_size,
     prepare,
-    psnr,
     run_cli,
 )
 
