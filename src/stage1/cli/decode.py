@@ -64,7 +64,9 @@ def run(argv=None) -> int:
     if len(set(targets)) != len(targets):
         raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
     with torch.no_grad():
-        for chunk in tqdm(list(batches(entries, args.batch_size)), desc="decode", unit="batch"):
+        for chunk, chunk_targets in tqdm(list(zip(batches(entries, args.batch_size),
+                                                  batches(targets, args.batch_size), strict=True)),
+                                         desc="decode", unit="batch"):
             codes = []
             for entry in chunk:
                 if entry["shard"] not in shards:
@@ -72,8 +74,8 @@ def run(argv=None) -> int:
                 codes.append(torch.from_numpy(shards[entry["shard"]][entry["row"]].astype(np.int64)))
             with autocast(device, args.precision):
                 images = model.decode_from_indices(torch.stack(codes).to(device), output_size=(size, size))
-            for entry, image in zip(chunk, images.float().cpu(), strict=True):
-                save_png(image, os.path.join(args.out, os.path.splitext(entry["path"])[0] + ".png"))
+            for target, image in zip(chunk_targets, images.float().cpu(), strict=True):
+                save_png(image, target)
     print(f"decoded {len(entries)} image(s) of {size}x{size} into {args.out}")
     return 0
 
