@@ -178,6 +178,7 @@ BAD_IMAGES = [
     (torch.full((1, 3, 32, 32), float("inf")), "expected finite pixel values"),
     (torch.rand(1, 3, 32, 32).double().to(torch.complex64), "expected float images"),
     (torch.rand(0, 3, 32, 32), "non-empty batch"),
+    (torch.rand(2, 3, 0, 32), r"non-empty batch of images, got shape \(2, 3, 0, 32\)"),
 ]
 
 

@@ -149,8 +149,8 @@ class VQRAE(nn.Module):
             raise ValueError(f"expected images as a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, 3, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("expected a non-empty batch of images, got batch size 0")
+        if x.numel() == 0:
+            raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
         if x.shape[1] != 3:
             raise ValueError(f"expected 3 (RGB) channels, got {x.shape[1]} channels in shape {tuple(x.shape)}")
         if not x.is_floating_point():
