@@ -4,6 +4,7 @@ and one clean error line (exit code 2) instead of a traceback for bad input."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import nullcontext
 from typing import Callable, Iterator, Sequence
@@ -75,6 +76,19 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
         pixels = resize_center_crop(pixels, size)
         note += f", resized (shorter side) and center-cropped to {size}x{size}"
     return pixels, note
+
+
+def prepare_batch(root: str, names: Sequence[str], size: int) -> tuple[torch.Tensor | None, list[str], list[dict]]:
+    """The readable images among root/names as one batch (None if none), their names, and the skipped ones
+    with the reason: an unreadable file never stops a pass over a dataset."""
+    images, kept, skipped = [], [], []
+    for name in names:
+        try:
+            images.append(prepare(os.path.join(root, name), size)[0])
+            kept.append(name)
+        except CLIError as err:
+            skipped.append({"path": name, "reason": str(err)})
+    return (torch.stack(images) if images else None), kept, skipped
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -32,7 +32,7 @@ from .common import (
     batches,
     load_model,
     model_image_size,
-    prepare,
+    prepare_batch,
     run_cli,
 )
 
@@ -116,15 +116,11 @@ def run(argv=None) -> int:
     psnrs, lpips_values, skipped, grid = [], [], [], None
     with torch.no_grad():
         for chunk in tqdm(list(batches(paths, args.batch_size)), desc="evaluate", unit="batch"):
-            images = []
-            for rel in chunk:
-                try:
-                    images.append(prepare(os.path.join(args.data, rel), size)[0])
-                except CLIError as err:
-                    skipped.append({"path": rel, "reason": str(err)})
-            if not images:
+            images, _, chunk_skipped = prepare_batch(args.data, chunk, size)
+            skipped += chunk_skipped
+            if images is None:
                 continue
-            x = torch.stack(images).to(device)
+            x = images.to(device)
             with autocast(device, args.precision):
                 codes = model.encode_to_indices(x)
                 rec = model.decode_from_indices(codes, output_size=(size, size)).float()

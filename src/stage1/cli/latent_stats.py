@@ -10,7 +10,6 @@ The output (`mean`, `var`, `count`) is what VQRAE(normalization_stat_path=...) r
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path
 from ..data import find_images
 from ..encoders import ENCODERS, build_encoder
-from .common import CLIError, add_runtime_args, autocast, batches, prepare, resolve_device, run_cli
+from .common import CLIError, add_runtime_args, autocast, batches, prepare_batch, resolve_device, run_cli
 
 
 class RunningMoments:
@@ -72,16 +71,13 @@ def run(argv=None) -> int:
     moments = RunningMoments(encoder.hidden_size)
     skipped = 0
     for chunk in tqdm(list(batches(paths, args.batch_size)), desc="latent stats", unit="batch"):
-        images = []
-        for rel in chunk:
-            try:
-                images.append(prepare(os.path.join(args.data, rel), args.image_size)[0])
-            except CLIError as err:
-                skipped += 1
-                print(f"skipping: {err}")
-        if images:
+        images, _, chunk_skipped = prepare_batch(args.data, chunk, args.image_size)
+        for entry in chunk_skipped:
+            print(f"skipping: {entry['reason']}")
+        skipped += len(chunk_skipped)
+        if images is not None:
             with autocast(device, args.precision):
-                tokens = encoder(torch.stack(images).to(device))
+                tokens = encoder(images.to(device))
             moments.update(tokens.float().flatten(0, 1).cpu())
     if moments.count == 0:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")

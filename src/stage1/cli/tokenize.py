@@ -31,7 +31,7 @@ from .common import (
     batches,
     load_model,
     model_image_size,
-    prepare,
+    prepare_batch,
     run_cli,
 )
 
@@ -72,16 +72,12 @@ def parse(argv):
 def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
     codes, kept, skipped = [], [], []
     for chunk in batches(paths, args.batch_size):
-        images = []
-        for rel in chunk:
-            try:
-                images.append(prepare(os.path.join(root, rel), size)[0])
-                kept.append(rel)
-            except CLIError as err:
-                skipped.append({"path": rel, "reason": str(err)})
-        if images:
+        images, chunk_kept, chunk_skipped = prepare_batch(root, chunk, size)
+        kept += chunk_kept
+        skipped += chunk_skipped
+        if images is not None:
             with torch.no_grad(), autocast(device, args.precision):
-                codes.append(model.encode_to_indices(torch.stack(images).to(device)).cpu())
+                codes.append(model.encode_to_indices(images.to(device)).cpu())
     grid = (model.grid_size, model.grid_size) if model.grid_size else (size // model.encoder.patch_size,) * 2
     array = torch.cat(codes).numpy() if codes else np.zeros((0, *grid), dtype=np.int64)
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
