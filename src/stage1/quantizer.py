@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_ranks_true
+
 # The search never materialises more than this many distances at once (64 MiB in fp32).
 DEFAULT_MAX_DISTANCES_PER_CHUNK = 1 << 24
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
@@ -35,13 +37,6 @@ def _all_reduce_sum(*tensors: torch.Tensor) -> None:
     if _distributed():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _all_ranks_finite(t: torch.Tensor) -> bool:
-    finite = torch.isfinite(t).all().float()
-    if _distributed():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
 
 
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
@@ -198,7 +193,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = flat_in.float()
             # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
-            update = self.training and _all_ranks_finite(flat.detach())
+            update = self.training and all_ranks_true(torch.isfinite(flat.detach()).all())
             if update and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
             indices = self._search(flat.detach())

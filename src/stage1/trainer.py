@@ -395,9 +395,14 @@ class Trainer:
         count = min(self.cfg.train.num_samples, len(self.dataset))
         return torch.stack([center(self.dataset.load(i)) for i in range(count)]).to(self.device)
 
+    @property
+    def _eval_decoder(self) -> torch.nn.Module:
+        """The decoder that samples and the final model use: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model.decoder
+
     @torch.no_grad()
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        decoder = self.ema.module if self.ema is not None else self.model.decoder
+        decoder = self._eval_decoder
         self.model.eval()
         try:
             with using_decoder(self.model, decoder), self._autocast():
@@ -455,7 +460,7 @@ class Trainer:
         final = os.path.join(self.results_dir, "final")
         if not self.info.is_main:
             return final
-        decoder = self.ema.module if self.ema is not None else self.model.decoder
+        decoder = self._eval_decoder
         with using_decoder(self.model, decoder):
             self.model.save_pretrained(final)
         if self.cfg.train.report_reconstructions and images is not None:

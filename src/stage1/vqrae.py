@@ -134,9 +134,8 @@ class VQRAE(nn.Module):
     @property
     def image_size(self) -> int | None:
         """Side of the images this model paints natively (None when encoder_input_size is None)."""
-        if self.encoder_input_size is None:
-            return None
-        return self.encoder_input_size // self.encoder.patch_size * self.decoder.patch_size
+        grid = self.grid_size
+        return None if grid is None else grid * self.decoder.patch_size
 
     @property
     def grid_size(self) -> int | None:
