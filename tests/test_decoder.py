@@ -1,28 +1,33 @@
 import json
+import os
 
 import pytest
 import torch
+import yaml
 
 from stage1 import DECODER_PRESETS, ViTDecoder, load_decoder_config
+from stage1.model_config import DECODER_CONFIG_DIR
 
 
 def test_output_size_is_grid_times_decoder_patch():
     decoder = ViTDecoder(32, load_decoder_config("tiny", patch_size=16), grid_size=4)
-    out = decoder(torch.randn(2, 32, 4, 4))
+    out = decoder(torch.randn(2, 16, 32), (4, 4))
     assert out.shape == (2, 3, 64, 64)
     # Other grids (non-square too) use resampled position embeddings.
-    assert decoder(torch.randn(1, 32, 3, 5)).shape == (1, 3, 48, 80)
+    assert decoder(torch.randn(1, 15, 32), (3, 5)).shape == (1, 3, 48, 80)
+    with pytest.raises(ValueError, match="15 tokens do not fill a 4x4 grid"):
+        decoder(torch.randn(1, 15, 32), (4, 4))
 
 
 def test_unpatchify_puts_each_token_in_its_own_patch():
     decoder = ViTDecoder(8, load_decoder_config("tiny", patch_size=4), grid_size=3).eval()
-    z = torch.randn(1, 8, 3, 3)
+    z = torch.randn(1, 9, 8)  # a 3x3 grid of tokens in raster order
     # Transformer blocks mix tokens, so bypass them to check the layout of the head's output alone.
     decoder.blocks = torch.nn.ModuleList()
-    base = decoder(z)
+    base = decoder(z, (3, 3))
     z2 = z.clone()
-    z2[0, :, 1, 2] += 10.0
-    changed = (decoder(z2) - base).abs().sum(1)[0] > 1e-6  # (H, W) mask of changed pixels
+    z2[0, 1 * 3 + 2] += 10.0  # the token at row 1, column 2
+    changed = (decoder(z2, (3, 3)) - base).abs().sum(1)[0] > 1e-6  # (H, W) mask of changed pixels
     expected = torch.zeros(12, 12, dtype=torch.bool)
     expected[4:8, 8:12] = True
     assert torch.equal(changed, expected)
@@ -40,6 +45,16 @@ def test_config_sources_agree(tmp_path):
     assert decoder.blocks[0].mlp.fc1.out_features == 100  # intermediate_size is honoured exactly
     assert load_decoder_config("vit_xl").intermediate_size == 4096
     assert set(DECODER_PRESETS) >= {"vit_b", "vit_l", "vit_xl", "tiny"}
+
+
+def test_presets_are_the_hydra_decoder_files():
+    """One source of truth for decoder sizes: configs/decoder/NAME.yaml is both hydra's group and the preset."""
+    names = sorted(os.path.splitext(n)[0] for n in os.listdir(DECODER_CONFIG_DIR) if n.endswith(".yaml"))
+    assert names == sorted(DECODER_PRESETS)
+    for name in names:
+        with open(os.path.join(DECODER_CONFIG_DIR, f"{name}.yaml")) as f:
+            assert load_decoder_config(name).to_dict() == yaml.safe_load(f), name
+    assert load_decoder_config(None) == load_decoder_config("vit_b")
 
 
 def test_bad_decoder_configs(tmp_path):

@@ -29,26 +29,27 @@ def test_indices_equal_brute_force_and_chunks_equal_dense():
     assert torch.equal(chunked, expected) and torch.equal(tiny, expected)
 
 
-def test_forward_layouts_values_and_index_shapes():
+def test_forward_values_and_index_shapes():
     vq = VectorQuantizer(32, 8).eval()
-    z = torch.randn(2, 8, 3, 5)
+    z = torch.randn(2, 15, 8)  # (B, N, D) tokens
     z_q, losses, idx = vq(z)
-    assert idx.shape == (2, 3, 5) and idx.dtype == torch.long
-    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert idx.shape == (2, 15) and idx.dtype == torch.long
+    flat = z.reshape(-1, 8)
     assert torch.equal(idx.flatten(), brute_force(flat, vq.codebook))
     # The forward value is exactly the code vector.
-    assert torch.equal(z_q, vq.codebook[idx].permute(0, 3, 1, 2))
-    tokens = z.flatten(2).transpose(1, 2)  # (B, N, C)
-    zt_q, _, idx_t = vq(tokens)
-    assert idx_t.shape == (2, 15) and torch.equal(idx_t, idx.flatten(1))
-    assert torch.equal(zt_q, z_q.flatten(2).transpose(1, 2))
+    assert torch.equal(z_q, vq.codebook[idx])
+    # Any channels-last layout gives the same codes: (B, h, w, D) grids and flat (M, D) rows.
+    zg_q, _, idx_g = vq(z.reshape(2, 3, 5, 8))
+    assert idx_g.shape == (2, 3, 5) and torch.equal(idx_g.flatten(1), idx)
+    assert torch.equal(zg_q.reshape(2, 15, 8), z_q)
+    assert torch.equal(vq(flat)[2], idx.flatten())
     assert losses["commitment_loss"].item() == pytest.approx(((flat - vq.codebook[idx.flatten()]) ** 2).mean().item())
     assert losses["vq_loss"].item() == pytest.approx(0.25 * losses["commitment_loss"].item())
 
 
 def test_straight_through_gradient_reaches_z_unchanged():
     vq = VectorQuantizer(16, 4, commitment_cost=0.0).eval()
-    z = torch.randn(3, 4, 2, 2, requires_grad=True)
+    z = torch.randn(3, 4, 4, requires_grad=True)
     z_q, _, _ = vq(z)
     upstream = torch.randn_like(z_q)
     (z_q * upstream).sum().backward()
@@ -58,7 +59,7 @@ def test_straight_through_gradient_reaches_z_unchanged():
     z.grad = None
     z_q, losses, idx = vq(z)
     ((z_q * upstream).sum() + losses["vq_loss"]).backward()
-    e = vq.codebook[idx].permute(0, 3, 1, 2)
+    e = vq.codebook[idx]
     expected = upstream + 0.5 * 2 * (z.detach() - e) / z.numel()
     assert torch.allclose(z.grad, expected, atol=1e-6)
 
@@ -92,7 +93,7 @@ def test_one_ema_step_matches_the_formula():
 def test_eval_and_encode_never_update_the_codebook():
     vq = VectorQuantizer(8, 4)
     before = {k: v.clone() for k, v in vq.state_dict().items()}
-    z = torch.randn(2, 4, 3, 3)
+    z = torch.randn(2, 9, 4)
     vq.eval()(z)
     vq.train().encode(z)
     for key, value in vq.state_dict().items():
@@ -163,12 +164,17 @@ def test_bf16_autocast_gives_the_fp32_indices_and_keeps_fp32_buffers():
 
 def test_bad_feature_shapes_and_arguments():
     vq = VectorQuantizer(8, 4)
-    with pytest.raises(ValueError, match=r"expected \(B, 4, H, W\) features, got shape \(1, 5, 2, 2\)"):
-        vq(torch.randn(1, 5, 2, 2))
+    # A channels-first grid (B, D, h, w) is not taken for tokens.
+    with pytest.raises(ValueError, match=r"expected channels-last features \(\.\.\., 4\).*got shape \(1, 4, 2, 5\)"):
+        vq(torch.randn(1, 4, 2, 5))
     with pytest.raises(ValueError, match="got shape"):
         vq(torch.randn(4))
     with pytest.raises(ValueError, match="decay must be in"):
         VectorQuantizer(8, 4, decay=1.5)
+    with pytest.raises(ValueError, match="embedding_dim must be a positive integer, got 0"):
+        VectorQuantizer(8, 0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'decya'"):
+        VectorQuantizer(8, 4, decya=0.9)
 
 
 # ---- two processes (gloo): statistics are all-reduced, codebooks stay identical ----------------------------

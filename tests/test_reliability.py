@@ -15,15 +15,16 @@ from helpers import smooth_images, step_logs, tiny_vqrae
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
-from stage1.config import REPO_ROOT
 from stage1.data import ImageDataset, build_transform
+from stage1.losses import LossConfig
 from stage1.train_checkpoint import latest_checkpoint, list_checkpoints
+from stage1.train_config import REPO_ROOT
 
 
 # ---- NaN / Inf ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def nan_at(monkeypatch):
-    """Make the training loss NaN on the given training forward calls (1-based)."""
+    """Make the training loss NaN (through the quantizer's vq_loss) on the given training forward calls (1-based)."""
     calls = {"n": 0}
     original = VQRAE.forward
 
@@ -33,7 +34,7 @@ def nan_at(monkeypatch):
             if return_loss:
                 calls["n"] += 1
                 if calls["n"] in bad_calls:
-                    out[1]["recon_loss"] = out[1]["recon_loss"] * float("nan")
+                    out[1]["vq_loss"] = out[1]["vq_loss"] * float("nan")
             return out
 
         monkeypatch.setattr(VQRAE, "forward", forward)
@@ -187,22 +188,24 @@ def test_weights_from_another_config_are_refused(dinov2_dir, tmp_path):
 
 def test_bad_constructor_values(dinov2_dir):
     for kwargs, message in [
-        (dict(num_embeddings=0), "num_embeddings and embedding_dim must be positive"),
+        (dict(num_embeddings=0), "quantizer.num_embeddings must be a positive integer"),
         (dict(vq_decay=1.0), r"decay must be in \[0, 1\)"),
         (dict(commitment_cost=-1.0), "commitment_cost must be >= 0"),
         (dict(decoder_patch_size=0), "patch_size must be a positive integer"),
         (dict(noise_tau=-0.1), "noise_tau must be >= 0"),
-        (dict(recon_loss="l3"), "recon_loss must be 'l1' or 'l2'"),
     ]:
         with pytest.raises(ValueError, match=message):
             tiny_vqrae(dinov2_dir, **kwargs)
+    # The reconstruction loss is a training loss term now, configured by the loss group alone.
+    with pytest.raises(ValueError, match="recon_loss must be 'l1' or 'l2'"):
+        LossConfig(recon_loss="l3")
 
 
 # ---- distributed ------------------------------------------------------------------------------------------------
 FAILING_RANK = textwrap.dedent(
     """
     import sys
-    from stage1.config import load_train_config
+    from stage1.train_config import load_train_config
     from stage1.trainer import Trainer, train
     original = Trainer._train_step
     def failing(self, batches):

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torchvision.utils import save_image
 
 from stage1 import VQRAE
-from stage1.config import REPO_ROOT, load_train_config
 from stage1.data import ImageDataset, build_transform
 from stage1.losses import adaptive_weight, build_lpips
+from stage1.train_config import REPO_ROOT, load_train_config
 from stage1.trainer import train
 
 LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
@@ -180,7 +180,7 @@ def test_other_encoder_families_train(train_images, tmp_path, encoder):
     summary = run(train_images, tmp_path / encoder, f"encoder={encoder}", "train.steps=2", "train.ckpt_every=2",
                   "train.sample_every=null", "train.report_reconstructions=false")
     model = VQRAE.from_pretrained(summary["final"])
-    assert model.config["encoder_cls"] == {"tiny_siglip": "SigLIP2", "tiny_mae": "MAE"}[encoder]
+    assert model.config.encoder.cls == {"tiny_siglip": "SigLIP2", "tiny_mae": "MAE"}[encoder]
 
 
 def test_bf16_autocast_training_on_cpu(train_images, tmp_path):

@@ -116,7 +116,7 @@ def test_save_and_load_give_identical_outputs(model, tmp_path):
     assert not any(k.startswith("encoder.") for k in weights)  # the frozen encoder is stored by reference
     assert "quantizer.embedding" in weights and "decoder.head.weight" in weights
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["encoder_config_path"] == model.config["encoder_config_path"]
+    assert config["encoder"]["path"] == model.config.encoder.path
     loaded = VQRAE.from_pretrained(tmp_path / "ckpt").eval()
     assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded.encode_to_indices(x), model.encode_to_indices(x))
@@ -126,7 +126,7 @@ def test_save_with_encoder_is_self_contained(model, tmp_path):
     x = smooth_images(2)
     model.save_pretrained(tmp_path / "full", save_encoder=True)
     config = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert config["encoder_config_path"] == "encoder"
+    assert config["encoder"]["path"] == "encoder"
     loaded = VQRAE.from_pretrained(tmp_path / "full").eval()
     assert torch.equal(loaded(x), model(x))
 
@@ -192,7 +192,7 @@ def test_bad_images_raise_clear_errors(model, images, message):
 
 def test_image_size_must_fit_the_patch_size_without_resizing(dinov2_dir):
     model = tiny_vqrae(dinov2_dir, encoder_input_size=None)
-    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be a multiple of the encoder's patch size 8"):
+    with pytest.raises(ValueError, match=r"image size \(30, 32\) must be a multiple of the encoder's patch size \(8\)"):
         model.encode_to_indices(torch.rand(1, 3, 30, 32))
     message = r"encoder_input_size \(30\) must be a multiple of the encoder's patch size \(8\)"
     with pytest.raises(ValueError, match=message):
@@ -224,7 +224,7 @@ def test_broken_checkpoints_give_clear_errors(model, tmp_path):
     with pytest.raises(ValueError, match=r"quantizer.embedding: file \(10, 32\) vs model \(64, 32\)"):
         VQRAE.from_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    config["encoder_cls"] = "DINOv9"
+    config["encoder"]["cls"] = "DINOv9"
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Unknown encoder_cls 'DINOv9'"):
         VQRAE.from_pretrained(tmp_path / "ckpt")

@@ -1,16 +1,28 @@
 """vqrae: image tokenizer on frozen foundation encoders (package `stage1`)."""
 
-from .decoder import DECODER_PRESETS, DecoderConfig, ViTDecoder, load_decoder_config
+from .decoder import ViTDecoder
 from .encoders import ENCODERS, EncoderNotAvailableError, FrozenEncoder, build_encoder
-from .quantizer import VectorQuantizer, nearest_code
+from .model_config import (
+    DECODER_PRESETS,
+    DecoderConfig,
+    EncoderConfig,
+    QuantizerConfig,
+    VQRAEConfig,
+    load_decoder_config,
+)
+from .quantizer import VectorQuantizer, build_quantizer, nearest_code
 from .vqrae import VQRAE
 
 __all__ = [
     "VQRAE",
+    "VQRAEConfig",
+    "EncoderConfig",
+    "QuantizerConfig",
+    "DecoderConfig",
     "VectorQuantizer",
+    "build_quantizer",
     "nearest_code",
     "ViTDecoder",
-    "DecoderConfig",
     "DECODER_PRESETS",
     "load_decoder_config",
     "ENCODERS",

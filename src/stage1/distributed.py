@@ -54,6 +54,25 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over ranks, in place (a no-op in a single process)."""
+    if is_distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of t on every rank, in place (a no-op in a single process)."""
+    if is_distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

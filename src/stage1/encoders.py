@@ -105,6 +105,13 @@ class FrozenEncoder(nn.Module):
     def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_fits(self, what: str, *sides: int, hint: str = "") -> None:
+        """The one rule for every size this encoder sees: a whole number of patches per side."""
+        if any(side % self.patch_size for side in sides):
+            shown = ", ".join(str(side) for side in sides)
+            p = self.patch_size
+            raise ValueError(f"{what} ({shown}) must be a multiple of the encoder's patch size ({p}){hint}")
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixel_values = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
@@ -212,10 +219,15 @@ ENCODERS: dict[str, type[FrozenEncoder]] = {
 }
 
 
+def encoder_class(name: str) -> type[FrozenEncoder]:
+    """The encoder class registered under `name` (the config's encoder.cls, the keyword encoder_cls)."""
+    if name not in ENCODERS:
+        raise ValueError(f"Unknown encoder_cls '{name}': encoder.cls must be one of {sorted(ENCODERS)}")
+    return ENCODERS[name]
+
+
 def build_encoder(encoder_cls: str, path: str, **params) -> FrozenEncoder:
-    if encoder_cls not in ENCODERS:
-        raise ValueError(f"Unknown encoder_cls '{encoder_cls}'; expected one of {sorted(ENCODERS)}")
-    return ENCODERS[encoder_cls](path, **params)
+    return encoder_class(encoder_cls)(path, **params)
 
 
 __all__ = [
@@ -226,4 +238,5 @@ __all__ = [
     "SigLIP2",
     "MAE",
     "build_encoder",
+    "encoder_class",
 ]

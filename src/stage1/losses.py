@@ -1,12 +1,61 @@
-"""Training losses for the decoder: reconstruction + LPIPS + adversarial (PatchGAN, hinge), with the VQGAN
-adaptive weight that balances the adversarial gradient against the reconstruction gradient at the
-decoder's last layer."""
+"""Every training loss term, configured by the `loss` group (configs/loss/*.yaml) alone:
+
+    generator      recon_weight * L1|L2(x_rec, x)                          from step 0
+                 + lpips_weight * LPIPS(x_rec, x)                          from loss.lpips_start
+                 + vq_loss (the quantizer's commitment term)
+                 + disc_weight * adaptive_weight * -D(x_rec)               from loss.disc_start
+    discriminator  hinge(D(x), D(x_rec.detach()))                          from loss.disc_start
+
+D is a PatchGAN; the adaptive weight is VQGAN's ratio of gradient norms at the decoder's last layer.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .model_config import ConfigSection
+
+RECON_LOSSES = ("l1", "l2")
+LPIPS_NETS = ("vgg", "alex")
+
+
+def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean absolute (l1) or squared (l2) pixel error, in fp32."""
+    error = x_rec.float() - x.float()
+    return error.abs().mean() if kind == "l1" else error.pow(2).mean()
+
+
+@dataclass
+class LossConfig(ConfigSection):
+    section = "loss"
+    recon_loss: str = "l1"
+    recon_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_start: int = 0
+    lpips_net: str = "vgg"
+    lpips_random_backbone: bool = False  # true only offline (tests, quickstart): the distance is then not perceptual
+    disc_weight: float = 0.75
+    disc_start: int = 20000  # no adversarial term (and no discriminator training) before this step
+    disc_lr: float = 2e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    adaptive_weight_max: float = 1e4
+
+    def __post_init__(self):
+        if self.recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got '{self.recon_loss}'")
+        if self.lpips_net not in LPIPS_NETS:
+            raise ValueError(f"loss.lpips_net must be one of {LPIPS_NETS}, got '{self.lpips_net}'")
+        for name in ("recon_weight", "lpips_weight", "disc_weight", "lpips_start", "disc_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
 
 
 def build_lpips(net: str = "vgg", random_backbone: bool = False) -> nn.Module:
@@ -74,3 +123,46 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+class VQRAELoss(nn.Module):
+    """All training loss terms. Holds the frozen LPIPS network and the discriminator (the only trainable part)."""
+
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        self.config = config
+        self.lpips = build_lpips(config.lpips_net, config.lpips_random_backbone) if config.lpips_weight > 0 else None
+        self.discriminator = (
+            PatchDiscriminator(channels=config.disc_channels, num_layers=config.disc_layers)
+            if config.disc_weight > 0
+            else None
+        )
+
+    def adversarial(self, step: int) -> bool:
+        """Whether the adversarial terms (generator and discriminator) are on at `step` (steps done so far)."""
+        return self.discriminator is not None and step >= self.config.disc_start
+
+    def generator_loss(self, x, x_rec, vq_loss, step: int, last_layer: torch.Tensor):
+        """The decoder's total loss and its logged terms. `last_layer` is the decoder's output weight."""
+        c = self.config
+        recon = reconstruction_loss(x_rec, x, c.recon_loss)
+        nll = c.recon_weight * recon
+        terms = {"recon_loss": recon}
+        if self.lpips is not None and step >= c.lpips_start:
+            terms["lpips"] = self.lpips(x_rec.float() * 2 - 1, x * 2 - 1).mean()
+            nll = nll + c.lpips_weight * terms["lpips"]
+        total = nll + vq_loss
+        if self.adversarial(step):
+            # The bare discriminator: its gradients from this pass are discarded before its own step.
+            terms["g_loss"] = generator_loss(self.discriminator(x_rec))
+            terms["adaptive_weight"] = c.disc_weight * adaptive_weight(
+                nll, terms["g_loss"], last_layer, c.adaptive_weight_max
+            )
+            total = total + terms["adaptive_weight"] * terms["g_loss"]
+        return total, terms
+
+    def discriminator_loss(self, x, x_rec, discriminator: nn.Module | None = None) -> torch.Tensor:
+        """Hinge loss on real x and detached fakes. `discriminator`: its DDP wrapper under torchrun."""
+        # One forward over real and fake together: DDP wants each module once per backward.
+        logits = (discriminator or self.discriminator)(torch.cat([x, x_rec.detach()]))
+        return hinge_d_loss(*logits.chunk(2))

@@ -18,31 +18,15 @@ from rank 0 would only cost time (and hide a bug if they ever diverged).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_ranks_true
+from .distributed import all_ranks_true, all_reduce_sum, broadcast_from_main, is_distributed
+from .model_config import QuantizerConfig
 
 # The search never materialises more than this many distances at once (64 MiB in fp32).
 DEFAULT_MAX_DISTANCES_PER_CHUNK = 1 << 24
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(*tensors: torch.Tensor) -> None:
-    if _distributed():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
 
 
 def nearest_code(
@@ -74,54 +58,38 @@ def nearest_code(
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour quantizer with an EMA codebook and straight-through gradients.
 
-    forward(z) takes (B, C, H, W) or (B, N, C) and returns (z_q, losses, indices): z_q has z's shape and
-    dtype, indices are (B, H, W) or (B, N) long. The EMA update runs only in training mode.
+    forward(z) takes channels-last features (..., D), e.g. (B, N, D) tokens, and returns (z_q, losses, indices):
+    z_q has z's shape and dtype, indices have z's shape without D (long). The EMA update runs only in training
+    mode. `options` are the other QuantizerConfig fields (commitment_cost, decay, epsilon, ...), checked there.
     """
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        commitment_cost: float = 0.25,
-        decay: float = 0.99,
-        epsilon: float = 1e-5,
-        dead_code_threshold: float = 0.0,
-        kmeans_init: bool = False,
-        kmeans_iters: int = 10,
-        max_distances_per_chunk: int = DEFAULT_MAX_DISTANCES_PER_CHUNK,
-    ):
+    def __init__(self, num_embeddings: int, embedding_dim: int, **options):
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(
-                f"num_embeddings and embedding_dim must be positive, got {num_embeddings} and {embedding_dim}"
-            )
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be positive, got {epsilon}")
-        if commitment_cost < 0:
-            raise ValueError(f"commitment_cost must be >= 0, got {commitment_cost}")
-        if not 0.0 <= dead_code_threshold < 1.0:
-            raise ValueError(
-                f"dead_code_threshold must be in [0, 1) (a restarted code starts with EMA count 1), "
-                f"got {dead_code_threshold}"
-            )
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
-        self.commitment_cost = float(commitment_cost)
-        self.decay = float(decay)
-        self.epsilon = float(epsilon)
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.kmeans_iters = int(kmeans_iters)
-        self.max_distances_per_chunk = int(max_distances_per_chunk)
+        config = QuantizerConfig(num_embeddings=num_embeddings, **options)
+        if config.kind != "single":
+            raise ValueError(f"VectorQuantizer is the 'single' kind, got quantizer.kind={config.kind!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+        self.num_embeddings = config.num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = float(config.commitment_cost)
+        self.decay = float(config.decay)
+        self.epsilon = float(config.epsilon)
+        self.dead_code_threshold = float(config.dead_code_threshold)
+        self.kmeans_iters = config.kmeans_iters
+        self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK  # a memory bound, not a model value
 
         embedding = torch.randn(num_embeddings, embedding_dim)
         self.register_buffer("embedding", embedding)
         # Each code starts as if it had been assigned once, to itself: e_k = m_k / N_k holds from step 0.
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("ema_embed_sum", embedding.clone())
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
         self._norms_cache: tuple | None = None
+
+    @classmethod
+    def from_config(cls, config: QuantizerConfig, embedding_dim: int) -> "VectorQuantizer":
+        return cls(embedding_dim=embedding_dim, **config.to_dict())
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -149,28 +117,13 @@ class VectorQuantizer(nn.Module):
                 self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
         return self
 
-    # ---- layout -------------------------------------------------------------------------------------------
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() == 4:
-            if z.shape[1] != self.embedding_dim:
-                raise ValueError(f"expected (B, {self.embedding_dim}, H, W) features, got shape {tuple(z.shape)}")
-            return z.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
-        if z.dim() == 3:
-            if z.shape[2] != self.embedding_dim:
-                raise ValueError(f"expected (B, N, {self.embedding_dim}) features, got shape {tuple(z.shape)}")
-            return z.reshape(-1, self.embedding_dim)
-        raise ValueError(f"expected features of shape (B, C, H, W) or (B, N, C), got shape {tuple(z.shape)}")
-
-    @staticmethod
-    def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if like.dim() == 4:
-            b, c, h, w = like.shape
-            return flat.reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return flat.reshape(like.shape)
-
-    @staticmethod
-    def _index_shape(z: torch.Tensor) -> tuple[int, ...]:
-        return (z.shape[0], *z.shape[2:]) if z.dim() == 4 else tuple(z.shape[:2])
+        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
+            raise ValueError(
+                f"expected channels-last features (..., {self.embedding_dim}), e.g. (B, N, {self.embedding_dim}) "
+                f"tokens, got shape {tuple(z.shape)}"
+            )
+        return z.reshape(-1, self.embedding_dim)
 
     # ---- public API ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -178,14 +131,11 @@ class VectorQuantizer(nn.Module):
         """Nearest-code indices only (no EMA update, no losses)."""
         flat = self._flatten(z).float()
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._search(flat).reshape(self._index_shape(z))
+            return self._search(flat).reshape(z.shape[:-1])
 
-    def lookup(self, indices: torch.Tensor, channels_first: bool = True) -> torch.Tensor:
-        """Code vectors for indices (B, H, W) -> (B, D, H, W) (or (B, H, W, D)); (B, N) -> (B, N, D)."""
-        vectors = self.embedding[indices]
-        if indices.dim() == 3 and channels_first:
-            vectors = vectors.permute(0, 3, 1, 2)
-        return vectors
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for indices of any shape: (B, N) -> (B, N, D)."""
+        return self.embedding[indices]
 
     def forward(self, z: torch.Tensor):
         flat_in = self._flatten(z)
@@ -218,17 +168,16 @@ class VectorQuantizer(nn.Module):
             # d z_q / d z = identity.
             flat_q = quantized + (flat - flat.detach())
 
-        z_q = self._unflatten(flat_q.to(z.dtype), z)
-        return z_q, losses, indices.reshape(self._index_shape(z))
+        return flat_q.to(z.dtype).reshape(z.shape), losses, indices.reshape(z.shape[:-1])
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _ema_update(self, counts: torch.Tensor, indices: torch.Tensor, flat: torch.Tensor) -> None:
         """counts: this batch's assignments per code (summed over ranks in place); flat: its features."""
         self.ema_embed_sum.mul_(self.decay)
-        if _distributed():
+        if is_distributed():
             sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, flat)
-            _all_reduce_sum(counts, sums)
+            all_reduce_sum(counts, sums)
             self.ema_embed_sum.add_(sums, alpha=1.0 - self.decay)
         else:  # touch only the assigned rows: no K x D temporary
             self.ema_embed_sum.index_add_(0, indices, flat, alpha=1.0 - self.decay)
@@ -249,7 +198,7 @@ class VectorQuantizer(nn.Module):
         if num_dead == 0:
             return
         picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-        samples = _broadcast_from_rank0(flat[picks].contiguous())
+        samples = broadcast_from_main(flat[picks].contiguous())
         self.embedding[dead] = samples
         self.ema_embed_sum[dead] = samples
         self.ema_cluster_size[dead] = 1.0
@@ -269,7 +218,7 @@ class VectorQuantizer(nn.Module):
             sums = torch.zeros_like(centroids).index_add_(0, assign, flat)
             filled = counts > 0  # an empty cluster keeps its previous centroid
             centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
-        centroids = _broadcast_from_rank0(centroids.contiguous())
+        centroids = broadcast_from_main(centroids.contiguous())
         self.embedding.copy_(centroids)
         self.ema_embed_sum.copy_(centroids)
         self.ema_cluster_size.fill_(1.0)
@@ -291,4 +240,10 @@ class VectorQuantizer(nn.Module):
         )
 
 
-__all__ = ["VectorQuantizer", "nearest_code"]
+def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
+    """The quantizer of config.kind for latents of embedding_dim channels."""
+    kinds = {"single": VectorQuantizer}
+    return kinds[config.kind].from_config(config, embedding_dim)
+
+
+__all__ = ["VectorQuantizer", "build_quantizer", "nearest_code"]

@@ -75,3 +75,16 @@ def _build(tf, family, dims, sized, image_size, patch_size):
     else:
         model = tf.ViTMAEModel(tf.ViTMAEConfig(**sized))
     return model
+
+
+def write_stand_in_encoder(spec: dict, directory: str, image_size: int, seed: int = 0) -> None:
+    """The training stand-in (`encoder.tiny` in configs/encoder/tiny_*.yaml): written once to `directory`, kept
+    on resume. `spec` holds the family and the sizes of save_tiny_encoder."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return
+    spec = dict(spec)
+    family = spec.pop("family")
+    save_tiny_encoder(family, directory, image_size=image_size, seed=seed, **spec)
+    print(f"encoder: a tiny randomly initialised {family} stand-in at {directory}. It is untrained: the "
+          f"reconstructions show the pipeline working, not a real tokenizer. On a machine with network and a GPU, "
+          f"train with a real encoder, e.g. encoder=dinov2_b decoder=vit_b.")

@@ -1,8 +1,8 @@
 """Training checkpoints: one directory per step, written whole under a temporary name and renamed.
 
     checkpoints/step-000500/
-        config.json, model.safetensors    the VQRAE (raw decoder weights), loadable with VQRAE.from_pretrained
-        ema.safetensors                   the same keys with the EMA decoder weights
+        config.json, model.safetensors    the VQRAE (raw decoder weights), written by VQRAE.save_pretrained
+        ema.safetensors                   the same keys with the EMA decoder weights (same writer)
         discriminator.safetensors
         train_config.yaml                 the resolved training config
         trainer_state.pt                  optimizer / scheduler / scaler / RNG states, step; read back with
@@ -17,38 +17,34 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_NAME = "trainer_state.pt"
+EMA_WEIGHTS_NAME = "ema.safetensors"
+DISCRIMINATOR_NAME = "discriminator.safetensors"
+TRAIN_CONFIG_NAME = "train_config.yaml"
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def write_checkpoint(root: str, step: int, files: dict[str, object], keep_last: int | None = None) -> str:
-    """Write `files` (name -> dict of tensors for .safetensors, torch-saveable object for .pt, str for text,
-    callable(path) for anything else) as root/step-N, atomically; prune to the newest `keep_last`."""
+def write_checkpoint(root: str, step: int, fill: Callable[[str], None], keep_last: int | None = None) -> str:
+    """Make root/step-N atomically: `fill(directory)` writes the files into a hidden temporary directory, which is
+    fsynced and renamed into place; then prune to the newest `keep_last`."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
     tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".tmp", dir=root)
     try:
-        for name, content in files.items():
-            path = os.path.join(tmp, name)
-            if callable(content):
-                content(path)
-            elif name.endswith(".safetensors"):
-                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, path)
-            elif name.endswith(".pt"):
-                torch.save(content, path)
-            else:
-                with open(path, "w") as f:
-                    f.write(content)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        fill(tmp)
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
         if os.path.exists(final):  # re-written step (e.g. a rerun): move the old one aside first
             stale = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".old", dir=root)
             os.replace(final, os.path.join(stale, "old"))
@@ -61,6 +57,10 @@ def write_checkpoint(root: str, step: int, files: dict[str, object], keep_last: 
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_state(directory: str, state: dict) -> None:
+    torch.save(state, os.path.join(directory, STATE_NAME))
 
 
 def list_checkpoints(root: str) -> list[str]:

@@ -1,16 +1,17 @@
-"""Decoder training: DDP over torchrun ranks, bf16 autocast on CUDA, L1 + LPIPS + PatchGAN, EMA weights,
+"""Decoder training: DDP over torchrun ranks, bf16 autocast on CUDA, the losses of stage1.losses, EMA weights,
 atomic checkpoints and exact resume.
 
-Per optimizer step, for each micro-batch:
-    x_rec, losses = model(x)                       frozen encoder -> EMA quantizer -> decoder
-    nll   = recon_weight * recon + lpips_weight * LPIPS(x_rec, x)
-    total = nll + [step > disc_start] disc_weight * adaptive_weight * (-D(x_rec)) + vq_loss
-then one discriminator step on (x, x_rec.detach()) with the hinge loss, after disc_start.
+One optimizer step (Trainer._train_step):
+    for each of grad_accum micro-batches:
+        x_rec, losses = model(x)                      frozen encoder -> EMA quantizer -> decoder
+        total = VQRAELoss.generator_loss(...)         recon + LPIPS + vq + adaptive-weighted GAN term
+        backward(total / grad_accum)                  DDP syncs gradients on the last micro-batch only
+    clip, step the decoder's optimizer (skipped on every rank if any rank saw NaN/Inf), update the EMA decoder
+    after loss.disc_start: the same for the discriminator on (x, x_rec.detach())
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,29 +19,54 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import clip_grad_norm_
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path
-from .config import validate_train_config
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
-from .images import psnr
-from .losses import PatchDiscriminator, adaptive_weight, build_lpips, generator_loss, hinge_d_loss
-from .tiny import save_tiny_encoder
-from .train_checkpoint import latest_checkpoint, read_state, read_tensors, write_checkpoint
-from .vqrae import CONFIG_NAME, VQRAE
+from .images import psnr, save_png
+from .losses import LossConfig, VQRAELoss
+from .model_config import VQRAEConfig
+from .precision import autocast, resolve_precision
+from .tiny import write_stand_in_encoder
+from .train_checkpoint import (
+    DISCRIMINATOR_NAME,
+    EMA_WEIGHTS_NAME,
+    TRAIN_CONFIG_NAME,
+    latest_checkpoint,
+    read_state,
+    read_tensors,
+    write_checkpoint,
+    write_state,
+)
+from .train_config import loss_config, model_config, validate_train_config
+from .train_log import MetricsLog
+from .vqrae import VQRAE, WEIGHTS_NAME
+
+QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", "skipped_ema_update")
 
 
 def train(cfg: DictConfig) -> dict:
     """Run (or resume) the training described by cfg; returns a summary on every rank."""
     validate_train_config(cfg)
+    model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
+    # Data first: a wrong folder fails in a second, before any model is loaded.
+    transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip)
+    dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
-        return Trainer(cfg, info).run()
+        if cfg.encoder.tiny is not None:
+            if info.is_main:
+                spec = OmegaConf.to_container(cfg.encoder.tiny, resolve=True)
+                write_stand_in_encoder(spec, model_cfg.encoder.path, image_size=cfg.image_size, seed=cfg.seed)
+            distributed.barrier()
+        return Trainer(cfg, info, model_cfg, loss_cfg, dataset).run()
     finally:
         distributed.teardown()
 
@@ -66,45 +92,46 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def accumulate(logs: dict, values: dict, accum: int) -> None:
+    """Add each value's share of the step's mean to logs."""
+    for key, value in values.items():
+        logs[key] = logs.get(key, 0.0) + value.detach().float() / accum
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, info: distributed.DistInfo):
-        self.cfg, self.info, self.device = cfg, info, info.device
-        t, loss = cfg.train, cfg.loss
+    """The model, the loss, their optimizers, the data stream and the counters; run() is the loop."""
+
+    def __init__(self, cfg: DictConfig, info: distributed.DistInfo, model_cfg: VQRAEConfig, loss_cfg: LossConfig,
+                 dataset: ImageDataset):
+        self.cfg, self.info, self.device, self.dataset = cfg, info, info.device, dataset
         self.results_dir = cfg.results_dir
         self.ckpt_root = os.path.join(self.results_dir, "checkpoints")
-        os.makedirs(self.results_dir, exist_ok=True)
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.precision = precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-        # Data first: a wrong folder fails in a second, before any model is loaded.
-        transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip)
-        self.dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
-
-        # Same seed on every rank while building, so all ranks start from identical weights and codebook, and
-        # a resumed run rebuilds what checkpoints do not hold (a random LPIPS backbone) identically.
-        encoder_path = self._encoder_path()
+        self.precision = resolve_precision(cfg.precision, self.device)
+        # Same seed on every rank while building, so all ranks start from identical weights and codebook, and a
+        # resumed run rebuilds what checkpoints do not hold (a random LPIPS backbone) identically.
         torch.manual_seed(cfg.seed)
-        self.model = self._build_model(encoder_path).to(self.device)
-        if cfg.encoder.input_size is None and cfg.image_size % self.model.encoder.patch_size:
-            raise ValueError(
-                f"image_size ({cfg.image_size}) must be a multiple of the encoder's patch size "
-                f"({self.model.encoder.patch_size}), or set encoder.input_size"
-            )
-        self.model.decoder.gradient_checkpointing = bool(t.grad_checkpointing)
-        self.lpips = (
-            build_lpips(loss.lpips_net, loss.lpips_random_backbone).to(self.device) if loss.lpips_weight > 0 else None
-        )
-        self.disc = (
-            PatchDiscriminator(channels=loss.disc_channels, num_layers=loss.disc_layers).to(self.device)
-            if loss.disc_weight > 0
-            else None
-        )
+        self.model = VQRAE(model_cfg).to(self.device)
+        self.model.decoder.gradient_checkpointing = bool(cfg.train.grad_checkpointing)
+        self.loss = VQRAELoss(loss_cfg).to(self.device)
+        self._build_optimizers()
+        self.step = self.skipped_images = self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        self._resume()
+        if self.step == 0:
+            torch.manual_seed(cfg.seed + info.rank)
+        self.loader = self._build_loader()
+        self.log = None
+        if info.is_main:
+            self.log = MetricsLog(self.results_dir, self.step)
+            with atomic_path(os.path.join(self.results_dir, TRAIN_CONFIG_NAME)) as tmp:
+                OmegaConf.save(cfg, tmp, resolve=True)
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def _build_optimizers(self) -> None:
+        t, disc = self.cfg.train, self.loss.discriminator
         # broadcast_buffers=False: the quantizer all-reduces its own EMA statistics (see quantizer.py).
         ddp_args = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
-        self.model_ddp = DDP(self.model, **ddp_args) if info.enabled else self.model
-        self.disc_ddp = DDP(self.disc, **ddp_args) if info.enabled and self.disc is not None else self.disc
-
+        self.model_ddp = DDP(self.model, **ddp_args) if self.info.enabled else self.model
+        self.disc_ddp = DDP(disc, **ddp_args) if self.info.enabled and disc is not None else disc
         self.optimizer = torch.optim.AdamW(
             self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
@@ -112,212 +139,89 @@ class Trainer:
             self.optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
         )
         self.disc_optimizer = (
-            torch.optim.AdamW(self.disc.parameters(), lr=loss.disc_lr, betas=(0.5, 0.9))
-            if self.disc is not None
-            else None
+            torch.optim.AdamW(disc.parameters(), lr=self.loss.config.disc_lr, betas=(0.5, 0.9)) if disc else None
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = (
             AveragedModel(self.model.decoder, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
             if t.ema_decay is not None
             else None
         )
-        self.step = 0
-        self.skipped_images = 0
-        self.nonfinite_steps = self.nonfinite_in_a_row = 0
-        self._resume()
-        if self.step == 0:
-            torch.manual_seed(cfg.seed + info.rank)
-        self.loader = DataLoader(
+
+    def _build_loader(self) -> DataLoader:
+        t = self.cfg.train
+        start = self.step * t.batch_size * t.grad_accum  # resume: where the data stream stood
+        return DataLoader(
             self.dataset,
             batch_size=t.batch_size,
             sampler=ResumableDistributedSampler(
-                self.dataset, info.world_size, info.rank, seed=cfg.seed, start=self.step * t.batch_size * t.grad_accum
+                self.dataset, self.info.world_size, self.info.rank, seed=self.cfg.seed, start=start
             ),
-            num_workers=cfg.data.num_workers,
+            num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.data.num_workers > 0,
-            generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of data loading
+            persistent_workers=self.cfg.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG out of data loading
         )
-        self.writer = None
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(self.results_dir, "tb"), purge_step=self.step + 1)
-            self._truncate_metrics(self.step)
-            with atomic_path(os.path.join(self.results_dir, "train_config.yaml")) as tmp:
-                OmegaConf.save(cfg, tmp, resolve=True)
-
-    # ---- set-up ---------------------------------------------------------------------------------------------
-    def _encoder_path(self) -> str:
-        enc = self.cfg.encoder
-        if enc.path is not None:
-            return enc.path
-        path = os.path.join(self.results_dir, "tiny_encoder")
-        if self.info.is_main and not os.path.isfile(os.path.join(path, "config.json")):
-            tiny = OmegaConf.to_container(enc.tiny)
-            save_tiny_encoder(tiny.pop("family"), path, image_size=self.cfg.image_size, seed=self.cfg.seed, **tiny)
-            print(f"encoder: a tiny randomly initialised {enc.tiny.family} stand-in at {path}. It is untrained: "
-                  f"the reconstructions show the pipeline working, not a real tokenizer. On a machine with "
-                  f"network and a GPU, train with a real encoder, e.g. encoder=dinov2_b decoder.patch_size=16.")
-        distributed.barrier()
-        return path
-
-    def _build_model(self, encoder_path: str) -> VQRAE:
-        cfg, q = self.cfg, self.cfg.quantizer
-        return VQRAE(
-            encoder_cls=cfg.encoder.cls,
-            encoder_config_path=encoder_path,
-            encoder_input_size=cfg.encoder.input_size,
-            encoder_params=OmegaConf.to_container(cfg.encoder.params),
-            decoder_config_path=cfg.decoder.config,
-            decoder_patch_size=cfg.decoder.patch_size,
-            num_embeddings=q.num_embeddings,
-            commitment_cost=q.commitment_cost,
-            vq_decay=q.decay,
-            vq_epsilon=q.epsilon,
-            dead_code_threshold=q.dead_code_threshold,
-            kmeans_init=q.kmeans_init,
-            noise_tau=cfg.model.noise_tau,
-            normalization_stat_path=cfg.model.normalization_stat_path,
-            recon_loss=cfg.model.recon_loss,
-        )
-
-    def _resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume is None:
-            return
-        directory = latest_checkpoint(self.ckpt_root) if resume == "auto" else resume
-        if directory is None:
-            return
-        if not os.path.isfile(os.path.join(directory, "trainer_state.pt")):
-            raise FileNotFoundError(f"train.resume={resume}: {directory} is not a complete training checkpoint")
-        state = read_state(directory)
-        missing = self.model.load_state_dict(read_tensors(directory, "model.safetensors"), strict=False).missing_keys
-        if any(not k.startswith("encoder.") for k in missing):
-            raise ValueError(f"checkpoint {directory} lacks model weights: {missing[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.disc is not None:
-            self.disc.load_state_dict(read_tensors(directory, "discriminator.safetensors"))
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-        if self.ema is not None:
-            ema = read_tensors(directory, "ema.safetensors")
-            prefix = "decoder."
-            self.ema.module.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
-            self.ema.n_averaged.fill_(state["ema_n_averaged"])
-        self.step = state["step"]
-        self.skipped_images = state["skipped_images"]
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        rng = state["rng"]
-        if len(rng) == self.info.world_size:
-            torch.set_rng_state(rng[self.info.rank]["cpu"])
-            if self.device.type == "cuda" and rng[self.info.rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
-        else:
-            torch.manual_seed(self.cfg.seed + self.info.rank + self.step)
-            if self.info.is_main:
-                print(f"resuming on {self.info.world_size} ranks from {len(rng)}: random streams are re-seeded, "
-                      f"so the run continues correctly but not bit-identically")
-        if self.info.is_main:
-            print(f"resumed from {directory} at step {self.step}")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop metric lines logged past the checkpoint (they will be logged again)."""
-        path = os.path.join(self.results_dir, "metrics.jsonl")
-        if not os.path.isfile(path):
-            return
-        kept = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line)
-                except json.JSONDecodeError:  # a line torn by a crash
-                    continue
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _no_sync(self, module, last: bool):
+        """DDP syncs gradients on the last micro-batch only."""
+        return module.no_sync() if self.info.enabled and not last else nullcontext()
 
     def _train_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
-        cfg, loss_cfg = self.cfg, self.cfg.loss
-        use_gan = self.disc is not None and self.step >= loss_cfg.disc_start  # self.step: steps done so far
-        accum = len(batches)
-        logs: dict[str, torch.Tensor] = {}
-        pairs = []
+        """One optimizer step over grad_accum micro-batches; a NaN/Inf on any rank skips it on every rank."""
+        adversarial = self.loss.adversarial(self.step)  # self.step: steps done so far
+        logs, pairs = self._generator_backward(batches)
+        if not self._generator_update(logs):
+            return logs
+        if adversarial:
+            self._discriminator_update(pairs, logs)
+        self.scaler.update()
+        return logs
 
-        def add(key, value):
-            logs[key] = logs.get(key, 0.0) + value.detach().float() / accum
-
+    def _generator_backward(self, batches: list[dict]) -> tuple[dict, list]:
+        logs, pairs, accum = {}, [], len(batches)
         for i, batch in enumerate(batches):
             x = batch["image"].to(self.device, non_blocking=True)
-            last = i == accum - 1
-            no_sync = self.model_ddp.no_sync() if self.info.enabled and not last else nullcontext()
-            with no_sync, self._autocast():
-                x_rec, losses = self.model_ddp(x, return_loss=True)
-                nll = loss_cfg.recon_weight * losses["recon_loss"]
-                if self.lpips is not None:
-                    perceptual = self.lpips(x_rec.float() * 2 - 1, x * 2 - 1).mean()
-                    nll = nll + loss_cfg.lpips_weight * perceptual
-                    add("lpips", perceptual)
-                total = nll + losses["vq_loss"]
-                if use_gan:
-                    # The generator pass uses the bare discriminator: its gradients here are discarded below.
-                    g_loss = generator_loss(self.disc(x_rec))
-                    weight = loss_cfg.disc_weight * adaptive_weight(
-                        nll, g_loss, self.model.decoder.last_layer, loss_cfg.adaptive_weight_max
-                    )
-                    total = total + weight * g_loss
-                    add("g_loss", g_loss)
-                    add("adaptive_weight", weight)
+            with self._no_sync(self.model_ddp, last=i == accum - 1), autocast(self.device, self.precision):
+                x_rec, model_losses = self.model_ddp(x, return_loss=True)
+                total, terms = self.loss.generator_loss(
+                    x, x_rec, model_losses["vq_loss"], self.step, self.model.decoder.last_layer
+                )
             self.scaler.scale(total / accum).backward()
             pairs.append((x, x_rec.detach()))
-            for key in ("recon_loss", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
-                        "skipped_ema_update"):
-                add(key, losses[key])
-            add("loss", total)
+            accumulate(logs, {**terms, **{k: model_losses[k] for k in QUANTIZER_LOGS}, "loss": total}, accum)
+        return logs, pairs
 
+    def _generator_update(self, logs: dict) -> bool:
+        """Clip and step the decoder's optimizer unless the loss or gradient is not finite on some rank."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.decoder.parameters(), cfg.train.grad_clip or math.inf)
-        logs["grad_norm"] = grad_norm
-        if not distributed.all_ranks_true(torch.isfinite(logs["loss"]) & torch.isfinite(grad_norm)):
-            # A NaN/Inf loss or gradient on any rank: no rank updates anything this step.
-            self.optimizer.zero_grad(set_to_none=True)
+        logs["grad_norm"] = clip_grad_norm_(self.model.decoder.parameters(), self.cfg.train.grad_clip or math.inf)
+        finite = distributed.all_ranks_true(torch.isfinite(logs["loss"]) & torch.isfinite(logs["grad_norm"]))
+        logs["nonfinite"] = torch.tensor(float(not finite))
+        if finite:
+            self.scaler.step(self.optimizer)
+        else:
             self.scaler.update()  # fp16: backs the loss scale off if the gradients overflowed
-            self.scheduler.step()  # the schedule follows steps taken, skipped or not
-            logs["nonfinite"] = torch.ones(())
-            return logs
-        self.scaler.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
+        self.scheduler.step()  # the schedule follows steps taken, skipped or not
+        if finite and self.ema is not None:
             self.ema.update_parameters(self.model.decoder)
+        return finite
 
-        if use_gan:
-            self.disc_optimizer.zero_grad(set_to_none=True)
-            for i, (x, x_rec) in enumerate(pairs):
-                last = i == accum - 1
-                no_sync = self.disc_ddp.no_sync() if self.info.enabled and not last else nullcontext()
-                with no_sync, self._autocast():
-                    # One forward over real and fake together: DDP wants each module once per backward.
-                    logits = self.disc_ddp(torch.cat([x, x_rec]))
-                    d_loss = hinge_d_loss(*logits.chunk(2))
-                self.scaler.scale(d_loss / accum).backward()
-                add("d_loss", d_loss)
-            self.scaler.unscale_(self.disc_optimizer)
-            disc_norm = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.train.grad_clip or math.inf)
-            if distributed.all_ranks_true(torch.isfinite(logs["d_loss"]) & torch.isfinite(disc_norm)):
-                self.scaler.step(self.disc_optimizer)
-            self.disc_optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
-        logs["nonfinite"] = torch.zeros(())
-        return logs
+    def _discriminator_update(self, pairs: list, logs: dict) -> None:
+        disc = self.loss.discriminator
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        for i, (x, x_rec) in enumerate(pairs):
+            with self._no_sync(self.disc_ddp, last=i == len(pairs) - 1), autocast(self.device, self.precision):
+                d_loss = self.loss.discriminator_loss(x, x_rec, self.disc_ddp)
+            self.scaler.scale(d_loss / len(pairs)).backward()
+            accumulate(logs, {"d_loss": d_loss}, len(pairs))
+        self.scaler.unscale_(self.disc_optimizer)
+        norm = clip_grad_norm_(disc.parameters(), self.cfg.train.grad_clip or math.inf)
+        if distributed.all_ranks_true(torch.isfinite(logs["d_loss"]) & torch.isfinite(norm)):
+            self.scaler.step(self.disc_optimizer)
+        self.disc_optimizer.zero_grad(set_to_none=True)
 
     # ---- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -327,24 +231,22 @@ class Trainer:
         fixed = self._fixed_images() if self.info.is_main else None
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    mininterval=2.0, dynamic_ncols=True)
-        window_start, window_images = time.time(), 0
-        last_logs = {}
+        window_start, window_images, last_logs = time.time(), 0, {}
+        first_step = self.step
         self.model.train()
         while self.step < stop:
             batches = [next(data) for _ in range(t.grad_accum)]
-            skipped = sum(int(b["skipped"].sum()) for b in batches)
+            if self.step == first_step:
+                self.model.check_images(batches[0]["image"])  # pixel values checked once, not synced every step
             logs = self._train_step(batches)
             self.step += 1
             self._count_nonfinite(bool(logs["nonfinite"]))
             window_images += sum(b["image"].shape[0] for b in batches) * self.info.world_size
+            skipped = sum(int(b["skipped"].sum()) for b in batches)
             self.skipped_images += distributed.sum_over_ranks(skipped, self.device)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == stop:
-                elapsed = time.time() - window_start
-                last_logs = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)
-                last_logs.update(lr=self.scheduler.get_last_lr()[0], images_per_sec=window_images / max(elapsed, 1e-9),
-                                 skipped_images=self.skipped_images, nonfinite_steps=self.nonfinite_steps)
-                self._log(last_logs)
+                last_logs = self._log_step(logs, window_images / max(time.time() - window_start, 1e-9))
                 bar.set_postfix(loss=f"{last_logs['loss']:.4f}", img_s=f"{last_logs['images_per_sec']:.1f}",
                                 refresh=False)
                 window_start, window_images = time.time(), 0
@@ -357,9 +259,17 @@ class Trainer:
         if self.step == t.steps:
             summary["final"] = self._export_final(fixed)
         distributed.barrier()
-        if self.writer is not None:
-            self.writer.close()
+        if self.log is not None:
+            self.log.close()
         return summary
+
+    def _log_step(self, logs: dict, images_per_sec: float) -> dict[str, float]:
+        values = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)
+        values.update(lr=self.scheduler.get_last_lr()[0], images_per_sec=images_per_sec,
+                      skipped_images=self.skipped_images, nonfinite_steps=self.nonfinite_steps)
+        if self.log is not None:
+            self.log.write(self.step, values)
+        return values
 
     def _count_nonfinite(self, bad: bool) -> None:
         """Skipped steps are counted and logged; too many in a row stop the run (checkpoints stay as they were)."""
@@ -380,15 +290,85 @@ class Trainer:
                 f"precision=fp32 or check the data, then resume from it."
             )
 
-    # ---- outputs --------------------------------------------------------------------------------------------
-    def _log(self, logs: dict[str, float]) -> None:
-        if not self.info.is_main:
-            return
-        with open(os.path.join(self.results_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": self.step, **logs}) + "\n")
-        for key, value in logs.items():
-            self.writer.add_scalar(f"train/{key}", value, self.step)
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        identical = distributed.ranks_agree(self.model.trainable_state_dict(), self.device)
+        rng = distributed.gather_objects(
+            {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        )
+        if self.info.is_main:
+            if not identical:
+                print(f"WARNING: step {self.step}: ranks hold different weights or codebooks")
+            write_checkpoint(self.ckpt_root, self.step, lambda directory: self._fill_checkpoint(directory, rng),
+                             keep_last=self.cfg.train.keep_last)
+            self.log.write(self.step, {"checkpoint": True, "ranks_identical": identical}, scalars=False)
+        distributed.barrier()
 
+    def _fill_checkpoint(self, directory: str, rng: list) -> None:
+        self.model.save_pretrained(directory)  # config.json + model.safetensors: loads with VQRAE.from_pretrained
+        if self.ema is not None:
+            with using_decoder(self.model, self.ema.module):
+                self.model.save_pretrained(directory, weights_name=EMA_WEIGHTS_NAME)
+        if self.loss.discriminator is not None:
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.loss.discriminator.state_dict().items()}
+            save_file(weights, os.path.join(directory, DISCRIMINATOR_NAME))
+        OmegaConf.save(self.cfg, os.path.join(directory, TRAIN_CONFIG_NAME), resolve=True)
+        write_state(directory, {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
+            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
+            "skipped_images": self.skipped_images,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rng": rng,
+            "world_size": self.info.world_size,
+        })
+
+    def _resume(self) -> None:
+        resume = self.cfg.train.resume
+        directory = latest_checkpoint(self.ckpt_root) if resume == "auto" else resume
+        if directory is None:
+            return
+        try:
+            state = read_state(directory)
+        except FileNotFoundError:
+            message = f"train.resume={resume}: {directory} is not a complete training checkpoint"
+            raise FileNotFoundError(message) from None
+        missing = self.model.load_state_dict(read_tensors(directory, WEIGHTS_NAME), strict=False).missing_keys
+        if any(not k.startswith("encoder.") for k in missing):
+            raise ValueError(f"checkpoint {directory} lacks model weights: {missing[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.loss.discriminator is not None:
+            self.loss.discriminator.load_state_dict(read_tensors(directory, DISCRIMINATOR_NAME))
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if self.ema is not None:
+            ema = read_tensors(directory, EMA_WEIGHTS_NAME)
+            self.ema.module.load_state_dict({k.removeprefix("decoder."): v for k, v in ema.items()
+                                             if k.startswith("decoder.")})
+            self.ema.n_averaged.fill_(state["ema_n_averaged"])
+        self.step, self.skipped_images = state["step"], state["skipped_images"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self._restore_rng(state["rng"])
+        if self.info.is_main:
+            print(f"resumed from {directory} at step {self.step}")
+
+    def _restore_rng(self, rng: list) -> None:
+        if len(rng) != self.info.world_size:
+            torch.manual_seed(self.cfg.seed + self.info.rank + self.step)
+            if self.info.is_main:
+                print(f"resuming on {self.info.world_size} ranks from {len(rng)}: random streams are re-seeded, "
+                      f"so the run continues correctly but not bit-identically")
+            return
+        torch.set_rng_state(rng[self.info.rank]["cpu"])
+        if self.device.type == "cuda" and rng[self.info.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
+
+    # ---- outputs --------------------------------------------------------------------------------------------
     def _fixed_images(self) -> torch.Tensor:
         """The first num_samples images, center-cropped: the same ones in every sample grid."""
         center = build_transform(self.cfg.image_size, "center_crop", hflip=False)
@@ -402,80 +382,39 @@ class Trainer:
 
     @torch.no_grad()
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        decoder = self._eval_decoder
         self.model.eval()
         try:
-            with using_decoder(self.model, decoder), self._autocast():
+            with using_decoder(self.model, self._eval_decoder), autocast(self.device, self.precision):
                 return self.model(images).float()
         finally:
             self.model.train()
 
     def _save_samples(self, images: torch.Tensor) -> None:
         grid = make_grid(torch.cat([images, self._reconstruct(images)]).cpu(), nrow=len(images), padding=2)
-        path = os.path.join(self.results_dir, "samples", f"step-{self.step:07d}.png")
-        with atomic_path(path) as tmp:
-            save_image(grid, tmp, format="png")
-        self.writer.add_image("samples", grid, self.step)
-
-    def _checkpoint(self) -> None:
-        identical = distributed.ranks_agree(self.model.trainable_state_dict(), self.device)
-        rng = distributed.gather_objects(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device)
-             if self.device.type == "cuda" else None}
-        )
-        if self.info.is_main:
-            if not identical:
-                print(f"WARNING: step {self.step}: ranks hold different weights or codebooks")
-            weights = self.model.trainable_state_dict()
-            files = {
-                CONFIG_NAME: json.dumps(self.model.config, indent=2),
-                "model.safetensors": weights,
-                "train_config.yaml": OmegaConf.to_yaml(self.cfg, resolve=True),
-                "trainer_state.pt": {
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "disc_optimizer": self.disc_optimizer.state_dict() if self.disc is not None else None,
-                    "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
-                    "skipped_images": self.skipped_images,
-                    "nonfinite_steps": self.nonfinite_steps,
-                    "rng": rng,
-                    "world_size": self.info.world_size,
-                },
-            }
-            if self.ema is not None:
-                files["ema.safetensors"] = {
-                    **weights, **{f"decoder.{k}": v for k, v in self.ema.module.state_dict().items()}
-                }
-            if self.disc is not None:
-                files["discriminator.safetensors"] = self.disc.state_dict()
-            write_checkpoint(self.ckpt_root, self.step, files, keep_last=self.cfg.train.keep_last)
-            with open(os.path.join(self.results_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": self.step, "checkpoint": True, "ranks_identical": identical}) + "\n")
-        distributed.barrier()
+        save_png(grid, os.path.join(self.results_dir, "samples", f"step-{self.step:07d}.png"))
+        self.log.image("samples", grid, self.step)
 
     def _export_final(self, images: torch.Tensor | None) -> str:
         """results_dir/final: the model to use (EMA decoder weights), loadable with VQRAE.from_pretrained."""
         final = os.path.join(self.results_dir, "final")
         if not self.info.is_main:
             return final
-        decoder = self._eval_decoder
-        with using_decoder(self.model, decoder):
+        with using_decoder(self.model, self._eval_decoder):
             self.model.save_pretrained(final)
         if self.cfg.train.report_reconstructions and images is not None:
-            model = VQRAE.from_pretrained(final).to(self.device).eval()
-            with torch.no_grad():
-                size = tuple(images.shape[-2:])
-                rec = model.decode_from_indices(model.encode_to_indices(images), output_size=size).float()
-            scores = psnr(rec, images)
-            names = self.dataset.paths[: len(images)]
-            print(f"reconstructions of {len(images)} images by {final} (codes -> pixels):")
-            for name, score in zip(names, scores.tolist(), strict=True):
-                print(f"  {name:32s} PSNR {score:6.2f} dB")
-            print(f"  mean PSNR {scores.mean():.2f} dB")
-            grid = make_grid(torch.cat([images, rec]).cpu(), nrow=len(images), padding=2)
-            with atomic_path(os.path.join(self.results_dir, "reconstructions.png")) as tmp:
-                save_image(grid, tmp, format="png")
-            print(f"wrote {os.path.join(self.results_dir, 'reconstructions.png')} (originals above reconstructions)")
+            self._report_reconstructions(final, images)
         return final
+
+    def _report_reconstructions(self, final: str, images: torch.Tensor) -> None:
+        """Reload the exported model and put it through codes -> pixels: PSNR per image and a grid."""
+        model = VQRAE.from_pretrained(final).to(self.device).eval()
+        with torch.no_grad():
+            rec = model.decode_from_indices(model.encode_to_indices(images), output_size=images.shape[-2:]).float()
+        scores = psnr(rec, images)
+        print(f"reconstructions of {len(images)} images by {final} (codes -> pixels):")
+        for name, score in zip(self.dataset.paths[: len(images)], scores.tolist(), strict=True):
+            print(f"  {name:32s} PSNR {score:6.2f} dB")
+        print(f"  mean PSNR {scores.mean():.2f} dB")
+        path = os.path.join(self.results_dir, "reconstructions.png")
+        save_png(torch.cat([images, rec]), path, nrow=len(images), padding=2)
+        print(f"wrote {path} (originals above reconstructions)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -43,12 +42,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def load_model(args, device: torch.device | None = None) -> VQRAE:
     overrides = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
     model = VQRAE.from_pretrained(args.model, **overrides)
@@ -61,8 +54,8 @@ def model_image_size(model: VQRAE, requested: int | None) -> int:
     size = requested or model.image_size or 256 // patch * patch
     if size < 1:
         raise CLIError(f"--image-size must be positive, got {size}")
-    if model.encoder_input_size is None and size % patch:
-        raise CLIError(f"--image-size {size} must be a multiple of the encoder's patch size {patch}")
+    if model.config.encoder.input_size is None:
+        model.encoder.check_fits("--image-size", size)
     return size
 
 

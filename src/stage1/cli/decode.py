@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from ..images import save_png
-from .common import CLIError, add_runtime_args, autocast, batches, load_model, run_cli
+from ..precision import autocast
+from .common import CLIError, add_runtime_args, batches, load_model, run_cli
 from .tokenize import MANIFEST
 
 

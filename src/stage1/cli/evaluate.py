@@ -24,11 +24,11 @@ from ..atomic import atomic_path, write_json
 from ..data import find_images
 from ..images import psnr
 from ..losses import build_lpips
+from ..precision import autocast
 from .common import (
     CLIError,
     add_model_args,
     add_runtime_args,
-    autocast,
     batches,
     load_model,
     model_image_size,

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from ..atomic import atomic_path
 from ..data import find_images
 from ..encoders import ENCODERS, build_encoder
-from .common import CLIError, add_runtime_args, autocast, batches, prepare_batch, resolve_device, run_cli
+from ..precision import autocast
+from .common import CLIError, add_runtime_args, batches, prepare_batch, resolve_device, run_cli
 
 
 class RunningMoments:
@@ -65,9 +66,7 @@ def run(argv=None) -> int:
     paths = find_images(args.data)[: args.limit]
     device = resolve_device(args.device)
     encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
-    if args.image_size % encoder.patch_size:
-        raise CLIError(f"--image-size {args.image_size} must be a multiple of the encoder's patch size "
-                       f"{encoder.patch_size}")
+    encoder.check_fits("--image-size", args.image_size)
     moments = RunningMoments(encoder.hidden_size)
     skipped = 0
     for chunk in tqdm(list(batches(paths, args.batch_size)), desc="latent stats", unit="batch"):

@@ -13,11 +13,11 @@ import torch
 from tqdm import tqdm
 
 from ..images import psnr, save_png
+from ..precision import autocast
 from .common import (
     CLIError,
     add_model_args,
     add_runtime_args,
-    autocast,
     batches,
     load_model,
     model_image_size,

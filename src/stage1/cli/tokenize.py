@@ -23,11 +23,11 @@ from tqdm import tqdm
 from .. import distributed
 from ..atomic import atomic_path, write_json
 from ..data import find_images
+from ..precision import autocast
 from .common import (
     CLIError,
     add_model_args,
     add_runtime_args,
-    autocast,
     batches,
     load_model,
     model_image_size,
@@ -160,7 +160,7 @@ def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int
         skipped += listing["skipped"]
     manifest = {
         "model": record["model"],
-        "encoder": model.config["encoder_config_path"],
+        "encoder": model.config.encoder.path,
         "codebook_size": record["codebook_size"],
         "grid_shape": grid,
         "image_size": size,
