@@ -11,8 +11,8 @@ e.g. train.batch_size=16 loss.disc_start=5000 precision=bf16. `--cfg` prints the
 import sys
 
 from omegaconf import OmegaConf
-from stage1.train_config import load_train_config
 
+from stage1.train_config import load_train_config
 from stage1.trainer import train
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import run_training as run
 from helpers import step_logs, train_metrics
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 from stage1 import VQRAE
@@ -207,3 +207,35 @@ def test_hub_encoders_fail_clearly_offline(train_images, tmp_path, encoder, hub_
 
     with pytest.raises(EncoderNotAvailableError, match=hub_id):
         run(train_images, tmp_path / encoder, f"encoder={encoder}", "image_size=32")
+
+
+def test_training_checkpoints_load_after_the_stats_file_moved(train_images, tmp_path):
+    """Checkpoints are written by save_pretrained: the statistics travel in the weights, not by file name."""
+    g = torch.Generator().manual_seed(5)
+    mean, var = torch.randn(64, generator=g), torch.rand(64, generator=g) + 0.5  # tiny_dinov2: 64 channels
+    stats = tmp_path / "stats.safetensors"
+    save_file({"mean": mean, "var": var}, str(stats))
+    run(train_images, tmp_path / "run", f"model.normalization_stat_path={stats}", "train.stop_at=4",
+        "train.sample_every=null")
+    os.rename(stats, tmp_path / "moved.safetensors")
+    step_dir = tmp_path / "run" / "checkpoints" / "step-0000004"
+    for weights_name in ("model.safetensors", "ema.safetensors"):
+        model = VQRAE.from_pretrained(step_dir, weights_name=weights_name)
+        assert model.config.normalization_stat_path is None
+        assert torch.equal(model.latent_mean, mean)
+        assert torch.allclose(model.latent_std, (var + 1e-6).sqrt())
+
+
+def test_pixel_values_are_checked_on_the_first_batch_only(train_images, tmp_path, monkeypatch):
+    """The range check costs a device -> host sync: once per run, not once per step."""
+    calls = []
+    original = VQRAE.check_images
+
+    def spy(self, x, values=True):
+        calls.append(values)
+        return original(self, x, values)
+
+    monkeypatch.setattr(VQRAE, "check_images", spy)
+    run(train_images, tmp_path / "run", "train.steps=5", "train.sample_every=null",
+        "train.report_reconstructions=false")
+    assert len(calls) == 1 + 5 and calls.count(True) == 1  # the first batch, then shape checks in 5 forwards

@@ -242,3 +242,20 @@ def test_developers_md_api_block_runs_as_written(dinov2_dir):
     assert indices.shape == (2, 28, 28)  # 224 px / the tiny encoder's 8 px patches
     assert {"recon_loss", "vq_loss"} <= set(losses)
     assert namespace["x_rec"].shape == (2, 3, 28 * 16, 28 * 16)  # decoder patch 16: native 448 px
+
+
+def test_training_forward_checks_shapes_but_syncs_no_pixel_values(model, monkeypatch):
+    bad = torch.full((1, 3, 32, 32), 2.0)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="expected 3 \\(RGB\\) channels"):
+            model(torch.rand(1, 4, 32, 32))  # shape checks stay: they cost no sync
+        monkeypatch.setattr(torch, "aminmax", lambda *a, **k: pytest.fail("pixel range read in a training step"))
+        model(bad)
+    finally:
+        model.eval()
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="expected finite pixel values"):
+        model(bad)
+    with pytest.raises(ValueError, match="expected finite pixel values"):
+        model.check_images(bad)

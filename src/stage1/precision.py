@@ -12,8 +12,7 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    """`precision` (one of PRECISIONS: checked by the training config and the commands' arguments) made concrete."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

@@ -94,6 +94,60 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
         image.save(tmp, format="png")
 
 
+class Scores:
+    """Running reconstruction metrics and code counts over the evaluated images."""
+
+    def __init__(self, codebook_size: int, device: torch.device, lpips, fid):
+        from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+        self.lpips, self.fid = lpips, fid
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+        self.psnrs, self.lpips_values, self.grid = [], [], None
+
+    def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor) -> None:
+        self.grid = list(codes.shape[1:])
+        self.counts += torch.bincount(codes.flatten().cpu(), minlength=self.counts.numel())
+        self.psnrs.append(psnr(rec, x).cpu())
+        self.ssim.update(rec, x)
+        if self.lpips is not None:
+            self.lpips_values.append(self.lpips(rec * 2 - 1, x * 2 - 1).flatten().float().cpu())
+        if self.fid is not None:
+            self.fid.update(x, real=True)
+            self.fid.update(rec, real=False)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(p) for p in self.psnrs)
+
+    def results(self, notes: dict) -> dict:
+        """The metrics of results.json; notes gains the reason of any metric left null."""
+        counts, k = self.counts, self.counts.numel()
+        probs = counts.double() / counts.sum()
+        entropy_bits = -(probs[probs > 0] * probs[probs > 0].log2()).sum().item()
+        tokens = self.grid[0] * self.grid[1]
+        rfid = None
+        if self.fid is not None:
+            if self.num_images < 2:
+                notes["rfid"] = "rFID needs at least 2 images"
+            else:
+                rfid = float(self.fid.compute())
+        return {
+            "num_images": self.num_images,
+            "grid_shape": self.grid,
+            "codebook_size": k,
+            "psnr": torch.cat(self.psnrs).mean().item(),
+            "ssim": float(self.ssim.compute()),
+            "lpips": torch.cat(self.lpips_values).mean().item() if self.lpips_values else None,
+            "rfid": rfid,
+            "codes_used": int((counts > 0).sum()),
+            "codebook_usage": (counts > 0).double().mean().item(),
+            "perplexity": 2.0**entropy_bits,
+            "bits_per_image": tokens * math.log2(k),
+            "entropy_bits_per_image": tokens * entropy_bits,
+        }
+
+
 def run(argv=None) -> int:
     args = parse(argv)
     if args.limit is not None and args.limit < 1:
@@ -102,18 +156,13 @@ def run(argv=None) -> int:
     model = load_model(args)
     device = next(model.decoder.parameters()).device
     size = model_image_size(model, args.image_size)
-    k = model.quantizer.num_embeddings
     notes = {}
     fid, notes["rfid"] = build_fid(args.fid_weights, device)
     try:
         lpips = build_lpips(args.lpips_net).to(device)
     except RuntimeError as err:
         lpips, notes["lpips"] = None, str(err)
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
-
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
-    counts = torch.zeros(k, dtype=torch.long)
-    psnrs, lpips_values, skipped, grid = [], [], [], None
+    scores, skipped = Scores(model.quantizer.num_embeddings, device, lpips, fid), []
     with torch.no_grad():
         for chunk in tqdm(list(batches(paths, args.batch_size)), desc="evaluate", unit="batch"):
             images, _, chunk_skipped = prepare_batch(args.data, chunk, size)
@@ -124,53 +173,19 @@ def run(argv=None) -> int:
             with autocast(device, args.precision):
                 codes = model.encode_to_indices(x)
                 rec = model.decode_from_indices(codes, output_size=(size, size)).float()
-            grid = list(codes.shape[1:])
-            counts += torch.bincount(codes.flatten().cpu(), minlength=k)
-            psnrs.append(psnr(rec, x).cpu())
-            ssim.update(rec, x)
-            if lpips is not None:
-                lpips_values.append(lpips(rec * 2 - 1, x * 2 - 1).flatten().float().cpu())
-            if fid is not None:
-                fid.update(x, real=True)
-                fid.update(rec, real=False)
-    if not psnrs:
+            scores.update(x, rec, codes)
+    if not scores.num_images:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
-    psnrs = torch.cat(psnrs)
-    probs = counts.double() / counts.sum()
-    entropy_bits = -(probs[probs > 0] * probs[probs > 0].log2()).sum().item()
-    tokens = grid[0] * grid[1]
-    rfid = None
-    if fid is not None:
-        if len(psnrs) < 2:
-            notes["rfid"] = "rFID needs at least 2 images"
-        else:
-            rfid = float(fid.compute())
-    results = {
-        "model": str(args.model),
-        "data": str(args.data),
-        "num_images": len(psnrs),
-        "skipped_images": skipped,
-        "image_size": size,
-        "grid_shape": grid,
-        "codebook_size": k,
-        "psnr": psnrs.mean().item(),
-        "ssim": float(ssim.compute()),
-        "lpips": torch.cat(lpips_values).mean().item() if lpips_values else None,
-        "rfid": rfid,
-        "codes_used": int((counts > 0).sum()),
-        "codebook_usage": (counts > 0).double().mean().item(),
-        "perplexity": 2.0**entropy_bits,
-        "bits_per_image": tokens * math.log2(k),
-        "entropy_bits_per_image": tokens * entropy_bits,
-        "notes": {key: value for key, value in notes.items() if value},
-    }
+    results = {"model": str(args.model), "data": str(args.data), "skipped_images": skipped, "image_size": size,
+               **scores.results(notes)}
+    results["notes"] = {key: value for key, value in notes.items() if value}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"), results)
-    usage_plot(counts, os.path.join(args.out, "code_usage.png"))
+    usage_plot(scores.counts, os.path.join(args.out, "code_usage.png"))
     for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image"):
         value = results[key]
         print(f"{key:16s} {'n/a (see notes in results.json)' if value is None else f'{value:.4f}'}")
-    print(f"wrote {os.path.join(args.out, 'results.json')} and code_usage.png ({len(psnrs)} images)")
+    print(f"wrote {os.path.join(args.out, 'results.json')} and code_usage.png ({scores.num_images} images)")
     return 0
 
 
