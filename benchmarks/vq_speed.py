@@ -17,7 +17,8 @@ import argparse
 import torch
 from common import machine, print_table, time_interleaved
 
-from stage1.quantizer import VectorQuantizer, nearest_code
+from stage1.quantizer import VectorQuantizer
+from stage1.search import nearest_code
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

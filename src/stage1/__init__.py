@@ -10,7 +10,8 @@ from .model_config import (
     VQRAEConfig,
     load_decoder_config,
 )
-from .quantizer import VectorQuantizer, build_quantizer, nearest_code
+from .quantizer import VectorQuantizer, build_quantizer
+from .search import nearest_code
 from .vqrae import VQRAE
 
 __all__ = [
