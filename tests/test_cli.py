@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
-from stage1.cli import decode, evaluate, latent_stats, reconstruct, tokenize
+from stage1.cli import decode, evaluate, fit_codebook, latent_stats, reconstruct, tokenize
 from stage1.cli.common import prepare
 from stage1.images import psnr, to_uint8
 
@@ -245,7 +245,7 @@ def test_unreadable_images_are_skipped_by_tokenize(model_dir, image_dir, tmp_pat
 
 
 @pytest.mark.parametrize("command", ["vqrae-reconstruct", "vqrae-tokenize", "vqrae-decode", "vqrae-evaluate",
-                                     "vqrae-latent-stats"])
+                                     "vqrae-latent-stats", "vqrae-fit-codebook"])
 def test_console_entry_points_are_installed(command):
     executable = os.path.join(os.path.dirname(sys.executable), command)
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
@@ -275,3 +275,32 @@ def test_index_dtype_must_hold_the_codebook(dinov2_dir, image_dir, tmp_path, cap
     assert not (out / "shard-00000.npy").exists()
     assert tokenize.main(["--model", str(big), "--data", image_dir, "--out", str(tmp_path / "auto")]) == 0
     assert np.load(tmp_path / "auto" / "shard-00000.npy").dtype == np.uint16
+
+
+def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "fitted"
+    argv = ["--model", model_dir, "--data", image_dir, "--out", str(out), "--tokens-per-image", "16", "--iters", "8",
+            "--batch-size", "2"]
+    assert fit_codebook.main(argv) == 0
+    assert "fitted 64 codes to 80 latent tokens of 5 images" in capsys.readouterr().out
+    original, fitted = VQRAE.from_pretrained(model_dir).eval(), VQRAE.from_pretrained(out).eval()
+    record = json.loads((out / "codebook_fit.json").read_text())
+    assert record["tokens"] == 5 * 16 and record["distortion"][-1] < record["distortion"][0]
+    # Only the codebook (and its EMA state) changed; it now fits the folder's latents far better.
+    weights_a, weights_b = load_file(os.path.join(model_dir, "model.safetensors")), load_file(out / "model.safetensors")
+    changed = sorted(k for k in weights_a if not torch.equal(weights_a[k], weights_b[k]))
+    assert changed == ["quantizer.ema_cluster_size", "quantizer.ema_embed_sum", "quantizer.embedding",
+                       "quantizer.initialized"]
+    x = images_as_model_sees_them(image_dir, ["alpha.png", "grey.png", "nested/deep16.png", "nested/palette.png",
+                                              "rgb.jpg"])
+    with torch.no_grad():
+        tokens = original.encode_tokens(x)[0].flatten(0, 1)
+        error = {name: (m.quantizer(tokens.unsqueeze(0))[1]["commitment_loss"]).item()
+                 for name, m in [("original", original), ("fitted", fitted)]}
+    assert error["fitted"] < 0.5 * error["original"], error
+    # Every token of the 4x4 grids went into the fit: its last distortion (a squared norm per token) is the
+    # fitted model's commitment loss (a mean per channel) on them, times the 32 channels.
+    assert record["distortion"][-1] / 32 == pytest.approx(error["fitted"], rel=1e-4)
+    # The original is never written over.
+    assert fit_codebook.main([*argv[:4], "--out", model_dir]) == 2
+    assert "--out must differ from --model" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def test_straight_through_gradient_reaches_z_unchanged():
 def test_one_ema_step_matches_the_formula():
     k, d, decay, eps = 6, 3, 0.9, 1e-3
     vq = VectorQuantizer(k, d, decay=decay, epsilon=eps).train()
+    vq.initialized.fill_(True)  # the state below is the one to update
     g = torch.Generator().manual_seed(1)
     size0 = torch.rand(k, generator=g) + 0.5
     sum0 = torch.randn(k, d, generator=g)
@@ -102,20 +103,51 @@ def test_eval_and_encode_never_update_the_codebook():
     assert not torch.equal(vq.embedding, before["embedding"])
 
 
-def test_dead_code_is_restarted_from_batch_features():
-    vq = VectorQuantizer(8, 4, dead_code_threshold=0.5).train()
-    vq.ema_cluster_size[3] = 0.01  # code 3 is dead
-    far = vq.embedding.abs().max() * 100
-    vq.embedding[3] = far  # and far from all data, so the batch does not revive it
-    vq.ema_embed_sum[3] = far * 0.01
-    z = torch.randn(50, 4)
-    vq(z.unsqueeze(0))
+def trained_on(vq, codebook):
+    """`vq` with this codebook as if it had trained (no first-batch initialisation)."""
+    vq.set_codebook(codebook, torch.ones(codebook.shape[0]))
+    return vq
+
+
+def test_a_code_unused_for_restart_after_steps_restarts_from_batch_features():
+    torch.manual_seed(0)
+    vq = trained_on(VectorQuantizer(8, 4, restart_after_steps=3, decay=0.9).train(), torch.randn(8, 4))
+    vq.embedding[3] = 1000.0  # far from all data: no token ever picks code 3
+    vq.ema_embed_sum[3] = 1000.0 * vq.ema_cluster_size[3]
+    for step in range(1, 3):
+        _, losses, _ = vq(torch.randn(1, 50, 4))
+        assert losses["restarted_codes"].item() == 0 and vq.steps_since_hit[3] == step  # not before 3 steps
+    z = torch.randn(1, 50, 4)
+    _, losses, idx = vq(z)
+    assert losses["restarted_codes"].item() >= 1
     restarted = vq.embedding[3]
-    assert torch.isclose((z - restarted).norm(dim=1).min(), torch.zeros(()), atol=1e-6)
-    assert vq.ema_cluster_size[3] == 1.0
-    assert torch.equal(vq.ema_embed_sum[3], restarted)
-    alive = vq.ema_cluster_size >= 0.5
-    assert alive.all()
+    assert (z[0] - restarted).norm(dim=1).min() < 1e-6  # one of this batch's features
+    # Its EMA state was reset to match, so the next update cannot drag it back to where it was.
+    size = idx.numel() / 8
+    assert vq.ema_cluster_size[3].item() == pytest.approx(size)
+    assert torch.allclose(vq.ema_embed_sum[3], restarted * size)
+    assert vq.steps_since_hit[3] == 0
+    vq(torch.randn(1, 50, 4))
+    assert (vq.embedding[3] - restarted).norm() < 1.0
+
+
+def test_codes_start_on_the_first_batch_so_none_is_left_behind():
+    """Codes drawn at random far from the data never win a token (collapse); codes drawn from the first
+    batch's features all start on it."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(64, 16, generator=g) * 2 + 6  # 64 clusters, offset from the origin
+    def batch():
+        return clustered(8, centers, noise=0.3, seed=int(torch.randint(1000, (1,)))).unsqueeze(0)
+    torch.manual_seed(0)
+    default, placeholder = VectorQuantizer(64, 16).train(), VectorQuantizer(64, 16).train()
+    placeholder.initialized.fill_(True)  # keep the random placeholders, as an uninitialised codebook would
+    for _ in range(20):
+        default(batch())
+        placeholder(batch())
+    held_out = clustered(20, centers, noise=0.3, seed=999)
+    usage = {name: vq.encode(held_out).unique().numel() / 64 for name, vq in
+             [("default", default), ("placeholder", placeholder)]}
+    assert usage["placeholder"] < 0.2 and usage["default"] >= 0.9, usage
 
 
 def test_kmeans_init_finds_the_clusters():
@@ -146,9 +178,7 @@ def test_usage_metrics():
 def test_bf16_autocast_gives_the_fp32_indices_and_keeps_fp32_buffers():
     torch.manual_seed(0)
     centers = torch.randn(16, 8) * 4
-    vq = VectorQuantizer(16, 8).train()
-    vq.embedding.copy_(centers)
-    vq.ema_embed_sum.copy_(centers)
+    vq = trained_on(VectorQuantizer(16, 8).train(), centers)
     z = clustered(4, centers, noise=0.05).reshape(1, 64, 8)
     reference = vq.encode(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -178,31 +208,46 @@ def test_bad_feature_shapes_and_arguments():
 
 
 # ---- two processes (gloo): statistics are all-reduced, codebooks stay identical ----------------------------
-def _train_rank(rank, world, init_file, out_dir, data, restart):
+MODES = {  # quantizer options, and whether the test starts from a trained codebook
+    "ema": (dict(), True),
+    "restarts": (dict(restart_after_steps=1), True),
+    "batch_init": (dict(restart_after_steps=1), False),
+    "kmeans_init": (dict(kmeans_init=True, restart_after_steps=1), False),
+}
+
+
+def _train_rank(rank, world, init_file, out_dir, data, mode):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(100 + rank)  # different random restarts per rank: the broadcast must fix that
-    vq = VectorQuantizer(16, 4, decay=0.8, dead_code_threshold=0.7 if restart else 0.0).train()
+    torch.manual_seed(100 + rank)  # different random draws per rank: the gathered pools must fix that
+    vq = VectorQuantizer(16, 4, decay=0.8, **MODES[mode][0]).train()
     state = torch.load(os.path.join(out_dir, "init.pt"), weights_only=True)
     vq.load_state_dict(state)
+    restarted = 0
     for step_data in data:
         shard = step_data.chunk(world)[rank]
-        vq(shard.unsqueeze(0))
-    torch.save(vq.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        restarted += int(vq(shard.unsqueeze(0))[1]["restarted_codes"])
+    torch.save({**vq.state_dict(), "restarted": torch.tensor(restarted)}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("restart", [False, True])
-def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, restart):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, mode):
     torch.manual_seed(0)
     data = [torch.randn(64, 4) + 3 * i for i in range(4)]  # the data drifts, so some codes die
-    reference = VectorQuantizer(16, 4, decay=0.8, dead_code_threshold=0.7 if restart else 0.0).train()
+    options, trained = MODES[mode]
+    reference = VectorQuantizer(16, 4, decay=0.8, **options).train()
+    if trained:
+        trained_on(reference, torch.randn(16, 4))
     torch.save(reference.state_dict(), tmp_path / "init.pt")
-    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), data, restart), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), data, mode), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    if not restart:
+    assert bool(rank0["initialized"])
+    if "restart_after_steps" in options:
+        assert rank0["restarted"] > 0  # the rule fired, on both ranks alike
+    if mode == "ema":
         # Summed statistics over two halves == statistics of the whole batch in one process.
         for step_data in data:
             reference(step_data.unsqueeze(0))
@@ -245,7 +290,7 @@ def test_cached_code_norms_follow_every_codebook_change():
 
 
 def test_non_finite_features_never_reach_the_codebook():
-    vq = VectorQuantizer(8, 4, dead_code_threshold=0.5, kmeans_init=True).train()
+    vq = VectorQuantizer(8, 4, restart_after_steps=1, kmeans_init=True).train()
     z = torch.randn(1, 20, 4)
     z[0, 3, 1] = float("nan")
     before = {k: v.clone() for k, v in vq.state_dict().items()}

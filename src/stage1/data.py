@@ -6,6 +6,7 @@ Determinism: the sampler yields (index, epoch) pairs and the dataset seeds each 
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Iterator
@@ -61,6 +62,12 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def with_transform(self, transform) -> "ImageDataset":
+        """The same files (no second scan of the folder) under another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def load(self, index: int) -> torch.Tensor:
         return load_image(os.path.join(self.root, self.paths[index]))[0]

@@ -59,6 +59,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum each tensor over ranks, in place (a no-op in a single process)."""
     if is_distributed():
@@ -71,6 +75,21 @@ def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(t, src=0)
     return t
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (ranks may hold different counts)."""
+    if not is_distributed():
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros(most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
 
 
 def teardown() -> None:

@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from .distributed import all_reduce_sum, broadcast_from_main, is_distributed
+from .distributed import all_reduce_sum, broadcast_from_main, gather_rows, world_size
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 
@@ -33,21 +32,6 @@ class KMeansResult:
     counts: torch.Tensor  # (K,) samples per cluster in the last assignment, over all ranks
     distortion: list[float]  # mean squared distance to the nearest centroid: after seeding, then after each update
     reseeded: int  # empty clusters re-seeded over the whole fit
-
-
-def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order (ranks may hold different counts)."""
-    if not is_distributed():
-        return rows
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    most = int(max(c.item() for c in counts))
-    padded = torch.zeros(most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
 
 
 def assign(samples: torch.Tensor, centroids: torch.Tensor, max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK):
@@ -96,11 +80,10 @@ def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, po
     if k < 1 or iters < 0:
         raise ValueError(f"k-means needs k >= 1 and iters >= 0, got k={k}, iters={iters}")
     samples = samples.float()
-    world = dist.get_world_size() if is_distributed() else 1
     generator = torch.Generator().manual_seed(seed)
-    per_rank = -(-(pool_size or 16 * k) // world)
+    per_rank = -(-(pool_size or 16 * k) // world_size())
     local = samples[torch.randperm(samples.shape[0], generator=generator)[:per_rank].to(samples.device)]
-    centroids = seed_kmeans_pp(_gather_rows(local), k, generator, seed_rounds, max_distances)
+    centroids = seed_kmeans_pp(gather_rows(local), k, generator, seed_rounds, max_distances)
     centroids = broadcast_from_main(centroids.contiguous())
     total = torch.tensor([float(samples.shape[0])], device=samples.device)
     all_reduce_sum(total)
@@ -130,6 +113,6 @@ def _farthest(samples: torch.Tensor, distances: torch.Tensor, count: int) -> tor
     """The `count` samples farthest from their centroids over all ranks (ties broken by rank order)."""
     top = distances.topk(min(count, distances.shape[0]))
     rows = torch.cat([top.values.unsqueeze(1), samples[top.indices]], dim=1)
-    pooled = _gather_rows(rows)
+    pooled = gather_rows(rows)
     best = pooled[:, 0].topk(count).indices
     return pooled[best, 1:].contiguous()

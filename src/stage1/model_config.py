@@ -81,8 +81,8 @@ class QuantizerConfig(ConfigSection):
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
     epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
-    dead_code_threshold: float = 0.0  # restart codes whose EMA count falls below this (0: never)
-    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
+    restart_after_steps: int = 0  # a code no token chose in this many training steps restarts (0: never)
+    kmeans_init: bool = False  # first batch: k-means on its features (else: codes drawn from them)
     kmeans_iters: int = 10
 
     def __post_init__(self):
@@ -96,11 +96,8 @@ class QuantizerConfig(ConfigSection):
             raise ValueError(f"quantizer.epsilon must be positive, got {self.epsilon}")
         if self.commitment_cost < 0:
             raise ValueError(f"quantizer.commitment_cost must be >= 0, got {self.commitment_cost}")
-        if not 0.0 <= self.dead_code_threshold < 1.0:
-            raise ValueError(
-                f"quantizer.dead_code_threshold must be in [0, 1) (a restarted code starts with EMA count 1), "
-                f"got {self.dead_code_threshold}"
-            )
+        if not isinstance(self.restart_after_steps, int) or self.restart_after_steps < 0:
+            raise ValueError(f"quantizer.restart_after_steps must be an integer >= 0, got {self.restart_after_steps!r}")
         if not _positive_int(self.kmeans_iters):
             raise ValueError(f"quantizer.kmeans_iters must be a positive integer, got {self.kmeans_iters!r}")
 
@@ -193,13 +190,15 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "commitment_cost": ("quantizer", "commitment_cost"),
     "vq_decay": ("quantizer", "decay"),
     "vq_epsilon": ("quantizer", "epsilon"),
-    "dead_code_threshold": ("quantizer", "dead_code_threshold"),
+    "restart_after_steps": ("quantizer", "restart_after_steps"),
     "kmeans_init": ("quantizer", "kmeans_init"),
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),
     "quantize_before_reshape": (None, "quantize_before_reshape"),
 }
+# In vqrae 0.1's config.json; now the loss config's recon_loss, and restarts counted in steps.
+LEGACY_TRAINING_KEYS = ("recon_loss", "dead_code_threshold")
 SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig}
 
 
@@ -232,10 +231,10 @@ class VQRAEConfig:
         """From to_dict()'s nested form; the flat keyword form of vqrae 0.1's config.json is read too."""
         if not isinstance(values, dict):
             raise ValueError(f"{where}a VQRAE config must be a mapping, got {type(values).__name__}")
-        if values and not set(SECTIONS) & set(values) and set(values) <= {*KEYWORDS, "decoder_config_path",
-                                                                           "recon_loss"}:
-            # vqrae 0.1 wrote the keyword form; its recon_loss now belongs to the training loss config.
-            return cls().with_keywords(**{k: v for k, v in values.items() if k != "recon_loss"})
+        if values and not set(SECTIONS) & set(values) and set(values) <= {*KEYWORDS, *LEGACY_TRAINING_KEYS,
+                                                                           "decoder_config_path"}:
+            # vqrae 0.1 wrote the keyword form, with two values that only training used.
+            return cls().with_keywords(**{k: v for k, v in values.items() if k not in LEGACY_TRAINING_KEYS})
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:

@@ -21,11 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_ranks_true, all_reduce_sum, broadcast_from_main, is_distributed
+from .distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed, world_size
+from .kmeans import fit_kmeans
 from .model_config import QuantizerConfig
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
+
+
+def sample_rows(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows drawn at random from every rank's `flat`, the same on every rank: each rank draws its share
+    (with replacement only where it holds fewer rows), and the shares are gathered in rank order."""
+    share = -(-count // world_size())
+    if flat.shape[0] >= share:
+        picks = torch.randperm(flat.shape[0], device=flat.device)[:share]
+    else:
+        picks = torch.randint(0, flat.shape[0], (share,), device=flat.device)
+    return gather_rows(flat[picks].contiguous())[:count]
 
 
 class VectorQuantizer(nn.Module):
@@ -48,16 +60,18 @@ class VectorQuantizer(nn.Module):
         self.commitment_cost = float(config.commitment_cost)
         self.decay = float(config.decay)
         self.epsilon = float(config.epsilon)
-        self.dead_code_threshold = float(config.dead_code_threshold)
+        self.restart_after_steps = config.restart_after_steps
+        self.kmeans_init = config.kmeans_init
         self.kmeans_iters = config.kmeans_iters
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK  # a memory bound, not a model value
 
+        # Placeholders until the first training batch (or set_codebook / load_state_dict) puts codes on the data.
         embedding = torch.randn(num_embeddings, embedding_dim)
         self.register_buffer("embedding", embedding)
-        # Each code starts as if it had been assigned once, to itself: e_k = m_k / N_k holds from step 0.
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("ema_embed_sum", embedding.clone())
-        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        self.register_buffer("steps_since_hit", torch.zeros(num_embeddings, dtype=torch.long))
+        self.register_buffer("initialized", torch.tensor(False))
         self._norms_cache: tuple | None = None
 
     @classmethod
@@ -118,14 +132,14 @@ class VectorQuantizer(nn.Module):
             # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
             update = self.training and all_ranks_true(torch.isfinite(flat.detach()).all())
             if update and not bool(self.initialized):
-                self._kmeans_init(flat.detach())
+                self._init_from_batch(flat.detach())
             indices = self._search(flat.detach())
             quantized = self.embedding[indices]  # looked up before this step's EMA update, as in Sonnet
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            restarted = 0
             if update:
-                self._ema_update(counts, indices, flat.detach())
-                if self.dead_code_threshold > 0:
-                    self._restart_dead_codes(flat.detach())
+                self._ema_update(counts, indices, flat.detach())  # sums counts over ranks
+                restarted = self._restart_dead_codes(flat.detach(), counts)
 
             commitment_loss = F.mse_loss(flat, quantized.detach())
             losses = {
@@ -137,6 +151,7 @@ class VectorQuantizer(nn.Module):
             }
             if self.training:
                 losses["skipped_ema_update"] = torch.tensor(float(not update), device=flat.device)
+                losses["restarted_codes"] = torch.tensor(float(restarted), device=flat.device)
             # Straight-through estimator: forward value exactly e (z - sg(z) is exactly 0), gradient
             # d z_q / d z = identity.
             flat_q = quantized + (flat - flat.detach())
@@ -160,42 +175,50 @@ class VectorQuantizer(nn.Module):
         torch.div(self.ema_embed_sum, smoothed.unsqueeze(1), out=self.embedding)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Codes whose EMA count fell below the threshold restart from random features of this batch.
-
-        The dead set is the same on every rank (cluster sizes are synchronised); the replacement features are
-        rank 0's, broadcast, so codebooks stay identical.
-        """
-        dead = self.ema_cluster_size < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        picks = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-        samples = broadcast_from_main(flat[picks].contiguous())
-        self.embedding[dead] = samples
-        self.ema_embed_sum[dead] = samples
-        self.ema_cluster_size[dead] = 1.0
+    def set_codebook(self, embedding: torch.Tensor, cluster_size: torch.Tensor) -> None:
+        """Start the EMA from `embedding` with `cluster_size` hits per code (any unit: per step, or a fit's
+        counts, which the EMA then forgets at its own pace). Sums follow, so e_k = m_k / N_k holds."""
+        size = cluster_size.to(self.ema_cluster_size).clamp_min(self.epsilon)
+        self.embedding.copy_(embedding)
+        self.ema_cluster_size.copy_(size)
+        self.ema_embed_sum.copy_(self.embedding * size.unsqueeze(1))
+        self.steps_since_hit.zero_()
+        self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on the first training batch (rank 0's, broadcast), then EMA state from the centroids."""
+    def _init_from_batch(self, flat: torch.Tensor) -> None:
+        """The codebook from the first training batch, pooled over ranks, so that every code starts on the data
+        (codes far from it would never win a token): k-means on it (kmeans_init), else a sample of its features.
+        Cluster sizes start in per-step hits."""
         k = self.num_embeddings
-        if flat.shape[0] >= k:
-            start = flat[torch.randperm(flat.shape[0], device=flat.device)[:k]]
+        total = torch.tensor([float(flat.shape[0])], device=flat.device)
+        all_reduce_sum(total)
+        if self.kmeans_init and total.item() >= k:
+            fit = fit_kmeans(flat, k, iters=self.kmeans_iters, max_distances=self.max_distances_per_chunk)
+            self.set_codebook(fit.centroids, fit.counts)
         else:
-            start = flat[torch.randint(0, flat.shape[0], (k,), device=flat.device)]
-        centroids = start.clone()
-        for _ in range(self.kmeans_iters):
-            assign = nearest_code(flat, centroids, self.max_distances_per_chunk)
-            counts = torch.bincount(assign, minlength=k).float()
-            sums = torch.zeros_like(centroids).index_add_(0, assign, flat)
-            filled = counts > 0  # an empty cluster keeps its previous centroid
-            centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
-        centroids = broadcast_from_main(centroids.contiguous())
-        self.embedding.copy_(centroids)
-        self.ema_embed_sum.copy_(centroids)
-        self.ema_cluster_size.fill_(1.0)
-        self.initialized.fill_(True)
+            self.set_codebook(sample_rows(flat, k), torch.full((k,), total.item() / k))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> int:
+        """Codes no token chose in `restart_after_steps` steps restart from features drawn from every rank's batch,
+        with their EMA statistics reset to match (else the stale sums would pull them straight back).
+
+        counts: this step's hits per code, summed over ranks, so the dead set is the same on every rank.
+        """
+        self.steps_since_hit.add_(1).masked_fill_(counts > 0, 0)
+        if self.restart_after_steps == 0:
+            return 0
+        dead = self.steps_since_hit >= self.restart_after_steps
+        num_dead = int(dead.sum())
+        if num_dead:
+            samples = sample_rows(flat, num_dead)
+            size = (counts.sum() / self.num_embeddings).clamp_min(self.epsilon)  # an average code's hits per step
+            self.embedding[dead] = samples
+            self.ema_embed_sum[dead] = samples * size
+            self.ema_cluster_size[dead] = size
+            self.steps_since_hit[dead] = 0
+        return num_dead
 
     def _usage_metrics(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         probs = counts / counts.sum().clamp_min(1.0)
@@ -209,7 +232,7 @@ class VectorQuantizer(nn.Module):
         return (
             f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
             f"commitment_cost={self.commitment_cost}, decay={self.decay}, epsilon={self.epsilon}, "
-            f"dead_code_threshold={self.dead_code_threshold}"
+            f"restart_after_steps={self.restart_after_steps}, kmeans_init={self.kmeans_init}"
         )
 
 

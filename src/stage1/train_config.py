@@ -71,5 +71,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     need(t.sample_every is None or t.sample_every > 0, "train.sample_every", "> 0 or null")
     need(t.stop_at is None or 0 < t.stop_at <= t.steps, "train.stop_at", "in [1, train.steps] or null")
     need(cfg.data.num_workers >= 0, "data.num_workers", ">= 0")
+    need(cfg.codebook_fit.images >= 0, "codebook_fit.images", ">= 0")
+    need(cfg.codebook_fit.tokens_per_image >= 1, "codebook_fit.tokens_per_image", ">= 1")
+    need(cfg.codebook_fit.iters >= 0, "codebook_fit.iters", ">= 0")
     if problems:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path
+from .codebook_fit import fit_codebook
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
 from .images import psnr, save_png
 from .losses import LossConfig, VQRAELoss
@@ -49,7 +50,8 @@ from .train_config import loss_config, model_config, validate_train_config
 from .train_log import MetricsLog
 from .vqrae import VQRAE, WEIGHTS_NAME
 
-QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", "skipped_ema_update")
+QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", "skipped_ema_update",
+                  "restarted_codes")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -233,6 +235,8 @@ class Trainer:
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
         first_step = self.step
+        if self.step == 0 and self.cfg.codebook_fit.images > 0:
+            self._fit_codebook()
         self.model.train()
         while self.step < stop:
             batches = [next(data) for _ in range(t.grad_accum)]
@@ -262,6 +266,29 @@ class Trainer:
         if self.log is not None:
             self.log.close()
         return summary
+
+    def _fit_codebook(self) -> None:
+        """Before step 0: k-means of latents from codebook_fit.images images (this rank's share) -> the codebook."""
+        c, t, info = self.cfg.codebook_fit, self.cfg.train, self.info
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed))
+        mine = order[: c.images][info.rank :: info.world_size].tolist()
+        center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
+        loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
+                            num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+        side = self.model.grid_size or self.cfg.image_size // self.model.encoder.patch_size
+        result = fit_codebook(
+            self.model, (batch["image"].to(self.device) for batch in loader), c.tokens_per_image, c.iters,
+            tokens_per_update=t.batch_size * info.world_size * side * side, seed=self.cfg.seed,
+            precision_context=autocast(self.device, self.precision), show_progress=info.is_main,
+        )
+        summary = {"codebook_fit": True, "tokens": int(result.counts.sum()), "seed_distortion": result.distortion[0],
+                   "distortion": result.distortion[-1], "codes_used": int((result.counts > 0).sum()),
+                   "reseeded": result.reseeded}
+        if self.log is not None:
+            self.log.write(0, summary, scalars=False)
+            print(f"codebook fit: {self.model.quantizer.num_embeddings} codes from {summary['tokens']} latent tokens; "
+                  f"distortion {summary['seed_distortion']:.4f} (seeds) -> {summary['distortion']:.4f}; "
+                  f"{summary['codes_used']} codes used")
 
     def _log_step(self, logs: dict, images_per_sec: float) -> dict[str, float]:
         values = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)

@@ -146,8 +146,8 @@ class VQRAE(nn.Module):
             raise ValueError(f"indices must lie in [0, {k - 1}] (codebook size {k}), got values in [{lo}, {hi}]")
 
     # ---- the data path, in tokens ----------------------------------------------------------------------------
-    def _encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Checked images -> normalised latent tokens (B, N, C) and their grid (h, w)."""
+    def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images in [0, 1] (already checked) -> normalised latent tokens (B, N, C) and their grid (h, w)."""
         size = self.config.encoder.input_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
@@ -164,7 +164,7 @@ class VQRAE(nn.Module):
 
     def forward(self, x: torch.Tensor, return_loss: bool = False):
         self.check_images(x, values=not self.training)  # no host sync per training step
-        tokens, grid = self._encode_tokens(x)
+        tokens, grid = self.encode_tokens(x)
         z_q, vq_losses, _ = self.quantizer(tokens)
         if self.training and self.config.noise_tau > 0:
             # RAE-style decoder noise: sigma ~ U(0, noise_tau) per image, after quantization.
@@ -181,7 +181,7 @@ class VQRAE(nn.Module):
     def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> code indices (B, h, w), long. Never updates the codebook."""
         self.check_images(x)
-        tokens, grid = self._encode_tokens(x)
+        tokens, grid = self.encode_tokens(x)
         return self.quantizer.encode(tokens).reshape(-1, *grid)
 
     @torch.no_grad()
@@ -196,7 +196,7 @@ class VQRAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> normalised latents (B, C, h, w), or (B, N, C) with reshape_to_2d=False."""
         self.check_images(x)
-        tokens, grid = self._encode_tokens(x)
+        tokens, grid = self.encode_tokens(x)
         return tokens_to_grid(tokens, grid) if self.config.reshape_to_2d else tokens
 
     def quantize(self, z: torch.Tensor):

@@ -1,0 +1,60 @@
+"""The codebook fit before training: k-means over real latents, the EMA starting from it."""
+
+import pytest
+import torch
+from helpers import run_training, smooth_images, tiny_vqrae, train_metrics
+
+from stage1.codebook_fit import fit_codebook
+from stage1.kmeans import assign
+
+
+def image_batches(count=6, size=4, seed=0):
+    return [smooth_images(size, seed=seed + i) for i in range(count)]
+
+
+def test_the_fit_becomes_the_codebook_and_its_ema_state(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, num_embeddings=32)
+    result = fit_codebook(model, image_batches(), tokens_per_image=8, iters=10, tokens_per_update=100, seed=1)
+    q = model.quantizer
+    assert bool(q.initialized) and torch.equal(q.embedding, result.centroids)
+    # Cluster sizes in hits per update: the fit's shares of tokens_per_update, sums to match.
+    assert q.ema_cluster_size.sum().item() == pytest.approx(100.0, rel=1e-5)
+    assert torch.allclose(q.ema_cluster_size, result.counts * 100 / result.counts.sum(), rtol=1e-5)
+    assert torch.allclose(q.ema_embed_sum, q.embedding * q.ema_cluster_size.unsqueeze(1), rtol=1e-5)
+    assert result.counts.sum().item() == 6 * 4 * 8
+    assert result.distortion[-1] < result.distortion[0]
+    # A training step continues the EMA from the fit instead of re-initialising from its batch.
+    before = q.embedding.clone()
+    model.train()(smooth_images(2, seed=50), return_loss=True)
+    assert (q.embedding - before).norm() < 0.5 * before.norm()
+
+
+def test_many_images_fit_held_out_latents_better_than_one_batch(dinov2_dir):
+    torch.manual_seed(0)
+    fitted = tiny_vqrae(dinov2_dir, num_embeddings=32)
+    fit_codebook(fitted, image_batches(count=12), tokens_per_image=16, iters=20, tokens_per_update=64)
+    torch.manual_seed(0)
+    first_batch = tiny_vqrae(dinov2_dir, num_embeddings=32, kmeans_init=True).train()
+    first_batch(smooth_images(4, seed=0), return_loss=True)  # k-means on one batch of 4 images (64 tokens)
+    held_out = torch.cat([fitted.encode_tokens(x)[0].flatten(0, 1) for x in image_batches(count=4, seed=100)])
+    distortion = {name: assign(held_out, m.quantizer.embedding)[1].mean().item()
+                  for name, m in [("fitted", fitted), ("first_batch", first_batch)]}
+    assert distortion["fitted"] < distortion["first_batch"], distortion
+
+
+def test_too_few_tokens_for_the_codebook_is_a_clear_error(dinov2_dir):
+    model = tiny_vqrae(dinov2_dir, num_embeddings=64)
+    with pytest.raises(ValueError, match="sampled 8 tokens for 64 codes: raise codebook_fit.images"):
+        fit_codebook(model, image_batches(count=1, size=1), tokens_per_image=8, iters=2, tokens_per_update=16)
+
+
+def test_training_fits_the_codebook_before_step_zero(train_images, tmp_path):
+    run_training(train_images, tmp_path / "fit", "train.steps=2", "train.sample_every=null",
+                 "train.report_reconstructions=false")
+    fit = [m for m in train_metrics(tmp_path / "fit") if m.get("codebook_fit")]
+    assert len(fit) == 1 and fit[0]["step"] == 0
+    assert fit[0]["tokens"] == 8 * 16 and fit[0]["distortion"] < fit[0]["seed_distortion"]
+    run_training(train_images, tmp_path / "off", "train.steps=2", "train.sample_every=null",
+                 "train.report_reconstructions=false", "codebook_fit.images=0")
+    assert not [m for m in train_metrics(tmp_path / "off") if m.get("codebook_fit")]
