@@ -15,15 +15,17 @@ def image_batches(count=6, size=4, seed=0):
 def test_the_fit_becomes_the_codebook_and_its_ema_state(dinov2_dir):
     torch.manual_seed(0)
     model = tiny_vqrae(dinov2_dir, num_embeddings=32)
-    result = fit_codebook(model, image_batches(), tokens_per_image=8, iters=10, tokens_per_update=100, seed=1)
-    q = model.quantizer
+    fit = fit_codebook(model, image_batches(), tokens_per_image=8, iters=10, tokens_per_update=100, seed=1)
+    q, (result,) = model.quantizer, fit.results
     assert bool(q.initialized) and torch.equal(q.embedding, result.centroids)
     # Cluster sizes in hits per update: the fit's shares of tokens_per_update, sums to match.
     assert q.ema_cluster_size.sum().item() == pytest.approx(100.0, rel=1e-5)
     assert torch.allclose(q.ema_cluster_size, result.counts * 100 / result.counts.sum(), rtol=1e-5)
     assert torch.allclose(q.ema_embed_sum, q.embedding * q.ema_cluster_size.unsqueeze(1), rtol=1e-5)
-    assert result.counts.sum().item() == 6 * 4 * 8
+    assert fit.tokens == result.counts.sum().item() == 6 * 4 * 8
     assert result.distortion[-1] < result.distortion[0]
+    # The reported error is the fitted quantizer's own, measured again: k-means' last assignment.
+    assert fit.distortion == pytest.approx(result.distortion[-1], rel=1e-4)
     # A training step continues the EMA from the fit instead of re-initialising from its batch.
     before = q.embedding.clone()
     model.train()(smooth_images(2, seed=50), return_loss=True)
@@ -54,7 +56,31 @@ def test_training_fits_the_codebook_before_step_zero(train_images, tmp_path):
                  "train.report_reconstructions=false")
     fit = [m for m in train_metrics(tmp_path / "fit") if m.get("codebook_fit")]
     assert len(fit) == 1 and fit[0]["step"] == 0
-    assert fit[0]["tokens"] == 8 * 16 and fit[0]["distortion"] < fit[0]["seed_distortion"]
+    assert fit[0]["tokens"] == 8 * 16 and fit[0]["codes_used"] == 64 and fit[0]["distortion"] > 0
     run_training(train_images, tmp_path / "off", "train.steps=2", "train.sample_every=null",
                  "train.report_reconstructions=false", "codebook_fit.images=0")
     assert not [m for m in train_metrics(tmp_path / "off") if m.get("codebook_fit")]
+
+
+@pytest.mark.parametrize("kind", [dict(kind="residual", depth=3), dict(kind="grouped", groups=4),
+                                  dict(kind="grouped", groups=2, cosine=True)])
+def test_every_kind_fits_each_of_its_codebooks(dinov2_dir, kind):
+    from stage1 import VQRAE
+
+    torch.manual_seed(0)
+    base = tiny_vqrae(dinov2_dir, num_embeddings=16)
+    model = VQRAE(base.config.__class__.from_dict({**base.config.to_dict(),
+                                                   "quantizer": {**base.config.quantizer.to_dict(), **kind}}))
+    fit = fit_codebook(model, image_batches(), tokens_per_image=16, iters=10, tokens_per_update=64)
+    levels = model.quantizer.levels
+    assert len(fit.results) == len(levels) and all(bool(level.initialized) for level in levels)
+    for level, result in zip(levels, fit.results, strict=True):
+        expected = torch.nn.functional.normalize(result.centroids, dim=1) if level.cosine else result.centroids
+        assert torch.allclose(level.embedding, expected, atol=1e-6)
+    if kind["kind"] == "residual":
+        # Each level fits what the levels before it leave: the error falls level by level.
+        finals = [r.distortion[-1] for r in fit.results]
+        assert finals == sorted(finals, reverse=True) and fit.distortion == pytest.approx(finals[-1], rel=1e-4)
+    else:
+        # Groups partition the channels: their errors add up to the whole quantizer's.
+        assert fit.distortion == pytest.approx(sum(r.distortion[-1] for r in fit.results), rel=1e-4)

@@ -10,7 +10,8 @@ from .model_config import (
     VQRAEConfig,
     load_decoder_config,
 )
-from .quantizer import VectorQuantizer, build_quantizer
+from .quantizer import VectorQuantizer
+from .quantizer_kinds import GroupedQuantizer, ResidualQuantizer, build_quantizer
 from .search import nearest_code
 from .vqrae import VQRAE
 
@@ -21,6 +22,8 @@ __all__ = [
     "QuantizerConfig",
     "DecoderConfig",
     "VectorQuantizer",
+    "ResidualQuantizer",
+    "GroupedQuantizer",
     "build_quantizer",
     "nearest_code",
     "ViTDecoder",

@@ -7,13 +7,14 @@ random tokens of each, and runs stage1.kmeans.fit_kmeans over all of them on eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum
-from .kmeans import KMeansResult, fit_kmeans
+from .kmeans import KMeansResult
 
 
 @torch.no_grad()
@@ -34,11 +35,39 @@ def sample_latents(model, batches: Iterable[torch.Tensor], tokens_per_image: int
     return torch.cat(rows), per_image
 
 
+@dataclass
+class CodebookFit:
+    tokens: int  # latent tokens fitted, over all ranks
+    distortion: float  # the fitted quantizer's mean squared error per token on them (its own space: cosine too)
+    codes_used: int  # codes (over all codebooks) with at least one token in the last assignment
+    reseeded: int  # empty clusters re-seeded during the fits
+    results: list[KMeansResult]  # one per codebook (residual levels in order, groups in order)
+
+
+@torch.no_grad()
+def quantizer_distortion(quantizer, latents: torch.Tensor, rows: int = 65536) -> float:
+    """Squared error per token (summed over channels, averaged over tokens) of `quantizer` on latents (M, D),
+    over all ranks, without updating it."""
+    was_training = quantizer.training
+    quantizer.eval()
+    try:
+        spent = torch.zeros(1, dtype=torch.float64, device=latents.device)
+        for start in range(0, latents.shape[0], rows):
+            chunk = latents[start : start + rows]
+            spent += quantizer(chunk.unsqueeze(0))[1]["commitment_loss"].double() * chunk.numel()
+    finally:
+        quantizer.train(was_training)
+    count = torch.tensor([float(latents.shape[0])], dtype=torch.float64, device=latents.device)
+    all_reduce_sum(spent, count)
+    return float(spent / count)
+
+
 def fit_codebook(model, batches: Iterable[torch.Tensor], tokens_per_image: int, iters: int, tokens_per_update: int,
-                 seed: int = 0, precision_context=None, show_progress: bool = True) -> KMeansResult:
-    """Fit model.quantizer's codebook by k-means of sampled latents (all ranks together) and start its EMA there,
-    with cluster sizes in hits per update (`tokens_per_update`: tokens one training forward quantizes, summed
-    over ranks), so the EMA continues from the fit as if it had been running on this distribution."""
+                 seed: int = 0, precision_context=None, show_progress: bool = True) -> CodebookFit:
+    """Fit model.quantizer's codebooks by k-means of sampled latents (all ranks together; residual levels on what
+    the levels before them leave, groups on their channels) and start the EMA there, with cluster sizes in hits
+    per update (`tokens_per_update`: tokens one training forward quantizes, summed over ranks), so the EMA goes on
+    from the fit as if it had been running on this distribution."""
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -48,11 +77,15 @@ def fit_codebook(model, batches: Iterable[torch.Tensor], tokens_per_image: int, 
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)
     all_reduce_sum(total)
-    quantizer = model.quantizer
-    k = quantizer.num_embeddings
+    k = model.quantizer.num_embeddings
     if total.item() < k:
         raise ValueError(f"the codebook fit sampled {int(total.item())} tokens for {k} codes: raise "
                          f"codebook_fit.images or codebook_fit.tokens_per_image (at least one token per code)")
-    result = fit_kmeans(latents, k, iters=iters, seed=seed, max_distances=quantizer.max_distances_per_chunk)
-    quantizer.set_codebook(result.centroids, result.counts * (tokens_per_update / total.item()))
-    return result
+    results = model.quantizer.fit(latents, iters, tokens_per_update, seed)
+    return CodebookFit(
+        tokens=int(total.item()),
+        distortion=quantizer_distortion(model.quantizer, latents),
+        codes_used=sum(int((r.counts > 0).sum()) for r in results),
+        reseeded=sum(r.reseeded for r in results),
+        results=results,
+    )

@@ -73,10 +73,11 @@ def seed_kmeans_pp(pool: torch.Tensor, k: int, generator: torch.Generator, round
 
 def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, pool_size: int | None = None,
                seed_rounds: int = 64, max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK,
-               progress=None) -> KMeansResult:
+               spherical: bool = False, progress=None) -> KMeansResult:
     """k-means of this rank's `samples` (N, D) together with every other rank's. `pool_size`: rows gathered over
-    all ranks for seeding (default 16 k, capped by what there is). `progress`: called after each iteration
-    with (iteration, distortion)."""
+    all ranks for seeding (default 16 k, capped by what there is). `spherical`: unit samples, and each centroid
+    renormalised after its update (cosine codebooks). `progress`: called with (iteration, distortion) after each
+    assignment."""
     if k < 1 or iters < 0:
         raise ValueError(f"k-means needs k >= 1 and iters >= 0, got k={k}, iters={iters}")
     samples = samples.float()
@@ -102,6 +103,8 @@ def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, po
             break
         filled = counts > 0
         centroids[filled] = (sums[filled] / counts[filled].unsqueeze(1)).float()
+        if spherical:
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
         empty = (~filled).nonzero().flatten()
         if len(empty):
             centroids[empty] = _farthest(samples, distances, len(empty))

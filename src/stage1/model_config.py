@@ -70,14 +70,17 @@ class EncoderConfig(ConfigSection):
             raise ValueError(f"encoder.params must be a mapping, got {self.params!r}")
 
 
-QUANTIZER_KINDS = ("single",)  # one codebook; the next kinds (residual, grouped, none) extend this
+QUANTIZER_KINDS = ("single", "residual", "grouped")  # one codebook; `depth` levels on residuals; `groups` of channels
 
 
 @dataclass
 class QuantizerConfig(ConfigSection):
     section = "quantizer"
     kind: str = "single"
-    num_embeddings: int = 8192
+    num_embeddings: int = 8192  # codes per codebook
+    depth: int = 1  # residual: codebooks applied in turn, each to what the ones before it left
+    groups: int = 1  # grouped: the channels split into this many groups, each with its own codebook
+    cosine: bool = False  # l2-normalised features and codes (single, grouped)
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
     epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
@@ -88,6 +91,14 @@ class QuantizerConfig(ConfigSection):
     def __post_init__(self):
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"quantizer.kind must be one of {QUANTIZER_KINDS}, got {self.kind!r}")
+        for name, kind in (("depth", "residual"), ("groups", "grouped")):
+            value = getattr(self, name)
+            if not _positive_int(value) or (value > 1 and self.kind != kind):
+                raise ValueError(f"quantizer.{name} must be a positive integer, and 1 unless quantizer.kind is "
+                                 f"'{kind}'; got {value!r} with kind {self.kind!r}")
+        if self.cosine and self.kind == "residual":
+            raise ValueError("quantizer.cosine applies to the single and grouped kinds: residuals of unit codes "
+                             "are not unit vectors")
         if not _positive_int(self.num_embeddings):
             raise ValueError(f"quantizer.num_embeddings must be a positive integer, got {self.num_embeddings!r}")
         if not 0.0 <= self.decay < 1.0:

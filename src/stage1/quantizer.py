@@ -53,6 +53,7 @@ class VectorQuantizer(nn.Module):
         config = QuantizerConfig(num_embeddings=num_embeddings, **options)
         if config.kind != "single":
             raise ValueError(f"VectorQuantizer is the 'single' kind, got quantizer.kind={config.kind!r}")
+        self.index_suffix: tuple[int, ...] = ()  # indices have the features' shape without D: no codebook axis
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.num_embeddings = config.num_embeddings
@@ -60,6 +61,7 @@ class VectorQuantizer(nn.Module):
         self.commitment_cost = float(config.commitment_cost)
         self.decay = float(config.decay)
         self.epsilon = float(config.epsilon)
+        self.cosine = config.cosine
         self.restart_after_steps = config.restart_after_steps
         self.kmeans_init = config.kmeans_init
         self.kmeans_iters = config.kmeans_iters
@@ -105,30 +107,30 @@ class VectorQuantizer(nn.Module):
         return self
 
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) features -> (M, D) fp32 rows, on the unit sphere with cosine."""
         if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
             raise ValueError(
                 f"expected channels-last features (..., {self.embedding_dim}), e.g. (B, N, {self.embedding_dim}) "
                 f"tokens, got shape {tuple(z.shape)}"
             )
-        return z.reshape(-1, self.embedding_dim)
+        flat = z.reshape(-1, self.embedding_dim).float()
+        return F.normalize(flat, dim=1) if self.cosine else flat
 
     # ---- public API ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest-code indices only (no EMA update, no losses)."""
-        flat = self._flatten(z).float()
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._search(flat).reshape(z.shape[:-1])
+            return self._search(self._flatten(z)).reshape(z.shape[:-1])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for indices of any shape: (B, N) -> (B, N, D)."""
         return self.embedding[indices]
 
     def forward(self, z: torch.Tensor):
-        flat_in = self._flatten(z)
         # Distances, losses and EMA statistics in fp32, even inside a bf16 autocast region.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = flat_in.float()
+            flat = self._flatten(z)
             # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
             update = self.training and all_ranks_true(torch.isfinite(flat.detach()).all())
             if update and not bool(self.initialized):
@@ -173,17 +175,31 @@ class VectorQuantizer(nn.Module):
         n = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
         torch.div(self.ema_embed_sum, smoothed.unsqueeze(1), out=self.embedding)
+        if self.cosine:
+            self.embedding.copy_(F.normalize(self.embedding, dim=1))
 
     @torch.no_grad()
     def set_codebook(self, embedding: torch.Tensor, cluster_size: torch.Tensor) -> None:
         """Start the EMA from `embedding` with `cluster_size` hits per code (any unit: per step, or a fit's
         counts, which the EMA then forgets at its own pace). Sums follow, so e_k = m_k / N_k holds."""
         size = cluster_size.to(self.ema_cluster_size).clamp_min(self.epsilon)
-        self.embedding.copy_(embedding)
+        self.embedding.copy_(F.normalize(embedding, dim=1) if self.cosine else embedding)
         self.ema_cluster_size.copy_(size)
         self.ema_embed_sum.copy_(self.embedding * size.unsqueeze(1))
         self.steps_since_hit.zero_()
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list:
+        """k-means of samples (M, D) on every rank together -> the codebook, cluster sizes in hits per update of
+        `tokens_per_update` tokens (summed over ranks). Returns [KMeansResult]."""
+        flat = self._flatten(samples)
+        total = torch.tensor([float(flat.shape[0])], device=flat.device)
+        all_reduce_sum(total)
+        k, chunk = self.num_embeddings, self.max_distances_per_chunk
+        result = fit_kmeans(flat, k, iters=iters, seed=seed, max_distances=chunk, spherical=self.cosine)
+        self.set_codebook(result.centroids, result.counts * (tokens_per_update / total.item()))
+        return [result]
 
     @torch.no_grad()
     def _init_from_batch(self, flat: torch.Tensor) -> None:
@@ -194,7 +210,8 @@ class VectorQuantizer(nn.Module):
         total = torch.tensor([float(flat.shape[0])], device=flat.device)
         all_reduce_sum(total)
         if self.kmeans_init and total.item() >= k:
-            fit = fit_kmeans(flat, k, iters=self.kmeans_iters, max_distances=self.max_distances_per_chunk)
+            fit = fit_kmeans(flat, k, iters=self.kmeans_iters, max_distances=self.max_distances_per_chunk,
+                             spherical=self.cosine)
             self.set_codebook(fit.centroids, fit.counts)
         else:
             self.set_codebook(sample_rows(flat, k), torch.full((k,), total.item() / k))
@@ -236,10 +253,4 @@ class VectorQuantizer(nn.Module):
         )
 
 
-def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
-    """The quantizer of config.kind for latents of embedding_dim channels."""
-    kinds = {"single": VectorQuantizer}
-    return kinds[config.kind].from_config(config, embedding_dim)
-
-
-__all__ = ["VectorQuantizer", "build_quantizer", "nearest_code"]
+__all__ = ["VectorQuantizer", "sample_rows"]

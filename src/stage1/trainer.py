@@ -281,14 +281,13 @@ class Trainer:
             tokens_per_update=t.batch_size * info.world_size * side * side, seed=self.cfg.seed,
             precision_context=autocast(self.device, self.precision), show_progress=info.is_main,
         )
-        summary = {"codebook_fit": True, "tokens": int(result.counts.sum()), "seed_distortion": result.distortion[0],
-                   "distortion": result.distortion[-1], "codes_used": int((result.counts > 0).sum()),
-                   "reseeded": result.reseeded}
+        summary = {"codebook_fit": True, "tokens": result.tokens, "distortion": result.distortion,
+                   "codes_used": result.codes_used, "reseeded": result.reseeded}
         if self.log is not None:
             self.log.write(0, summary, scalars=False)
-            print(f"codebook fit: {self.model.quantizer.num_embeddings} codes from {summary['tokens']} latent tokens; "
-                  f"distortion {summary['seed_distortion']:.4f} (seeds) -> {summary['distortion']:.4f}; "
-                  f"{summary['codes_used']} codes used")
+            print(f"codebook fit: {len(result.results)} codebook(s) of {self.model.quantizer.num_embeddings} codes "
+                  f"from {result.tokens} latent tokens; squared error per token {result.distortion:.4f}; "
+                  f"{result.codes_used} codes used")
 
     def _log_step(self, logs: dict, images_per_sec: float) -> dict[str, float]:
         values = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)

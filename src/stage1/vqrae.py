@@ -31,7 +31,7 @@ from .decoder import ViTDecoder
 from .encoders import build_encoder
 from .losses import reconstruction_loss
 from .model_config import VQRAEConfig
-from .quantizer import build_quantizer
+from .quantizer_kinds import build_quantizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -132,13 +132,15 @@ class VQRAE(nn.Module):
                 raise ValueError(f"expected finite pixel values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
     def _check_indices(self, indices) -> None:
-        k = self.quantizer.num_embeddings
+        k, suffix = self.quantizer.num_embeddings, self.quantizer.index_suffix
         if not isinstance(indices, torch.Tensor):
             raise ValueError(f"expected indices as a torch.Tensor, got {type(indices).__name__}")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise ValueError(f"expected integer indices (torch.long), got dtype {indices.dtype}")
-        if indices.dim() not in (2, 3):
-            raise ValueError(f"expected indices of shape (B, h, w) or (B, h*w), got shape {tuple(indices.shape)}")
+        if indices.dim() - len(suffix) not in (2, 3) or tuple(indices.shape[indices.dim() - len(suffix):]) != suffix:
+            codes = "".join(f", {n}" for n in suffix)
+            raise ValueError(f"expected indices of shape (B, h, w{codes}) or (B, h*w{codes}), got shape "
+                             f"{tuple(indices.shape)}")
         if indices.numel() == 0:
             raise ValueError(f"expected a non-empty batch of indices, got shape {tuple(indices.shape)}")
         lo, hi = int(indices.min()), int(indices.max())
@@ -179,17 +181,21 @@ class VQRAE(nn.Module):
 
     @torch.no_grad()
     def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> code indices (B, h, w), long. Never updates the codebook."""
+        """Images in [0, 1] -> code indices (B, h, w), long ((B, h, w, L) for residual / grouped quantizers).
+        Never updates the codebook."""
         self.check_images(x)
         tokens, grid = self.encode_tokens(x)
-        return self.quantizer.encode(tokens).reshape(-1, *grid)
+        return self.quantizer.encode(tokens).reshape(-1, *grid, *self.quantizer.index_suffix)
 
     @torch.no_grad()
     def decode_from_indices(self, indices: torch.Tensor, output_size=None) -> torch.Tensor:
-        """Code indices (B, h, w) or (B, h*w) -> images in [0, 1]."""
+        """Code indices (B, h, w) or (B, h*w) -> images in [0, 1]; residual / grouped quantizers: (B, h, w, L) or
+        (B, h*w, L)."""
         self._check_indices(indices)
-        grid = tuple(indices.shape[1:]) if indices.dim() == 3 else square_grid(indices.shape[1])
-        tokens = self.quantizer.lookup(indices.flatten(1).long())
+        suffix = self.quantizer.index_suffix
+        spatial = indices.shape[1 : indices.dim() - len(suffix)]
+        grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
+        tokens = self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
         return self._decode_tokens(tokens, grid, output_size=output_size)
 
     # ---- the same path in steps, in encode()'s layout --------------------------------------------------------
@@ -200,12 +206,13 @@ class VQRAE(nn.Module):
         return tokens_to_grid(tokens, grid) if self.config.reshape_to_2d else tokens
 
     def quantize(self, z: torch.Tensor):
-        """Latents from encode() -> (z_q, losses, indices): z_q in z's layout, indices (B, h, w) or (B, N)."""
+        """Latents from encode() -> (z_q, losses, indices): z_q in z's layout, indices (B, h, w) or (B, N)
+        (with a last axis of L codes for residual / grouped quantizers)."""
         if z.dim() != 4:
             return self.quantizer(z)
         tokens, grid = grid_to_tokens(z)
         z_q, losses, indices = self.quantizer(tokens)
-        return tokens_to_grid(z_q, grid), losses, indices.reshape(-1, *grid)
+        return tokens_to_grid(z_q, grid), losses, indices.reshape(-1, *grid, *self.quantizer.index_suffix)
 
     def decode(self, z_q: torch.Tensor, output_size=None, clamp: bool = True) -> torch.Tensor:
         """Quantized latents (B, C, h, w) or (B, N, C) -> images (B, 3, h*p, w*p), or `output_size`."""

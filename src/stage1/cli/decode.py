@@ -50,6 +50,11 @@ def check_model_fits(model, manifest: dict) -> None:
     if grid is not None and manifest["grid_shape"] != grid:
         raise CLIError(f"the shards hold {manifest['grid_shape']} code grids, the model makes {grid}: "
                        f"decode with the model that made them ({manifest['model']})")
+    codes = manifest.get("index_shape", manifest["grid_shape"])[2:]
+    if codes != list(model.quantizer.index_suffix):
+        raise CLIError(f"the shards hold {codes or [1]} code(s) per token, the model's quantizer makes "
+                       f"{list(model.quantizer.index_suffix) or [1]}: decode with the model that made them "
+                       f"({manifest['model']})")
 
 
 def run(argv=None) -> int:

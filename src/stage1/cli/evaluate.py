@@ -97,17 +97,20 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
 class Scores:
     """Running reconstruction metrics and code counts over the evaluated images."""
 
-    def __init__(self, codebook_size: int, device: torch.device, lpips, fid):
+    def __init__(self, codebook_size: int, codebooks: int, device: torch.device, lpips, fid):
         from torchmetrics.image import StructuralSimilarityIndexMeasure
 
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
         self.lpips, self.fid = lpips, fid
-        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+        self.codebook_size, self.codebooks = codebook_size, codebooks
+        self.counts = torch.zeros(codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
         self.psnrs, self.lpips_values, self.grid = [], [], None
 
     def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor) -> None:
-        self.grid = list(codes.shape[1:])
-        self.counts += torch.bincount(codes.flatten().cpu(), minlength=self.counts.numel())
+        self.grid = list(codes.shape[1:3])
+        offsets = torch.arange(self.codebooks) * self.codebook_size  # each codebook's codes counted apart
+        per_codebook = codes.cpu().reshape(-1, self.codebooks) + offsets
+        self.counts += torch.bincount(per_codebook.flatten(), minlength=self.counts.numel())
         self.psnrs.append(psnr(rec, x).cpu())
         self.ssim.update(rec, x)
         if self.lpips is not None:
@@ -122,9 +125,9 @@ class Scores:
 
     def results(self, notes: dict) -> dict:
         """The metrics of results.json; notes gains the reason of any metric left null."""
-        counts, k = self.counts, self.counts.numel()
-        probs = counts.double() / counts.sum()
-        entropy_bits = -(probs[probs > 0] * probs[probs > 0].log2()).sum().item()
+        counts, k = self.counts.view(self.codebooks, -1), self.codebook_size
+        probs = counts.double() / counts.sum(dim=1, keepdim=True)
+        entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum(dim=1)  # per codebook
         tokens = self.grid[0] * self.grid[1]
         rfid = None
         if self.fid is not None:
@@ -136,15 +139,16 @@ class Scores:
             "num_images": self.num_images,
             "grid_shape": self.grid,
             "codebook_size": k,
+            "codebooks": self.codebooks,
             "psnr": torch.cat(self.psnrs).mean().item(),
             "ssim": float(self.ssim.compute()),
             "lpips": torch.cat(self.lpips_values).mean().item() if self.lpips_values else None,
             "rfid": rfid,
             "codes_used": int((counts > 0).sum()),
             "codebook_usage": (counts > 0).double().mean().item(),
-            "perplexity": 2.0**entropy_bits,
-            "bits_per_image": tokens * math.log2(k),
-            "entropy_bits_per_image": tokens * entropy_bits,
+            "perplexity": (2.0**entropy_bits).mean().item(),  # per codebook, averaged
+            "bits_per_image": tokens * self.codebooks * math.log2(k),
+            "entropy_bits_per_image": tokens * entropy_bits.sum().item(),
         }
 
 
@@ -162,7 +166,8 @@ def run(argv=None) -> int:
         lpips = build_lpips(args.lpips_net).to(device)
     except RuntimeError as err:
         lpips, notes["lpips"] = None, str(err)
-    scores, skipped = Scores(model.quantizer.num_embeddings, device, lpips, fid), []
+    codebooks = math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
+    scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
     with torch.no_grad():
         for chunk in tqdm(list(batches(paths, args.batch_size)), desc="evaluate", unit="batch"):
             images, _, chunk_skipped = prepare_batch(args.data, chunk, size)

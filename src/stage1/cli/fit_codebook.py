@@ -83,13 +83,14 @@ def run(argv=None) -> int:
         if info.is_main:
             model.save_pretrained(args.out)
             record = {"model": str(args.model), "data": str(args.data), "images": len(order), "image_size": size,
-                      "tokens": int(result.counts.sum()), "codebook_size": model.quantizer.num_embeddings,
-                      "iters": args.iters, "distortion": result.distortion, "reseeded": result.reseeded,
-                      "codes_used": int((result.counts > 0).sum()), "skipped_on_rank0": skipped}
+                      "tokens": result.tokens, "codebook_size": model.quantizer.num_embeddings,
+                      "codebooks": len(result.results), "iters": args.iters, "distortion": result.distortion,
+                      "kmeans_distortion": [r.distortion for r in result.results], "reseeded": result.reseeded,
+                      "codes_used": result.codes_used, "skipped_on_rank0": skipped}
             write_json(os.path.join(args.out, "codebook_fit.json"), record)
-            print(f"fitted {record['codebook_size']} codes to {record['tokens']} latent tokens of {len(order)} images: "
-                  f"distortion {result.distortion[0]:.4f} (seeds) -> {result.distortion[-1]:.4f}, "
-                  f"{record['codes_used']} codes used; wrote {args.out}")
+            print(f"fitted {record['codebooks']} codebook(s) of {record['codebook_size']} codes to {result.tokens} "
+                  f"latent tokens of {len(order)} images: squared error per token {result.distortion:.4f}, "
+                  f"{result.codes_used} codes used; wrote {args.out}")
     finally:
         distributed.teardown()
     return 0

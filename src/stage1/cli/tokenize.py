@@ -3,8 +3,9 @@
     vqrae-tokenize --model results/quickstart/final --data assets --out tokens/
     torchrun --standalone --nproc_per_node=8 -m stage1.cli.tokenize --model ... --data ... --out ...
 
-SHARD_DIR/shard-00000.npy holds the codes of up to --shard-size images, shape (n, h, w), in the smallest
-unsigned integer type that holds the codebook size; shard-00000.json lists its images. manifest.json
+SHARD_DIR/shard-00000.npy holds the codes of up to --shard-size images, shape (n, h, w) ((n, h, w, L) for
+residual / grouped quantizers: L codes per token), in the smallest unsigned integer type that holds the codebook
+size; shard-00000.json lists its images. manifest.json
 gathers model, codebook size, grid shape, image size and, for every image, its relative path, shard and
 row. Run it again after an interruption: finished shards are kept and only the rest is computed, giving
 the same bytes as an uninterrupted run. Shards are dealt to torchrun ranks round-robin.
@@ -79,7 +80,8 @@ def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, 
             with torch.no_grad(), autocast(device, args.precision):
                 codes.append(model.encode_to_indices(images.to(device)).cpu())
     grid = (model.grid_size, model.grid_size) if model.grid_size else (size // model.encoder.patch_size,) * 2
-    array = torch.cat(codes).numpy() if codes else np.zeros((0, *grid), dtype=np.int64)
+    empty = (0, *grid, *model.quantizer.index_suffix)
+    array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
 
 
@@ -150,19 +152,20 @@ def _shard_done(out: str, i: int) -> bool:
 
 
 def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int) -> dict:
-    images, skipped, grid, dtype = [], [], None, None
+    images, skipped, index_shape, dtype = [], [], None, None
     for i in range(num_shards):
         with open(os.path.join(out, shard_name(i) + ".json")) as f:
             listing = json.load(f)
         array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
-        grid, dtype = list(array.shape[1:]), str(array.dtype)
+        index_shape, dtype = list(array.shape[1:]), str(array.dtype)
         images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row} for row, p in enumerate(listing["images"])]
         skipped += listing["skipped"]
     manifest = {
         "model": record["model"],
         "encoder": model.config.encoder.path,
         "codebook_size": record["codebook_size"],
-        "grid_shape": grid,
+        "grid_shape": index_shape[:2],
+        "index_shape": index_shape,  # per image: the grid, then the codes per token of residual / grouped kinds
         "image_size": size,
         "dtype": dtype,
         "num_images": len(images),
