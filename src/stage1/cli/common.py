@@ -19,6 +19,11 @@ class CLIError(Exception):
     """Bad input to a command: printed as one line, exit code 2."""
 
 
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command's parser, its module docstring as the help text (examples kept as written)."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),

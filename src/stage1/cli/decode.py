@@ -8,7 +8,6 @@ grid shape): that is checked against manifest.json before any work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -18,13 +17,12 @@ from tqdm import tqdm
 
 from ..images import save_png
 from ..precision import autocast
-from .common import CLIError, add_runtime_args, batches, load_model, run_cli
+from .common import CLIError, add_runtime_args, batches, command_parser, load_model, run_cli
 from .tokenize import MANIFEST
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-decode", __doc__)
     parser.add_argument("--model", required=True, help="the model the shards were made with (directory or Hub id)")
     parser.add_argument("--encoder-path", default=None, help="local directory of the frozen encoder, if needed")
     parser.add_argument("--tokens", required=True, help="folder written by vqrae-tokenize")

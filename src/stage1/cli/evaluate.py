@@ -12,7 +12,6 @@ other metrics still run. FID's Inception weights can be given as a local file wi
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -30,6 +29,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
@@ -38,8 +38,7 @@ from .common import (
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-evaluate", __doc__)
     add_model_args(parser)
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")

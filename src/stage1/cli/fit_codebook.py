@@ -13,7 +13,6 @@ OUT/codebook_fit.json records the fit.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -28,6 +27,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
@@ -36,8 +36,7 @@ from .common import (
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-fit-codebook", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-fit-codebook", __doc__)
     add_model_args(parser)
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")

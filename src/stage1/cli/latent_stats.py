@@ -9,8 +9,6 @@ The output (`mean`, `var`, `count`) is what VQRAE(normalization_stat_path=...) r
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -19,7 +17,7 @@ from ..atomic import atomic_path
 from ..data import find_images
 from ..encoders import ENCODERS, build_encoder
 from ..precision import autocast
-from .common import CLIError, add_runtime_args, batches, prepare_batch, resolve_device, run_cli
+from .common import CLIError, add_runtime_args, batches, command_parser, prepare_batch, resolve_device, run_cli
 
 
 class RunningMoments:
@@ -49,8 +47,7 @@ class RunningMoments:
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-latent-stats", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-latent-stats", __doc__)
     parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
     parser.add_argument("--encoder-cls", default="Dinov2withNorm", choices=sorted(ENCODERS))
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -19,6 +18,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    command_parser,
     load_model,
     model_image_size,
     prepare,
@@ -27,8 +27,7 @@ from .common import (
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-reconstruct", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-reconstruct", __doc__)
     add_model_args(parser)
     parser.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     parser.add_argument("--out", required=True, help="PNG to write: one row per image, original | reconstruction")

@@ -13,7 +13,6 @@ the same bytes as an uninterrupted run. Shards are dealt to torchrun ranks round
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -30,6 +29,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
@@ -58,8 +58,7 @@ def shard_name(i: int) -> str:
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="vqrae-tokenize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("vqrae-tokenize", __doc__)
     add_model_args(parser)
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
