@@ -19,20 +19,18 @@ from .kmeans import KMeansResult
 
 @torch.no_grad()
 def sample_latents(model, batches: Iterable[torch.Tensor], tokens_per_image: int, generator: torch.Generator,
-                   precision_context=None, show_progress: bool = True) -> tuple[torch.Tensor, int]:
-    """Up to `tokens_per_image` random latent tokens of each image, as the quantizer sees them (normalised), and
-    the number of tokens per image."""
+                   precision_context=None, show_progress: bool = True) -> torch.Tensor:
+    """Up to `tokens_per_image` random latent tokens of each image, as the quantizer sees them (normalised)."""
     from contextlib import nullcontext
 
-    rows, per_image = [], 0
+    rows = []
     for images in tqdm(batches, desc="latents for the codebook fit", unit="batch", disable=not show_progress):
         with precision_context or nullcontext():
             tokens, _ = model.encode_tokens(images)
-        per_image = tokens.shape[1]
-        take = min(tokens_per_image, per_image)
+        take = min(tokens_per_image, tokens.shape[1])
         picks = torch.rand(tokens.shape[:2], generator=generator).argsort(dim=1)[:, :take].to(tokens.device)
         rows.append(tokens.float().gather(1, picks.unsqueeze(-1).expand(-1, -1, tokens.shape[2])).flatten(0, 1))
-    return torch.cat(rows), per_image
+    return torch.cat(rows)
 
 
 @dataclass
@@ -72,7 +70,7 @@ def fit_codebook(model, batches: Iterable[torch.Tensor], tokens_per_image: int, 
     was_training = model.training
     model.eval()
     try:
-        latents, _ = sample_latents(model, batches, tokens_per_image, generator, precision_context, show_progress)
+        latents = sample_latents(model, batches, tokens_per_image, generator, precision_context, show_progress)
     finally:
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)

@@ -86,8 +86,6 @@ def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, po
     local = samples[torch.randperm(samples.shape[0], generator=generator)[:per_rank].to(samples.device)]
     centroids = seed_kmeans_pp(gather_rows(local), k, generator, seed_rounds, max_distances)
     centroids = broadcast_from_main(centroids.contiguous())
-    total = torch.tensor([float(samples.shape[0])], device=samples.device)
-    all_reduce_sum(total)
     distortion, reseeded = [], 0
     for iteration in range(iters + 1):  # iters updates; the last assignment gives the final counts
         indices, distances = assign(samples, centroids, max_distances)
@@ -96,7 +94,7 @@ def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, po
         sums.index_add_(0, indices, samples.double())
         spent = distances.double().sum().reshape(1)
         all_reduce_sum(counts, sums, spent)
-        distortion.append(float(spent / total))
+        distortion.append(float(spent / counts.sum()))  # counts sum to the samples of all ranks
         if progress is not None:
             progress(iteration, distortion[-1])
         if iteration == iters:

@@ -193,12 +193,11 @@ class VectorQuantizer(nn.Module):
     def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list:
         """k-means of samples (M, D) on every rank together -> the codebook, cluster sizes in hits per update of
         `tokens_per_update` tokens (summed over ranks). Returns [KMeansResult]."""
-        flat = self._flatten(samples)
-        total = torch.tensor([float(flat.shape[0])], device=flat.device)
-        all_reduce_sum(total)
         k, chunk = self.num_embeddings, self.max_distances_per_chunk
-        result = fit_kmeans(flat, k, iters=iters, seed=seed, max_distances=chunk, spherical=self.cosine)
-        self.set_codebook(result.centroids, result.counts * (tokens_per_update / total.item()))
+        result = fit_kmeans(self._flatten(samples), k, iters=iters, seed=seed, max_distances=chunk,
+                            spherical=self.cosine)
+        # The counts are over all ranks' samples: their shares of an update's tokens are the per-update hits.
+        self.set_codebook(result.centroids, result.counts * (tokens_per_update / result.counts.sum().item()))
         return [result]
 
     @torch.no_grad()

@@ -275,10 +275,10 @@ class Trainer:
         center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
         loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
                             num_workers=self.cfg.data.num_workers, generator=torch.Generator())
-        side = self.model.grid_size or self.cfg.image_size // self.model.encoder.patch_size
         result = fit_codebook(
             self.model, (batch["image"].to(self.device) for batch in loader), c.tokens_per_image, c.iters,
-            tokens_per_update=t.batch_size * info.world_size * side * side, seed=self.cfg.seed,
+            tokens_per_update=t.batch_size * info.world_size * self.model.grid_side(self.cfg.image_size) ** 2,
+            seed=self.cfg.seed,
             precision_context=autocast(self.device, self.precision), show_progress=info.is_main,
         )
         summary = {"codebook_fit": True, "tokens": result.tokens, "distortion": result.distortion,

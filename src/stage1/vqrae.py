@@ -106,6 +106,10 @@ class VQRAE(nn.Module):
         size = self.config.encoder.input_size
         return None if size is None else size // self.encoder.patch_size
 
+    def grid_side(self, image_size: int) -> int:
+        """Codes per side for square images of `image_size` pixels (resized to encoder.input_size if set)."""
+        return self.grid_size or image_size // self.encoder.patch_size
+
     @property
     def image_size(self) -> int | None:
         """Side of the images this model paints natively (None when encoder.input_size is None)."""

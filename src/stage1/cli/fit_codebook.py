@@ -73,10 +73,9 @@ def run(argv=None) -> int:
                 if x is not None:
                     yield x.to(info.device)
 
-        side = model.grid_size or size // model.encoder.patch_size
         result = fit_codebook(
             model, images(), args.tokens_per_image, args.iters,
-            tokens_per_update=args.batch_size * info.world_size * side * side, seed=args.seed,
+            tokens_per_update=args.batch_size * info.world_size * model.grid_side(size) ** 2, seed=args.seed,
             precision_context=autocast(info.device, args.precision), show_progress=info.is_main,
         )
         if info.is_main:

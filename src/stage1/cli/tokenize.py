@@ -78,8 +78,7 @@ def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, 
         if images is not None:
             with torch.no_grad(), autocast(device, args.precision):
                 codes.append(model.encode_to_indices(images.to(device)).cpu())
-    grid = (model.grid_size, model.grid_size) if model.grid_size else (size // model.encoder.patch_size,) * 2
-    empty = (0, *grid, *model.quantizer.index_suffix)
+    empty = (0, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
 
