@@ -66,3 +66,9 @@ def test_bad_decoder_configs(tmp_path):
         load_decoder_config({"hidden_size": -8})
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
         load_decoder_config({"hidden_size": 64, "num_attention_heads": 5})
+    with pytest.raises(ValueError, match=r"decoder.pos_embed must be one of \('learned', 'fixed'\), got 'rope'"):
+        load_decoder_config({"pos_embed": "rope"})
+    with pytest.raises(ValueError, match="decoder.pixel_space must be one of"):
+        load_decoder_config({"pixel_space": "srgb"})
+    with pytest.raises(ValueError, match="decoder.layer_norm_eps must be a positive number"):
+        load_decoder_config({"layer_norm_eps": 0})

@@ -110,6 +110,8 @@ def test_a_flat_config_written_by_vqrae_0_1_still_loads(dinov2_dir, tmp_path):
                 recon_loss="l1")
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(flat))
     loaded = VQRAE.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.config == model.config
+    # vqrae 0.1 resized with antialiasing; such a file keeps doing so.
+    assert loaded.config == dataclasses.replace(model.config,
+                                                encoder=dataclasses.replace(model.config.encoder, antialias=True))
     x = smooth_images(2)
     assert torch.equal(loaded(x), model(x))

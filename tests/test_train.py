@@ -194,8 +194,8 @@ def test_bf16_autocast_training_on_cpu(train_images, tmp_path):
 
 
 HUB_ENCODERS = [
-    ("dinov2_b", "facebook/dinov2-base"),
-    ("dinov2_reg_b", "facebook/dinov2-with-registers-base"),
+    ("dinov2_b", "facebook/dinov2-with-registers-base"),
+    ("dinov2_plain_b", "facebook/dinov2-base"),
     ("siglip2_b", "google/siglip2-base-patch16-256"),
     ("mae_b", "facebook/vit-mae-base"),
 ]

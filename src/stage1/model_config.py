@@ -57,7 +57,8 @@ class EncoderConfig(ConfigSection):
     section = "encoder"
     cls: str = "Dinov2withNorm"  # a name in stage1.encoders.ENCODERS
     path: str = "facebook/dinov2-base"  # Hub id or local directory (config.json + weights)
-    input_size: int | None = 224  # images are resized to this for the encoder; None: used as given
+    input_size: int | None = 224  # images are resized to this for the encoder (bicubic); None: used as given
+    antialias: bool = False  # antialias that resize (RAE does not: its latents, stats and decoders are without)
     params: dict = field(default_factory=dict)  # extra arguments of the encoder class, e.g. {"normalize": False}
 
     def __post_init__(self):
@@ -66,11 +67,14 @@ class EncoderConfig(ConfigSection):
             raise ValueError(f"encoder.path must be a Hub id or a local directory, got {self.path!r}")
         if self.input_size is not None and not _positive_int(self.input_size):
             raise ValueError(f"encoder.input_size must be a positive integer or null, got {self.input_size!r}")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"encoder.antialias must be true or false, got {self.antialias!r}")
         if not isinstance(self.params, dict):
             raise ValueError(f"encoder.params must be a mapping, got {self.params!r}")
 
 
-QUANTIZER_KINDS = ("single", "residual", "grouped")  # one codebook; `depth` levels on residuals; `groups` of channels
+# one codebook; `depth` levels on residuals; `groups` of channels; no codebook (continuous: VQRAE is RAE)
+QUANTIZER_KINDS = ("single", "residual", "grouped", "none")
 
 
 @dataclass
@@ -113,6 +117,10 @@ class QuantizerConfig(ConfigSection):
             raise ValueError(f"quantizer.kmeans_iters must be a positive integer, got {self.kmeans_iters!r}")
 
 
+POS_EMBEDS = ("learned", "fixed")
+PIXEL_SPACES = ("centered", "encoder")
+
+
 @dataclass
 class DecoderConfig(ConfigSection):
     """ViT decoder sizes. The presets are configs/decoder/*.yaml (hydra's decoder group): the one source."""
@@ -124,6 +132,11 @@ class DecoderConfig(ConfigSection):
     intermediate_size: int
     patch_size: int  # pixels per token side: the decoder paints grid * patch_size pixels
     qkv_bias: bool = True
+    cls_token: bool = False  # a trainable token in front of the latent tokens, dropped at the head (RAE: true)
+    pos_embed: str = "learned"  # 2-D sin-cos, "learned" from there or "fixed" (RAE)
+    layer_norm_eps: float = 1e-5  # RAE's decoders: 1e-12
+    pixel_space: str = "centered"  # what the head emits: "centered" x * 0.5 + 0.5 = image; "encoder" (RAE): the
+    # encoder's normalised input, x * image_std + image_mean = image
 
     def __post_init__(self):
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size"):
@@ -137,6 +150,11 @@ class DecoderConfig(ConfigSection):
             )
         if self.hidden_size % 4:
             raise ValueError(f"decoder.hidden_size must be divisible by 4 (2-D sin-cos init), got {self.hidden_size}")
+        for name, allowed in (("pos_embed", POS_EMBEDS), ("pixel_space", PIXEL_SPACES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"decoder.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"decoder.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
 
 
 def _read_mapping(path: str) -> dict:
@@ -197,6 +215,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "encoder_input_size": ("encoder", "input_size"),
     "encoder_params": ("encoder", "params"),
     "decoder_patch_size": ("decoder", "patch_size"),
+    "quantizer_kind": ("quantizer", "kind"),
     "num_embeddings": ("quantizer", "num_embeddings"),
     "commitment_cost": ("quantizer", "commitment_cost"),
     "vq_decay": ("quantizer", "decay"),
@@ -213,13 +232,29 @@ LEGACY_TRAINING_KEYS = ("recon_loss", "dead_code_threshold")
 SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig}
 
 
+def read_config_file(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def written_before_rae_layout(values: dict) -> bool:
+    """config.json files of vqrae 0.2 and before lack decoder.pixel_space. Their models resized images with
+    antialiasing and fed the decoder the normalised latent (now it gets the raw one, as RAE's decoders do)."""
+    decoder = values.get("decoder")
+    return not (isinstance(decoder, dict) and "pixel_space" in decoder)
+
+
 @dataclass
 class VQRAEConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     decoder: DecoderConfig = field(default_factory=lambda: load_decoder_config("vit_b"))
-    noise_tau: float = 0.0  # RAE's decoder-input noise: sigma ~ U(0, noise_tau) per image, in training only
-    normalization_stat_path: str | None = None  # per-channel latent mean/var (safetensors); saved into the weights
+    noise_tau: float = 0.0  # RAE's latent noise: sigma ~ U(0, noise_tau) per image, on the raw latent, in training
+    normalization_stat_path: str | None = None  # latent mean/var, [C] or [C, h, w] (safetensors or RAE's stat.pt);
+    # saved into the weights
     reshape_to_2d: bool = True  # encode() returns (B, C, h, w); False: (B, N, C) tokens
     quantize_before_reshape: bool = False  # RAE/VQRAE configs carry it; the quantizer always sees tokens, so same codes
 
@@ -260,12 +295,11 @@ class VQRAEConfig:
 
     @classmethod
     def load(cls, path: str) -> "VQRAEConfig":
-        with open(path) as f:
-            try:
-                values = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(values, where=f"{path}: ")
+        values = read_config_file(path)
+        config = cls.from_dict(values, where=f"{path}: ")
+        if written_before_rae_layout(values) and "antialias" not in (values.get("encoder") or {}):
+            config.encoder = dataclasses.replace(config.encoder, antialias=True)  # how those models resized
+        return config
 
     def with_keywords(self, **keywords) -> "VQRAEConfig":
         """A copy with values given by VQRAE's flat keyword names, e.g. encoder_config_path=<local dir>."""

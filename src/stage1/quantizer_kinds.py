@@ -5,6 +5,7 @@
                quantizes z - (q_1 + ... + q_{l-1})
     grouped    channels split into `groups` equal    indices (..., groups) product of per-group codes
                slices, each with its own codebook
+    none       no codebook: the latent passes as it is  no indices          continuous (VQRAE is then RAE)
 
 Each level is a VectorQuantizer with its own EMA statistics, restarts and first-batch initialisation, so every
 guarantee of the single codebook (exact fp32 search, fp32 statistics, identical codebooks on every rank) holds
@@ -126,8 +127,30 @@ class GroupedQuantizer(nn.Module):
                 for r in level.fit(part, iters, tokens_per_update, seed + i)]
 
 
+class NoQuantizer(nn.Module):
+    """kind=none, the continuous model: the latent goes to the decoder as it is, and there are no codes."""
+
+    index_suffix: tuple[int, ...] = ()
+
+    def __init__(self, config: QuantizerConfig, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = 0, embedding_dim
+
+    def forward(self, z: torch.Tensor):
+        zero = z.new_zeros((), dtype=torch.float32)
+        return z, {"vq_loss": zero, "commitment_loss": zero, "codebook_loss": zero}, None
+
+    def encode(self, *args, **kwargs):
+        raise ValueError("this model is continuous (quantizer.kind='none'): it has no codes to encode to or decode "
+                         "from; use encode() / decode() for its latents, or build it with a codebook")
+
+    lookup = fit = encode
+
+
 def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
     """The quantizer of config.kind for latents of embedding_dim channels."""
+    if config.kind == "none":
+        return NoQuantizer(config, embedding_dim)
     if config.kind == "residual":
         return ResidualQuantizer(config, embedding_dim)
     if config.kind == "grouped":
@@ -135,4 +158,4 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
     return VectorQuantizer.from_config(config, embedding_dim)
 
 
-__all__ = ["ResidualQuantizer", "GroupedQuantizer", "build_quantizer"]
+__all__ = ["ResidualQuantizer", "GroupedQuantizer", "NoQuantizer", "build_quantizer"]

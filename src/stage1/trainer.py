@@ -35,6 +35,7 @@ from .images import psnr, save_png
 from .losses import LossConfig, VQRAELoss
 from .model_config import VQRAEConfig
 from .precision import autocast, resolve_precision
+from .rae import load_rae_decoder
 from .tiny import write_stand_in_encoder
 from .train_checkpoint import (
     DISCRIMINATOR_NAME,
@@ -112,7 +113,10 @@ class Trainer:
         # Same seed on every rank while building, so all ranks start from identical weights and codebook, and a
         # resumed run rebuilds what checkpoints do not hold (a random LPIPS backbone) identically.
         torch.manual_seed(cfg.seed)
-        self.model = VQRAE(model_cfg).to(self.device)
+        self.model = VQRAE(model_cfg)
+        if cfg.init.decoder is not None:
+            load_rae_decoder(self.model.decoder, cfg.init.decoder)
+        self.model.to(self.device)
         self.model.decoder.gradient_checkpointing = bool(cfg.train.grad_checkpointing)
         self.loss = VQRAELoss(loss_cfg).to(self.device)
         self._build_optimizers()
@@ -192,7 +196,8 @@ class Trainer:
                 )
             self.scaler.scale(total / accum).backward()
             pairs.append((x, x_rec.detach()))
-            accumulate(logs, {**terms, **{k: model_losses[k] for k in QUANTIZER_LOGS}, "loss": total}, accum)
+            quantizer_logs = {k: model_losses[k] for k in QUANTIZER_LOGS if k in model_losses}  # none: losses only
+            accumulate(logs, {**terms, **quantizer_logs, "loss": total}, accum)
         return logs, pairs
 
     def _generator_update(self, logs: dict) -> bool:
@@ -235,7 +240,7 @@ class Trainer:
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
         first_step = self.step
-        if self.step == 0 and self.cfg.codebook_fit.images > 0:
+        if self.step == 0 and self.cfg.codebook_fit.images > 0 and self.model.config.quantizer.kind != "none":
             self._fit_codebook()
         self.model.train()
         while self.step < stop:
@@ -432,12 +437,13 @@ class Trainer:
         return final
 
     def _report_reconstructions(self, final: str, images: torch.Tensor) -> None:
-        """Reload the exported model and put it through codes -> pixels: PSNR per image and a grid."""
+        """Reload the exported model and put it through codes -> pixels (the latent, if continuous): PSNR per image
+        and a grid."""
         model = VQRAE.from_pretrained(final).to(self.device).eval()
-        with torch.no_grad():
-            rec = model.decode_from_indices(model.encode_to_indices(images), output_size=images.shape[-2:]).float()
+        rec = model.reconstruct(images, output_size=images.shape[-2:])[0].float()
         scores = psnr(rec, images)
-        print(f"reconstructions of {len(images)} images by {final} (codes -> pixels):")
+        path_name = "codes" if model.config.quantizer.kind != "none" else "latent"
+        print(f"reconstructions of {len(images)} images by {final} ({path_name} -> pixels):")
         for name, score in zip(self.dataset.paths[: len(images)], scores.tolist(), strict=True):
             print(f"  {name:32s} PSNR {score:6.2f} dB")
         print(f"  mean PSNR {scores.mean():.2f} dB")

@@ -29,8 +29,9 @@ from transformers.utils import cached_file
 from .atomic import atomic_path, write_json
 from .decoder import ViTDecoder
 from .encoders import build_encoder
+from .latent_stats import read_latent_stats
 from .losses import reconstruction_loss
-from .model_config import VQRAEConfig
+from .model_config import VQRAEConfig, read_config_file, written_before_rae_layout
 from .quantizer_kinds import build_quantizer
 
 CONFIG_NAME = "config.json"
@@ -40,20 +41,14 @@ RANGE_TOLERANCE = 1e-3  # interpolation overshoot of a few 1e-4 is not a user er
 DEFAULT_GRID_IMAGE = 224  # with encoder.input_size None, the decoder's position grid is sized for 224 px
 
 
-def read_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std from a safetensors file holding `mean` and `var` (or `std`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"normalization_stat_path '{path}' does not exist")
-    stats = load_file(path)
-    if "mean" not in stats or not ({"var", "std"} & set(stats)):
-        raise ValueError(f"{path} must hold tensors 'mean' and 'var' (or 'std'); found {sorted(stats)}")
-    mean = stats["mean"].float().flatten()
-    std = stats["std"].float().flatten() if "std" in stats else (stats["var"].float().flatten() + 1e-6).sqrt()
-    if mean.numel() != channels or std.numel() != channels:
-        raise ValueError(
-            f"{path} holds statistics for {mean.numel()} channels, but the encoder has {channels} channels"
-        )
-    return mean, std
+def decoder_on_raw_latents(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights of vqrae 0.2 and before, whose decoder took the normalised latent, rewritten for a decoder that takes
+    the raw one: embed((z - m) / s) = (W / s) z + (b - (W / s) m), the same function."""
+    if "decoder.embed.weight" not in state or "latent_std" not in state or state["latent_std"].dim() != 1:
+        return state
+    weight = state["decoder.embed.weight"] / state["latent_std"]
+    bias = state["decoder.embed.bias"] - weight @ state["latent_mean"]
+    return {**state, "decoder.embed.weight": weight, "decoder.embed.bias": bias}
 
 
 # ---- layouts: only the public methods convert ------------------------------------------------------------------
@@ -90,15 +85,23 @@ class VQRAE(nn.Module):
         if encoder.input_size is not None:
             self.encoder.check_fits("encoder_input_size", encoder.input_size)
         channels = self.encoder.hidden_size
-        mean, std = torch.zeros(channels), torch.ones(channels)
-        if config.normalization_stat_path is not None:
-            mean, std = read_latent_stats(config.normalization_stat_path, channels)
-        # Saved with the weights, so a checkpoint does not need the stats file any more.
-        self.register_buffer("latent_mean", mean)
-        self.register_buffer("latent_std", std)
+        self.set_latent_stats(*(read_latent_stats(config.normalization_stat_path, channels)
+                                if config.normalization_stat_path is not None else
+                                (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
         grid = self.grid_size or DEFAULT_GRID_IMAGE // self.encoder.patch_size
         self.decoder = ViTDecoder(channels, config.decoder, grid_size=grid)
+
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The latent normalisation, (C,) per channel or (h * w, C) per position (for the encoder's own grid).
+        Buffers, saved with the weights, so a checkpoint does not need the stats file any more."""
+        channels, grid = self.encoder.hidden_size, self.grid_size
+        allowed = [(channels,)] + ([(grid * grid, channels)] if grid else [])
+        if tuple(mean.shape) not in allowed or mean.shape != std.shape:
+            raise ValueError(f"latent statistics of shape {tuple(mean.shape)} / {tuple(std.shape)} do not fit this "
+                             f"model: expected one of {allowed} (per channel, or per position of its grid)")
+        self.register_buffer("latent_mean", mean.float())
+        self.register_buffer("latent_std", std.float())
 
     @property
     def grid_size(self) -> int | None:
@@ -154,16 +157,37 @@ class VQRAE(nn.Module):
     # ---- the data path, in tokens ----------------------------------------------------------------------------
     def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images in [0, 1] (already checked) -> normalised latent tokens (B, N, C) and their grid (h, w)."""
-        size = self.config.encoder.input_size
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        encoder = self.config.encoder
+        if encoder.input_size is not None and tuple(x.shape[-2:]) != (encoder.input_size,) * 2:
+            x = F.interpolate(x, size=encoder.input_size, mode="bicubic", align_corners=False,
+                              antialias=encoder.antialias)
         tokens = self.encoder(x)
-        tokens = (tokens - self.latent_mean.to(tokens.dtype)) / self.latent_std.to(tokens.dtype)
         p = self.encoder.patch_size
-        return tokens, (x.shape[-2] // p, x.shape[-1] // p)
+        return self.normalize(tokens), (x.shape[-2] // p, x.shape[-1] // p)
 
-    def _decode_tokens(self, tokens, grid, output_size=None, clamp: bool = True) -> torch.Tensor:
-        x = self.decoder(tokens, grid) * 0.5 + 0.5
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raw encoder tokens (B, N, C) -> the normalised latent the quantizer sees (and RAE's diffusion model)."""
+        if self.latent_mean.dim() == 2 and tokens.shape[1] != self.latent_mean.shape[0]:
+            raise ValueError(f"per-position latent statistics are for {self.latent_mean.shape[0]} tokens, got "
+                             f"{tokens.shape[1]}: use images of the size they were computed at")
+        return (tokens - self.latent_mean.to(tokens.dtype)) / self.latent_std.to(tokens.dtype)
+
+    def denormalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The inverse of normalize: what the decoder takes, as RAE's decoders do."""
+        return tokens * self.latent_std.to(tokens.dtype) + self.latent_mean.to(tokens.dtype)
+
+    def _decode_tokens(self, tokens, grid, output_size=None, clamp: bool = True, noise_tau: float = 0.0):
+        """Normalised latent tokens -> images in [0, 1] (clamped unless asked not to)."""
+        latent = self.denormalize(tokens)
+        if noise_tau > 0:
+            # RAE's latent noise, on the raw latent: sigma ~ U(0, noise_tau) per image.
+            sigma = torch.rand(latent.shape[0], 1, 1, device=latent.device) * noise_tau
+            latent = latent + sigma.to(latent.dtype) * torch.randn_like(latent)
+        x = self.decoder(latent, grid)
+        if self.config.decoder.pixel_space == "encoder":
+            x = x * self.encoder.image_std.to(x.dtype) + self.encoder.image_mean.to(x.dtype)
+        else:
+            x = x * 0.5 + 0.5
         if output_size is not None and tuple(x.shape[-2:]) != tuple(output_size):
             x = F.interpolate(x, size=tuple(output_size), mode="bicubic", align_corners=False, antialias=True)
         return x.clamp(0.0, 1.0) if clamp else x
@@ -172,11 +196,8 @@ class VQRAE(nn.Module):
         self.check_images(x, values=not self.training)  # no host sync per training step
         tokens, grid = self.encode_tokens(x)
         z_q, vq_losses, _ = self.quantizer(tokens)
-        if self.training and self.config.noise_tau > 0:
-            # RAE-style decoder noise: sigma ~ U(0, noise_tau) per image, after quantization.
-            sigma = torch.rand(z_q.shape[0], 1, 1, device=z_q.device) * self.config.noise_tau
-            z_q = z_q + sigma.to(z_q.dtype) * torch.randn_like(z_q)
-        raw = self._decode_tokens(z_q, grid, output_size=x.shape[-2:], clamp=False)
+        raw = self._decode_tokens(z_q, grid, output_size=x.shape[-2:], clamp=False,
+                                  noise_tau=self.config.noise_tau if self.training else 0.0)
         x_rec = raw if self.training else raw.clamp(0.0, 1.0)
         if not return_loss:
             return x_rec
@@ -201,6 +222,17 @@ class VQRAE(nn.Module):
         grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
         tokens = self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
         return self._decode_tokens(tokens, grid, output_size=output_size)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, output_size=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images in [0, 1] -> (reconstructions in [0, 1], codes): through the codes (as encode_to_indices gives
+        them) when the model has a codebook; through the continuous latent, with codes None, when it has none."""
+        if self.config.quantizer.kind != "none":
+            codes = self.encode_to_indices(x)
+            return self.decode_from_indices(codes, output_size=output_size), codes
+        self.check_images(x)
+        tokens, grid = self.encode_tokens(x)
+        return self._decode_tokens(tokens, grid, output_size=output_size), None
 
     # ---- the same path in steps, in encode()'s layout --------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,12 +286,17 @@ class VQRAE(nn.Module):
         "ema.safetensors" for its EMA weights) or a Hub repo id. Keywords (VQRAE's flat names) replace config
         values, e.g. encoder_config_path=<local dir> where the referenced Hub encoder is not available offline."""
         path = os.fspath(path)
-        config = VQRAEConfig.load(cls._resolve(path, CONFIG_NAME))
+        config_file = cls._resolve(path, CONFIG_NAME)
+        config = VQRAEConfig.load(config_file)
         weights_file = cls._resolve(path, weights_name)
         if config.encoder.path == ENCODER_SUBDIR and os.path.isdir(os.path.join(path, ENCODER_SUBDIR)):
             config.encoder = dataclasses.replace(config.encoder, path=os.path.join(path, ENCODER_SUBDIR))
         model = cls(config.with_keywords(**keywords))
         state = load_file(weights_file)
+        if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
+            model.set_latent_stats(state["latent_mean"], state["latent_std"])
+        if written_before_rae_layout(read_config_file(config_file)):
+            state = decoder_on_raw_latents(state)
         expected = model.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -274,6 +311,25 @@ class VQRAE(nn.Module):
                 f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
             )
         model.load_state_dict(state, strict=False)
+        return model
+
+    @classmethod
+    def from_rae(cls, decoder_path: str, decoder_config_path: str, normalization_stat_path: str | None = None,
+                 decoder_patch_size: int = 16, **keywords) -> "VQRAE":
+        """A model around one of RAE's released decoders: its weights (`model.pt`, or safetensors), its decoder
+        config (a ViT-MAE config.json or its directory) and the latent statistics it was trained with (`stat.pt`),
+        as RAE's stage-1 YAML names them. Keywords are VQRAE's (encoder_cls, encoder_config_path, ...); by default
+        RAE's: DINOv2-B with registers at 224 px, and no codebook (quantizer_kind="none"), so the model is RAE.
+        Give num_embeddings (and quantizer_kind for residual / grouped) to put a codebook in front of the decoder."""
+        from .rae import load_rae_decoder, rae_decoder_config
+
+        kind = keywords.pop("quantizer_kind", "single" if "num_embeddings" in keywords else "none")
+        keywords = {"encoder_config_path": "facebook/dinov2-with-registers-base", **keywords}
+        config = VQRAEConfig.from_kwargs(quantizer_kind=kind, normalization_stat_path=normalization_stat_path,
+                                         **keywords)
+        config.decoder = rae_decoder_config(decoder_config_path, decoder_patch_size)
+        model = cls(config)
+        load_rae_decoder(model.decoder, decoder_path)
         return model
 
     @staticmethod

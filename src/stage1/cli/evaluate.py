@@ -3,11 +3,13 @@
     vqrae-evaluate --model results/quickstart/final --data assets --out eval/ [--limit 50000]
         [--fid-weights pt_inception-2015-12-05.pth]
 
-Images go through the tokenizer (codes -> pixels). Writes OUT/results.json with PSNR, SSIM (torchmetrics),
-LPIPS (lpips), rFID (torchmetrics / torch-fidelity), codebook usage (codes used / K over the whole set),
-perplexity, bits per image, and OUT/code_usage.png (code frequencies, sorted). A metric whose weights are not
-available (LPIPS's backbone, FID's Inception: both are downloads) is null with the reason in `notes`, and the
-other metrics still run. FID's Inception weights can be given as a local file with --fid-weights.
+Images go through the tokenizer (codes -> pixels; a continuous model, quantizer.kind=none, such as a released
+RAE decoder loaded with VQRAE.from_rae, straight through its latent, with the code metrics null). Writes
+OUT/results.json with PSNR, SSIM (torchmetrics), LPIPS (lpips), rFID (torchmetrics / torch-fidelity), codebook
+usage (codes used / K over the whole set), perplexity, bits per image, and OUT/code_usage.png (code frequencies,
+sorted). A metric whose weights are not available (LPIPS's backbone, FID's Inception: both are downloads) is null
+with the reason in `notes`, and the other metrics still run. FID's Inception weights can be given as a local file
+with --fid-weights.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
         image.save(tmp, format="png")
 
 
+CODE_METRICS = ("grid_shape", "codebook_size", "codebooks", "codes_used", "codebook_usage", "perplexity",
+                "bits_per_image", "entropy_bits_per_image")
+
+
 class Scores:
     """Running reconstruction metrics and code counts over the evaluated images."""
 
@@ -105,11 +111,13 @@ class Scores:
         self.counts = torch.zeros(codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
         self.psnrs, self.lpips_values, self.grid = [], [], None
 
-    def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor) -> None:
-        self.grid = list(codes.shape[1:3])
-        offsets = torch.arange(self.codebooks) * self.codebook_size  # each codebook's codes counted apart
-        per_codebook = codes.cpu().reshape(-1, self.codebooks) + offsets
-        self.counts += torch.bincount(per_codebook.flatten(), minlength=self.counts.numel())
+    def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor | None) -> None:
+        """codes: None for a continuous model (no code metrics then)."""
+        if codes is not None:
+            self.grid = list(codes.shape[1:3])
+            offsets = torch.arange(self.codebooks) * self.codebook_size  # each codebook's codes counted apart
+            per_codebook = codes.cpu().reshape(-1, self.codebooks) + offsets
+            self.counts += torch.bincount(per_codebook.flatten(), minlength=self.counts.numel())
         self.psnrs.append(psnr(rec, x).cpu())
         self.ssim.update(rec, x)
         if self.lpips is not None:
@@ -124,25 +132,31 @@ class Scores:
 
     def results(self, notes: dict) -> dict:
         """The metrics of results.json; notes gains the reason of any metric left null."""
-        counts, k = self.counts.view(self.codebooks, -1), self.codebook_size
-        probs = counts.double() / counts.sum(dim=1, keepdim=True)
-        entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum(dim=1)  # per codebook
-        tokens = self.grid[0] * self.grid[1]
         rfid = None
         if self.fid is not None:
             if self.num_images < 2:
                 notes["rfid"] = "rFID needs at least 2 images"
             else:
                 rfid = float(self.fid.compute())
-        return {
+        quality = {
             "num_images": self.num_images,
-            "grid_shape": self.grid,
-            "codebook_size": k,
-            "codebooks": self.codebooks,
             "psnr": torch.cat(self.psnrs).mean().item(),
             "ssim": float(self.ssim.compute()),
             "lpips": torch.cat(self.lpips_values).mean().item() if self.lpips_values else None,
             "rfid": rfid,
+        }
+        if self.grid is None:  # a continuous model: no codes to count
+            notes["codes"] = "continuous model (quantizer.kind=none): no codes, so no usage, perplexity or bits"
+            return {**quality, **dict.fromkeys(CODE_METRICS)}
+        counts, k = self.counts.view(self.codebooks, -1), self.codebook_size
+        probs = counts.double() / counts.sum(dim=1, keepdim=True)
+        entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum(dim=1)  # per codebook
+        tokens = self.grid[0] * self.grid[1]
+        return {
+            **quality,
+            "grid_shape": self.grid,
+            "codebook_size": k,
+            "codebooks": self.codebooks,
             "codes_used": int((counts > 0).sum()),
             "codebook_usage": (counts > 0).double().mean().item(),
             "perplexity": (2.0**entropy_bits).mean().item(),  # per codebook, averaged
@@ -175,9 +189,8 @@ def run(argv=None) -> int:
                 continue
             x = images.to(device)
             with autocast(device, args.precision):
-                codes = model.encode_to_indices(x)
-                rec = model.decode_from_indices(codes, output_size=(size, size)).float()
-            scores.update(x, rec, codes)
+                rec, codes = model.reconstruct(x, output_size=(size, size))
+            scores.update(x, rec.float(), codes)
     if not scores.num_images:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
     results = {"model": str(args.model), "data": str(args.data), "skipped_images": skipped, "image_size": size,
@@ -185,11 +198,13 @@ def run(argv=None) -> int:
     results["notes"] = {key: value for key, value in notes.items() if value}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"), results)
-    usage_plot(scores.counts, os.path.join(args.out, "code_usage.png"))
+    if scores.grid is not None:
+        usage_plot(scores.counts, os.path.join(args.out, "code_usage.png"))
     for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image"):
         value = results[key]
         print(f"{key:16s} {'n/a (see notes in results.json)' if value is None else f'{value:.4f}'}")
-    print(f"wrote {os.path.join(args.out, 'results.json')} and code_usage.png ({scores.num_images} images)")
+    plot = " and code_usage.png" if scores.grid is not None else ""
+    print(f"wrote {os.path.join(args.out, 'results.json')}{plot} ({scores.num_images} images)")
     return 0
 
 

@@ -53,8 +53,7 @@ def run(argv=None) -> int:
                           disable=len(originals) <= args.batch_size):
             x = chunk.to(device)
             with autocast(device, args.precision):
-                codes = model.encode_to_indices(x)
-                reconstructions.append(model.decode_from_indices(codes, output_size=(size, size)).float().cpu())
+                reconstructions.append(model.reconstruct(x, output_size=(size, size))[0].float().cpu())
     reconstructions = torch.cat(reconstructions)
     for path, score in zip(args.image, psnr(reconstructions, originals).tolist(), strict=True):
         print(f"{path}: PSNR {score:.2f} dB")
