@@ -265,3 +265,35 @@ def test_training_starts_from_an_rae_decoder(train_images, tmp_path):
     assert all(torch.allclose(final[f"decoder.{k}"], v, atol=1e-8) for k, v in expected.items())
     with pytest.raises(ValueError, match="do not fit this decoder"):  # our own layout cannot take RAE's weights
         run_training(train_images, tmp_path / "bad", f"init.decoder={weights}", "train.steps=1")
+
+
+def test_latent_stats_writes_raes_stat_pt_per_position(reg_dir, tmp_path):
+    """vqrae-latent-stats --per-position --out stat.pt: RAE's format, [C, h, w] over images, read back by VQRAE."""
+    from torchvision.utils import save_image
+
+    from stage1 import build_encoder
+    from stage1.cli import latent_stats
+    from stage1.images import load_image
+
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(smooth_images(5, size=INPUT, seed=11)):
+        save_image(image, tmp_path / "images" / f"{i}.png")
+    out = tmp_path / "stat.pt"
+    argv = ["--encoder", reg_dir, "--data", str(tmp_path / "images"), "--out", str(out), "--image-size", str(INPUT),
+            "--per-position", "--batch-size", "2"]
+    assert latent_stats.main(argv) == 0
+    stats = torch.load(out, weights_only=True)
+    assert sorted(stats) == ["mean", "var"] and stats["mean"].shape == (WIDTH, GRID, GRID)
+    x = torch.stack([load_image(str(tmp_path / "images" / f"{i}.png"))[0] for i in range(5)])
+    tokens = build_encoder("Dinov2withNorm", reg_dir)(x).double()  # (5, N, C)
+    grid = tokens.permute(0, 2, 1).reshape(5, WIDTH, GRID, GRID)
+    assert torch.allclose(stats["mean"].double(), grid.mean(0), atol=1e-5)
+    assert torch.allclose(stats["var"].double(), grid.var(0, unbiased=False), atol=1e-5)
+    model = VQRAE(encoder_config_path=reg_dir, encoder_input_size=INPUT, decoder_config_path="tiny",
+                  decoder_patch_size=8, quantizer_kind="none", normalization_stat_path=str(out),
+                  reshape_to_2d=False).eval()
+    z = model.encode(x)  # standardised per position: mean 0 and variance var / (var + 1e-5) at every position
+    var = stats["var"].flatten(1).T
+    assert z.mean(0).abs().max().item() < 1e-4
+    assert torch.allclose(z.var(0, unbiased=False), var / (var + 1e-5), atol=1e-4)
+    assert latent_stats.main([*argv[:5], str(tmp_path / "stat.npy"), *argv[6:]]) == 2  # an unknown format

@@ -1,10 +1,13 @@
-"""vqrae-latent-stats: per-channel mean and variance of a frozen encoder's latents over an image folder.
+"""vqrae-latent-stats: mean and variance of a frozen encoder's latents over an image folder, per channel or (as RAE
+computes them) per channel and position.
 
-    vqrae-latent-stats --encoder facebook/dinov2-base --encoder-cls Dinov2withNorm --data /data/train \
-        --out stats.safetensors [--image-size 224] [--limit 10000]
+    vqrae-latent-stats --encoder facebook/dinov2-with-registers-base --data /data/train \
+        --out stats.safetensors [--per-position] [--image-size 224] [--limit 10000]
 
 Streaming and numerically stable (per-batch moments merged with Chan et al.'s parallel update, in float64).
-The output (`mean`, `var`, `count`) is what VQRAE(normalization_stat_path=...) reads.
+The output is what VQRAE(normalization_stat_path=...) reads, in the format its name gives: `.safetensors` (`mean`,
+`var`, `count`) or `.pt`, RAE's `stat.pt` (`mean`, `var`: a dict of tensors, as RAE's calculate_stat.py saves it).
+Shapes: [C], or [C, h, w] with --per-position.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def parse(argv):
     parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
     parser.add_argument("--encoder-cls", default="Dinov2withNorm", choices=sorted(ENCODERS))
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="safetensors file to write")
+    parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
+    parser.add_argument("--per-position", action="store_true",
+                        help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
     parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
     add_runtime_args(parser, batch_size=32)
@@ -60,11 +65,15 @@ def parse(argv):
 
 def run(argv=None) -> int:
     args = parse(argv)
+    if not args.out.endswith((".safetensors", ".pt")):
+        raise CLIError(f"--out must end in .safetensors or .pt (RAE's stat.pt format), got {args.out}")
     paths = find_images(args.data)[: args.limit]
     device = resolve_device(args.device)
     encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
     encoder.check_fits("--image-size", args.image_size)
-    moments = RunningMoments(encoder.hidden_size)
+    side, channels = args.image_size // encoder.patch_size, encoder.hidden_size
+    # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
+    moments = RunningMoments(side * side * channels if args.per_position else channels)
     skipped = 0
     for chunk in tqdm(list(batches(paths, args.batch_size)), desc="latent stats", unit="batch"):
         images, _, chunk_skipped = prepare_batch(args.data, chunk, args.image_size)
@@ -73,15 +82,22 @@ def run(argv=None) -> int:
         skipped += len(chunk_skipped)
         if images is not None:
             with autocast(device, args.precision):
-                tokens = encoder(images.to(device))
-            moments.update(tokens.float().flatten(0, 1).cpu())
+                tokens = encoder(images.to(device)).float().cpu()
+            moments.update(tokens.flatten(1) if args.per_position else tokens.flatten(0, 1))
     if moments.count == 0:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
-    stats = {"mean": moments.mean.float(), "var": moments.var.float(), "count": torch.tensor([moments.count])}
+    shape = (channels, side, side) if args.per_position else (channels,)
+    # (N * C) in token order -> [C, h, w]; per channel it is [C] already.
+    mean, var = (m.float().view(-1, channels).T.reshape(shape) for m in (moments.mean, moments.var))
     with atomic_path(args.out) as tmp:
-        save_file(stats, tmp, metadata={"encoder": str(args.encoder), "encoder_cls": args.encoder_cls,
-                                        "image_size": str(args.image_size), "images": str(len(paths) - skipped)})
-    print(f"wrote {args.out}: mean/var of {encoder.hidden_size} channels over {moments.count} tokens "
+        if args.out.endswith(".pt"):
+            torch.save({"mean": mean, "var": var}, tmp)
+        else:
+            save_file({"mean": mean, "var": var, "count": torch.tensor([moments.count])}, tmp,
+                      metadata={"encoder": str(args.encoder), "encoder_cls": args.encoder_cls,
+                                "image_size": str(args.image_size), "images": str(len(paths) - skipped)})
+    what = "samples of every token position" if args.per_position else "tokens"
+    print(f"wrote {args.out}: mean/var of shape {list(shape)} over {moments.count} {what} "
           f"from {len(paths) - skipped} image(s)" + (f" ({skipped} unreadable, skipped)" if skipped else ""))
     return 0
 
