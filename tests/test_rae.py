@@ -157,8 +157,11 @@ def test_pickled_objects_in_rae_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a safetensors file or a torch file of tensors"):
         read_latent_stats(str(tmp_path / "stat.pt"), 4)
     torch.save({"decoder_embed.weight": Payload()}, tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="not a torch state dict of tensors"):
+    with pytest.raises(ValueError, match="RAE decoder weights .* not a safetensors file or a torch file of tensors"):
         read_rae_decoder(str(tmp_path / "model.pt"))
+    torch.save({"mean": torch.zeros(4), "var": [1.0] * 4}, tmp_path / "list.pt")  # loads, but is no tensor
+    with pytest.raises(ValueError, match=r"shape \[4\] or \[4, h, w\].*'list'"):
+        read_latent_stats(str(tmp_path / "list.pt"), 4)
     torch.save({"mean": torch.zeros(5), "var": torch.ones(5)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"shape \[4\] or \[4, h, w\]"):
         read_latent_stats(str(tmp_path / "wrong.pt"), 4)

@@ -8,35 +8,25 @@ The latent is normalised as RAE does: (z - mean) / sqrt(var + 1e-5).
 
 from __future__ import annotations
 
-import os
-
 import torch
-from safetensors.torch import load_file
+
+from .tensor_files import read_tensor_file
 
 STATS_EPS = 1e-5  # RAE's
 
 
 def read_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std for tokens (B, N, C): shape (C,) per channel, or (h * w, C) per position (raster order)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"normalization_stat_path '{path}' does not exist")
-    if path.endswith(".safetensors"):
-        stats = load_file(path)
-    else:
-        try:
-            stats = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a pickle with more than tensors, or not a torch file at all
-            raise ValueError(f"{path} is not a safetensors file or a torch file of tensors (RAE's stat.pt): "
-                             f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    stats = read_tensor_file(path, "normalization_stat_path")
     if not isinstance(stats, dict) or "mean" not in stats or not ({"var", "std"} & set(stats)):
         found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
         raise ValueError(f"{path} must hold tensors 'mean' and 'var' (or 'std'); found {found}")
-    mean = stats["mean"]
-    std = stats["std"] if "std" in stats else (stats["var"].float() + STATS_EPS).sqrt()
-    if not all(isinstance(t, torch.Tensor) for t in (mean, std)) or mean.shape != std.shape or \
+    mean, spread = stats["mean"], stats["std"] if "std" in stats else stats["var"]
+    if not all(isinstance(t, torch.Tensor) for t in (mean, spread)) or mean.shape != spread.shape or \
             mean.dim() not in (1, 3) or mean.shape[0] != channels:
-        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (mean, std)]
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (mean, spread)]
         raise ValueError(f"{path}: expected mean and var of shape [{channels}] or [{channels}, h, w] for this "
                          f"encoder's {channels} channels, got {shapes}")
+    std = spread.float() if "std" in stats else (spread.float() + STATS_EPS).sqrt()
     # [C, h, w] -> (h * w, C): the token layout
     return tuple(t.float().flatten(1).T.contiguous() if t.dim() == 3 else t.float() for t in (mean, std))

@@ -9,14 +9,13 @@ that the separate query / key / value projections become one qkv projection (`de
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import torch
-from safetensors.torch import load_file
 
-from .model_config import DecoderConfig
+from .model_config import DecoderConfig, read_config_file
+from .tensor_files import read_tensor_file
 
 # RAE's GeneralDecoder names -> ViTDecoder names (query / key / value are merged into qkv separately).
 RENAMES = [
@@ -42,11 +41,7 @@ def rae_decoder_config(path: str, patch_size: int) -> DecoderConfig:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"RAE decoder config '{path}' is neither a config.json nor a directory holding one "
                                 f"(RAE ships them as configs/decoder/ViTB, ViTL, ViTXL)")
-    with open(file) as f:
-        try:
-            values = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from None
+    values = read_config_file(file)
     sizes = ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
              "decoder_intermediate_size")
     if not isinstance(values, dict) or any(key not in values for key in sizes):
@@ -70,15 +65,7 @@ def rae_decoder_config(path: str, patch_size: int) -> DecoderConfig:
 def read_rae_decoder(path: str) -> dict[str, torch.Tensor]:
     """RAE's decoder weights: a torch state dict (read with weights_only=True: tensors only, nothing else is
     unpickled) or a safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"RAE decoder weights '{path}' do not exist")
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with more than tensors, or not a torch file at all
-        raise ValueError(f"{path} is not a torch state dict of tensors: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]}") from None
+    state = read_tensor_file(path, "RAE decoder weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors (a training checkpoint? RAE's "
                          f"src/extract_decoder.py writes the decoder's own state dict)")
