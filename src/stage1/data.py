@@ -39,13 +39,24 @@ def find_images(root: str) -> list[str]:
     return found
 
 
-def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip: bool = True):
+AUGMENTS = ("random_resized_crop", "resize_random_crop", "center_crop")
+
+
+def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip: bool = True,
+                    resize: int | None = None):
+    """random_resized_crop: a random min_scale..1 area, resized; resize_random_crop (RAE's): the shorter side
+    resized to `resize`, then a random image_size crop; center_crop: resized, then the centre."""
     if augment == "random_resized_crop":
         crop = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
+    elif augment == "resize_random_crop":
+        if resize is None or resize < image_size:
+            raise ValueError(f"data.augment=resize_random_crop needs data.resize >= image_size ({image_size}), got "
+                             f"{resize}")
+        crop = [v2.Resize(resize, antialias=True), v2.RandomCrop(image_size)]
     elif augment == "center_crop":
         crop = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     else:
-        raise ValueError(f"data.augment must be 'random_resized_crop' or 'center_crop', got '{augment}'")
+        raise ValueError(f"data.augment must be one of {AUGMENTS}, got '{augment}'")
     flip = [v2.RandomHorizontalFlip()] if hflip else []
     return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot)
 

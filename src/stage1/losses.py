@@ -4,9 +4,13 @@
                  + lpips_weight * LPIPS(x_rec, x)                          from loss.lpips_start
                  + vq_loss (the quantizer's commitment term)
                  + disc_weight * adaptive_weight * -D(x_rec)               from loss.disc_start
-    discriminator  hinge(D(x), D(x_rec.detach()))                          from loss.disc_start
+    discriminator  hinge(D(x), D(x_rec.detach()))                          from loss.disc_update_start (or
+                                                                           disc_start)
 
-D is a PatchGAN; the adaptive weight is VQGAN's ratio of gradient norms at the decoder's last layer.
+D is a PatchGAN (`disc: patchgan`) or RAE's frozen-DINO discriminator with trainable heads (`disc: dino`,
+stage1.dino_discriminator), optionally seeing DiffAugment'ed images (`diffaug_prob`) and, for its own update, fakes
+rounded to 8-bit values (`disc_round_fakes`), as RAE trains it. The adaptive weight is VQGAN's ratio of gradient
+norms at the decoder's last layer.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .diffaugment import DiffAugment
+from .dino_discriminator import DinoDiscriminator
 from .model_config import ConfigSection
 
 RECON_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg", "alex")
+DISCRIMINATORS = ("patchgan", "dino")
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -39,10 +46,20 @@ class LossConfig(ConfigSection):
     lpips_net: str = "vgg"
     lpips_random_backbone: bool = False  # true only offline (tests, quickstart): the distance is then not perceptual
     disc_weight: float = 0.75
-    disc_start: int = 20000  # no adversarial term (and no discriminator training) before this step
+    disc_start: int = 20000  # no adversarial term in the decoder's loss before this step
+    disc_update_start: int | None = None  # the discriminator trains from this step (RAE: earlier, a warm-up); null:
+    # disc_start
+    disc: str = "patchgan"  # patchgan | dino (RAE's: a frozen DINO ViT with trainable heads)
     disc_lr: float = 2e-4
-    disc_channels: int = 64
-    disc_layers: int = 3
+    disc_betas: tuple = (0.5, 0.9)  # the discriminator's AdamW; RAE's: (0.9, 0.95)
+    disc_weight_decay: float = 0.01  # RAE's: 0
+    disc_channels: int = 64  # patchgan
+    disc_layers: int = 3  # patchgan
+    dino_path: str | None = None  # dino: the DINO ViT checkpoint (RAE: dino_vit_small_patch8_224.pth)
+    disc_kernel: int = 9  # dino: the heads' convolution width over tokens
+    diffaug_prob: float = 0.0  # DiffAugment of the discriminator's inputs, per batch (RAE's: 1.0)
+    diffaug_cutout: float = 0.0  # DiffAugment's cutout side, as a fraction of the image's (RAE's: 0)
+    disc_round_fakes: bool = False  # the discriminator's update sees fakes clamped and rounded to 8 bits (RAE)
     adaptive_weight_max: float = 1e4
 
     def __post_init__(self):
@@ -50,12 +67,21 @@ class LossConfig(ConfigSection):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got '{self.recon_loss}'")
         if self.lpips_net not in LPIPS_NETS:
             raise ValueError(f"loss.lpips_net must be one of {LPIPS_NETS}, got '{self.lpips_net}'")
-        for name in ("recon_weight", "lpips_weight", "disc_weight", "lpips_start", "disc_start"):
-            if getattr(self, name) < 0:
+        for name in ("recon_weight", "lpips_weight", "disc_weight", "lpips_start", "disc_start", "disc_update_start"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max"):
+        for name in ("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max", "disc_kernel"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
+        if self.disc not in DISCRIMINATORS:
+            raise ValueError(f"loss.disc must be one of {DISCRIMINATORS}, got '{self.disc}'")
+        if self.disc == "dino" and self.disc_weight > 0 and not self.dino_path:
+            raise ValueError("loss.disc=dino needs loss.dino_path, the DINO ViT checkpoint (RAE: "
+                             "dino_vit_small_patch8_224.pth)")
+        if len(self.disc_betas) != 2 or not all(0 <= b < 1 for b in self.disc_betas) or self.disc_weight_decay < 0:
+            raise ValueError(f"loss.disc_betas must be two numbers in [0, 1) and loss.disc_weight_decay >= 0, got "
+                             f"{list(self.disc_betas)}, {self.disc_weight_decay}")
+        DiffAugment(self.diffaug_prob, self.diffaug_cutout)  # checks its own values
 
 
 def build_lpips(net: str = "vgg", random_backbone: bool = False) -> nn.Module:
@@ -132,15 +158,21 @@ class VQRAELoss(nn.Module):
         super().__init__()
         self.config = config
         self.lpips = build_lpips(config.lpips_net, config.lpips_random_backbone) if config.lpips_weight > 0 else None
-        self.discriminator = (
-            PatchDiscriminator(channels=config.disc_channels, num_layers=config.disc_layers)
-            if config.disc_weight > 0
-            else None
-        )
+        self.discriminator = None
+        if config.disc_weight > 0 and config.disc == "dino":
+            self.discriminator = DinoDiscriminator(config.dino_path, config.disc_kernel)
+        elif config.disc_weight > 0:
+            self.discriminator = PatchDiscriminator(channels=config.disc_channels, num_layers=config.disc_layers)
+        self.augment = DiffAugment(config.diffaug_prob, config.diffaug_cutout)
 
     def adversarial(self, step: int) -> bool:
-        """Whether the adversarial terms (generator and discriminator) are on at `step` (steps done so far)."""
+        """Whether the decoder's loss has the adversarial term at `step` (steps done so far)."""
         return self.discriminator is not None and step >= self.config.disc_start
+
+    def discriminator_trains(self, step: int) -> bool:
+        """Whether the discriminator takes its own step at `step` (from disc_update_start, else disc_start)."""
+        start = self.config.disc_update_start
+        return self.discriminator is not None and step >= (self.config.disc_start if start is None else start)
 
     def generator_loss(self, x, x_rec, vq_loss, step: int, last_layer: torch.Tensor):
         """The decoder's total loss and its logged terms. `last_layer` is the decoder's output weight."""
@@ -154,7 +186,7 @@ class VQRAELoss(nn.Module):
         total = nll + vq_loss
         if self.adversarial(step):
             # The bare discriminator: its gradients from this pass are discarded before its own step.
-            terms["g_loss"] = generator_loss(self.discriminator(x_rec))
+            terms["g_loss"] = generator_loss(self.discriminator(self.augment(x_rec)))
             terms["adaptive_weight"] = c.disc_weight * adaptive_weight(
                 nll, terms["g_loss"], last_layer, c.adaptive_weight_max
             )
@@ -163,6 +195,9 @@ class VQRAELoss(nn.Module):
 
     def discriminator_loss(self, x, x_rec, discriminator: nn.Module | None = None) -> torch.Tensor:
         """Hinge loss on real x and detached fakes. `discriminator`: its DDP wrapper under torchrun."""
+        fakes = x_rec.detach()
+        if self.config.disc_round_fakes:  # what an image file would hold: no sub-8-bit tell for D to learn
+            fakes = (fakes.float().clamp(0, 1) * 255).round() / 255
         # One forward over real and fake together: DDP wants each module once per backward.
-        logits = (discriminator or self.discriminator)(torch.cat([x, x_rec.detach()]))
+        logits = (discriminator or self.discriminator)(self.augment(torch.cat([x, fakes.to(x.dtype)])))
         return hinge_d_loss(*logits.chunk(2))

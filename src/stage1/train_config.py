@@ -1,10 +1,13 @@
 """Training configuration: the hydra tree under `configs/`, composed with command-line overrides.
 
 The model's groups (encoder, quantizer, decoder, and `model:`) become a VQRAEConfig and the `loss` group a
-LossConfig, each checking its own values; `validate_train_config` checks only what no constructor sees.
+LossConfig, each checking its own values; `validate_train_config` checks what no constructor sees, and that the
+files the run reads exist, before the data folder is scanned.
 """
 
 from __future__ import annotations
+
+import os
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -74,5 +77,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     need(cfg.codebook_fit.images >= 0, "codebook_fit.images", ">= 0")
     need(cfg.codebook_fit.tokens_per_image >= 1, "codebook_fit.tokens_per_image", ">= 1")
     need(cfg.codebook_fit.iters >= 0, "codebook_fit.iters", ">= 0")
+    # Files the run reads, checked before the data folder is scanned (README, Start from RAE, names them).
+    files = ["init.decoder", "model.normalization_stat_path"]
+    files += ["loss.dino_path"] if cfg.loss.disc == "dino" and cfg.loss.disc_weight > 0 else []
+    for key in files:
+        path = OmegaConf.select(cfg, key)
+        need(path is None or os.path.isfile(path), key, "an existing file or null")
     if problems:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))

@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> dict:
     validate_train_config(cfg)
     model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
     # Data first: a wrong folder fails in a second, before any model is loaded.
-    transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip)
+    transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
     dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
@@ -145,7 +145,8 @@ class Trainer:
             self.optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
         )
         self.disc_optimizer = (
-            torch.optim.AdamW(disc.parameters(), lr=self.loss.config.disc_lr, betas=(0.5, 0.9)) if disc else None
+            torch.optim.AdamW(disc.parameters(), lr=self.loss.config.disc_lr, betas=tuple(self.loss.config.disc_betas),
+                              weight_decay=self.loss.config.disc_weight_decay) if disc else None
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = (
@@ -176,11 +177,11 @@ class Trainer:
 
     def _train_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; a NaN/Inf on any rank skips it on every rank."""
-        adversarial = self.loss.adversarial(self.step)  # self.step: steps done so far
+        discriminator_trains = self.loss.discriminator_trains(self.step)  # self.step: steps done so far
         logs, pairs = self._generator_backward(batches)
         if not self._generator_update(logs):
             return logs
-        if adversarial:
+        if discriminator_trains:
             self._discriminator_update(pairs, logs)
         self.scaler.update()
         return logs

@@ -1,0 +1,64 @@
+"""RAE's stage-1 recipe as config choices: the experiments compose into RAE's values, the discriminator warms up
+before the decoder's adversarial term, and RAE's resize-then-random-crop augmentation."""
+
+import pytest
+import torch
+from helpers import run_training, step_logs
+
+from stage1.data import build_transform
+from stage1.train_config import load_train_config, loss_config, model_config, validate_train_config
+
+
+def test_rae_experiment_is_raes_stage1_config():
+    cfg = load_train_config(["experiment=rae_dinov2_b_decxl", "data.path=x", "loss.dino_path=d.pth"])
+    model, loss = model_config(cfg), loss_config(cfg)
+    assert model.encoder.path == "facebook/dinov2-with-registers-base" and model.encoder.input_size == 224
+    assert model.quantizer.kind == "none" and model.noise_tau == 0.8
+    d = model.decoder
+    assert (d.hidden_size, d.num_hidden_layers, d.cls_token, d.pos_embed, d.layer_norm_eps, d.pixel_space) == \
+        (1152, 28, True, "fixed", 1e-12, "encoder")
+    assert loss.disc == "dino" and loss.diffaug_prob == 1.0 and loss.disc_round_fakes
+    assert list(loss.disc_betas) == [0.9, 0.95] and loss.disc_weight_decay == 0
+    assert loss.disc_update_start < loss.disc_start  # the discriminator warms up first
+    t = cfg.train
+    assert (t.steps, t.ema_decay, t.grad_clip, list(t.betas), t.weight_decay) == (40032, 0.9978, None, [0.9, 0.95], 0)
+    assert (cfg.data.augment, cfg.data.resize, cfg.data.hflip) == ("resize_random_crop", 384, False)
+
+
+def test_vqrae_experiment_starts_from_an_rae_decoder(tmp_path):
+    cfg = load_train_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x"])
+    assert model_config(cfg).quantizer.kind == "single" and cfg.codebook_fit.images > 0
+    assert model_config(cfg).decoder.cls_token and cfg.init.decoder.endswith("ViTXL_n08/model.pt")
+    # RAE's files are checked before the data folder is scanned or a model built: each missing one is named.
+    with pytest.raises(ValueError) as err:
+        validate_train_config(cfg)
+    for key in ("init.decoder", "model.normalization_stat_path", "loss.dino_path"):
+        assert f"{key} must be an existing file or null" in str(err.value)
+    for name in ("model.pt", "stat.pt", "dino.pth"):
+        (tmp_path / name).write_bytes(b"")
+    validate_train_config(load_train_config([
+        "experiment=vqrae_dinov2_b_decxl", "data.path=x", f"init.decoder={tmp_path / 'model.pt'}",
+        f"model.normalization_stat_path={tmp_path / 'stat.pt'}", f"loss.dino_path={tmp_path / 'dino.pth'}"]))
+    with pytest.raises(ValueError, match="loss.disc=dino needs loss.dino_path"):
+        loss_config(load_train_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x", "loss.dino_path=null"]))
+
+
+def test_resize_random_crop_is_a_crop_of_the_resized_image():
+    image = torch.rand(3, 40, 60)
+    torch.manual_seed(3)
+    crop = build_transform(16, "resize_random_crop", hflip=False, resize=24)(image)
+    resized = torch.nn.functional.interpolate(image[None], size=(24, 36), mode="bilinear", antialias=True,
+                                              align_corners=False)[0]
+    matches = [(i, j) for i in range(24 - 15) for j in range(36 - 15)
+               if torch.allclose(resized[:, i:i + 16, j:j + 16], crop, atol=1e-5)]
+    assert crop.shape == (3, 16, 16) and len(matches) == 1
+    with pytest.raises(ValueError, match="data.resize >= image_size"):
+        build_transform(16, "resize_random_crop", resize=8)
+
+
+def test_discriminator_warms_up_before_the_decoders_adversarial_term(train_images, tmp_path):
+    run_training(train_images, tmp_path / "run", "loss.disc_update_start=1", "loss.disc_start=3", "train.steps=4",
+                 "train.report_reconstructions=false")
+    logs = step_logs(tmp_path / "run")
+    assert [s for s in sorted(logs) if "d_loss" in logs[s]] == [2, 3, 4]
+    assert [s for s in sorted(logs) if "g_loss" in logs[s]] == [4]
