@@ -69,7 +69,7 @@ def test_discriminator_and_diffaugment_are_deterministic_under_a_seed(dino_file)
 
 def test_diffaugment_slides_zeros_in_by_the_drawn_shift_and_cuts_a_window():
     """On one-channel images of ones, colour is an increasing affine map per image (saturation is a no-op), so the
-    pixels that slid in (zeros) are exactly those below the image's maximum: |dh| rows and |dw| columns."""
+    pixels that slid in (mid-grey) are exactly those below the image's maximum: |dh| rows and |dw| columns."""
     b, side = 6, 16
     out = DiffAugment(prob=1.0)(torch.ones(b, 1, side, side), torch.Generator().manual_seed(11))
     g = torch.Generator().manual_seed(11)  # the same draws, in DiffAugment's order
@@ -81,8 +81,8 @@ def test_diffaugment_slides_zeros_in_by_the_drawn_shift_and_cuts_a_window():
     below_max = (out < out.amax(dim=(1, 2, 3), keepdim=True) - 1e-6).flatten(1).sum(1)
     assert torch.equal(below_max, slid_in) and slid_in.any()
     cut = DiffAugment(prob=1.0, cutout=0.5)(torch.ones(b, 1, 8, 8), torch.Generator().manual_seed(3))
-    zeros = (cut.abs() < 1e-6).flatten(1).sum(1)  # before colour, the cut and slid-in pixels are zeros
-    assert (zeros > 0).all()
+    cut_out = (cut == 0.5).flatten(1).sum(1)  # cutout comes last: mid-grey (0 in [-1, 1]) exactly
+    assert ((cut_out > 0) & (cut_out <= 16)).all()  # one window of at most 4 x 4
     with pytest.raises(ValueError, match="prob in \\[0, 1\\]"):
         DiffAugment(prob=1.5)
 

@@ -1,7 +1,8 @@
 """DiffAugment (Zhao et al. 2020), as RAE applies it to its discriminator's inputs (StyleGAN-T's policy): random
 translation by up to 1/8 of the side (zeros slide in), colour (brightness, saturation, contrast) and optionally
 cutout, each switched on with probability `prob` per batch and drawn per image. Differentiable, so the generator's
-gradient passes through the same augmentation. Images in [0, 1]."""
+gradient passes through the same augmentation. Images in [0, 1]; the policy works in [-1, 1], as RAE applies it
+(so pixels that slide or are cut in are mid-grey, and brightness moves by up to 1/4 of the [0, 1] range)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ class DiffAugment:
             raise ValueError(f"DiffAugment needs prob in [0, 1] and cutout in [0, 1), got {prob}, {cutout}")
         self.prob, self.cutout = prob, cutout
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.prob == 0:
-            return x
+            return images
+        return (self.augment_signed(images * 2 - 1, generator) + 1) / 2
+
+    def augment_signed(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The policy on images in [-1, 1]."""
         translate, color, cut = (torch.rand(3, generator=generator) < self.prob).tolist()
         b, _, h, w = x.shape
         draws = torch.rand(7, b, 1, 1, generator=generator).to(x.device)
