@@ -194,6 +194,15 @@ def test_commands_evaluate_and_reconstruct_a_continuous_model(reg_dir, rae_files
             str(tmp_path / "rec.png")]
     assert reconstruct.main(argv) == 0
     assert f"PSNR {expected[0].item():.2f} dB" in capsys.readouterr().out
+    # The commands that only make sense with codes say so before they write anything.
+    from stage1.cli import fit_codebook, tokenize
+
+    for command in (tokenize, fit_codebook):
+        out = tmp_path / f"out_{command.__name__.rsplit('.', 1)[-1]}"
+        argv = ["--model", str(tmp_path / "rae"), "--data", str(tmp_path / "images"), "--out", str(out)]
+        assert command.main(argv) == 2
+        assert "continuous model (quantizer.kind=none): it has no codes" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_checkpoints_of_vqrae_0_2_load_with_the_same_outputs(dinov2_dir, tmp_path):

@@ -47,9 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(args, device: torch.device | None = None) -> VQRAE:
+def load_model(args, device: torch.device | None = None, needs_codes: bool = False) -> VQRAE:
+    """The model of --model (and --encoder-path); `needs_codes`: a command that has nothing to do without a codebook
+    refuses a continuous model (quantizer.kind=none) here, before it writes anything."""
     overrides = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
     model = VQRAE.from_pretrained(args.model, **overrides)
+    if needs_codes and model.config.quantizer.kind == "none":
+        raise CLIError(f"{args.model} is a continuous model (quantizer.kind=none): it has no codes; vqrae-evaluate "
+                       f"and vqrae-reconstruct work with it")
     return model.to(device or resolve_device(args.device)).eval()
 
 

@@ -58,7 +58,7 @@ def check_model_fits(model, manifest: dict) -> None:
 def run(argv=None) -> int:
     args = parse(argv)
     manifest = read_manifest(args.tokens)
-    model = load_model(args)
+    model = load_model(args, needs_codes=True)
     check_model_fits(model, manifest)
     device = next(model.decoder.parameters()).device
     size = manifest["image_size"]

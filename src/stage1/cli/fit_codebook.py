@@ -61,7 +61,7 @@ def run(argv=None) -> int:
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed))[: args.images].tolist()
     info = distributed.setup(args.device)
     try:
-        model = load_model(args, info.device)
+        model = load_model(args, info.device, needs_codes=True)
         size = model_image_size(model, args.image_size)
         mine = [paths[i] for i in order[info.rank :: info.world_size]]
         skipped = []

@@ -91,7 +91,7 @@ def run(argv=None) -> int:
     info = distributed.setup(args.device)
     try:
         device = info.device
-        model = load_model(args, device)
+        model = load_model(args, device, needs_codes=True)
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         num_shards = (len(paths) + args.shard_size - 1) // args.shard_size
