@@ -47,8 +47,8 @@ def test_resize_random_crop_is_a_crop_of_the_resized_image():
     image = torch.rand(3, 40, 60)
     torch.manual_seed(3)
     crop = build_transform(16, "resize_random_crop", hflip=False, resize=24)(image)
-    resized = torch.nn.functional.interpolate(image[None], size=(24, 36), mode="bilinear", antialias=True,
-                                              align_corners=False)[0]
+    resized = torch.nn.functional.interpolate(image[None], size=(24, 36), mode="bicubic", antialias=True,
+                                              align_corners=False)[0].clamp(0, 1)  # RAE resizes bicubic
     matches = [(i, j) for i in range(24 - 15) for j in range(36 - 15)
                if torch.allclose(resized[:, i:i + 16, j:j + 16], crop, atol=1e-5)]
     assert crop.shape == (3, 16, 16) and len(matches) == 1
@@ -62,3 +62,16 @@ def test_discriminator_warms_up_before_the_decoders_adversarial_term(train_image
     logs = step_logs(tmp_path / "run")
     assert [s for s in sorted(logs) if "d_loss" in logs[s]] == [2, 3, 4]
     assert [s for s in sorted(logs) if "g_loss" in logs[s]] == [4]
+
+
+def test_discriminator_lr_follows_the_decoders_schedule_with_cosine(train_images, tmp_path):
+    from stage1.train_checkpoint import read_state
+    from stage1.trainer import warmup_cosine
+
+    run_training(train_images, tmp_path / "run", "loss.disc_schedule=cosine", "loss.disc_lr=1e-3",
+                 "loss.disc_update_start=0", "train.steps=8", "train.report_reconstructions=false")
+    factor = warmup_cosine(2, 8, 1e-4 / 1e-3)  # tiny_test: warmup_steps 2, steps 8, lr 1e-3, min_lr 1e-4
+    for step in (4, 8):
+        state = read_state(str(tmp_path / "run" / "checkpoints" / f"step-{step:07d}"))
+        assert state["disc_optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * factor(step), rel=1e-9)
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * factor(step), rel=1e-9)

@@ -42,6 +42,10 @@ def find_images(root: str) -> list[str]:
 AUGMENTS = ("random_resized_crop", "resize_random_crop", "center_crop")
 
 
+def unit_range(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0)
+
+
 def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip: bool = True,
                     resize: int | None = None):
     """random_resized_crop: a random min_scale..1 area, resized; resize_random_crop (RAE's): the shorter side
@@ -52,13 +56,15 @@ def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip
         if resize is None or resize < image_size:
             raise ValueError(f"data.augment=resize_random_crop needs data.resize >= image_size ({image_size}), got "
                              f"{resize}")
-        crop = [v2.Resize(resize, antialias=True), v2.RandomCrop(image_size)]
+        # Bicubic as RAE resizes; it can overshoot [0, 1], so the result is clamped back.
+        crop = [v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.Lambda(unit_range),
+                v2.RandomCrop(image_size)]
     elif augment == "center_crop":
         crop = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     else:
         raise ValueError(f"data.augment must be one of {AUGMENTS}, got '{augment}'")
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot)
+    return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot; bicubic: clamped)
 
 
 class ImageDataset(Dataset):

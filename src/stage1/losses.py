@@ -28,6 +28,7 @@ from .model_config import ConfigSection
 RECON_LOSSES = ("l1", "l2")
 LPIPS_NETS = ("vgg", "alex")
 DISCRIMINATORS = ("patchgan", "dino")
+DISC_SCHEDULES = ("constant", "cosine")
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -53,6 +54,7 @@ class LossConfig(ConfigSection):
     disc_lr: float = 2e-4
     disc_betas: tuple = (0.5, 0.9)  # the discriminator's AdamW; RAE's: (0.9, 0.95)
     disc_weight_decay: float = 0.01  # RAE's: 0
+    disc_schedule: str = "constant"  # constant | cosine: the decoder's warm-up + cosine (train.*), scaled to disc_lr
     disc_channels: int = 64  # patchgan
     disc_layers: int = 3  # patchgan
     dino_path: str | None = None  # dino: the DINO ViT checkpoint (RAE: dino_vit_small_patch8_224.pth)
@@ -73,6 +75,8 @@ class LossConfig(ConfigSection):
         for name in ("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max", "disc_kernel"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
+        if self.disc_schedule not in DISC_SCHEDULES:
+            raise ValueError(f"loss.disc_schedule must be one of {DISC_SCHEDULES}, got '{self.disc_schedule}'")
         if self.disc not in DISCRIMINATORS:
             raise ValueError(f"loss.disc must be one of {DISCRIMINATORS}, got '{self.disc}'")
         if self.disc == "dino" and self.disc_weight > 0 and not self.dino_path:

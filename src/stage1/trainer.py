@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -141,13 +142,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
-        )
-        self.disc_optimizer = (
-            torch.optim.AdamW(disc.parameters(), lr=self.loss.config.disc_lr, betas=tuple(self.loss.config.disc_betas),
-                              weight_decay=self.loss.config.disc_weight_decay) if disc else None
-        )
+        schedule = warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.disc_optimizer = self.disc_scheduler = None
+        if disc is not None:
+            c = self.loss.config
+            self.disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=tuple(c.disc_betas),
+                                                   weight_decay=c.disc_weight_decay)
+            # Stepped with the decoder's every step, so its lr is the schedule's at the global step (RAE's way).
+            self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.disc_optimizer, schedule if c.disc_schedule == "cosine" else lambda step: 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = (
             AveragedModel(self.model.decoder, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
@@ -179,11 +183,15 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; a NaN/Inf on any rank skips it on every rank."""
         discriminator_trains = self.loss.discriminator_trains(self.step)  # self.step: steps done so far
         logs, pairs = self._generator_backward(batches)
-        if not self._generator_update(logs):
-            return logs
-        if discriminator_trains:
+        finite = self._generator_update(logs)
+        if finite and discriminator_trains:
             self._discriminator_update(pairs, logs)
-        self.scaler.update()
+        if self.disc_scheduler is not None:  # like the decoder's: the global step's lr, skipped steps included
+            with warnings.catch_warnings():  # before loss.disc_update_start its optimizer has not stepped yet
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.disc_scheduler.step()
+        if finite:
+            self.scaler.update()
         return logs
 
     def _generator_backward(self, batches: list[dict]) -> tuple[dict, list]:
@@ -352,6 +360,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
+            "disc_scheduler": self.disc_scheduler.state_dict() if self.disc_scheduler is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
             "skipped_images": self.skipped_images,
             "nonfinite_steps": self.nonfinite_steps,
@@ -378,6 +387,8 @@ class Trainer:
         if self.loss.discriminator is not None:
             self.loss.discriminator.load_state_dict(read_tensors(directory, DISCRIMINATOR_NAME))
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            if state.get("disc_scheduler") is not None:  # checkpoints before loss.disc_schedule: constant
+                self.disc_scheduler.load_state_dict(state["disc_scheduler"])
         if self.ema is not None:
             ema = read_tensors(directory, EMA_WEIGHTS_NAME)
             self.ema.module.load_state_dict({k.removeprefix("decoder."): v for k, v in ema.items()
