@@ -304,3 +304,27 @@ def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(mode
     # The original is never written over.
     assert fit_codebook.main([*argv[:4], "--out", model_dir]) == 2
     assert "--out must differ from --model" in capsys.readouterr().err
+
+
+def test_decode_refuses_manifest_paths_outside_its_folders(model_dir, image_dir, tmp_path, capsys):
+    """Issue 12, case 1: a manifest is an exchanged file; its image paths must land inside --out and its shards
+    inside --tokens, or nothing is written."""
+    tokens = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tokens)]) == 0
+    good = json.loads((tokens / "manifest.json").read_text())
+    out = tmp_path / "deep" / "out"
+    cases = [("path", "../../escaped.jpg"), ("path", str(tmp_path / "absolute.jpg")),
+             ("path", "nested/../../../sneaky.jpg"), ("shard", "../tokens/shard-00000.npy")]
+    for field, value in cases:
+        manifest = json.loads(json.dumps(good))
+        manifest["images"][0][field] = value
+        (tokens / "manifest.json").write_text(json.dumps(manifest))
+        assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2, value
+        assert "outside the output or token folder" in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.rglob("*.png")), value
+    (tokens / "manifest.json").write_text("{not json")
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    (tokens / "manifest.json").write_text(json.dumps({**good, "images": [{"path": "a.png", "row": "0"}]}))
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert "bad or missing ['images']" in capsys.readouterr().err

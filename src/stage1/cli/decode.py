@@ -32,11 +32,35 @@ def parse(argv):
 
 
 def read_manifest(folder: str) -> dict:
+    """manifest.json, checked as the untrusted file it is: the fields decode uses, with their types."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         raise CLIError(f"{folder} has no {MANIFEST}: not a finished vqrae-tokenize output")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"{path} is not valid JSON: {err}") from None
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    fields = {"codebook_size": is_int, "image_size": is_int, "model": lambda v: isinstance(v, str),
+              "grid_shape": lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_int, v)),
+              "images": lambda v: isinstance(v, list) and all(
+                  isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shard"), str)
+                  and is_int(e.get("row")) for e in v)}
+    bad = [name for name, valid in fields.items() if not isinstance(manifest, dict) or not valid(manifest.get(name))]
+    if bad:
+        raise CLIError(f"{path} is not a vqrae-tokenize manifest: bad or missing {bad}")
+    return manifest
+
+
+def inside(folder: str, relative: str) -> str | None:
+    """folder/relative if it stays inside folder (no absolute path, no '..' out of it), else None."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, relative))
+    return target if relative and not os.path.isabs(relative) and target.startswith(root + os.sep) else None
 
 
 def check_model_fits(model, manifest: dict) -> None:
@@ -64,7 +88,13 @@ def run(argv=None) -> int:
     size = manifest["image_size"]
     shards = {}
     entries = manifest["images"]
-    targets = [os.path.join(args.out, os.path.splitext(entry["path"])[0] + ".png") for entry in entries]
+    # Manifests are exchanged files: every image path must land inside --out and every shard inside --tokens.
+    targets = [inside(args.out, os.path.splitext(entry["path"])[0] + ".png") for entry in entries]
+    escaping = [e["path"] for e, t in zip(entries, targets, strict=True) if t is None]
+    escaping += [e["shard"] for e in entries if os.path.basename(e["shard"]) != e["shard"] or not e["shard"]]
+    if escaping:
+        raise CLIError(f"the manifest names paths outside the output or token folder: {escaping[:3]}; refusing to "
+                       f"write or read there")
     if len(set(targets)) != len(targets):
         raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
     with torch.no_grad():
