@@ -259,3 +259,12 @@ def test_training_forward_checks_shapes_but_syncs_no_pixel_values(model, monkeyp
         model(bad)
     with pytest.raises(ValueError, match="expected finite pixel values"):
         model.check_images(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int16, torch.int32, torch.uint32])
+def test_decode_from_indices_takes_any_integer_dtype(model, dtype):
+    """Issue 12, case 9: vqrae-tokenize writes the smallest unsigned dtype (uint16 for K > 256)."""
+    indices = model.encode_to_indices(smooth_images(2))
+    assert torch.equal(model.decode_from_indices(indices.to(dtype)), model.decode_from_indices(indices))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 63\]"):
+        model.decode_from_indices(torch.full_like(indices, 64).to(dtype))

@@ -150,7 +150,7 @@ class VQRAE(nn.Module):
                              f"{tuple(indices.shape)}")
         if indices.numel() == 0:
             raise ValueError(f"expected a non-empty batch of indices, got shape {tuple(indices.shape)}")
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = (int(v) for v in torch.aminmax(indices.long()))  # uint16 etc. have no min() kernel
         if lo < 0 or hi >= k:
             raise ValueError(f"indices must lie in [0, {k - 1}] (codebook size {k}), got values in [{lo}, {hi}]")
 
