@@ -268,3 +268,15 @@ def test_decode_from_indices_takes_any_integer_dtype(model, dtype):
     assert torch.equal(model.decode_from_indices(indices.to(dtype)), model.decode_from_indices(indices))
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 63\]"):
         model.decode_from_indices(torch.full_like(indices, 64).to(dtype))
+
+
+def test_damaged_checkpoints_get_one_clear_error(model, tmp_path):
+    """Issue 12, case 5: a truncated model.safetensors or a missing config.json is named, not a traceback."""
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        VQRAE.from_pretrained(tmp_path / "ckpt")
+    os.remove(tmp_path / "ckpt" / "config.json")
+    with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint: it has no config.json"):
+        VQRAE.from_pretrained(tmp_path / "ckpt")

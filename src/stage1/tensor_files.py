@@ -14,7 +14,11 @@ def read_tensor_file(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} '{path}' does not exist")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type: a truncated or foreign file
+            raise ValueError(f"{what} {path} is not a readable safetensors file (truncated or damaged? copy it "
+                             f"again): {str(err).splitlines()[0][:200]}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with more than tensors, or not a torch file at all

@@ -22,7 +22,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import cached_file
 
@@ -33,6 +33,7 @@ from .latent_stats import read_latent_stats
 from .losses import reconstruction_loss
 from .model_config import VQRAEConfig, read_config_file, written_before_rae_layout
 from .quantizer_kinds import build_quantizer
+from .tensor_files import read_tensor_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -292,7 +293,7 @@ class VQRAE(nn.Module):
         if config.encoder.path == ENCODER_SUBDIR and os.path.isdir(os.path.join(path, ENCODER_SUBDIR)):
             config.encoder = dataclasses.replace(config.encoder, path=os.path.join(path, ENCODER_SUBDIR))
         model = cls(config.with_keywords(**keywords))
-        state = load_file(weights_file)
+        state = read_tensor_file(weights_file, "model weights")
         if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
             model.set_latent_stats(state["latent_mean"], state["latent_std"])
         if written_before_rae_layout(read_config_file(config_file)):
@@ -335,9 +336,12 @@ class VQRAE(nn.Module):
     @staticmethod
     def _resolve(path: str, name: str) -> str:
         try:
-            return cached_file(path, name)
+            resolved = cached_file(path, name)
         except OSError as err:
-            raise FileNotFoundError(
-                f"'{path}' is not a VQRAE checkpoint: expected a directory (or Hub repo) with {CONFIG_NAME} and "
-                f"{name} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            ) from err
+            resolved, cause = None, f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        else:
+            cause = ""
+        if resolved is None or not os.path.isfile(resolved):
+            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: it has no {name} (a checkpoint is a "
+                                    f"directory or Hub repo with {CONFIG_NAME} and its weights){cause}")
+        return resolved
