@@ -32,3 +32,30 @@ def test_temporaries_are_hidden_and_marked(tmp_path):
         assert name.startswith(".out.png.") and name.endswith(".tmp")
         assert os.path.dirname(tmp) == str(tmp_path)  # same folder: the rename is atomic
         open(tmp, "wb").close()
+
+
+def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
+    """Issue 12, case 10: temporaries are 0600 / 0700 and the mode survived the rename; outputs follow the umask."""
+    import stat
+
+    from stage1.train_checkpoint import write_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        expected_file = stat.S_IMODE(plain.stat().st_mode)
+        write_json(tmp_path / "a.json", {})
+        target = tmp_path / "b.json"
+        target.write_text("{}")
+        os.chmod(target, 0o644)
+        write_json(target, {"over": "written"})  # overwriting keeps the plain mode, not 0600
+        step = write_checkpoint(str(tmp_path / "ckpt"), 1, lambda d: write_json(os.path.join(d, "s.json"), {}))
+        os.mkdir(tmp_path / "plain_dir")
+        expected_dir = stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)
+    finally:
+        os.umask(old)
+    assert expected_file == 0o644 and expected_dir == 0o755
+    for path in (tmp_path / "a.json", target, os.path.join(step, "s.json")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected_file, path
+    assert stat.S_IMODE(os.stat(step).st_mode) == expected_dir

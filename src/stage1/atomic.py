@@ -13,6 +13,26 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(is_dir: bool = False) -> int:
+    """The mode a plain open() / mkdir would give now. Temporaries are created 0600 (folders 0700) and the mode
+    survives the rename, so outputs get this one set explicitly."""
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
@@ -25,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, plain_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from .atomic import plain_mode
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_NAME = "trainer_state.pt"
 EMA_WEIGHTS_NAME = "ema.safetensors"
@@ -40,6 +42,7 @@ def write_checkpoint(root: str, step: int, fill: Callable[[str], None], keep_las
     final = os.path.join(root, step_dir_name(step))
     tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".tmp", dir=root)
     try:
+        os.chmod(tmp, plain_mode(is_dir=True))  # mkdtemp makes it 0700; a checkpoint folder gets a plain mkdir's mode
         fill(tmp)
         for folder, _, names in os.walk(tmp):
             for name in names:
