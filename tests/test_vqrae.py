@@ -280,3 +280,24 @@ def test_damaged_checkpoints_get_one_clear_error(model, tmp_path):
     os.remove(tmp_path / "ckpt" / "config.json")
     with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint: it has no config.json"):
         VQRAE.from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_saved_model_loads_from_any_working_directory(dinov2_dir, tmp_path, monkeypatch):
+    """Issue 12, case 8: a local encoder given as a relative path is stored so that it resolves from anywhere; a
+    missing local encoder gets advice that fits (the --encoder-path flag, no Hub download of a folder name)."""
+    import shutil
+
+    from stage1 import EncoderNotAvailableError
+
+    shutil.copytree(dinov2_dir, tmp_path / "work" / "encoders" / "tiny")
+    monkeypatch.chdir(tmp_path / "work")
+    torch.manual_seed(0)
+    model = tiny_vqrae("encoders/tiny").eval()
+    model.save_pretrained("model")
+    x = smooth_images(2)
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    assert torch.equal(VQRAE.from_pretrained(tmp_path / "work" / "model").eval()(x), model(x))
+    shutil.rmtree(tmp_path / "work" / "encoders")
+    with pytest.raises(EncoderNotAvailableError, match="no such directory.*--encoder-path DIR") as err:
+        VQRAE.from_pretrained(tmp_path / "work" / "model")
+    assert "huggingface-cli" not in str(err.value)

@@ -26,11 +26,17 @@ class EncoderNotAvailableError(OSError):
 
 
 def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
+    where = "pass --encoder-path DIR to the commands (encoder_config_path=DIR in Python)"
+    cause_text = f"(cause: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a local path, not a Hub org/name id
+        return EncoderNotAvailableError(
+            f"Could not load the encoder '{path}': no such directory with config.json and weights (seen from "
+            f"{os.getcwd()}). If the encoder lives elsewhere now, {where}. {cause_text}")
     return EncoderNotAvailableError(
         f"Could not load the encoder '{path}': it is not a local directory with config.json and weights, "
         f"and it could not be fetched from the Hugging Face Hub (no network, or not in the local cache). "
         f"On a machine with network run `huggingface-cli download {path} --local-dir DIR`, copy DIR here and "
-        f"pass encoder_config_path=DIR. (cause: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+        f"{where}. {cause_text}"
     )
 
 

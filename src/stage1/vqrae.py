@@ -276,6 +276,8 @@ class VQRAE(nn.Module):
                  "image_std": self.encoder.image_std.flatten().tolist()},
             )
             config.encoder = dataclasses.replace(config.encoder, path=ENCODER_SUBDIR)
+        elif os.path.isdir(config.encoder.path):  # a local encoder: found from any working directory
+            config.encoder = dataclasses.replace(config.encoder, path=os.path.abspath(config.encoder.path))
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         with atomic_path(os.path.join(directory, weights_name)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
