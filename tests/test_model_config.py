@@ -115,3 +115,23 @@ def test_a_flat_config_written_by_vqrae_0_1_still_loads(dinov2_dir, tmp_path):
                                                 encoder=dataclasses.replace(model.config.encoder, antialias=True))
     x = smooth_images(2)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_json_and_yaml_syntax_errors_name_their_file(tmp_path, dinov2_dir):
+    """Issue 12, case 11 (messages): a broken decoder config, encoder preprocessor config or tokenize listing names
+    the file that is broken."""
+    import shutil
+
+    from stage1.encoders import build_encoder
+    from stage1.model_config import load_decoder_config
+
+    (tmp_path / "decoder.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match=r"decoder.json is not valid JSON"):
+        load_decoder_config(str(tmp_path / "decoder.json"))
+    (tmp_path / "decoder.yaml").write_text("hidden_size: [64")
+    with pytest.raises(ValueError, match=r"decoder.yaml is not valid YAML"):
+        load_decoder_config(str(tmp_path / "decoder.yaml"))
+    shutil.copytree(dinov2_dir, tmp_path / "encoder")
+    (tmp_path / "encoder" / "preprocessor_config.json").write_text("{'image_mean': [0.5]}")
+    with pytest.raises(ValueError, match=r"preprocessor_config.json is not valid JSON"):
+        build_encoder("Dinov2withNorm", str(tmp_path / "encoder"))

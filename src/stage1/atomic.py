@@ -53,6 +53,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's value; a syntax error names the file (many of ours are exchanged: manifests, configs)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON: {err}") from None
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

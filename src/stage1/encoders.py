@@ -7,13 +7,14 @@ holding `config.json` + weights. A config names an encoder by string through `EN
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
+
+from .atomic import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,8 +69,7 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
     )
     if resolved is None or not os.path.isfile(resolved):
         return tuple(default_mean), tuple(default_std)
-    with open(resolved) as f:
-        config = json.load(f)
+    config = read_json(resolved)
     mean = config.get("image_mean", default_mean)
     std = config.get("image_std", default_std)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -15,10 +15,10 @@ once, here, when a config is made. `VQRAE(...)`'s flat keyword names (RAE's) map
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, fields
 
+from .atomic import read_json
 from .encoders import encoder_class
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,13 +158,16 @@ class DecoderConfig(ConfigSection):
 
 
 def _read_mapping(path: str) -> dict:
-    with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    if path.endswith((".yaml", ".yml")):
+        import yaml
 
-            values = yaml.safe_load(f) or {}
-        else:
-            values = json.load(f)
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML: {err}") from None
+    else:
+        values = read_json(path)
     if not isinstance(values, dict):
         raise ValueError(f"decoder config {path} must hold a mapping, got {type(values).__name__}")
     return values
@@ -232,14 +235,6 @@ LEGACY_TRAINING_KEYS = ("recon_loss", "dead_code_threshold")
 SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig}
 
 
-def read_config_file(path: str) -> dict:
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
 def written_before_rae_layout(values: dict) -> bool:
     """config.json files of vqrae 0.2 and before lack decoder.pixel_space. Their models resized images with
     antialiasing and fed the decoder the normalised latent (now it gets the raw one, as RAE's decoders do)."""
@@ -295,7 +290,7 @@ class VQRAEConfig:
 
     @classmethod
     def load(cls, path: str) -> "VQRAEConfig":
-        values = read_config_file(path)
+        values = read_json(path)
         config = cls.from_dict(values, where=f"{path}: ")
         if written_before_rae_layout(values) and "antialias" not in (values.get("encoder") or {}):
             config.encoder = dataclasses.replace(config.encoder, antialias=True)  # how those models resized

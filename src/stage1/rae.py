@@ -14,7 +14,8 @@ import re
 
 import torch
 
-from .model_config import DecoderConfig, read_config_file
+from .atomic import read_json
+from .model_config import DecoderConfig
 from .tensor_files import read_tensor_file
 
 # RAE's GeneralDecoder names -> ViTDecoder names (query / key / value are merged into qkv separately).
@@ -41,7 +42,7 @@ def rae_decoder_config(path: str, patch_size: int) -> DecoderConfig:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"RAE decoder config '{path}' is neither a config.json nor a directory holding one "
                                 f"(RAE ships them as configs/decoder/ViTB, ViTL, ViTXL)")
-    values = read_config_file(file)
+    values = read_json(file)
     sizes = ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
              "decoder_intermediate_size")
     if not isinstance(values, dict) or any(key not in values for key in sizes):

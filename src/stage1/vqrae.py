@@ -26,12 +26,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, read_json, write_json
 from .decoder import ViTDecoder
 from .encoders import build_encoder
 from .latent_stats import read_latent_stats
 from .losses import reconstruction_loss
-from .model_config import VQRAEConfig, read_config_file, written_before_rae_layout
+from .model_config import VQRAEConfig, written_before_rae_layout
 from .quantizer_kinds import build_quantizer
 from .tensor_files import read_tensor_file
 
@@ -298,7 +298,7 @@ class VQRAE(nn.Module):
         state = read_tensor_file(weights_file, "model weights")
         if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
             model.set_latent_stats(state["latent_mean"], state["latent_std"])
-        if written_before_rae_layout(read_config_file(config_file)):
+        if written_before_rae_layout(read_json(config_file)):
             state = decoder_on_raw_latents(state)
         expected = model.trainable_state_dict()
         missing = sorted(set(expected) - set(state))

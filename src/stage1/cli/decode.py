@@ -8,13 +8,13 @@ grid shape): that is checked against manifest.json before any work.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import read_json
 from ..images import save_png
 from ..precision import autocast
 from .common import CLIError, add_runtime_args, batches, command_parser, load_model, run_cli
@@ -36,11 +36,7 @@ def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         raise CLIError(f"{folder} has no {MANIFEST}: not a finished vqrae-tokenize output")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{path} is not valid JSON: {err}") from None
+    manifest = read_json(path)
 
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)

@@ -13,7 +13,6 @@ the same bytes as an uninterrupted run. Shards are dealt to torchrun ranks round
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, read_json, write_json
 from ..data import find_images
 from ..precision import autocast
 from .common import (
@@ -134,8 +133,7 @@ def run(argv=None) -> int:
 def _check_or_write_run_record(out: str, record: dict) -> None:
     path = os.path.join(out, RUN_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = read_json(path)
         if previous != record:
             raise CLIError(
                 f"{out} holds shards of another tokenization ({previous}); this run is {record}. "
@@ -152,8 +150,7 @@ def _shard_done(out: str, i: int) -> bool:
 def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int) -> dict:
     images, skipped, index_shape, dtype = [], [], None, None
     for i in range(num_shards):
-        with open(os.path.join(out, shard_name(i) + ".json")) as f:
-            listing = json.load(f)
+        listing = read_json(os.path.join(out, shard_name(i) + ".json"))
         array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
         index_shape, dtype = list(array.shape[1:]), str(array.dtype)
         images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row} for row, p in enumerate(listing["images"])]
