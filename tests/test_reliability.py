@@ -158,14 +158,16 @@ def test_unreadable_files_are_skipped(tmp_path, monkeypatch):
     for name in ("a.png", "b.png", "c.png"):
         save_image(torch.rand(3, 8, 8), tmp_path / name)
     dataset = ImageDataset(str(tmp_path), build_transform(8, "center_crop"))
-    real_load = ImageDataset.load
+    import stage1.images
 
-    def no_permission(self, index):
-        if self.paths[index] == "b.png":
+    real_decode = stage1.images._decode
+
+    def no_permission(path):  # root reads any file, so the OS refusal is simulated where Pillow would meet it
+        if path.endswith("b.png"):
             raise PermissionError(13, "Permission denied", "b.png")
-        return real_load(self, index)
+        return real_decode(path)
 
-    monkeypatch.setattr(ImageDataset, "load", no_permission)
+    monkeypatch.setattr(stage1.images, "_decode", no_permission)
     with pytest.warns(UserWarning, match="skipping unreadable image b.png: PermissionError"):
         assert dataset[(1, 0)]["skipped"] == 1
 
@@ -230,3 +232,46 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(train_images, tmp_pat
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stdout + result.stderr
     assert time.time() - start < 120  # no hang waiting on the dead rank
+
+
+def write_bomb_png(path, side=20000):
+    """A valid 8 x 8 PNG whose header claims side x side pixels (Pillow refuses > 2 x its 89M-pixel limit)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 40, 200)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_is_one_error_or_one_skipped_file(train_images, dinov2_dir, tmp_path, capsys):
+    """Issue 12, cases 3 and 4: a PNG claiming 20000 x 20000 is an error line for a single-image command, a skipped
+    and listed file for folder commands, and skipped by training even among the images of its sample grid."""
+    import shutil
+
+    from stage1.cli import evaluate, reconstruct, tokenize
+
+    folder = tmp_path / "images"
+    shutil.copytree(train_images, folder)
+    write_bomb_png(folder / "class0" / "000_bomb.png")  # sorted first: one of the fixed sample images
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    tiny_vqrae(dinov2_dir).save_pretrained(model_dir)
+    bomb = str(folder / "class0" / "000_bomb.png")
+    assert reconstruct.main(["--model", str(model_dir), "--image", bomb, "--out", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert "DecompressionBombError" in err and "Traceback" not in err and not (tmp_path / "r.png").exists()
+    assert tokenize.main(["--model", str(model_dir), "--data", str(folder), "--out", str(tmp_path / "tok")]) == 0
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert [s["path"] for s in manifest["skipped"]] == ["class0/000_bomb.png"] and len(manifest["images"]) == 8
+    assert evaluate.main(["--model", str(model_dir), "--data", str(folder), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["num_images"] == 8
+    summary = run(str(folder), tmp_path / "run", "train.steps=2", "train.num_samples=2")
+    assert summary["step"] == 2

@@ -12,12 +12,11 @@ import warnings
 from typing import Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from .images import load_image
+from .images import UnreadableImageError, load_image
 
 
 def find_images(root: str) -> list[str]:
@@ -97,11 +96,9 @@ class ImageDataset(Dataset):
             try:
                 image = self.load(candidate)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+            except UnreadableImageError as err:
                 skipped += 1
-                warnings.warn(
-                    f"skipping unreadable image {self.paths[candidate]}: {type(err).__name__}: {err}", stacklevel=2
-                )
+                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {err}", stacklevel=2)
         else:
             raise RuntimeError(f"100 consecutive unreadable images under {self.root}, starting at {self.paths[index]}")
         with torch.random.fork_rng(devices=[]):

@@ -15,8 +15,20 @@ from .atomic import atomic_path
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
 
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded: missing, truncated, not an image, or a decompression bomb."""
+
+
 def load_image(path: str) -> tuple[torch.Tensor, str]:
-    """(3, H, W) float tensor in [0, 1] and a short description of the conversion it took."""
+    """(3, H, W) float tensor in [0, 1] and a short description of the conversion it took. Any file that cannot
+    be decoded raises UnreadableImageError (one type for callers that skip such files)."""
+    try:
+        return _decode(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow raises all four
+        raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
+
+
+def _decode(path: str) -> tuple[torch.Tensor, str]:
     with Image.open(path) as image:
         image.load()
         mode, size = image.mode, image.size

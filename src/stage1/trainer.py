@@ -32,7 +32,7 @@ from . import distributed
 from .atomic import atomic_path
 from .codebook_fit import fit_codebook
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
-from .images import psnr, save_png
+from .images import UnreadableImageError, psnr, save_png
 from .losses import LossConfig, VQRAELoss
 from .model_config import VQRAEConfig
 from .precision import autocast, resolve_precision
@@ -413,10 +413,17 @@ class Trainer:
 
     # ---- outputs --------------------------------------------------------------------------------------------
     def _fixed_images(self) -> torch.Tensor:
-        """The first num_samples images, center-cropped: the same ones in every sample grid."""
+        """The first num_samples readable images, center-cropped: the same ones in every sample grid."""
         center = build_transform(self.cfg.image_size, "center_crop", hflip=False)
-        count = min(self.cfg.train.num_samples, len(self.dataset))
-        return torch.stack([center(self.dataset.load(i)) for i in range(count)]).to(self.device)
+        images = []
+        for i in range(len(self.dataset)):
+            if len(images) == self.cfg.train.num_samples:
+                break
+            try:
+                images.append(center(self.dataset.load(i)))
+            except UnreadableImageError as err:  # skipped here as everywhere else
+                print(f"samples: skipping unreadable image {self.dataset.paths[i]}: {err}")
+        return torch.stack(images).to(self.device)
 
     @property
     def _eval_decoder(self) -> torch.nn.Module:

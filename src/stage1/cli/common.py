@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..encoders import EncoderNotAvailableError
-from ..images import load_image, resize_center_crop
+from ..images import UnreadableImageError, load_image, resize_center_crop
 from ..vqrae import VQRAE
 
 
@@ -73,7 +73,7 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
     """An image file as the model needs it, with a note of every conversion made."""
     try:
         pixels, note = load_image(path)
-    except (OSError, ValueError) as err:
+    except UnreadableImageError as err:
         raise CLIError(f"cannot read image '{path}': {err}") from err
     if tuple(pixels.shape[-2:]) != (size, size):
         pixels = resize_center_crop(pixels, size)
