@@ -328,3 +328,30 @@ def test_decode_refuses_manifest_paths_outside_its_folders(model_dir, image_dir,
     (tokens / "manifest.json").write_text(json.dumps({**good, "images": [{"path": "a.png", "row": "0"}]}))
     assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
     assert "bad or missing ['images']" in capsys.readouterr().err
+
+
+def test_tokenize_resumes_only_the_same_tokenization(model_dir, image_dir, dinov2_dir, tmp_path, capsys):
+    """Issue 12, case 2: another folder with as many images, or changed weights at the same model path, is refused
+    (one error, nothing mixed); --restart starts afresh."""
+    import shutil
+
+    out = tmp_path / "t"
+    assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(out)]) == 0
+    before = (out / "shard-00000.npy").read_bytes()
+    other = tmp_path / "other_images"  # the same number of images, other pictures
+    shutil.copytree(image_dir, other)
+    for path in other.rglob("*.png"):
+        path.rename(path.with_name("x_" + path.name))
+    assert tokenize.main(["--model", model_dir, "--data", str(other), "--out", str(out)]) == 2
+    assert "differs in ['listing']" in capsys.readouterr().err
+    changed = tmp_path / "changed"  # new weights at the same path
+    shutil.copytree(model_dir, changed)
+    assert tokenize.main(["--model", str(changed), "--data", image_dir, "--out", str(tmp_path / "c")]) == 0
+    torch.manual_seed(1)
+    tiny_vqrae(dinov2_dir).save_pretrained(changed)
+    assert tokenize.main(["--model", str(changed), "--data", image_dir, "--out", str(tmp_path / "c")]) == 2
+    assert "differs in ['codes_fingerprint']" in capsys.readouterr().err
+    assert (out / "shard-00000.npy").read_bytes() == before  # nothing was touched
+    assert tokenize.main(["--model", model_dir, "--data", str(other), "--out", str(out), "--restart"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(os.path.basename(e["path"]).startswith("x_") for e in manifest["images"] if e["path"].endswith(".png"))

@@ -8,11 +8,16 @@ residual / grouped quantizers: L codes per token), in the smallest unsigned inte
 size; shard-00000.json lists its images. manifest.json
 gathers model, codebook size, grid shape, image size and, for every image, its relative path, shard and
 row. Run it again after an interruption: finished shards are kept and only the rest is computed, giving
-the same bytes as an uninterrupted run. Shards are dealt to torchrun ranks round-robin.
+the same bytes as an uninterrupted run. Finished shards are reused only by the same tokenization: the same image
+listing, options and model (a fingerprint of everything the codes depend on: the encoder's and the codebook's
+weights, the latent statistics, their configs); anything else is refused, or started afresh with --restart.
+Shards are dealt to torchrun ranks round-robin.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -64,8 +69,28 @@ def parse(argv):
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
     parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
                         help="integer type of the shards (auto: the smallest unsigned type that fits)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the shards of another tokenization found in --out and start afresh")
     add_runtime_args(parser, batch_size=32)
     return parser.parse_args(argv)
+
+
+def codes_fingerprint(model) -> str:
+    """SHA-256 of everything a token's codes depend on: the encoder's weights, the latent statistics, the
+    codebook(s) and the configs of encoder and quantizer (not the decoder, which never touches the codes)."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    digest.update(json.dumps({k: config[k] for k in ("encoder", "quantizer")}, sort_keys=True).encode())
+    tensors = {f"encoder.{k}": v for k, v in model.encoder.model.state_dict().items()}
+    tensors.update({k: v for k, v in model.state_dict().items() if k.startswith(("quantizer.", "latent_"))})
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def listing_fingerprint(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
 def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -101,10 +126,12 @@ def run(argv=None) -> int:
             "shard_size": args.shard_size,
             "index_dtype": args.index_dtype,
             "images": len(paths),
+            "listing": listing_fingerprint(paths),
+            "codes_fingerprint": codes_fingerprint(model),
         }
         os.makedirs(args.out, exist_ok=True)
         if info.is_main:
-            _check_or_write_run_record(args.out, run_record)
+            _check_or_write_run_record(args.out, run_record, args.restart)
         distributed.barrier()
 
         mine = [i for i in range(num_shards) if i % info.world_size == info.rank]
@@ -130,16 +157,23 @@ def run(argv=None) -> int:
     return 0
 
 
-def _check_or_write_run_record(out: str, record: dict) -> None:
+def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
+    """Reuse finished shards only for the same tokenization; --restart removes another one's files first."""
     path = os.path.join(out, RUN_FILE)
     if os.path.isfile(path):
         previous = read_json(path)
-        if previous != record:
-            raise CLIError(
-                f"{out} holds shards of another tokenization ({previous}); this run is {record}. "
-                f"Use an empty --out folder, or delete that one."
-            )
-    else:
+        differ = sorted(k for k in {*record, *(previous if isinstance(previous, dict) else {})}
+                        if not isinstance(previous, dict) or previous.get(k) != record.get(k))
+        if differ and not restart:
+            raise CLIError(f"{out} holds shards of another tokenization (it differs in {differ}: a different "
+                           f"image listing, model weights or options); use an empty --out, or --restart to "
+                           f"discard them")
+        if differ:
+            for name in os.listdir(out):
+                if name == RUN_FILE or name == MANIFEST or name.startswith("shard-"):
+                    os.remove(os.path.join(out, name))
+            print(f"--restart: removed the shards of another tokenization from {out}")
+    if not os.path.isfile(path):
         write_json(path, record)
 
 
