@@ -275,3 +275,22 @@ def test_a_decompression_bomb_is_one_error_or_one_skipped_file(train_images, din
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["num_images"] == 8
     summary = run(str(folder), tmp_path / "run", "train.steps=2", "train.num_samples=2")
     assert summary["step"] == 2
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_killed_writers_cleaned_up(train_images, tmp_path, capsys):
+    """Issue 12, case 7: under resume=auto a checkpoint missing a file gives way to the one before it; a named one
+    fails with the file it lacks; hidden step folders of killed writers are removed."""
+    run(train_images, tmp_path / "run", "train.stop_at=8", "train.sample_every=null")
+    root = tmp_path / "run" / "checkpoints"
+    os.remove(root / "step-0000008" / "ema.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"lacks \['ema.safetensors'\]"):
+        run(train_images, tmp_path / "run", f"train.resume={root / 'step-0000008'}", "train.sample_every=null")
+    (root / ".step-0000012.x1y2.tmp").mkdir()
+    (root / ".step-0000012.x1y2.tmp" / "model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    run(train_images, tmp_path / "run", "train.steps=12", "train.sample_every=null")
+    printed = capsys.readouterr().out
+    assert "passing over" in printed and "step-0000008" in printed and "removed .step-0000012.x1y2.tmp" in printed
+    logs = step_logs(tmp_path / "run")
+    assert min(s for s in logs if s > 4) == 5  # resumed after step 4, not 8
+    assert not any(name.startswith(".step-") for name in os.listdir(root))

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from .atomic import plain_mode
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+STALE_DIR = re.compile(r"^\.step-\d+\..*\.(tmp|old)$")
 STATE_NAME = "trainer_state.pt"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 DISCRIMINATOR_NAME = "discriminator.safetensors"
@@ -78,9 +79,29 @@ def list_checkpoints(root: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(root: str) -> str | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def missing_files(directory: str, names) -> list[str]:
+    return [name for name in names if not os.path.isfile(os.path.join(directory, name))]
+
+
+def latest_checkpoint(root: str, required=()) -> str | None:
+    """The newest complete checkpoint: one missing any of `required` (damaged after it was written) is passed
+    over, with a note, for the one before it."""
+    for directory in reversed(list_checkpoints(root)):
+        missing = missing_files(directory, required)
+        if not missing:
+            return directory
+        print(f"resume: passing over {directory}, which lacks {missing}")
+    return None
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Hidden step directories that killed writers left (.step-N.*.tmp / .old); call only while none writes."""
+    if not os.path.isdir(root):
+        return []
+    stale = [name for name in os.listdir(root) if STALE_DIR.match(name)]
+    for name in stale:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return stale
 
 
 def read_state(directory: str) -> dict:

@@ -41,16 +41,19 @@ from .tiny import write_stand_in_encoder
 from .train_checkpoint import (
     DISCRIMINATOR_NAME,
     EMA_WEIGHTS_NAME,
+    STATE_NAME,
     TRAIN_CONFIG_NAME,
     latest_checkpoint,
+    missing_files,
     read_state,
     read_tensors,
+    remove_stale_temporaries,
     write_checkpoint,
     write_state,
 )
 from .train_config import loss_config, model_config, validate_train_config
 from .train_log import MetricsLog
-from .vqrae import VQRAE, WEIGHTS_NAME
+from .vqrae import CONFIG_NAME, VQRAE, WEIGHTS_NAME
 
 QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", "skipped_ema_update",
                   "restarted_codes")
@@ -368,16 +371,26 @@ class Trainer:
             "world_size": self.info.world_size,
         })
 
+    def _checkpoint_files(self) -> list[str]:
+        """What a complete checkpoint of this run holds."""
+        names = [STATE_NAME, WEIGHTS_NAME, CONFIG_NAME]
+        names += [EMA_WEIGHTS_NAME] if self.ema is not None else []
+        return names + ([DISCRIMINATOR_NAME] if self.loss.discriminator is not None else [])
+
     def _resume(self) -> None:
-        resume = self.cfg.train.resume
-        directory = latest_checkpoint(self.ckpt_root) if resume == "auto" else resume
+        resume, required = self.cfg.train.resume, self._checkpoint_files()
+        if self.info.is_main:
+            for name in remove_stale_temporaries(self.ckpt_root):
+                print(f"resume: removed {name}, left by a writer that was killed")
+        distributed.barrier()
+        directory = latest_checkpoint(self.ckpt_root, required) if resume == "auto" else resume
         if directory is None:
             return
-        try:
-            state = read_state(directory)
-        except FileNotFoundError:
-            message = f"train.resume={resume}: {directory} is not a complete training checkpoint"
-            raise FileNotFoundError(message) from None
+        missing = missing_files(directory, required)
+        if missing:
+            raise FileNotFoundError(f"train.resume={resume}: {directory} is not a complete training checkpoint "
+                                    f"of this run: it lacks {missing}")
+        state = read_state(directory)
         missing = self.model.load_state_dict(read_tensors(directory, WEIGHTS_NAME), strict=False).missing_keys
         if any(not k.startswith("encoder.") for k in missing):
             raise ValueError(f"checkpoint {directory} lacks model weights: {missing[:5]}")
