@@ -355,3 +355,26 @@ def test_tokenize_resumes_only_the_same_tokenization(model_dir, image_dir, dinov
     assert tokenize.main(["--model", model_dir, "--data", str(other), "--out", str(out), "--restart"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(os.path.basename(e["path"]).startswith("x_") for e in manifest["images"] if e["path"].endswith(".png"))
+
+
+def test_outputs_are_checked_before_any_work(image_dir, tmp_path, capsys):
+    """Issue 12, case 6: --out that is the wrong kind of thing, or cannot be made, is one error before the model is
+    even loaded (here it does not exist, so any later check would name the model instead)."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    model = str(tmp_path / "no_model")
+    image = os.path.join(image_dir, "rgb.jpg")
+    cases = [
+        (evaluate, ["--data", image_dir, "--out", str(a_file)], "is a file; expected a folder"),
+        (tokenize, ["--data", image_dir, "--out", str(a_file / "sub")], "is a file, so a folder cannot be made"),
+        (reconstruct, ["--image", image, "--out", str(tmp_path)], "is a folder; expected a file"),
+        (reconstruct, ["--image", image, "--out", str(a_file / "x.png")], "is a file, so a file cannot be made"),
+        (decode, ["--tokens", image_dir, "--out", str(a_file)], "is a file; expected a folder"),
+        (fit_codebook, ["--data", image_dir, "--out", str(a_file)], "is a file; expected a folder"),
+    ]
+    for command, argv, message in cases:
+        assert command.main(["--model", model, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert latent_stats.main(["--encoder", model, "--data", image_dir, "--out", str(tmp_path)]) == 2
+    assert "is a folder; expected a file" in capsys.readouterr().err

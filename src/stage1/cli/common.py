@@ -10,7 +10,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..encoders import EncoderNotAvailableError
 from ..images import UnreadableImageError, load_image, resize_center_crop
 from ..vqrae import VQRAE
 
@@ -101,10 +100,25 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def check_output(path: str, folder: bool) -> None:
+    """Where --out will go, checked before any work, creating nothing: the right kind of thing if it exists, and
+    otherwise a writable folder to make it in."""
+    kind = "a folder" if folder else "a file"
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise CLIError(f"--out {path} is {'a file' if folder else 'a folder'}; expected {kind}")
+    parent = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {path}: {parent} is a file, so {kind} cannot be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: {parent} is not writable")
+
+
 def run_cli(prog: str, run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
         return run(argv) or 0
-    except (CLIError, ValueError, FileNotFoundError, EncoderNotAvailableError) as err:
+    except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..atomic import read_json
 from ..images import save_png
 from ..precision import autocast
-from .common import CLIError, add_runtime_args, batches, command_parser, load_model, run_cli
+from .common import CLIError, add_runtime_args, batches, check_output, command_parser, load_model, run_cli
 from .tokenize import MANIFEST
 
 
@@ -77,6 +77,7 @@ def check_model_fits(model, manifest: dict) -> None:
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=True)
     manifest = read_manifest(args.tokens)
     model = load_model(args, needs_codes=True)
     check_model_fits(model, manifest)

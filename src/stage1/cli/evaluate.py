@@ -31,6 +31,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    check_output,
     command_parser,
     load_model,
     model_image_size,
@@ -167,6 +168,7 @@ class Scores:
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=True)
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be positive, got {args.limit}")
     paths = find_images(args.data)[: args.limit]

@@ -27,6 +27,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    check_output,
     command_parser,
     load_model,
     model_image_size,
@@ -50,6 +51,7 @@ def parse(argv):
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=True)
     for name in ("images", "tokens_per_image", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -20,7 +20,16 @@ from ..atomic import atomic_path
 from ..data import find_images
 from ..encoders import ENCODERS, build_encoder
 from ..precision import autocast
-from .common import CLIError, add_runtime_args, batches, command_parser, prepare_batch, resolve_device, run_cli
+from .common import (
+    CLIError,
+    add_runtime_args,
+    batches,
+    check_output,
+    command_parser,
+    prepare_batch,
+    resolve_device,
+    run_cli,
+)
 
 
 class RunningMoments:
@@ -65,6 +74,7 @@ def parse(argv):
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=False)
     if not args.out.endswith((".safetensors", ".pt")):
         raise CLIError(f"--out must end in .safetensors or .pt (RAE's stat.pt format), got {args.out}")
     paths = find_images(args.data)[: args.limit]

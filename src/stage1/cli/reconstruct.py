@@ -18,6 +18,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    check_output,
     command_parser,
     load_model,
     model_image_size,
@@ -37,6 +38,7 @@ def parse(argv):
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=False)
     missing = [p for p in args.image if not os.path.isfile(p)]
     if missing:
         raise CLIError(f"image file(s) not found: {', '.join(missing)}")

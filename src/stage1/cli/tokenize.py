@@ -33,6 +33,7 @@ from .common import (
     add_model_args,
     add_runtime_args,
     batches,
+    check_output,
     command_parser,
     load_model,
     model_image_size,
@@ -109,6 +110,7 @@ def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, 
 
 def run(argv=None) -> int:
     args = parse(argv)
+    check_output(args.out, folder=True)
     if args.shard_size < 1:
         raise CLIError(f"--shard-size must be positive, got {args.shard_size}")
     paths = find_images(args.data)
