@@ -378,3 +378,28 @@ def test_outputs_are_checked_before_any_work(image_dir, tmp_path, capsys):
         assert message in err and "Traceback" not in err, err
     assert latent_stats.main(["--encoder", model, "--data", image_dir, "--out", str(tmp_path)]) == 2
     assert "is a folder; expected a file" in capsys.readouterr().err
+
+
+def test_exif_orientation_gifs_and_progress_in_images(model_dir, tmp_path, capsys):
+    """Issue 12, case 11: a photo with an EXIF orientation is turned upright (and said so), a .gif is an image to
+    the folder commands as to reconstruct, and tokenize's progress bar counts images."""
+    from stage1.data import find_images
+    from stage1.images import load_image
+
+    pixels = (smooth_images(1, size=48, seed=5)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)[:, :32]
+    upright = Image.fromarray(pixels)  # 32 wide, 48 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: viewers rotate it by 90 degrees clockwise
+    folder = tmp_path / "images"
+    folder.mkdir()
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "camera.png", exif=exif)
+    loaded, note = load_image(str(folder / "camera.png"))
+    assert loaded.shape == (3, 48, 32) and "turned upright (EXIF orientation 6)" in note
+    assert torch.allclose(loaded, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    upright.save(folder / "anim.gif")
+    assert find_images(str(folder)) == ["anim.gif", "camera.png"]
+    assert tokenize.main(["--model", model_dir, "--data", str(folder), "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err
+    assert "2/2" in err and "image" in err and "Loading weights" not in err
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert [e["path"] for e in manifest["images"]] == ["anim.gif", "camera.png"]

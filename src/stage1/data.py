@@ -18,6 +18,8 @@ from torchvision.transforms import v2
 
 from .images import UnreadableImageError, load_image
 
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what load_image reads (a GIF: its first frame)
+
 
 def find_images(root: str) -> list[str]:
     """Sorted relative paths of all image files under root (recursively); clear errors if there are none."""
@@ -28,7 +30,7 @@ def find_images(root: str) -> list[str]:
         found.extend(
             os.path.relpath(os.path.join(folder, f), root)
             for f in sorted(files)
-            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
         )
     found.sort()
     if not found:

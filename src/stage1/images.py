@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.utils import save_image
 
@@ -29,8 +29,11 @@ def load_image(path: str) -> tuple[torch.Tensor, str]:
 
 
 def _decode(path: str) -> tuple[torch.Tensor, str]:
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as original:
+        original.load()
+        # A camera's EXIF orientation: the pixels as the photo is meant to be seen, as every viewer shows them.
+        image = ImageOps.exif_transpose(original)
+        turned = "" if image is original else f", turned upright (EXIF orientation {original.getexif().get(0x0112)})"
         mode, size = image.mode, image.size
         if mode in _HIGH_BIT_MODES or mode == "F":
             # 16/32-bit grey: scale by the format's full range (PIL's RGB conversion would clip it to 8 bits).
@@ -39,7 +42,8 @@ def _decode(path: str) -> tuple[torch.Tensor, str]:
             if mode == "I" and array.max() <= 255:
                 scale = 255.0
             grey = torch.from_numpy(np.clip(array / scale, 0.0, 1.0)).float()
-            return grey.expand(3, -1, -1).clone(), f"{mode} {size[0]}x{size[1]} -> RGB (grey, {int(scale) + 1} levels)"
+            note = f"{mode} {size[0]}x{size[1]} -> RGB (grey, {int(scale) + 1} levels)"
+            return grey.expand(3, -1, -1).clone(), note + turned
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
             # Composite on white: transparent pixels have no colour of their own.
             rgba = image.convert("RGBA")
@@ -50,7 +54,7 @@ def _decode(path: str) -> tuple[torch.Tensor, str]:
             rgb = image.convert("RGB")
             note = f"{mode} {size[0]}x{size[1]}" + ("" if mode == "RGB" else " -> RGB")
     pixels = v2.functional.to_dtype(v2.functional.pil_to_tensor(rgb), torch.float32, scale=True)
-    return pixels, note
+    return pixels, note + turned
 
 
 def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:

@@ -116,6 +116,9 @@ def check_output(path: str, folder: bool) -> None:
 
 
 def run_cli(prog: str, run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside the command's own bar
     try:
         return run(argv) or 0
     except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk

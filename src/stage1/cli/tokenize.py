@@ -140,13 +140,18 @@ def run(argv=None) -> int:
         todo = [i for i in mine if not _shard_done(args.out, i)]
         if info.is_main and len(todo) < len(mine):
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already done")
-        for i in tqdm(todo, desc="tokenize", unit="shard", disable=not info.is_main):
+        # Counted in images, not shards (a shard holds thousands).
+        bar = tqdm(total=sum(len(paths[i * args.shard_size : (i + 1) * args.shard_size]) for i in todo),
+                   desc="tokenize", unit="image", disable=not info.is_main)
+        for i in todo:
             shard_paths = paths[i * args.shard_size : (i + 1) * args.shard_size]
             array, kept, skipped = tokenize_shard(model, shard_paths, args.data, size, args, device)
             with atomic_path(os.path.join(args.out, shard_name(i) + ".npy")) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
             # Written last: a shard counts as done only when its listing exists.
             write_json(os.path.join(args.out, shard_name(i) + ".json"), {"images": kept, "skipped": skipped})
+            bar.update(len(shard_paths))
+        bar.close()
         distributed.barrier()
         if info.is_main:
             manifest = _assemble_manifest(args.out, num_shards, run_record, model, size)
