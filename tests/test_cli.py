@@ -403,3 +403,48 @@ def test_exif_orientation_gifs_and_progress_in_images(model_dir, tmp_path, capsy
     assert "2/2" in err and "image" in err and "Loading weights" not in err
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert [e["path"] for e in manifest["images"]] == ["anim.gif", "camera.png"]
+
+
+def test_help_and_usage_errors_answer_before_torch_is_imported():
+    """Issue 12, case 11: every console script parses its arguments before its work module (torch, transformers,
+    timm) is imported, so --help and a usage error answer at once; the scripts are the ones pyproject.toml names."""
+    import tomllib
+
+    scripts = tomllib.loads(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read())
+    scripts = scripts["project"]["scripts"]
+    assert len(scripts) == 6 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
+    probe = """
+import contextlib, io, json, sys
+from stage1.cli import arguments
+found = {}
+for script, target in json.loads(sys.argv[1]).items():
+    for argv, expected in ((["--help"], 0), (["--no-such-flag"], 2)):
+        sys.argv = [script, *argv]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                getattr(arguments, target.split(":")[1])()
+                code = "returned"
+            except SystemExit as exit:
+                code = exit.code
+        found[f"{script} {argv[0]}"] = [code == expected, (out.getvalue() + err.getvalue()).split()[:2]]
+print(json.dumps({"results": found, "heavy": sorted(set(sys.modules) & {"torch", "transformers", "timm"})}))
+"""
+    run = subprocess.run([sys.executable, "-c", probe, json.dumps(scripts)], capture_output=True, text=True,
+                         timeout=60)
+    report = json.loads(run.stdout)
+    assert report["heavy"] == [], report
+    for script in scripts:  # help shows the script's own usage line; a bad flag exits 2 with it
+        assert report["results"][f"{script} --help"] == [True, ["usage:", script]], report
+        assert report["results"][f"{script} --no-such-flag"] == [True, ["usage:", script]], report
+
+
+def test_offline_lpips_says_why_without_trying_a_download(tmp_path, monkeypatch, capfd):
+    """Issue 12, case 11: offline (HF_HUB_OFFLINE=1, as the tests run) and without the backbone in torchvision's
+    cache, LPIPS fails with the advice at once: no 'Downloading ...' line, no network attempt."""
+    from stage1.losses import build_lpips
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(RuntimeError, match="vgg16-397923af.pth is not in torchvision's cache"):
+        build_lpips("vgg")
+    assert "Downloading" not in capfd.readouterr().err

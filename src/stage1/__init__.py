@@ -1,37 +1,40 @@
-"""vqrae: image tokenizer on frozen foundation encoders (package `stage1`)."""
+"""vqrae: image tokenizer on frozen foundation encoders (package `stage1`).
 
-from .decoder import ViTDecoder
-from .encoders import ENCODERS, EncoderNotAvailableError, FrozenEncoder, build_encoder
-from .model_config import (
-    DECODER_PRESETS,
-    DecoderConfig,
-    EncoderConfig,
-    QuantizerConfig,
-    VQRAEConfig,
-    load_decoder_config,
-)
-from .quantizer import VectorQuantizer
-from .quantizer_kinds import GroupedQuantizer, ResidualQuantizer, build_quantizer
-from .search import nearest_code
-from .vqrae import VQRAE
+The names below load on first use (PEP 562), so importing a light submodule, e.g. the commands' argument parsing in
+stage1.cli.arguments, does not import torch, transformers and timm; `from stage1 import VQRAE` works as usual."""
 
-__all__ = [
-    "VQRAE",
-    "VQRAEConfig",
-    "EncoderConfig",
-    "QuantizerConfig",
-    "DecoderConfig",
-    "VectorQuantizer",
-    "ResidualQuantizer",
-    "GroupedQuantizer",
-    "build_quantizer",
-    "nearest_code",
-    "ViTDecoder",
-    "DECODER_PRESETS",
-    "load_decoder_config",
-    "ENCODERS",
-    "FrozenEncoder",
-    "EncoderNotAvailableError",
-    "build_encoder",
-]
+import importlib
+
+_MODULE_OF = {
+    "ViTDecoder": "decoder",
+    "ENCODERS": "encoders",
+    "EncoderNotAvailableError": "encoders",
+    "FrozenEncoder": "encoders",
+    "build_encoder": "encoders",
+    "DECODER_PRESETS": "model_config",
+    "DecoderConfig": "model_config",
+    "EncoderConfig": "model_config",
+    "QuantizerConfig": "model_config",
+    "VQRAEConfig": "model_config",
+    "load_decoder_config": "model_config",
+    "VectorQuantizer": "quantizer",
+    "GroupedQuantizer": "quantizer_kinds",
+    "ResidualQuantizer": "quantizer_kinds",
+    "build_quantizer": "quantizer_kinds",
+    "nearest_code": "search",
+    "VQRAE": "vqrae",
+}
+__all__ = sorted(_MODULE_OF)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'stage1' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -15,6 +15,7 @@ norms at the decoder's last layer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -95,14 +96,20 @@ def build_lpips(net: str = "vgg", random_backbone: bool = False) -> nn.Module:
     import warnings
 
     import lpips
+    import torch.hub
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from torchvision import models
 
     try:
+        backbone = {"vgg": models.VGG16_Weights, "alex": models.AlexNet_Weights}[net].IMAGENET1K_V1.url
+        if not random_backbone and HF_HUB_OFFLINE and not os.path.isfile(
+                os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(backbone))):
+            raise FileNotFoundError(f"{os.path.basename(backbone)} is not in torchvision's cache, and "
+                                    f"HF_HUB_OFFLINE=1 says not to download it")  # rather than try and print
         with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=` argument
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     except Exception as err:  # the torchvision download fails in many ways offline (URLError, OSError, ...)
-        import torch.hub
-
         raise RuntimeError(
             f"LPIPS needs torchvision's pretrained {net} backbone, which could not be loaded "
             f"({type(err).__name__}: {err}). Either give this machine network access once, or place the "

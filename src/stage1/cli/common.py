@@ -1,41 +1,15 @@
-"""What every command shares: device / precision / batch arguments, model loading, image preprocessing,
-and one clean error line (exit code 2) instead of a traceback for bad input."""
+"""What the commands' work shares: the device, model loading, image preprocessing, batches and output checks."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..images import UnreadableImageError, load_image, resize_center_crop
 from ..vqrae import VQRAE
-
-
-class CLIError(Exception):
-    """Bad input to a command: printed as one line, exit code 2."""
-
-
-def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A command's parser, its module docstring as the help text (examples kept as written)."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
-    parser.add_argument("--encoder-path", default=None,
-                        help="local directory of the frozen encoder, if the one the model references is not reachable")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="side the images are resized and center-cropped to (default: the model's own size)")
+from .arguments import CLIError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,17 +87,3 @@ def check_output(path: str, folder: bool) -> None:
         raise CLIError(f"--out {path}: {parent} is a file, so {kind} cannot be made there")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: {parent} is not writable")
-
-
-def run_cli(prog: str, run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside the command's own bar
-    try:
-        return run(argv) or 0
-    except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130

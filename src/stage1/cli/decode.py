@@ -1,10 +1,4 @@
-"""vqrae-decode: shards of code indices (from vqrae-tokenize) -> images.
-
-    vqrae-decode --model results/quickstart/final --tokens tokens/ --out decoded/
-
-Each image is written as OUT/<its relative path>.png. The model must match the shards (codebook size and
-grid shape): that is checked against manifest.json before any work.
-"""
+"""The work of vqrae-decode (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -17,18 +11,9 @@ from tqdm import tqdm
 from ..atomic import read_json
 from ..images import save_png
 from ..precision import autocast
-from .common import CLIError, add_runtime_args, batches, check_output, command_parser, load_model, run_cli
+from .arguments import launch
+from .common import CLIError, batches, check_output, load_model
 from .tokenize import MANIFEST
-
-
-def parse(argv):
-    parser = command_parser("vqrae-decode", __doc__)
-    parser.add_argument("--model", required=True, help="the model the shards were made with (directory or Hub id)")
-    parser.add_argument("--encoder-path", default=None, help="local directory of the frozen encoder, if needed")
-    parser.add_argument("--tokens", required=True, help="folder written by vqrae-tokenize")
-    parser.add_argument("--out", required=True, help="folder for the decoded PNGs")
-    add_runtime_args(parser, batch_size=32)
-    return parser.parse_args(argv)
 
 
 def read_manifest(folder: str) -> dict:
@@ -75,8 +60,7 @@ def check_model_fits(model, manifest: dict) -> None:
                        f"({manifest['model']})")
 
 
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=True)
     manifest = read_manifest(args.tokens)
     model = load_model(args, needs_codes=True)
@@ -112,4 +96,4 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-decode", run, argv)
+    return launch("decode", argv)

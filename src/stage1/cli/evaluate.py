@@ -1,16 +1,4 @@
-"""vqrae-evaluate: reconstruction quality and codebook use of a model on an image folder.
-
-    vqrae-evaluate --model results/quickstart/final --data assets --out eval/ [--limit 50000]
-        [--fid-weights pt_inception-2015-12-05.pth]
-
-Images go through the tokenizer (codes -> pixels; a continuous model, quantizer.kind=none, such as a released
-RAE decoder loaded with VQRAE.from_rae, straight through its latent, with the code metrics null). Writes
-OUT/results.json with PSNR, SSIM (torchmetrics), LPIPS (lpips), rFID (torchmetrics / torch-fidelity), codebook
-usage (codes used / K over the whole set), perplexity, bits per image, and OUT/code_usage.png (code frequencies,
-sorted). A metric whose weights are not available (LPIPS's backbone, FID's Inception: both are downloads) is null
-with the reason in `notes`, and the other metrics still run. FID's Inception weights can be given as a local file
-with --fid-weights.
-"""
+"""The work of vqrae-evaluate (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -26,30 +14,15 @@ from ..data import find_images
 from ..images import psnr
 from ..losses import build_lpips
 from ..precision import autocast
+from .arguments import launch
 from .common import (
     CLIError,
-    add_model_args,
-    add_runtime_args,
     batches,
     check_output,
-    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
-    run_cli,
 )
-
-
-def parse(argv):
-    parser = command_parser("vqrae-evaluate", __doc__)
-    add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
-    parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
-    parser.add_argument("--fid-weights", default=None, help="local file of torch-fidelity's Inception-v3 weights")
-    add_runtime_args(parser, batch_size=32)
-    return parser.parse_args(argv)
 
 
 def build_fid(weights: str | None, device: torch.device):
@@ -166,8 +139,7 @@ class Scores:
         }
 
 
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=True)
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be positive, got {args.limit}")
@@ -211,4 +183,4 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-evaluate", run, argv)
+    return launch("evaluate", argv)

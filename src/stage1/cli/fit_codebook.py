@@ -1,15 +1,4 @@
-"""vqrae-fit-codebook: fit a model's codebook to the latents of an image folder (k-means), and save the model.
-
-    vqrae-fit-codebook --model results/run/final --data /data/train --out fitted/ [--images 20000]
-        [--tokens-per-image 64] [--iters 20]
-    torchrun --standalone --nproc_per_node=8 -m stage1.cli.fit_codebook --model ... --data ... --out ...
-
-Images are sampled from the folder (a seeded draw of --images), resized and center-cropped to the model's size,
-split over ranks; --tokens-per-image random latent tokens of each go into an exact k-means (all ranks together,
-stage1/kmeans.py). OUT loads with VQRAE.from_pretrained: the same model with the fitted codebook and its EMA
-state (cluster sizes in hits per --batch-size images on every rank), to use as it is or to train on.
-OUT/codebook_fit.json records the fit.
-"""
+"""The work of vqrae-fit-codebook (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -22,35 +11,18 @@ from ..atomic import write_json
 from ..codebook_fit import fit_codebook
 from ..data import find_images
 from ..precision import autocast
+from .arguments import launch
 from .common import (
     CLIError,
-    add_model_args,
-    add_runtime_args,
     batches,
     check_output,
-    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
-    run_cli,
 )
 
 
-def parse(argv):
-    parser = command_parser("vqrae-fit-codebook", __doc__)
-    add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")
-    parser.add_argument("--images", type=int, default=20000, help="images to sample (all, if the folder has fewer)")
-    parser.add_argument("--tokens-per-image", type=int, default=64, help="random latent tokens kept per image")
-    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
-    parser.add_argument("--seed", type=int, default=0)
-    add_runtime_args(parser, batch_size=32)
-    return parser.parse_args(argv)
-
-
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=True)
     for name in ("images", "tokens_per_image", "batch_size"):
         if getattr(args, name) < 1:
@@ -97,7 +69,7 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-fit-codebook", run, argv)
+    return launch("fit_codebook", argv)
 
 
 if __name__ == "__main__":

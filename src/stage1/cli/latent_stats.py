@@ -1,14 +1,4 @@
-"""vqrae-latent-stats: mean and variance of a frozen encoder's latents over an image folder, per channel or (as RAE
-computes them) per channel and position.
-
-    vqrae-latent-stats --encoder facebook/dinov2-with-registers-base --data /data/train \
-        --out stats.safetensors [--per-position] [--image-size 224] [--limit 10000]
-
-Streaming and numerically stable (per-batch moments merged with Chan et al.'s parallel update, in float64).
-The output is what VQRAE(normalization_stat_path=...) reads, in the format its name gives: `.safetensors` (`mean`,
-`var`, `count`) or `.pt`, RAE's `stat.pt` (`mean`, `var`: a dict of tensors, as RAE's calculate_stat.py saves it).
-Shapes: [C], or [C, h, w] with --per-position.
-"""
+"""The work of vqrae-latent-stats (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -18,17 +8,15 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..data import find_images
-from ..encoders import ENCODERS, build_encoder
+from ..encoders import build_encoder
 from ..precision import autocast
+from .arguments import launch
 from .common import (
     CLIError,
-    add_runtime_args,
     batches,
     check_output,
-    command_parser,
     prepare_batch,
     resolve_device,
-    run_cli,
 )
 
 
@@ -58,22 +46,8 @@ class RunningMoments:
         return self.m2 / max(self.count, 1)
 
 
-def parse(argv):
-    parser = command_parser("vqrae-latent-stats", __doc__)
-    parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
-    parser.add_argument("--encoder-cls", default="Dinov2withNorm", choices=sorted(ENCODERS))
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
-    parser.add_argument("--per-position", action="store_true",
-                        help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
-    parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
-    add_runtime_args(parser, batch_size=32)
-    return parser.parse_args(argv)
 
-
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=False)
     if not args.out.endswith((".safetensors", ".pt")):
         raise CLIError(f"--out must end in .safetensors or .pt (RAE's stat.pt format), got {args.out}")
@@ -113,4 +87,4 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-latent-stats", run, argv)
+    return launch("latent_stats", argv)

@@ -1,8 +1,4 @@
-"""vqrae-reconstruct: images -> codes -> images, written original | reconstruction side by side, with PSNR.
-
-    vqrae-reconstruct --model results/quickstart/final --image assets/chelsea.jpg --image assets/coffee.jpg \
-        --out reconstructions.png
-"""
+"""The work of vqrae-reconstruct (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -13,31 +9,18 @@ from tqdm import tqdm
 
 from ..images import psnr, save_png
 from ..precision import autocast
+from .arguments import launch
 from .common import (
     CLIError,
-    add_model_args,
-    add_runtime_args,
     batches,
     check_output,
-    command_parser,
     load_model,
     model_image_size,
     prepare,
-    run_cli,
 )
 
 
-def parse(argv):
-    parser = command_parser("vqrae-reconstruct", __doc__)
-    add_model_args(parser)
-    parser.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
-    parser.add_argument("--out", required=True, help="PNG to write: one row per image, original | reconstruction")
-    add_runtime_args(parser, batch_size=8)
-    return parser.parse_args(argv)
-
-
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=False)
     missing = [p for p in args.image if not os.path.isfile(p)]
     if missing:
@@ -66,4 +49,4 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-reconstruct", run, argv)
+    return launch("reconstruct", argv)

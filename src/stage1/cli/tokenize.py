@@ -1,18 +1,4 @@
-"""vqrae-tokenize: every image under a folder -> its grid of code indices, in shards.
-
-    vqrae-tokenize --model results/quickstart/final --data assets --out tokens/
-    torchrun --standalone --nproc_per_node=8 -m stage1.cli.tokenize --model ... --data ... --out ...
-
-SHARD_DIR/shard-00000.npy holds the codes of up to --shard-size images, shape (n, h, w) ((n, h, w, L) for
-residual / grouped quantizers: L codes per token), in the smallest unsigned integer type that holds the codebook
-size; shard-00000.json lists its images. manifest.json
-gathers model, codebook size, grid shape, image size and, for every image, its relative path, shard and
-row. Run it again after an interruption: finished shards are kept and only the rest is computed, giving
-the same bytes as an uninterrupted run. Finished shards are reused only by the same tokenization: the same image
-listing, options and model (a fingerprint of everything the codes depend on: the encoder's and the codebook's
-weights, the latent statistics, their configs); anything else is refused, or started afresh with --restart.
-Shards are dealt to torchrun ranks round-robin.
-"""
+"""The work of vqrae-tokenize (its flags and help text: stage1/cli/arguments.py)."""
 
 from __future__ import annotations
 
@@ -28,24 +14,20 @@ from .. import distributed
 from ..atomic import atomic_path, read_json, write_json
 from ..data import find_images
 from ..precision import autocast
+from .arguments import INDEX_DTYPES, launch
 from .common import (
     CLIError,
-    add_model_args,
-    add_runtime_args,
     batches,
     check_output,
-    command_parser,
     load_model,
     model_image_size,
     prepare_batch,
-    run_cli,
 )
 
 MANIFEST = "manifest.json"
 RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
 
 
-INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
 
 
 def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
@@ -61,19 +43,6 @@ def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
-
-def parse(argv):
-    parser = command_parser("vqrae-tokenize", __doc__)
-    add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
-    parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
-                        help="integer type of the shards (auto: the smallest unsigned type that fits)")
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the shards of another tokenization found in --out and start afresh")
-    add_runtime_args(parser, batch_size=32)
-    return parser.parse_args(argv)
 
 
 def codes_fingerprint(model) -> str:
@@ -108,8 +77,7 @@ def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, 
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
 
 
-def run(argv=None) -> int:
-    args = parse(argv)
+def run(args) -> int:
     check_output(args.out, folder=True)
     if args.shard_size < 1:
         raise CLIError(f"--shard-size must be positive, got {args.shard_size}")
@@ -214,7 +182,7 @@ def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int
 
 
 def main(argv=None) -> int:
-    return run_cli("vqrae-tokenize", run, argv)
+    return launch("tokenize", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+"""Every command's flags and help text, and the launch of a command: its arguments are parsed here, before its
+work module (and torch, transformers and timm behind it) is imported, so `--help` and a usage error answer at once.
+The work of `vqrae-NAME` is `stage1.cli.NAME.run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # what vqrae-tokenize's shards may be stored as
+
+
+class CLIError(Exception):
+    """Bad input to a command: printed as one line, exit code 2."""
+
+
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command's parser, its help text with the examples kept as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
+    parser.add_argument("--encoder-path", default=None,
+                        help="local directory of the frozen encoder, if the one the model references is not reachable")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side the images are resized and center-cropped to (default: the model's own size)")
+
+
+RECONSTRUCT_HELP = """\
+vqrae-reconstruct: images -> codes -> images, written original | reconstruction side by side, with PSNR.
+
+    vqrae-reconstruct --model results/quickstart/final --image assets/chelsea.jpg --image assets/coffee.jpg \\
+        --out reconstructions.png
+"""
+
+
+def reconstruct_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-reconstruct", RECONSTRUCT_HELP)
+    add_model_args(parser)
+    parser.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
+    parser.add_argument("--out", required=True, help="PNG to write: one row per image, original | reconstruction")
+    add_runtime_args(parser, batch_size=8)
+    return parser
+
+
+TOKENIZE_HELP = """\
+vqrae-tokenize: every image under a folder -> its grid of code indices, in shards.
+
+    vqrae-tokenize --model results/quickstart/final --data assets --out tokens/
+    torchrun --standalone --nproc_per_node=8 -m stage1.cli.tokenize --model ... --data ... --out ...
+
+SHARD_DIR/shard-00000.npy holds the codes of up to --shard-size images, shape (n, h, w) ((n, h, w, L) for
+residual / grouped quantizers: L codes per token), in the smallest unsigned integer type that holds the codebook
+size; shard-00000.json lists its images. manifest.json
+gathers model, codebook size, grid shape, image size and, for every image, its relative path, shard and
+row. Run it again after an interruption: finished shards are kept and only the rest is computed, giving
+the same bytes as an uninterrupted run. Finished shards are reused only by the same tokenization: the same image
+listing, options and model (a fingerprint of everything the codes depend on: the encoder's and the codebook's
+weights, the latent statistics, their configs); anything else is refused, or started afresh with --restart.
+Shards are dealt to torchrun ranks round-robin.
+"""
+
+
+def tokenize_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-tokenize", TOKENIZE_HELP)
+    add_model_args(parser)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
+                        help="integer type of the shards (auto: the smallest unsigned type that fits)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the shards of another tokenization found in --out and start afresh")
+    add_runtime_args(parser, batch_size=32)
+    return parser
+
+
+DECODE_HELP = """\
+vqrae-decode: shards of code indices (from vqrae-tokenize) -> images.
+
+    vqrae-decode --model results/quickstart/final --tokens tokens/ --out decoded/
+
+Each image is written as OUT/<its relative path>.png. The model must match the shards (codebook size and
+grid shape): that is checked against manifest.json before any work.
+"""
+
+
+def decode_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-decode", DECODE_HELP)
+    parser.add_argument("--model", required=True, help="the model the shards were made with (directory or Hub id)")
+    parser.add_argument("--encoder-path", default=None, help="local directory of the frozen encoder, if needed")
+    parser.add_argument("--tokens", required=True, help="folder written by vqrae-tokenize")
+    parser.add_argument("--out", required=True, help="folder for the decoded PNGs")
+    add_runtime_args(parser, batch_size=32)
+    return parser
+
+
+EVALUATE_HELP = """\
+vqrae-evaluate: reconstruction quality and codebook use of a model on an image folder.
+
+    vqrae-evaluate --model results/quickstart/final --data assets --out eval/ [--limit 50000]
+        [--fid-weights pt_inception-2015-12-05.pth]
+
+Images go through the tokenizer (codes -> pixels; a continuous model, quantizer.kind=none, such as a released
+RAE decoder loaded with VQRAE.from_rae, straight through its latent, with the code metrics null). Writes
+OUT/results.json with PSNR, SSIM (torchmetrics), LPIPS (lpips), rFID (torchmetrics / torch-fidelity), codebook
+usage (codes used / K over the whole set), perplexity, bits per image, and OUT/code_usage.png (code frequencies,
+sorted). A metric whose weights are not available (LPIPS's backbone, FID's Inception: both are downloads) is null
+with the reason in `notes`, and the other metrics still run. FID's Inception weights can be given as a local file
+with --fid-weights.
+"""
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-evaluate", EVALUATE_HELP)
+    add_model_args(parser)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
+    parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
+    parser.add_argument("--fid-weights", default=None, help="local file of torch-fidelity's Inception-v3 weights")
+    add_runtime_args(parser, batch_size=32)
+    return parser
+
+
+LATENT_STATS_HELP = """\
+vqrae-latent-stats: mean and variance of a frozen encoder's latents over an image folder, per channel or (as RAE
+computes them) per channel and position.
+
+    vqrae-latent-stats --encoder facebook/dinov2-with-registers-base --data /data/train \\
+        --out stats.safetensors [--per-position] [--image-size 224] [--limit 10000]
+
+Streaming and numerically stable (per-batch moments merged with Chan et al.'s parallel update, in float64).
+The output is what VQRAE(normalization_stat_path=...) reads, in the format its name gives: `.safetensors` (`mean`,
+`var`, `count`) or `.pt`, RAE's `stat.pt` (`mean`, `var`: a dict of tensors, as RAE's calculate_stat.py saves it).
+Shapes: [C], or [C, h, w] with --per-position.
+"""
+
+
+def latent_stats_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-latent-stats", LATENT_STATS_HELP)
+    parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
+    parser.add_argument("--encoder-cls", default="Dinov2withNorm",
+                        help="a name of stage1.ENCODERS: Dinov2withNorm, SigLIP2, SigLIP, MAE")
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
+    parser.add_argument("--per-position", action="store_true",
+                        help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
+    parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
+    add_runtime_args(parser, batch_size=32)
+    return parser
+
+
+FIT_CODEBOOK_HELP = """\
+vqrae-fit-codebook: fit a model's codebook to the latents of an image folder (k-means), and save the model.
+
+    vqrae-fit-codebook --model results/run/final --data /data/train --out fitted/ [--images 20000]
+        [--tokens-per-image 64] [--iters 20]
+    torchrun --standalone --nproc_per_node=8 -m stage1.cli.fit_codebook --model ... --data ... --out ...
+
+Images are sampled from the folder (a seeded draw of --images), resized and center-cropped to the model's size,
+split over ranks; --tokens-per-image random latent tokens of each go into an exact k-means (all ranks together,
+stage1/kmeans.py). OUT loads with VQRAE.from_pretrained: the same model with the fitted codebook and its EMA
+state (cluster sizes in hits per --batch-size images on every rank), to use as it is or to train on.
+OUT/codebook_fit.json records the fit.
+"""
+
+
+def fit_codebook_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-fit-codebook", FIT_CODEBOOK_HELP)
+    add_model_args(parser)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")
+    parser.add_argument("--images", type=int, default=20000, help="images to sample (all, if the folder has fewer)")
+    parser.add_argument("--tokens-per-image", type=int, default=64, help="random latent tokens kept per image")
+    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    add_runtime_args(parser, batch_size=32)
+    return parser
+
+
+COMMANDS = {"reconstruct": reconstruct_parser, "tokenize": tokenize_parser, "decode": decode_parser,
+            "evaluate": evaluate_parser, "latent_stats": latent_stats_parser, "fit_codebook": fit_codebook_parser}
+
+
+def launch(command: str, argv: list[str] | None = None) -> int:
+    """Parse `command`'s arguments, then import its module and run it; bad input is one `error:` line, exit code 2."""
+    parser = COMMANDS[command]()
+    args = parser.parse_args(argv)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside the command's own bar
+        return importlib.import_module(f"{__package__}.{command}").run(args) or 0
+    except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# The console scripts (pyproject.toml).
+def vqrae_reconstruct() -> int:
+    return launch("reconstruct")
+
+
+def vqrae_tokenize() -> int:
+    return launch("tokenize")
+
+
+def vqrae_decode() -> int:
+    return launch("decode")
+
+
+def vqrae_evaluate() -> int:
+    return launch("evaluate")
+
+
+def vqrae_latent_stats() -> int:
+    return launch("latent_stats")
+
+
+def vqrae_fit_codebook() -> int:
+    return launch("fit_codebook")
