@@ -16,6 +16,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE): they share its cores
 
     @property
     def is_main(self) -> bool:
@@ -35,6 +36,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -51,7 +53,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         dist.init_process_group(
             backend, timeout=timedelta(minutes=timeout_minutes), device_id=dev if dev.type == "cuda" else None
         )
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank, world_size, local_rank, dev, local_world_size)
 
 
 def is_distributed() -> bool:

@@ -22,10 +22,20 @@ class UnreadableImageError(ValueError):
 def load_image(path: str) -> tuple[torch.Tensor, str]:
     """(3, H, W) float tensor in [0, 1] and a short description of the conversion it took. Any file that cannot
     be decoded raises UnreadableImageError (one type for callers that skip such files)."""
+    pixels, note = read_image(path)
+    return to_unit_float(pixels), note
+
+
+def read_image(path: str) -> tuple[torch.Tensor, str]:
+    """load_image's pixels as decoded: uint8 for an 8-bit image (most are), float in [0, 1] for a deeper one."""
     try:
         return _decode(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow raises all four
         raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
+
+
+def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    return v2.functional.to_dtype(pixels, torch.float32, scale=True) if pixels.dtype == torch.uint8 else pixels
 
 
 def _decode(path: str) -> tuple[torch.Tensor, str]:
@@ -53,14 +63,16 @@ def _decode(path: str) -> tuple[torch.Tensor, str]:
         else:
             rgb = image.convert("RGB")
             note = f"{mode} {size[0]}x{size[1]}" + ("" if mode == "RGB" else " -> RGB")
-    pixels = v2.functional.to_dtype(v2.functional.pil_to_tensor(rgb), torch.float32, scale=True)
-    return pixels, note + turned
+    return v2.functional.pil_to_tensor(rgb), note + turned
 
 
 def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to `size` (antialiased bicubic), then the central size x size square."""
+    """Shorter side to `size` (antialiased bicubic), then the central size x size square, as floats in [0, 1].
+    8-bit pixels are resized as uint8, by torchvision's fixed-point kernel: 8x faster than in float; against the
+    float resize, 0.26 / 255 off on average and 11 / 255 at the worst pixel (a bicubic overshoot clipped between
+    the kernel's two passes), PSNR >= 54.7 dB, measured on photos at 32 to 384 px (tests/test_cli.py checks it)."""
     resized = v2.functional.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return v2.functional.center_crop(resized, [size, size]).clamp(0.0, 1.0)
+    return to_unit_float(v2.functional.center_crop(resized, [size, size])).clamp(0.0, 1.0)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,19 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> N
     parser.add_argument("--batch-size", type=int, default=batch_size)
 
 
+def worker_count(value: str) -> str | int:
+    if value == "auto" or (value.isdigit() and int(value) >= 0):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a number of processes >= 0, got {value!r}")
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--num-workers", default="auto", type=worker_count,
+                        help="processes that read, decode and resize images while the model runs (0: this one; "
+                             "auto: the cores per process less one, at most 8)")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
     parser.add_argument("--encoder-path", default=None,
@@ -73,7 +86,7 @@ Shards are dealt to torchrun ranks round-robin.
 def tokenize_parser() -> argparse.ArgumentParser:
     parser = command_parser("vqrae-tokenize", TOKENIZE_HELP)
     add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    add_input_args(parser)
     parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
     parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
@@ -123,7 +136,7 @@ with --fid-weights.
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = command_parser("vqrae-evaluate", EVALUATE_HELP)
     add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    add_input_args(parser)
     parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
@@ -151,7 +164,7 @@ def latent_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
     parser.add_argument("--encoder-cls", default="Dinov2withNorm",
                         help="a name of stage1.ENCODERS: Dinov2withNorm, SigLIP2, SigLIP, MAE")
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    add_input_args(parser)
     parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
     parser.add_argument("--per-position", action="store_true",
                         help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
@@ -179,7 +192,7 @@ OUT/codebook_fit.json records the fit.
 def fit_codebook_parser() -> argparse.ArgumentParser:
     parser = command_parser("vqrae-fit-codebook", FIT_CODEBOOK_HELP)
     add_model_args(parser)
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    add_input_args(parser)
     parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")
     parser.add_argument("--images", type=int, default=20000, help="images to sample (all, if the folder has fewer)")
     parser.add_argument("--tokens-per-image", type=int, default=64, help="random latent tokens kept per image")

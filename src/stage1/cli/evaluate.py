@@ -21,7 +21,7 @@ from .common import (
     check_output,
     load_model,
     model_image_size,
-    prepare_batch,
+    read_batches,
 )
 
 
@@ -156,12 +156,13 @@ def run(args) -> int:
     codebooks = math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
     scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
     with torch.no_grad():
-        for chunk in tqdm(list(batches(paths, args.batch_size)), desc="evaluate", unit="batch"):
-            images, _, chunk_skipped = prepare_batch(args.data, chunk, size)
-            skipped += chunk_skipped
-            if images is None:
+        chunks = list(batches(paths, args.batch_size))
+        for batch in tqdm(read_batches(args, chunks, size, device), total=len(chunks), desc="evaluate",
+                          unit="batch"):
+            skipped += batch.skipped
+            if batch.images is None:
                 continue
-            x = images.to(device)
+            x = batch.images.to(device, non_blocking=True)
             with autocast(device, args.precision):
                 rec, codes = model.reconstruct(x, output_size=(size, size))
             scores.update(x, rec.float(), codes)

@@ -18,7 +18,7 @@ from .common import (
     check_output,
     load_model,
     model_image_size,
-    prepare_batch,
+    read_batches,
 )
 
 
@@ -41,11 +41,11 @@ def run(args) -> int:
         skipped = []
 
         def images():
-            for chunk in batches(mine, args.batch_size):
-                x, _, chunk_skipped = prepare_batch(args.data, chunk, size)
-                skipped.extend(chunk_skipped)
-                if x is not None:
-                    yield x.to(info.device)
+            for batch in read_batches(args, list(batches(mine, args.batch_size)), size, info.device,
+                                      info.local_world_size):
+                skipped.extend(batch.skipped)
+                if batch.images is not None:
+                    yield batch.images.to(info.device, non_blocking=True)
 
         result = fit_codebook(
             model, images(), args.tokens_per_image, args.iters,

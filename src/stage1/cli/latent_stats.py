@@ -15,7 +15,7 @@ from .common import (
     CLIError,
     batches,
     check_output,
-    prepare_batch,
+    read_batches,
     resolve_device,
 )
 
@@ -59,14 +59,15 @@ def run(args) -> int:
     # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
     moments = RunningMoments(side * side * channels if args.per_position else channels)
     skipped = 0
-    for chunk in tqdm(list(batches(paths, args.batch_size)), desc="latent stats", unit="batch"):
-        images, _, chunk_skipped = prepare_batch(args.data, chunk, args.image_size)
-        for entry in chunk_skipped:
+    chunks = list(batches(paths, args.batch_size))
+    for batch in tqdm(read_batches(args, chunks, args.image_size, device), total=len(chunks), desc="latent stats",
+                      unit="batch"):
+        for entry in batch.skipped:
             print(f"skipping: {entry['reason']}")
-        skipped += len(chunk_skipped)
-        if images is not None:
+        skipped += len(batch.skipped)
+        if batch.images is not None:
             with autocast(device, args.precision):
-                tokens = encoder(images.to(device)).float().cpu()
+                tokens = encoder(batch.images.to(device, non_blocking=True)).float().cpu()
             moments.update(tokens.flatten(1) if args.per_position else tokens.flatten(0, 1))
     if moments.count == 0:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")

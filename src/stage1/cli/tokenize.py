@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..atomic import atomic_path, read_json, write_json
 from ..data import find_images
+from ..input_pipeline import PREPROCESSING
 from ..precision import autocast
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -21,7 +23,7 @@ from .common import (
     check_output,
     load_model,
     model_image_size,
-    prepare_batch,
+    read_batches,
 )
 
 MANIFEST = "manifest.json"
@@ -63,15 +65,15 @@ def listing_fingerprint(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
-def tokenize_shard(model, paths, root, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
+def tokenize_shard(model, stream, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
+    """The codes of one shard's batches, read from `stream`."""
     codes, kept, skipped = [], [], []
-    for chunk in batches(paths, args.batch_size):
-        images, chunk_kept, chunk_skipped = prepare_batch(root, chunk, size)
-        kept += chunk_kept
-        skipped += chunk_skipped
-        if images is not None:
+    for batch in stream:
+        kept += batch.names
+        skipped += batch.skipped
+        if batch.images is not None:
             with torch.no_grad(), autocast(device, args.precision):
-                codes.append(model.encode_to_indices(images.to(device)).cpu())
+                codes.append(model.encode_to_indices(batch.images.to(device, non_blocking=True)).cpu())
     empty = (0, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
@@ -97,6 +99,7 @@ def run(args) -> int:
             "index_dtype": args.index_dtype,
             "images": len(paths),
             "listing": listing_fingerprint(paths),
+            "preprocessing": PREPROCESSING,
             "codes_fingerprint": codes_fingerprint(model),
         }
         os.makedirs(args.out, exist_ok=True)
@@ -111,14 +114,20 @@ def run(args) -> int:
         # Counted in images, not shards (a shard holds thousands).
         bar = tqdm(total=sum(len(paths[i * args.shard_size : (i + 1) * args.shard_size]) for i in todo),
                    desc="tokenize", unit="image", disable=not info.is_main)
-        for i in todo:
+        # One stream of batches over every shard left, so reading runs ahead across shard boundaries.
+        shard_chunks = [list(batches(paths[i * args.shard_size : (i + 1) * args.shard_size], args.batch_size))
+                        for i in todo]
+        stream = read_batches(args, [chunk for chunks in shard_chunks for chunk in chunks], size, device,
+                              info.local_world_size)
+        for i, chunks in zip(todo, shard_chunks, strict=True):
             shard_paths = paths[i * args.shard_size : (i + 1) * args.shard_size]
-            array, kept, skipped = tokenize_shard(model, shard_paths, args.data, size, args, device)
+            array, kept, skipped = tokenize_shard(model, itertools.islice(stream, len(chunks)), size, args, device)
             with atomic_path(os.path.join(args.out, shard_name(i) + ".npy")) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
             # Written last: a shard counts as done only when its listing exists.
             write_json(os.path.join(args.out, shard_name(i) + ".json"), {"images": kept, "skipped": skipped})
             bar.update(len(shard_paths))
+        stream.close()  # the readers end and the model's threads are given back
         bar.close()
         distributed.barrier()
         if info.is_main:
