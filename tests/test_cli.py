@@ -508,3 +508,21 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
                 assert diff.max() <= 12 / 255 and diff.mean() < 1 / 255, (name, size)
                 assert psnr(fast[None], exact[None]) > 54, (name, size)
                 assert not torch.equal(fast, exact)  # the uint8 kernel really ran
+
+
+def test_compile_flag_gives_the_same_codes_and_attention_runs_on_sdpa(model_dir, image_dir, tmp_path, monkeypatch):
+    """Issue 13: --compile (dynamo with the eager backend here) writes the same shards; the encoder attends with
+    transformers' sdpa implementation and the decoder's blocks with torch's fused attention."""
+    import stage1.vqrae
+
+    model = VQRAE.from_pretrained(model_dir)
+    assert model.encoder.model.config._attn_implementation == "sdpa"
+    assert all(block.attn.fused_attn for block in model.decoder.blocks)
+    monkeypatch.setattr(stage1.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
+    for flags, out in (([], "eager"), (["--compile"], "compiled")):
+        assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tmp_path / out), *flags]) == 0
+    for name in os.listdir(tmp_path / "eager"):
+        assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "compiled" / name).read_bytes(), name
+    compiled = VQRAE.from_pretrained(model_dir).compile_parts()
+    assert compiled.decoder._compiled_call_impl is not None  # compiled in place ...
+    assert sorted(compiled.state_dict()) == sorted(model.state_dict())  # ... under the same tensor names

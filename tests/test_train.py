@@ -239,3 +239,21 @@ def test_pixel_values_are_checked_on_the_first_batch_only(train_images, tmp_path
     run(train_images, tmp_path / "run", "train.steps=5", "train.sample_every=null",
         "train.report_reconstructions=false")
     assert len(calls) == 1 + 5 and calls.count(True) == 1  # the first batch, then shape checks in 5 forwards
+
+
+def test_compiled_training_logs_the_eager_losses(train_images, tmp_path, monkeypatch):
+    """Issue 13: train.compile=true compiles the encoder's and decoder's forward (traced by dynamo here, with the
+    eager backend: inductor's code generation is too slow for the suite) and changes no result; the checkpoints keep
+    their tensor names."""
+    import stage1.vqrae
+
+    monkeypatch.setattr(stage1.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
+    run(train_images, tmp_path / "eager", "train.steps=3")
+    run(train_images, tmp_path / "compiled", "train.steps=3", "train.compile=true")
+    eager, compiled = step_logs(tmp_path / "eager"), step_logs(tmp_path / "compiled")
+    for step in (1, 2, 3):
+        for key in ("loss", "recon_loss", "vq_loss", "grad_norm"):
+            assert compiled[step][key] == pytest.approx(eager[step][key], rel=1e-5, abs=1e-7), (step, key)
+    a = load_file(tmp_path / "eager" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "compiled" / "final" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

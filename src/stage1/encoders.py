@@ -49,8 +49,9 @@ def load_config(path: str):
 
 
 def load_pretrained(model_class: type[PreTrainedModel], path: str, **kwargs) -> PreTrainedModel:
+    """The checkpoint's model, with attention on torch's fused scaled_dot_product_attention kernels."""
     try:
-        return model_class.from_pretrained(path, **kwargs)
+        return model_class.from_pretrained(path, attn_implementation="sdpa", **kwargs)
     except OSError as err:
         raise _not_available(path, err) from err
 

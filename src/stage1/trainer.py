@@ -128,6 +128,8 @@ class Trainer:
         self._resume()
         if self.step == 0:
             torch.manual_seed(cfg.seed + info.rank)
+        if cfg.train.compile:  # after the EMA copy was made: it stays an eager module
+            self.model.compile_parts()
         self.loader = self._build_loader()
         self.log = None
         if info.is_main:
@@ -142,8 +144,9 @@ class Trainer:
         ddp_args = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
         self.model_ddp = DDP(self.model, **ddp_args) if self.info.enabled else self.model
         self.disc_ddp = DDP(disc, **ddp_args) if self.info.enabled and disc is not None else disc
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole update
         self.optimizer = torch.optim.AdamW(
-            self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **fused
         )
         schedule = warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -151,7 +154,7 @@ class Trainer:
         if disc is not None:
             c = self.loss.config
             self.disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=tuple(c.disc_betas),
-                                                   weight_decay=c.disc_weight_decay)
+                                                   weight_decay=c.disc_weight_decay, **fused)
             # Stepped with the decoder's every step, so its lr is the schedule's at the global step (RAE's way).
             self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.disc_optimizer, schedule if c.disc_schedule == "cosine" else lambda step: 1.0)

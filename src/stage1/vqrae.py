@@ -39,6 +39,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ENCODER_SUBDIR = "encoder"
 RANGE_TOLERANCE = 1e-3  # interpolation overshoot of a few 1e-4 is not a user error
+COMPILE_OPTIONS: dict = {}  # torch.compile's own defaults (inductor); the tests trace with {"backend": "eager"}
 DEFAULT_GRID_IMAGE = 224  # with encoder.input_size None, the decoder's position grid is sized for 224 px
 
 
@@ -315,6 +316,15 @@ class VQRAE(nn.Module):
             )
         model.load_state_dict(state, strict=False)
         return model
+
+    def compile_parts(self, **options) -> "VQRAE":
+        """torch.compile the frozen encoder's and the decoder's forward, in place (nn.Module.compile: the state dict
+        keeps its names, so saving, loading and DDP are as before); `options` go to torch.compile. The quantizer
+        stays eager: its search and EMA update branch on the data."""
+        options = {**COMPILE_OPTIONS, **options}
+        self.encoder.model.compile(**options)
+        self.decoder.compile(**options)
+        return self
 
     @classmethod
     def from_rae(cls, decoder_path: str, decoder_config_path: str, normalization_stat_path: str | None = None,

@@ -25,6 +25,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> N
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoder and decoder forward (pays off on a GPU over many batches)")
 
 
 def worker_count(value: str) -> str | int:

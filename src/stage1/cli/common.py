@@ -29,7 +29,8 @@ def load_model(args, device: torch.device | None = None, needs_codes: bool = Fal
     if needs_codes and model.config.quantizer.kind == "none":
         raise CLIError(f"{args.model} is a continuous model (quantizer.kind=none): it has no codes; vqrae-evaluate "
                        f"and vqrae-reconstruct work with it")
-    return model.to(device or resolve_device(args.device)).eval()
+    model = model.to(device or resolve_device(args.device)).eval()
+    return model.compile_parts() if args.compile else model
 
 
 def model_image_size(model: VQRAE, requested: int | None) -> int:

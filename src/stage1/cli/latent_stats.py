@@ -10,6 +10,7 @@ from ..atomic import atomic_path
 from ..data import find_images
 from ..encoders import build_encoder
 from ..precision import autocast
+from ..vqrae import COMPILE_OPTIONS
 from .arguments import launch
 from .common import (
     CLIError,
@@ -54,6 +55,8 @@ def run(args) -> int:
     paths = find_images(args.data)[: args.limit]
     device = resolve_device(args.device)
     encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
+    if args.compile:
+        encoder.model.compile(**COMPILE_OPTIONS)
     encoder.check_fits("--image-size", args.image_size)
     side, channels = args.image_size // encoder.patch_size, encoder.hidden_size
     # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
