@@ -526,3 +526,79 @@ def test_compile_flag_gives_the_same_codes_and_attention_runs_on_sdpa(model_dir,
     compiled = VQRAE.from_pretrained(model_dir).compile_parts()
     assert compiled.decoder._compiled_call_impl is not None  # compiled in place ...
     assert sorted(compiled.state_dict()) == sorted(model.state_dict())  # ... under the same tensor names
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory):
+    """An ImageFolder tree (two classes) and one image in the root, which has no class."""
+    root = tmp_path_factory.mktemp("tree")
+    pixels = (smooth_images(4, size=40, seed=9).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    for (folder, name), image in zip([("cat", "a.png"), ("cat", "b.png"), ("dog", "c.png"), (".", "root.png")],
+                                     pixels, strict=True):
+        (root / folder).mkdir(exist_ok=True)
+        Image.fromarray(image).save(root / folder / name)
+    return str(root)
+
+
+def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_tree, tmp_path):
+    """Issue 14: llamagen, jsonl and memmap exports hold each image's codes and ImageFolder class id as the shards
+    do, and those codes decode to the model's own reconstruction of the image."""
+    from stage1.cli.arguments import tokenize_parser
+    from stage1.token_exports import FORMATS
+
+    # The light parser spells the formats out (it imports no numpy); they are the exporter's.
+    assert tuple(next(a.choices for a in tokenize_parser()._actions if a.dest == "format")) == FORMATS
+    out = tmp_path / "tokens"
+    for fmt in FORMATS:  # later runs resume (nothing to do) and export
+        assert tokenize.main(["--model", model_dir, "--data", class_tree, "--out", str(out), "--format", fmt]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["cat", "dog"] and manifest["views"] == 1
+    names = [e["path"] for e in manifest["images"]]
+    assert names == ["cat/a.png", "cat/b.png", "dog/c.png", "root.png"]
+    assert [e["label"] for e in manifest["images"]] == [0, 0, 1, -1]
+    shard = np.load(out / "shard-00000.npy")  # (4, 4, 4)
+    for i in range(4):
+        llamagen = np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / f"{i}.npy")
+        assert llamagen.shape == (1, 1, 16) and np.array_equal(llamagen[0, 0], shard[i].reshape(-1))
+        assert np.load(out / "llamagen" / f"imagenet{SIZE}_labels" / f"{i}.npy").tolist() == [[0, 0, 1, -1][i]]
+    lines = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert [(d["image"], d["class_id"]) for d in lines] == list(zip(names, [0, 0, 1, -1], strict=True))
+    assert all(d["tokens"] == shard[i].reshape(-1).tolist() for i, d in enumerate(lines))
+    memmap = np.load(out / "codes.npy", mmap_mode="r")
+    assert isinstance(memmap, np.memmap) and np.array_equal(memmap, shard)
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 1, -1]
+    assert json.loads((out / "codes_index.json").read_text())["images"] == names
+    model = VQRAE.from_pretrained(model_dir).eval()
+    x = images_as_model_sees_them(class_tree, names)
+    exported = torch.from_numpy(np.stack([np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / f"{i}.npy")
+                                          for i in range(4)])[:, 0, 0].reshape(4, 4, 4))
+    with torch.no_grad():
+        assert torch.equal(model.decode_from_indices(exported), model.decode_from_indices(model.encode_to_indices(x)))
+
+
+def test_augmented_tokenization_codes_every_view(model_dir, class_tree, tmp_path):
+    """Issue 14: --augment flip codes each image and its mirror, --augment ten-crop the ten crops of a center crop
+    1.1x the size (LlamaGen's views); the llamagen export holds them as (1, views, h * w) and vqrae-decode paints
+    the first view."""
+    from torchvision.transforms import v2
+
+    model = VQRAE.from_pretrained(model_dir).eval()
+    names = ["cat/a.png", "cat/b.png", "dog/c.png", "root.png"]
+    x = images_as_model_sees_them(class_tree, names)
+    big = torch.stack([prepare(os.path.join(class_tree, n), int(SIZE * 1.1))[0] for n in names])
+    with torch.no_grad():
+        expected = {"flip": torch.stack([model.encode_to_indices(v) for v in (x, x.flip(-1))], 1),
+                    "ten-crop": torch.stack([model.encode_to_indices(v) for v in v2.functional.ten_crop(big, SIZE)], 1)}
+    for augment, views in (("flip", 2), ("ten-crop", 10)):
+        out = tmp_path / augment
+        argv = ["--model", model_dir, "--data", class_tree, "--out", str(out), "--augment", augment,
+                "--format", "llamagen"]
+        assert tokenize.main(argv) == 0
+        shard = np.load(out / "shard-00000.npy")
+        assert shard.shape == (4, views, 4, 4) and np.array_equal(shard, expected[augment].numpy())
+        first = np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / "0.npy")
+        assert first.shape == (1, views, 16) and np.array_equal(first[0], shard[0].reshape(views, 16))
+    assert decode.main(["--model", model_dir, "--tokens", str(tmp_path / "flip"), "--out", str(tmp_path / "png")]) == 0
+    with torch.no_grad():
+        painted = model.decode_from_indices(expected["flip"][:1, 0])[0]
+    assert torch.equal(to_uint8(painted), v2.functional.pil_to_tensor(Image.open(tmp_path / "png" / "cat" / "a.png")))

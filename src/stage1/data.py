@@ -40,6 +40,15 @@ def find_images(root: str) -> list[str]:
     return found
 
 
+def class_labels(paths: list[str]) -> tuple[list[str], list[int]]:
+    """ImageFolder's classes: the sorted top-level folders of the relative `paths`, and each path's class index
+    (-1 for an image directly in the root, which has no class)."""
+    folders = [p.replace(os.sep, "/").split("/", 1)[0] if "/" in p.replace(os.sep, "/") else None for p in paths]
+    classes = sorted({f for f in folders if f is not None})
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[f] if f is not None else -1 for f in folders]
+
+
 AUGMENTS = ("random_resized_crop", "resize_random_crop", "center_crop")
 
 

@@ -81,7 +81,9 @@ row. Run it again after an interruption: finished shards are kept and only the r
 the same bytes as an uninterrupted run. Finished shards are reused only by the same tokenization: the same image
 listing, options and model (a fingerprint of everything the codes depend on: the encoder's and the codebook's
 weights, the latent statistics, their configs); anything else is refused, or started afresh with --restart.
-Shards are dealt to torchrun ranks round-robin.
+Shards are dealt to torchrun ranks round-robin. --format llamagen | jsonl | memmap also writes the codes in that
+layout (with ImageFolder class ids), --augment flip | ten-crop codes several views of each image (README: Token
+exports).
 """
 
 
@@ -95,6 +97,13 @@ def tokenize_parser() -> argparse.ArgumentParser:
                         help="integer type of the shards (auto: the smallest unsigned type that fits)")
     parser.add_argument("--restart", action="store_true",
                         help="discard the shards of another tokenization found in --out and start afresh")
+    parser.add_argument("--format", default="shards", choices=("shards", "llamagen", "jsonl", "memmap"),
+                        help="also export the codes in this layout (stage1/token_exports.py); shards are always "
+                             "written, they make resuming possible")
+    parser.add_argument("--augment", default="none", choices=("none", "flip", "ten-crop"),
+                        help="codes of several views of each image, as LlamaGen extracts them: the image and its "
+                             "mirror, or the ten crops of a center crop --crop-range times the size")
+    parser.add_argument("--crop-range", type=float, default=1.1, help="with --augment ten-crop (LlamaGen's 1.1)")
     add_runtime_args(parser, batch_size=32)
     return parser
 
@@ -104,8 +113,8 @@ vqrae-decode: shards of code indices (from vqrae-tokenize) -> images.
 
     vqrae-decode --model results/quickstart/final --tokens tokens/ --out decoded/
 
-Each image is written as OUT/<its relative path>.png. The model must match the shards (codebook size and
-grid shape): that is checked against manifest.json before any work.
+Each image is written as OUT/<its relative path>.png (the first view of an augmented tokenization). The model
+must match the shards (codebook size and grid shape): that is checked against manifest.json before any work.
 """
 
 

@@ -32,6 +32,8 @@ def read_manifest(folder: str) -> dict:
                   isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shard"), str)
                   and is_int(e.get("row")) for e in v)}
     bad = [name for name, valid in fields.items() if not isinstance(manifest, dict) or not valid(manifest.get(name))]
+    if isinstance(manifest, dict) and not (is_int(manifest.setdefault("views", 1)) and manifest["views"] >= 1):
+        bad.append("views")  # manifests before --augment have none: one view
     if bad:
         raise CLIError(f"{path} is not a vqrae-tokenize manifest: bad or missing {bad}")
     return manifest
@@ -86,7 +88,9 @@ def run(args) -> int:
             for entry in chunk:
                 if entry["shard"] not in shards:
                     shards[entry["shard"]] = np.load(os.path.join(args.tokens, entry["shard"]), allow_pickle=False)
-                codes.append(torch.from_numpy(shards[entry["shard"]][entry["row"]].astype(np.int64)))
+                row = shards[entry["shard"]][entry["row"]]
+                row = row[0] if manifest["views"] > 1 else row  # an augmented tokenization: the first view
+                codes.append(torch.from_numpy(row.astype(np.int64)))
             with autocast(device, args.precision):
                 images = model.decode_from_indices(torch.stack(codes).to(device), output_size=(size, size))
             for target, image in zip(chunk_targets, images.float().cpu(), strict=True):

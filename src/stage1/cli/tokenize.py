@@ -9,13 +9,15 @@ import os
 
 import numpy as np
 import torch
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .. import distributed
 from ..atomic import atomic_path, read_json, write_json
-from ..data import find_images
+from ..data import class_labels, find_images
 from ..input_pipeline import PREPROCESSING
 from ..precision import autocast
+from ..token_exports import export_tokens
 from .arguments import INDEX_DTYPES, launch
 from .common import (
     CLIError,
@@ -27,6 +29,7 @@ from .common import (
 )
 
 MANIFEST = "manifest.json"
+VIEWS = {"none": 1, "flip": 2, "ten-crop": 10}  # code grids per image for each --augment
 RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
 
 
@@ -65,17 +68,31 @@ def listing_fingerprint(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
+def views_of(images: torch.Tensor, augment: str, size: int) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, views, 3, size, size): the images, with their mirrors (flip), or the ten crops of each
+    (torchvision's order: four corners and the centre, then the same of the mirror)."""
+    if augment == "none":
+        return images.unsqueeze(1)
+    if augment == "flip":
+        return torch.stack([images, images.flip(-1)], dim=1)
+    return torch.stack(v2.functional.ten_crop(images, [size, size]), dim=1)
+
+
 def tokenize_shard(model, stream, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
-    """The codes of one shard's batches, read from `stream`."""
+    """The codes of one shard's batches, read from `stream`: (n, h, w[, L]), or (n, views, h, w[, L])."""
     codes, kept, skipped = [], [], []
     for batch in stream:
         kept += batch.names
         skipped += batch.skipped
         if batch.images is not None:
+            views = views_of(batch.images.to(device, non_blocking=True), args.augment, size)
             with torch.no_grad(), autocast(device, args.precision):
-                codes.append(model.encode_to_indices(batch.images.to(device, non_blocking=True)).cpu())
-    empty = (0, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
+                grids = model.encode_to_indices(views.flatten(0, 1)).cpu()
+            codes.append(grids.view(views.shape[0], views.shape[1], *grids.shape[1:]))
+    views = VIEWS[args.augment]
+    empty = (0, views, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
+    array = array[:, 0] if views == 1 else array
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
 
 
@@ -90,6 +107,10 @@ def run(args) -> int:
         model = load_model(args, device, needs_codes=True)
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
+        if args.augment == "ten-crop" and not args.crop_range >= 1:
+            raise CLIError(f"--crop-range must be >= 1 (the crops are cut from a center crop that much larger), got "
+                           f"{args.crop_range}")
+        read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         num_shards = (len(paths) + args.shard_size - 1) // args.shard_size
         run_record = {
             "model": str(args.model),
@@ -100,6 +121,7 @@ def run(args) -> int:
             "images": len(paths),
             "listing": listing_fingerprint(paths),
             "preprocessing": PREPROCESSING,
+            "augment": args.augment if args.augment != "ten-crop" else f"ten-crop of {read_size}",
             "codes_fingerprint": codes_fingerprint(model),
         }
         os.makedirs(args.out, exist_ok=True)
@@ -117,7 +139,7 @@ def run(args) -> int:
         # One stream of batches over every shard left, so reading runs ahead across shard boundaries.
         shard_chunks = [list(batches(paths[i * args.shard_size : (i + 1) * args.shard_size], args.batch_size))
                         for i in todo]
-        stream = read_batches(args, [chunk for chunks in shard_chunks for chunk in chunks], size, device,
+        stream = read_batches(args, [chunk for chunks in shard_chunks for chunk in chunks], read_size, device,
                               info.local_world_size)
         for i, chunks in zip(todo, shard_chunks, strict=True):
             shard_paths = paths[i * args.shard_size : (i + 1) * args.shard_size]
@@ -131,11 +153,13 @@ def run(args) -> int:
         bar.close()
         distributed.barrier()
         if info.is_main:
-            manifest = _assemble_manifest(args.out, num_shards, run_record, model, size)
+            manifest = _assemble_manifest(args.out, num_shards, run_record, model, size, paths, args.augment)
+            exported = export_tokens(args.format, args.out, manifest)
             print(f"tokenized {manifest['num_images']} image(s) into {num_shards} shard(s) of "
                   f"{manifest['grid_shape'][0]}x{manifest['grid_shape'][1]} codes ({manifest['dtype']}); "
                   f"{len(manifest['skipped'])} unreadable image(s) skipped; manifest: "
-                  f"{os.path.join(args.out, MANIFEST)}")
+                  f"{os.path.join(args.out, MANIFEST)}" + (f"; {args.format} export: {exported}"
+                                                           if args.format != "shards" else ""))
     finally:
         distributed.teardown()
     return 0
@@ -165,20 +189,28 @@ def _shard_done(out: str, i: int) -> bool:
     return all(os.path.isfile(os.path.join(out, shard_name(i) + ext)) for ext in (".npy", ".json"))
 
 
-def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int) -> dict:
+def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int, paths: list[str],
+                       augment: str) -> dict:
     images, skipped, index_shape, dtype = [], [], None, None
+    classes, labels = class_labels(paths)
+    label_of = dict(zip(paths, labels, strict=True))
+    views = VIEWS[augment]
     for i in range(num_shards):
         listing = read_json(os.path.join(out, shard_name(i) + ".json"))
         array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
-        index_shape, dtype = list(array.shape[1:]), str(array.dtype)
-        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row} for row, p in enumerate(listing["images"])]
+        index_shape, dtype = list(array.shape[1 if views == 1 else 2 :]), str(array.dtype)
+        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label_of[p]}
+                   for row, p in enumerate(listing["images"])]
         skipped += listing["skipped"]
     manifest = {
         "model": record["model"],
         "encoder": model.config.encoder.path,
         "codebook_size": record["codebook_size"],
         "grid_shape": index_shape[:2],
-        "index_shape": index_shape,  # per image: the grid, then the codes per token of residual / grouped kinds
+        "index_shape": index_shape,  # per view: the grid, then the codes per token of residual / grouped kinds
+        "views": views,  # code grids per image (--augment); a shard row is (views, *index_shape) when above 1
+        "augment": augment,
+        "classes": classes,  # ImageFolder's: each image's "label" indexes this list (-1: no class folder)
         "image_size": size,
         "dtype": dtype,
         "num_images": len(images),
