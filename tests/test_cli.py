@@ -602,3 +602,50 @@ def test_augmented_tokenization_codes_every_view(model_dir, class_tree, tmp_path
     with torch.no_grad():
         painted = model.decode_from_indices(expected["flip"][:1, 0])[0]
     assert torch.equal(to_uint8(painted), v2.functional.pil_to_tensor(Image.open(tmp_path / "png" / "cat" / "a.png")))
+
+
+def adm_reference(pil_image, image_size):
+    """ADM's center_crop_arr, as guided-diffusion's image_datasets.py writes it (the reference for the parity)."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def test_adm_protocol_crops_as_adm_and_saves_npz_batches(model_dir, tmp_path):
+    """Issue 14: --protocol adm crops every image exactly as ADM's center_crop_arr (pixel for pixel, on sizes that
+    halve and that do not), reads the ImageNet val layout (class folders, .JPEG), says so in results.json, and
+    --save-npz writes the uint8 arrays external FID suites read."""
+    from stage1.images import adm_center_crop, read_image
+
+    val = tmp_path / "val"
+    photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    for i, (name, size) in enumerate(zip(photos, [(1100, 770), (300, 500), (65, 64)], strict=True)):
+        (val / f"n0000000{i}").mkdir(parents=True)
+        photo = Image.open(os.path.join(os.path.dirname(__file__), "..", "assets", name)).convert("RGB")
+        photo.resize(size, Image.BICUBIC).save(val / f"n0000000{i}" / f"ILSVRC2012_val_{i:08d}.JPEG", quality=95)
+    files = sorted(val.rglob("*.JPEG"))
+    for path in files:
+        pixels, _ = read_image(str(path))
+        expected = torch.from_numpy(adm_reference(Image.open(path).convert("RGB"), SIZE)).permute(2, 0, 1)
+        assert torch.equal(to_uint8(adm_center_crop(pixels, SIZE)), expected), path.name
+    out = tmp_path / "eval"
+    argv = ["--model", model_dir, "--data", str(val), "--out", str(out), "--protocol", "adm", "--save-npz"]
+    assert evaluate.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 3 and "ADM's center_crop_arr" in results["protocol"]
+    originals, reconstructions = (np.load(out / f"{name}.npz")["arr_0"] for name in ("originals", "reconstructions"))
+    assert originals.dtype == reconstructions.dtype == np.uint8 and originals.shape == (3, SIZE, SIZE, 3)
+    for path, saved in zip(files, originals, strict=True):
+        assert np.array_equal(saved, adm_reference(Image.open(path).convert("RGB"), SIZE))
+    model = VQRAE.from_pretrained(model_dir).eval()
+    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        rec = model(x)
+    assert np.array_equal(reconstructions, to_uint8(rec).permute(0, 2, 3, 1).numpy())
+    assert results["psnr"] == pytest.approx(psnr(rec, x).mean().item(), rel=1e-5)
+    assert not list(out.glob(".*tmp"))  # the memory maps are gone

@@ -75,6 +75,22 @@ def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return to_unit_float(v2.functional.center_crop(resized, [size, size])).clamp(0.0, 1.0)
 
 
+def adm_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The crop behind published tokenizer rFIDs: ADM's center_crop_arr (guided-diffusion, image_datasets.py) on the
+    8-bit image. Halve it with a box filter while its shorter side is at least twice `size`, resize it (PIL
+    bicubic) so the shorter side is `size` and the other is rounded, then cut the central square (offsets rounded
+    down). Returns floats in [0, 1]."""
+    eight_bit = pixels if pixels.dtype == torch.uint8 else to_uint8(pixels)
+    image = Image.fromarray(eight_bit.permute(1, 2, 0).contiguous().numpy())
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return to_unit_float(torch.from_numpy(array[top : top + size, left : left + size].copy()).permute(2, 0, 1))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [0, 1] (peak 1)."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import UnreadableImageError, read_image, resize_center_crop, to_unit_float
+from .images import UnreadableImageError, adm_center_crop, read_image, resize_center_crop, to_unit_float
 
 # What an image goes through before the model: vqrae-tokenize records it, so that shards made by another version's
 # preprocessing are never mixed with these on resume.
@@ -24,13 +24,18 @@ PREPROCESSING = "decode (EXIF upright, RGB), shorter side bicubic antialiased (8
 MAX_AUTO_WORKERS = 8  # decoding beyond this rarely keeps up with a GPU better; --num-workers says more
 
 
-def prepare_image(path: str, size: int) -> tuple[torch.Tensor, str]:
+CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (images.adm_center_crop)
+
+
+def prepare_image(path: str, size: int, crop: str = "center") -> tuple[torch.Tensor, str]:
     """An image file as the model sees it, (3, size, size) in [0, 1], with a note of every conversion made.
     Raises UnreadableImageError naming the file."""
     try:
         pixels, note = read_image(path)
     except UnreadableImageError as err:
         raise UnreadableImageError(f"cannot read image '{path}': {err}") from err
+    if crop == "adm":
+        return adm_center_crop(pixels, size), note + f", ADM center_crop_arr to {size}x{size}"
     if tuple(pixels.shape[-2:]) == (size, size):
         return to_unit_float(pixels), note
     return resize_center_crop(pixels, size), note + f", resized (shorter side) and center-cropped to {size}x{size}"
@@ -61,15 +66,18 @@ class ImageBatch:
 
 
 class ImageFiles(Dataset):
-    def __init__(self, root: str, names: Sequence[str], size: int):
-        self.root, self.names, self.size = root, list(names), size
+    def __init__(self, root: str, names: Sequence[str], size: int, crop: str = "center"):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        self.root, self.names, self.size, self.crop = root, list(names), size, crop
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str, str | None]:
         try:
-            return prepare_image(os.path.join(self.root, self.names[i]), self.size)[0], self.names[i], None
+            image = prepare_image(os.path.join(self.root, self.names[i]), self.size, self.crop)[0]
+            return image, self.names[i], None
         except UnreadableImageError as err:
             return None, self.names[i], str(err)
 
@@ -91,7 +99,7 @@ def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBa
 
 
 def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_workers: int = 0,
-                  pin_memory: bool = False) -> Iterator[ImageBatch]:
+                  pin_memory: bool = False, crop: str = "center") -> Iterator[ImageBatch]:
     """One ImageBatch per chunk of file names under root, in order. `num_workers` 0 reads in this process."""
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
@@ -99,7 +107,7 @@ def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_wor
     for chunk in chunks:
         starts.append(starts[-1] + len(chunk))
     loader = DataLoader(
-        ImageFiles(root, [name for chunk in chunks for name in chunk], size),
+        ImageFiles(root, [name for chunk in chunks for name in chunk], size, crop),
         batch_sampler=[range(a, b) for a, b in zip(starts, starts[1:], strict=False)],
         num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,  # batches ready ahead of the model, per worker

@@ -141,6 +141,12 @@ usage (codes used / K over the whole set), perplexity, bits per image, and OUT/c
 sorted). A metric whose weights are not available (LPIPS's backbone, FID's Inception: both are downloads) is null
 with the reason in `notes`, and the other metrics still run. FID's Inception weights can be given as a local file
 with --fid-weights.
+
+The protocol of published tokenizer rFIDs: --protocol adm crops every image as ADM's center_crop_arr does (box
+halvings, bicubic, central square; results.json says so), on the 50k ImageNet validation images (a flat folder or
+one folder per class: both are read) at 256 px; --save-npz writes the originals and reconstructions as uint8
+arrays (OUT/originals.npz, OUT/reconstructions.npz, key arr_0, (N, H, W, 3)), the batches ADM's evaluator and other
+FID suites read.
 """
 
 
@@ -152,6 +158,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
     parser.add_argument("--fid-weights", default=None, help="local file of torch-fidelity's Inception-v3 weights")
+    parser.add_argument("--protocol", default="vqrae", choices=("vqrae", "adm"),
+                        help="vqrae: the commands' resize and center crop; adm: ADM's center_crop_arr")
+    parser.add_argument("--save-npz", action="store_true",
+                        help="also write originals.npz and reconstructions.npz (uint8, key arr_0) for external FID")
     add_runtime_args(parser, batch_size=32)
     return parser
 

@@ -53,7 +53,7 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
 
 
 def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch.device,
-                 local_processes: int = 1) -> Iterator[ImageBatch]:
+                 local_processes: int = 1, crop: str = "center") -> Iterator[ImageBatch]:
     """The images of --data in these chunks of names, read by --num-workers processes (auto: default_workers).
     On the CPU the model then runs on the cores the readers leave it (measured on 2 cores: 0.9 of the pipeline's
     limit, against 0.6 when both ask for every core): torch's thread count is restored when the batches end."""
@@ -62,7 +62,7 @@ def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch
     if device.type == "cpu" and workers:
         torch.set_num_threads(max(1, cores_per_process(local_processes) - workers))
     try:
-        yield from image_batches(args.data, chunks, size, workers, pin_memory=device.type == "cuda")
+        yield from image_batches(args.data, chunks, size, workers, pin_memory=device.type == "cuda", crop=crop)
     finally:
         torch.set_num_threads(threads)
 

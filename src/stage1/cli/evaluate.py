@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_json
 from ..data import find_images
-from ..images import psnr
+from ..images import psnr, to_uint8
 from ..losses import build_lpips
 from ..precision import autocast
 from .arguments import launch
@@ -67,6 +68,46 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
     draw.text((4, 30), f"{int(ordered[0])}", fill="black")
     with atomic_path(path) as tmp:
         image.save(tmp, format="png")
+
+
+PROTOCOLS = {
+    "vqrae": "shorter side resized (antialiased bicubic) to image_size, central square "
+             "(stage1.images.resize_center_crop)",
+    "adm": "ADM's center_crop_arr: box-filter halvings while the shorter side is >= 2x image_size, PIL bicubic to "
+           "image_size, central square (stage1.images.adm_center_crop)",
+}
+
+
+class NpzWriter:
+    """Originals and reconstructions as uint8 (N, H, W, 3) arrays, gathered on disk (a memory map per array, so
+    50k images need no 20 GB of memory) and packed at the end into OUT/originals.npz and OUT/reconstructions.npz
+    under the key arr_0, as ADM's evaluator reads them."""
+
+    NAMES = ("originals", "reconstructions")
+
+    def __init__(self, out: str, capacity: int, size: int):
+        os.makedirs(out, exist_ok=True)
+        self.out, self.count = out, 0
+        self.maps = {name: np.lib.format.open_memmap(os.path.join(out, f".{name}.npy.tmp"), mode="w+",
+                                                     dtype=np.uint8, shape=(capacity, size, size, 3))
+                     for name in self.NAMES}
+
+    def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        n = originals.shape[0]
+        for name, images in zip(self.NAMES, (originals, reconstructions), strict=True):
+            self.maps[name][self.count : self.count + n] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        self.count += n
+
+    def close(self) -> dict:
+        written = {}
+        for name in self.NAMES:
+            array = self.maps.pop(name)
+            written[name] = os.path.join(self.out, f"{name}.npz")
+            with atomic_path(written[name]) as tmp, open(tmp, "wb") as f:
+                np.savez(f, arr_0=array[: self.count])  # streamed from the memory map
+            del array
+            os.remove(os.path.join(self.out, f".{name}.npy.tmp"))
+        return written
 
 
 CODE_METRICS = ("grid_shape", "codebook_size", "codebooks", "codes_used", "codebook_usage", "perplexity",
@@ -157,7 +198,9 @@ def run(args) -> int:
     scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
     with torch.no_grad():
         chunks = list(batches(paths, args.batch_size))
-        for batch in tqdm(read_batches(args, chunks, size, device), total=len(chunks), desc="evaluate",
+        crop = "adm" if args.protocol == "adm" else "center"
+        arrays = NpzWriter(args.out, len(paths), size) if args.save_npz else None
+        for batch in tqdm(read_batches(args, chunks, size, device, crop=crop), total=len(chunks), desc="evaluate",
                           unit="batch"):
             skipped += batch.skipped
             if batch.images is None:
@@ -166,10 +209,14 @@ def run(args) -> int:
             with autocast(device, args.precision):
                 rec, codes = model.reconstruct(x, output_size=(size, size))
             scores.update(x, rec.float(), codes)
+            if arrays is not None:
+                arrays.add(x, rec.float())
     if not scores.num_images:
         raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
     results = {"model": str(args.model), "data": str(args.data), "skipped_images": skipped, "image_size": size,
-               **scores.results(notes)}
+               "protocol": PROTOCOLS[args.protocol], **scores.results(notes)}
+    if arrays is not None:
+        results["npz"] = arrays.close()
     results["notes"] = {key: value for key, value in notes.items() if value}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"), results)
