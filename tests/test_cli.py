@@ -412,7 +412,7 @@ def test_help_and_usage_errors_answer_before_torch_is_imported():
 
     scripts = tomllib.loads(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read())
     scripts = scripts["project"]["scripts"]
-    assert len(scripts) == 6 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
+    assert len(scripts) == 7 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
     probe = """
 import contextlib, io, json, sys
 from stage1.cli import arguments
@@ -649,3 +649,54 @@ def test_adm_protocol_crops_as_adm_and_saves_npz_batches(model_dir, tmp_path):
     assert np.array_equal(reconstructions, to_uint8(rec).permute(0, 2, 3, 1).numpy())
     assert results["psnr"] == pytest.approx(psnr(rec, x).mean().item(), rel=1e-5)
     assert not list(out.glob(".*tmp"))  # the memory maps are gone
+
+
+def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_dir, tmp_path, monkeypatch, capsys):
+    """Issue 14: vqrae-push stages the weights, config, the local encoder (nobody else could reach it), a model card
+    with the evaluation and a sample grid, and uploads them (to a stand-in for the Hub here: no network); the repo id
+    then loads the same model through from_pretrained's Hub path."""
+    import huggingface_hub
+
+    import stage1.vqrae
+    from stage1.cli import push
+
+    hub, calls = tmp_path / "hub", []
+
+    class FakeHub:  # records the calls and keeps the upload in a local folder
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None):
+            shutil.copytree(folder_path, hub / repo_id)
+            return "https://huggingface.co/someone/tiny/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    assert evaluate.main(["--model", model_dir, "--data", image_dir, "--out", str(tmp_path / "eval")]) == 0
+    assert reconstruct.main(["--model", model_dir, "--image", os.path.join(image_dir, "rgb.jpg"),
+                             "--out", str(tmp_path / "grid.png")]) == 0
+    argv = ["--model", model_dir, "--repo", "someone/tiny", "--results", str(tmp_path / "eval" / "results.json"),
+            "--samples", str(tmp_path / "grid.png"), "--private"]
+    assert push.main(argv) == 0
+    assert calls == [("create_repo", "someone/tiny", True, True)]
+    repo = hub / "someone" / "tiny"
+    assert sorted(os.listdir(repo)) == ["README.md", "config.json", "encoder", "model.safetensors", "samples.png"]
+    card = (repo / "README.md").read_text()
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert 'VQRAE.from_pretrained("someone/tiny")' in card and "one EMA codebook of 64 codes" in card
+    assert f"| PSNR (dB) | {results['psnr']:.4g} |" in card and "(samples.png)" in card
+    # The repo id, through the Hub path of from_pretrained (files and the encoder folder served from the upload).
+    monkeypatch.setattr(stage1.vqrae, "cached_file", lambda repo_id, name: str(hub / repo_id / name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(hub / repo_id))
+    loaded, original = VQRAE.from_pretrained("someone/tiny").eval(), VQRAE.from_pretrained(model_dir).eval()
+    x = images_as_model_sees_them(image_dir, ["rgb.jpg", "alpha.png"])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_to_indices(x), original.encode_to_indices(x))
+        assert torch.equal(loaded(x), original(x))
+    capsys.readouterr()
+    assert push.main(["--model", model_dir, "--repo", "no-slash"]) == 2
+    assert "must be 'user/name'" in capsys.readouterr().err
+    assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
+    assert (tmp_path / "staged" / "README.md").is_file() and len(calls) == 1  # staged only: nothing sent

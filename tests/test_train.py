@@ -257,3 +257,40 @@ def test_compiled_training_logs_the_eager_losses(train_images, tmp_path, monkeyp
     a = load_file(tmp_path / "eager" / "final" / "model.safetensors")
     b = load_file(tmp_path / "compiled" / "final" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_wandb_logging_mirrors_the_metrics_and_resumes_its_run(train_images, tmp_path, monkeypatch):
+    """Issue 14: logger=wandb logs every metrics.jsonl scalar to one W&B run per results_dir, resumed with the run
+    (a stand-in wandb module records the calls: no account, no network); without the package the run fails at
+    start, naming it."""
+    import importlib.machinery
+    import types
+
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **options):
+            self.options, self.logged, self.finished = options, {}, False
+
+        def log(self, values, step):
+            self.logged.setdefault(step, {}).update(values)
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **options: runs.append(FakeRun(**options)) or runs[-1]
+    fake.util = types.SimpleNamespace(generate_id=lambda: "run-1")
+    fake.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(train_images, tmp_path / "r", "logger=wandb", "train.stop_at=4")
+    run(train_images, tmp_path / "r", "logger=wandb")
+    assert [r.options["id"] for r in runs] == ["run-1", "run-1"] and runs[1].options["resume"] == "allow"
+    assert all(r.finished for r in runs) and runs[0].options["config"]["logger"] == "wandb"
+    logged = {**runs[0].logged, **runs[1].logged}
+    for step, values in step_logs(tmp_path / "r").items():
+        assert logged[step]["train/loss"] == pytest.approx(values["loss"]), step
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match=r"logger must be tensorboard, or wandb with the wandb package installed"):
+        run(train_images, tmp_path / "r2", "logger=wandb")

@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 from .losses import LossConfig
 from .model_config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
 from .precision import PRECISIONS
+from .train_log import LOGGERS
 
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
 __all__ = ["CONFIG_DIR", "REPO_ROOT", "load_train_config", "validate_train_config", "model_config", "loss_config"]
@@ -58,6 +59,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     t = cfg.train
     need(cfg.image_size > 0, "image_size", "> 0")
     need(cfg.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+    need(cfg.logger in LOGGERS, "logger", f"one of {LOGGERS}")
+    if cfg.logger == "wandb":
+        import importlib.util
+
+        need(importlib.util.find_spec("wandb") is not None, "logger", "tensorboard, or wandb with the wandb package "
+             "installed (pip install wandb)")
     need(t.steps > 0, "train.steps", "> 0")
     need(t.batch_size > 0, "train.batch_size", "> 0")
     need(t.grad_accum >= 1, "train.grad_accum", ">= 1")

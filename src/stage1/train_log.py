@@ -1,4 +1,5 @@
-"""Training logs on the main rank: metrics.jsonl (one JSON object per line) and TensorBoard (tb/)."""
+"""Training logs on the main rank: metrics.jsonl (one JSON object per line), TensorBoard (tb/) and, with
+logger=wandb, Weights & Biases (one W&B run per results_dir: a resumed training continues it)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import os
 from .atomic import atomic_path
 
 METRICS_NAME = "metrics.jsonl"
+WANDB_ID_NAME = "wandb_run_id"  # in results_dir: the W&B run a resumed training goes on logging to
+LOGGERS = ("tensorboard", "wandb")
 
 
 class MetricsLog:
-    def __init__(self, results_dir: str, step: int):
+    def __init__(self, results_dir: str, step: int, wandb_project: str | None = None, config: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = os.path.join(results_dir, METRICS_NAME)
         self._truncate(step)
         self.writer = SummaryWriter(os.path.join(results_dir, "tb"), purge_step=step + 1)
+        self.wandb = None if wandb_project is None else _wandb_run(results_dir, wandb_project, config)
 
     def _truncate(self, step: int) -> None:
         """After a resume, drop lines logged past the checkpoint (they will be logged again)."""
@@ -40,9 +44,33 @@ class MetricsLog:
         if scalars:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
+            if self.wandb is not None:
+                self.wandb.log({f"train/{key}": value for key, value in values.items()}, step=step)
 
     def image(self, tag: str, image, step: int) -> None:
         self.writer.add_image(tag, image, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image.permute(1, 2, 0).float().cpu().numpy())}, step=step)
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(results_dir: str, project: str, config: dict | None):
+    """The W&B run of this results_dir: started on the first run (its id kept in results_dir), resumed after."""
+    import wandb
+
+    id_file = os.path.join(results_dir, WANDB_ID_NAME)
+    if os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with atomic_path(id_file) as tmp, open(tmp, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=results_dir,
+                      name=os.path.basename(os.path.normpath(results_dir)), config=config)

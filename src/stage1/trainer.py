@@ -133,7 +133,8 @@ class Trainer:
         self.loader = self._build_loader()
         self.log = None
         if info.is_main:
-            self.log = MetricsLog(self.results_dir, self.step)
+            self.log = MetricsLog(self.results_dir, self.step, cfg.wandb_project if cfg.logger == "wandb" else None,
+                                  OmegaConf.to_container(cfg, resolve=True))
             with atomic_path(os.path.join(self.results_dir, TRAIN_CONFIG_NAME)) as tmp:
                 OmegaConf.save(cfg, tmp, resolve=True)
 

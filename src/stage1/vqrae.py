@@ -293,8 +293,8 @@ class VQRAE(nn.Module):
         config_file = cls._resolve(path, CONFIG_NAME)
         config = VQRAEConfig.load(config_file)
         weights_file = cls._resolve(path, weights_name)
-        if config.encoder.path == ENCODER_SUBDIR and os.path.isdir(os.path.join(path, ENCODER_SUBDIR)):
-            config.encoder = dataclasses.replace(config.encoder, path=os.path.join(path, ENCODER_SUBDIR))
+        if config.encoder.path == ENCODER_SUBDIR and "encoder_config_path" not in keywords:
+            config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path))
         model = cls(config.with_keywords(**keywords))
         state = read_tensor_file(weights_file, "model weights")
         if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
@@ -344,6 +344,20 @@ class VQRAE(nn.Module):
         model = cls(config)
         load_rae_decoder(model.decoder, decoder_path)
         return model
+
+    @staticmethod
+    def _encoder_inside(path: str) -> str:
+        """The encoder saved inside a model (save_encoder=True, vqrae-push): its folder, from the Hub if need be."""
+        if os.path.isdir(path):
+            return os.path.join(path, ENCODER_SUBDIR)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return os.path.join(snapshot_download(path, allow_patterns=[f"{ENCODER_SUBDIR}/*"]), ENCODER_SUBDIR)
+        except Exception as err:  # offline without a cached copy, no such repo, ...
+            raise FileNotFoundError(f"the encoder inside '{path}' ({ENCODER_SUBDIR}/) could not be fetched "
+                                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); download the repo "
+                                    f"where there is network and load it from its folder") from err
 
     @staticmethod
     def _resolve(path: str, name: str) -> str:

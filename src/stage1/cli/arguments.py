@@ -223,8 +223,35 @@ def fit_codebook_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PUSH_HELP = """\
+vqrae-push: publish a model on the Hugging Face Hub, with a generated model card.
+
+    vqrae-push --model results/run/final --repo user/vqrae-dinov2-b-16k --results eval/results.json \\
+        --samples results/run/reconstructions.png [--private]
+    vqrae-push --model results/run/final --repo user/name --stage staged/     (write the upload here, send nothing)
+
+Uploads config.json, model.safetensors, the frozen encoder when the model references a local folder (nobody else
+could reach it; a Hub encoder stays a reference), README.md (the card: encoder, codebook, decoder, the training run's
+steps when the model came from one, the evaluation of --results, the --samples grid) and samples.png. Log in
+first (`hf auth login`) or set HF_TOKEN. VQRAE.from_pretrained("user/name") loads it back.
+"""
+
+
+def push_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-push", PUSH_HELP)
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training")
+    parser.add_argument("--repo", required=True, help="the Hub model repo, user/name or org/name (made if new)")
+    parser.add_argument("--encoder-path", default=None, help="local directory of the frozen encoder, if needed")
+    parser.add_argument("--results", default=None, help="vqrae-evaluate's results.json, for the card")
+    parser.add_argument("--samples", default=None, help="an image for the card, e.g. training's reconstructions.png")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--stage", default=None, help="write what would be uploaded to this folder, upload nothing")
+    return parser
+
+
 COMMANDS = {"reconstruct": reconstruct_parser, "tokenize": tokenize_parser, "decode": decode_parser,
-            "evaluate": evaluate_parser, "latent_stats": latent_stats_parser, "fit_codebook": fit_codebook_parser}
+            "evaluate": evaluate_parser, "latent_stats": latent_stats_parser, "fit_codebook": fit_codebook_parser,
+            "push": push_parser}
 
 
 def launch(command: str, argv: list[str] | None = None) -> int:
@@ -267,3 +294,7 @@ def vqrae_latent_stats() -> int:
 
 def vqrae_fit_codebook() -> int:
     return launch("fit_codebook")
+
+
+def vqrae_push() -> int:
+    return launch("push")

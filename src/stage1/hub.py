@@ -1,0 +1,113 @@
+"""Publishing a tokenizer on the Hugging Face Hub: its weights, config, frozen encoder (when it is a local folder,
+which nobody else could reach) and a model card, so that VQRAE.from_pretrained("user/repo") loads it anywhere.
+
+The card is generated from the model's config (encoder, codebook, decoder), the training run when the model
+folder came from one (steps, from the run's train_config.yaml), an evaluation (vqrae-evaluate's results.json) and a
+sample grid (e.g. training's reconstructions.png).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+
+import yaml
+
+from .atomic import read_json
+
+CARD_NAME = "README.md"
+SAMPLES_NAME = "samples.png"
+METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid", "rFID"),
+           ("codebook_usage", "codebook usage"), ("perplexity", "perplexity"), ("bits_per_image", "bits per image"))
+
+
+def model_card(model, repo_id: str, results: dict | None = None, training: dict | None = None,
+               samples: str | None = None) -> str:
+    """The README.md of a published model: YAML metadata, what it is, how to load it, and what was measured."""
+    c = model.config
+    q, d = c.quantizer, c.decoder
+    per_token = math.prod(model.quantizer.index_suffix) if q.kind != "none" else 0
+    kind = {"none": "none: the continuous latent goes to the decoder (RAE)",
+            "single": f"one EMA codebook of {q.num_embeddings} codes",
+            "residual": f"residual, {per_token} levels of {q.num_embeddings} codes",
+            "grouped": f"grouped, {per_token} codebooks of {q.num_embeddings} codes"}[q.kind]
+    side = model.grid_size
+    if q.kind == "none":
+        codes = "none"
+    elif side:
+        codes = f"{side}x{side} tokens x {per_token}: {side * side * per_token * math.log2(q.num_embeddings):.0f} bits"
+    else:
+        codes = "one per encoder patch"
+    rows = [("encoder (frozen)", f"`{c.encoder.cls}` from `{c.encoder.path}`, {c.encoder.input_size} px"),
+            ("quantizer", kind + (", cosine" if q.cosine else "")), ("codes per image", codes),
+            ("decoder", f"ViT, {d.num_hidden_layers} layers of width {d.hidden_size}, patch {d.patch_size}")]
+    if training:
+        rows.append(("training", f"{training['steps']} steps of {training['batch_size']} images per rank"))
+    metadata = yaml.safe_dump({"library_name": "vqrae", "license": "mit",
+                               "tags": ["image-tokenizer", "vector-quantization", "vqrae"]}, sort_keys=False)
+    lines = ["---", metadata.strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
+             "An image tokenizer made with vqrae, on the design of RAE (github.com/bytetriper/RAE): a frozen "
+             "encoder's patch features, snapped to a learned codebook, painted back by a ViT decoder.", "",
+             "| part | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows), "",
+             "```python", "from stage1 import VQRAE", f'model = VQRAE.from_pretrained("{repo_id}")',
+             "indices = model.encode_to_indices(images)   # images: (B, 3, H, W) in [0, 1]",
+             "images = model.decode_from_indices(indices)", "```", ""]
+    if results:
+        lines += ["## Evaluation", "", f"`{results.get('data', '?')}`: {results.get('num_images', '?')} images at "
+                  f"{results.get('image_size', '?')} px; crop: {results.get('protocol', 'not recorded')}.", "",
+                  "| metric | value |", "| --- | --- |"]
+        lines += [f"| {label} | {results[key]:.4g} |" for key, label in METRICS
+                  if isinstance(results.get(key), (int, float))]
+        lines.append("")
+    if samples:
+        lines += ["## Samples", "", f"![originals above reconstructions]({samples})", ""]
+    return "\n".join(lines)
+
+
+def training_summary(model_dir: str) -> dict | None:
+    """Steps and batch size of the run a model folder came from (results_dir/final, or a checkpoint under it)."""
+    for folder in (os.path.dirname(model_dir), os.path.dirname(os.path.dirname(model_dir))):
+        path = os.path.join(folder, "train_config.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                train = (yaml.safe_load(f) or {}).get("train", {})
+            return {"steps": train.get("steps"), "batch_size": train.get("batch_size")}
+    return None
+
+
+def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None = None,
+                samples: str | None = None, **load_keywords) -> None:
+    """Everything to upload, in `folder`: the model (its encoder inside when that is a local folder), the card and
+    the sample grid."""
+    from .vqrae import VQRAE
+
+    model = VQRAE.from_pretrained(model_dir, **load_keywords)
+    model.save_pretrained(folder, save_encoder=os.path.isdir(model.config.encoder.path))
+    if samples is not None:
+        if not os.path.isfile(samples):
+            raise FileNotFoundError(f"--samples {samples} does not exist")
+        shutil.copyfile(samples, os.path.join(folder, SAMPLES_NAME))
+    evaluation = read_json(results) if results is not None else None
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise ValueError(f"{results} is not a vqrae-evaluate results.json (expected a JSON object)")
+    card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
+                      SAMPLES_NAME if samples else None)
+    with open(os.path.join(folder, CARD_NAME), "w") as f:
+        f.write(card)
+
+
+def push_to_hub(model_dir: str, repo_id: str, private: bool = False, results: str | None = None,
+                samples: str | None = None, token: str | None = None, **load_keywords) -> str:
+    """Create (or reuse) the Hub model repo `repo_id` and upload the staged model to it; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"the Hub repo must be 'user/name' or 'org/name', got {repo_id!r}")
+    with tempfile.TemporaryDirectory(prefix="vqrae-push-") as folder:
+        stage_model(model_dir, repo_id, folder, results, samples, **load_keywords)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="vqrae-push")
+    return str(getattr(commit, "commit_url", commit))
