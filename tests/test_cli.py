@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import shutil
@@ -412,7 +413,7 @@ def test_help_and_usage_errors_answer_before_torch_is_imported():
 
     scripts = tomllib.loads(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read())
     scripts = scripts["project"]["scripts"]
-    assert len(scripts) == 7 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
+    assert len(scripts) == 8 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
     probe = """
 import contextlib, io, json, sys
 from stage1.cli import arguments
@@ -700,3 +701,55 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     assert "must be 'user/name'" in capsys.readouterr().err
     assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
     assert (tmp_path / "staged" / "README.md").is_file() and len(calls) == 1  # staged only: nothing sent
+
+
+def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree, tmp_path, capsys):
+    """Issue 14: vqrae-make-shards keeps every image's bytes, path and class id; tokenize, evaluate and latent-stats
+    read the shards (a brace pattern, a :: list) to the folder's results: the same code shards byte for byte, the
+    same labels, scores and statistics; a resumed tokenize skips finished tars; a corrupt sample is skipped and
+    listed."""
+    import tarfile
+
+    from stage1.cli import make_shards
+    from stage1.tar_shards import read_shard
+
+    shards = tmp_path / "shards"
+    assert make_shards.main(["--data", class_tree, "--out", str(shards), "--shard-size", "2"]) == 0
+    assert sorted(os.listdir(shards)) == ["000000.tar", "000001.tar"]
+    samples = read_shard(str(shards / "000000.tar")) + read_shard(str(shards / "000001.tar"))
+    assert [(s.name, s.label) for s in samples] == [("cat/a.png", 0), ("cat/b.png", 0), ("dog/c.png", 1),
+                                                    ("root.png", -1)]
+    assert all(s.data == open(os.path.join(class_tree, s.name), "rb").read() for s in samples)
+    spec = str(shards / "{000000..000001}.tar")
+    for data, out in ((class_tree, "folder"), (spec, "tars")):
+        argv = ["--model", model_dir, "--data", data, "--out", str(tmp_path / out), "--shard-size", "2"]
+        assert tokenize.main(argv) == 0
+    for name in ("shard-00000.npy", "shard-00001.npy", "shard-00000.json", "shard-00001.json"):
+        assert (tmp_path / "folder" / name).read_bytes() == (tmp_path / "tars" / name).read_bytes(), name
+    folder, tars = (json.loads((tmp_path / out / "manifest.json").read_text()) for out in ("folder", "tars"))
+    assert folder["images"] == tars["images"] and tars["classes"] is None
+    os.remove(tmp_path / "tars" / "shard-00001.json")
+    capsys.readouterr()
+    assert tokenize.main(["--model", model_dir, "--data", spec, "--out", str(tmp_path / "tars")]) == 0
+    assert "resuming: 1 of 2 shard(s) already done" in capsys.readouterr().out
+    redone = (tmp_path / "tars" / "shard-00001.npy").read_bytes()
+    assert redone == (tmp_path / "folder" / "shard-00001.npy").read_bytes()
+    listed = f"{shards / '000000.tar'}::{shards / '000001.tar'}"
+    for data, out in ((class_tree, "eval_folder"), (listed, "eval_tars")):
+        assert evaluate.main(["--model", model_dir, "--data", data, "--out", str(tmp_path / out)]) == 0
+        assert latent_stats.main(["--encoder", VQRAE.from_pretrained(model_dir).config.encoder.path, "--data", data,
+                                  "--out", str(tmp_path / f"{out}.safetensors"), "--image-size", str(SIZE)]) == 0
+    a, b = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("eval_folder", "eval_tars"))
+    assert a["psnr"] == b["psnr"] and a["num_images"] == b["num_images"] == 4
+    sa, sb = (load_file(tmp_path / f"{out}.safetensors") for out in ("eval_folder", "eval_tars"))
+    assert all(torch.equal(sa[k], sb[k]) for k in ("mean", "var"))
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as tar:
+        for name, data in (("0.png", open(os.path.join(class_tree, "root.png"), "rb").read()),
+                           ("1.png", b"\x89PNG\r\n\x1a\nbroken")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    assert evaluate.main(["--model", model_dir, "--data", str(broken), "--out", str(tmp_path / "eval_broken")]) == 0
+    results = json.loads((tmp_path / "eval_broken" / "results.json").read_text())
+    assert results["num_images"] == 1 and [s["path"] for s in results["skipped_images"]] == ["1.png"]

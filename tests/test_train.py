@@ -294,3 +294,9 @@ def test_wandb_logging_mirrors_the_metrics_and_resumes_its_run(train_images, tmp
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match=r"logger must be tensorboard, or wandb with the wandb package installed"):
         run(train_images, tmp_path / "r2", "logger=wandb")
+
+
+def test_tar_shards_as_training_data_fail_at_start_naming_what_reads_them(train_images, tmp_path):
+    """Issue 14, part left: training reads an image folder; tar shards get one clear error before any work."""
+    with pytest.raises(ValueError, match="training does not stream tar shards yet"):
+        run(train_images, tmp_path / "r", f"data.path='{tmp_path}/shards/{{000000..000003}}.tar'")

@@ -9,6 +9,7 @@ pinned for a non-blocking copy to the GPU. An unreadable file never stops a pass
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -27,11 +28,11 @@ MAX_AUTO_WORKERS = 8  # decoding beyond this rarely keeps up with a GPU better; 
 CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (images.adm_center_crop)
 
 
-def prepare_image(path: str, size: int, crop: str = "center") -> tuple[torch.Tensor, str]:
-    """An image file as the model sees it, (3, size, size) in [0, 1], with a note of every conversion made.
-    Raises UnreadableImageError naming the file."""
+def prepare_image(path: str, size: int, crop: str = "center", data: bytes | None = None) -> tuple[torch.Tensor, str]:
+    """An image file (or its encoded bytes `data`, named `path`) as the model sees it, (3, size, size) in [0, 1], with
+    a note of every conversion made. Raises UnreadableImageError naming the file."""
     try:
-        pixels, note = read_image(path)
+        pixels, note = read_image(path if data is None else io.BytesIO(data))
     except UnreadableImageError as err:
         raise UnreadableImageError(f"cannot read image '{path}': {err}") from err
     if crop == "adm":
@@ -66,18 +67,28 @@ class ImageBatch:
 
 
 class ImageFiles(Dataset):
-    def __init__(self, root: str, names: Sequence[str], size: int, crop: str = "center"):
+    """root/names[i] prepared for the model; with `contents` (name -> encoded bytes, e.g. a tar shard's samples)
+    the bytes instead of files."""
+
+    def __init__(self, root: str, names: Sequence[str], size: int, crop: str = "center",
+                 contents: dict[str, bytes | None] | None = None):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        self.root, self.names, self.size, self.crop = root, list(names), size, crop
+        self.root, self.names, self.size, self.crop, self.contents = root, list(names), size, crop, contents
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str, str | None]:
+        name = self.names[i]
         try:
-            image = prepare_image(os.path.join(self.root, self.names[i]), self.size, self.crop)[0]
-            return image, self.names[i], None
+            if self.contents is None:
+                image = prepare_image(os.path.join(self.root, name), self.size, self.crop)[0]
+            elif self.contents[name] is None:
+                raise UnreadableImageError(f"cannot read image '{name}': the sample has no image field")
+            else:
+                image = prepare_image(name, self.size, self.crop, data=self.contents[name])[0]
+            return image, name, None
         except UnreadableImageError as err:
             return None, self.names[i], str(err)
 
@@ -99,15 +110,17 @@ def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBa
 
 
 def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_workers: int = 0,
-                  pin_memory: bool = False, crop: str = "center") -> Iterator[ImageBatch]:
-    """One ImageBatch per chunk of file names under root, in order. `num_workers` 0 reads in this process."""
+                  pin_memory: bool = False, crop: str = "center",
+                  contents: dict[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
+    """One ImageBatch per chunk of file names under root (or of `contents`' names), in order. `num_workers` 0
+    reads in this process."""
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     starts = [0]
     for chunk in chunks:
         starts.append(starts[-1] + len(chunk))
     loader = DataLoader(
-        ImageFiles(root, [name for chunk in chunks for name in chunk], size, crop),
+        ImageFiles(root, [name for chunk in chunks for name in chunk], size, crop, contents),
         batch_sampler=[range(a, b) for a, b in zip(starts, starts[1:], strict=False)],
         num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,  # batches ready ahead of the model, per worker

@@ -36,7 +36,8 @@ def worker_count(value: str) -> str | int:
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively), or webdataset tar "
+                                                      "shards: 'shards/{000000..000099}.tar', a :: list, a URL")
     parser.add_argument("--num-workers", default="auto", type=worker_count,
                         help="processes that read, decode and resize images while the model runs (0: this one; "
                              "auto: the cores per process less one, at most 8)")
@@ -249,9 +250,28 @@ def push_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAKE_SHARDS_HELP = """\
+vqrae-make-shards: an image folder -> webdataset tar shards, which every folder command (--data) reads too.
+
+    vqrae-make-shards --data assets --out shards/ --shard-size 1000
+    vqrae-tokenize --model results/quickstart/final --data "shards/{000000..000000}.tar" --out tokens/
+
+Each sample keeps its image's encoded bytes (field: its extension), its path in the folder (path.txt) and its
+ImageFolder class id (cls); shards hold --shard-size samples in sorted path order, OUT/000000.tar, ...
+"""
+
+
+def make_shards_parser() -> argparse.ArgumentParser:
+    parser = command_parser("vqrae-make-shards", MAKE_SHARDS_HELP)
+    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the tar shards")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    return parser
+
+
 COMMANDS = {"reconstruct": reconstruct_parser, "tokenize": tokenize_parser, "decode": decode_parser,
             "evaluate": evaluate_parser, "latent_stats": latent_stats_parser, "fit_codebook": fit_codebook_parser,
-            "push": push_parser}
+            "push": push_parser, "make_shards": make_shards_parser}
 
 
 def launch(command: str, argv: list[str] | None = None) -> int:
@@ -298,3 +318,7 @@ def vqrae_fit_codebook() -> int:
 
 def vqrae_push() -> int:
     return launch("push")
+
+
+def vqrae_make_shards() -> int:
+    return launch("make_shards")

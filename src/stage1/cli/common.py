@@ -7,8 +7,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..data import find_images
 from ..images import UnreadableImageError
 from ..input_pipeline import ImageBatch, cores_per_process, default_workers, image_batches, prepare_image
+from ..tar_shards import is_tar_source, read_shard, shard_urls
 from ..vqrae import VQRAE
 from .arguments import CLIError
 
@@ -53,7 +55,8 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
 
 
 def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch.device,
-                 local_processes: int = 1, crop: str = "center") -> Iterator[ImageBatch]:
+                 local_processes: int = 1, crop: str = "center",
+                 contents: dict[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
     """The images of --data in these chunks of names, read by --num-workers processes (auto: default_workers).
     On the CPU the model then runs on the cores the readers leave it (measured on 2 cores: 0.9 of the pipeline's
     limit, against 0.6 when both ask for every core): torch's thread count is restored when the batches end."""
@@ -62,9 +65,36 @@ def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch
     if device.type == "cpu" and workers:
         torch.set_num_threads(max(1, cores_per_process(local_processes) - workers))
     try:
-        yield from image_batches(args.data, chunks, size, workers, pin_memory=device.type == "cuda", crop=crop)
+        yield from image_batches(args.data, chunks, size, workers, pin_memory=device.type == "cuda", crop=crop,
+                                 contents=contents)
     finally:
         torch.set_num_threads(threads)
+
+
+def data_batches(args, size: int, device: torch.device, limit: int | None = None,
+                 crop: str = "center") -> tuple[int | None, Iterator[ImageBatch]]:
+    """All of --data (the first `limit` images) as batches of --batch-size, in order: an image folder (sorted paths)
+    or webdataset tar shards (their order, each read when its turn comes). Returns the number of images when it is
+    known before reading (a folder) and the batches."""
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
+    if not is_tar_source(args.data):
+        paths = find_images(args.data)[:limit]
+        return len(paths), read_batches(args, list(batches(paths, args.batch_size)), size, device, crop=crop)
+    urls = shard_urls(args.data)
+
+    def from_tars() -> Iterator[ImageBatch]:
+        left = limit
+        for url in urls:
+            samples = read_shard(url)[:left]
+            names = [sample.name for sample in samples]
+            yield from read_batches(args, list(batches(names, args.batch_size)), size, device, crop=crop,
+                                    contents={sample.name: sample.data for sample in samples})
+            left = None if left is None else left - len(samples)
+            if left is not None and left <= 0:
+                return
+
+    return None, from_tars()
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

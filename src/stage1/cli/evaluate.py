@@ -11,18 +11,16 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_json
-from ..data import find_images
 from ..images import psnr, to_uint8
 from ..losses import build_lpips
 from ..precision import autocast
 from .arguments import launch
 from .common import (
     CLIError,
-    batches,
     check_output,
+    data_batches,
     load_model,
     model_image_size,
-    read_batches,
 )
 
 
@@ -79,34 +77,35 @@ PROTOCOLS = {
 
 
 class NpzWriter:
-    """Originals and reconstructions as uint8 (N, H, W, 3) arrays, gathered on disk (a memory map per array, so
-    50k images need no 20 GB of memory) and packed at the end into OUT/originals.npz and OUT/reconstructions.npz
-    under the key arr_0, as ADM's evaluator reads them."""
+    """Originals and reconstructions as uint8 (N, H, W, 3) arrays, appended to raw files on disk as they come (50k
+    images need no 20 GB of memory, and no count in advance), packed at the end into OUT/originals.npz and
+    OUT/reconstructions.npz under the key arr_0, as ADM's evaluator reads them."""
 
     NAMES = ("originals", "reconstructions")
 
-    def __init__(self, out: str, capacity: int, size: int):
+    def __init__(self, out: str):
         os.makedirs(out, exist_ok=True)
-        self.out, self.count = out, 0
-        self.maps = {name: np.lib.format.open_memmap(os.path.join(out, f".{name}.npy.tmp"), mode="w+",
-                                                     dtype=np.uint8, shape=(capacity, size, size, 3))
-                     for name in self.NAMES}
+        self.out, self.count, self.shape = out, 0, None
+        self.raw = {name: os.path.join(out, f".{name}.uint8.tmp") for name in self.NAMES}
+        self.files = {name: open(path, "wb") for name, path in self.raw.items()}
 
     def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        n = originals.shape[0]
         for name, images in zip(self.NAMES, (originals, reconstructions), strict=True):
-            self.maps[name][self.count : self.count + n] = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-        self.count += n
+            array = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+            self.shape = array.shape[1:]
+            self.files[name].write(array.tobytes())
+        self.count += originals.shape[0]
 
     def close(self) -> dict:
         written = {}
         for name in self.NAMES:
-            array = self.maps.pop(name)
+            self.files[name].close()
+            array = np.memmap(self.raw[name], dtype=np.uint8, mode="r", shape=(self.count, *self.shape))
             written[name] = os.path.join(self.out, f"{name}.npz")
             with atomic_path(written[name]) as tmp, open(tmp, "wb") as f:
-                np.savez(f, arr_0=array[: self.count])  # streamed from the memory map
+                np.savez(f, arr_0=array)  # streamed from the memory map
             del array
-            os.remove(os.path.join(self.out, f".{name}.npy.tmp"))
+            os.remove(self.raw[name])
         return written
 
 
@@ -184,7 +183,6 @@ def run(args) -> int:
     check_output(args.out, folder=True)
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be positive, got {args.limit}")
-    paths = find_images(args.data)[: args.limit]
     model = load_model(args)
     device = next(model.decoder.parameters()).device
     size = model_image_size(model, args.image_size)
@@ -197,11 +195,11 @@ def run(args) -> int:
     codebooks = math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
     scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
     with torch.no_grad():
-        chunks = list(batches(paths, args.batch_size))
-        crop = "adm" if args.protocol == "adm" else "center"
-        arrays = NpzWriter(args.out, len(paths), size) if args.save_npz else None
-        for batch in tqdm(read_batches(args, chunks, size, device, crop=crop), total=len(chunks), desc="evaluate",
-                          unit="batch"):
+        count, stream = data_batches(args, size, device, args.limit, crop="adm" if args.protocol == "adm" else "center")
+        arrays = NpzWriter(args.out) if args.save_npz else None
+        bar = tqdm(total=count, desc="evaluate", unit="image")
+        for batch in stream:
+            bar.update(len(batch.names) + len(batch.skipped))
             skipped += batch.skipped
             if batch.images is None:
                 continue
@@ -211,8 +209,9 @@ def run(args) -> int:
             scores.update(x, rec.float(), codes)
             if arrays is not None:
                 arrays.add(x, rec.float())
+        bar.close()
     if not scores.num_images:
-        raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
+        raise CLIError(f"none of the {len(skipped)} image(s) of {args.data} could be read")
     results = {"model": str(args.model), "data": str(args.data), "skipped_images": skipped, "image_size": size,
                "protocol": PROTOCOLS[args.protocol], **scores.results(notes)}
     if arrays is not None:

@@ -7,16 +7,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..atomic import atomic_path
-from ..data import find_images
 from ..encoders import build_encoder
 from ..precision import autocast
 from ..vqrae import COMPILE_OPTIONS
 from .arguments import launch
 from .common import (
     CLIError,
-    batches,
     check_output,
-    read_batches,
+    data_batches,
     resolve_device,
 )
 
@@ -52,7 +50,6 @@ def run(args) -> int:
     check_output(args.out, folder=False)
     if not args.out.endswith((".safetensors", ".pt")):
         raise CLIError(f"--out must end in .safetensors or .pt (RAE's stat.pt format), got {args.out}")
-    paths = find_images(args.data)[: args.limit]
     device = resolve_device(args.device)
     encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
     if args.compile:
@@ -62,9 +59,12 @@ def run(args) -> int:
     # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
     moments = RunningMoments(side * side * channels if args.per_position else channels)
     skipped = 0
-    chunks = list(batches(paths, args.batch_size))
-    for batch in tqdm(read_batches(args, chunks, args.image_size, device), total=len(chunks), desc="latent stats",
-                      unit="batch"):
+    count, stream = data_batches(args, args.image_size, device, args.limit)
+    bar = tqdm(total=count, desc="latent stats", unit="image")
+    images = 0
+    for batch in stream:
+        bar.update(len(batch.names) + len(batch.skipped))
+        images += len(batch.names) + len(batch.skipped)
         for entry in batch.skipped:
             print(f"skipping: {entry['reason']}")
         skipped += len(batch.skipped)
@@ -72,8 +72,9 @@ def run(args) -> int:
             with autocast(device, args.precision):
                 tokens = encoder(batch.images.to(device, non_blocking=True)).float().cpu()
             moments.update(tokens.flatten(1) if args.per_position else tokens.flatten(0, 1))
+    bar.close()
     if moments.count == 0:
-        raise CLIError(f"none of the {len(paths)} image(s) under {args.data} could be read")
+        raise CLIError(f"none of the {images} image(s) of {args.data} could be read")
     shape = (channels, side, side) if args.per_position else (channels,)
     # (N * C) in token order -> [C, h, w]; per channel it is [C] already.
     mean, var = (m.float().view(-1, channels).T.reshape(shape) for m in (moments.mean, moments.var))
@@ -83,10 +84,10 @@ def run(args) -> int:
         else:
             save_file({"mean": mean, "var": var, "count": torch.tensor([moments.count])}, tmp,
                       metadata={"encoder": str(args.encoder), "encoder_cls": args.encoder_cls,
-                                "image_size": str(args.image_size), "images": str(len(paths) - skipped)})
+                                "image_size": str(args.image_size), "images": str(images - skipped)})
     what = "samples of every token position" if args.per_position else "tokens"
     print(f"wrote {args.out}: mean/var of shape {list(shape)} over {moments.count} {what} "
-          f"from {len(paths) - skipped} image(s)" + (f" ({skipped} unreadable, skipped)" if skipped else ""))
+          f"from {images - skipped} image(s)" + (f" ({skipped} unreadable, skipped)" if skipped else ""))
     return 0
 
 

@@ -17,6 +17,7 @@ from ..atomic import atomic_path, read_json, write_json
 from ..data import class_labels, find_images
 from ..input_pipeline import PREPROCESSING
 from ..precision import autocast
+from ..tar_shards import is_tar_source, read_shard, shard_urls
 from ..token_exports import export_tokens
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -98,9 +99,9 @@ def tokenize_shard(model, stream, size, args, device) -> tuple[np.ndarray, list[
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    if args.shard_size < 1:
-        raise CLIError(f"--shard-size must be positive, got {args.shard_size}")
-    paths = find_images(args.data)
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise CLIError(f"--shard-size and --batch-size must be positive, got {args.shard_size}, {args.batch_size}")
+    source = TarInput(args.data) if is_tar_source(args.data) else FolderInput(args.data, args.shard_size)
     info = distributed.setup(args.device)
     try:
         device = info.device
@@ -111,15 +112,12 @@ def run(args) -> int:
             raise CLIError(f"--crop-range must be >= 1 (the crops are cut from a center crop that much larger), got "
                            f"{args.crop_range}")
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
-        num_shards = (len(paths) + args.shard_size - 1) // args.shard_size
         run_record = {
             "model": str(args.model),
             "codebook_size": model.quantizer.num_embeddings,
             "image_size": size,
-            "shard_size": args.shard_size,
             "index_dtype": args.index_dtype,
-            "images": len(paths),
-            "listing": listing_fingerprint(paths),
+            **source.record(),
             "preprocessing": PREPROCESSING,
             "augment": args.augment if args.augment != "ten-crop" else f"ten-crop of {read_size}",
             "codes_fingerprint": codes_fingerprint(model),
@@ -129,33 +127,28 @@ def run(args) -> int:
             _check_or_write_run_record(args.out, run_record, args.restart)
         distributed.barrier()
 
-        mine = [i for i in range(num_shards) if i % info.world_size == info.rank]
+        mine = [i for i in range(source.num_shards) if i % info.world_size == info.rank]
         todo = [i for i in mine if not _shard_done(args.out, i)]
         if info.is_main and len(todo) < len(mine):
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already done")
-        # Counted in images, not shards (a shard holds thousands).
-        bar = tqdm(total=sum(len(paths[i * args.shard_size : (i + 1) * args.shard_size]) for i in todo),
-                   desc="tokenize", unit="image", disable=not info.is_main)
-        # One stream of batches over every shard left, so reading runs ahead across shard boundaries.
-        shard_chunks = [list(batches(paths[i * args.shard_size : (i + 1) * args.shard_size], args.batch_size))
-                        for i in todo]
-        stream = read_batches(args, [chunk for chunks in shard_chunks for chunk in chunks], read_size, device,
-                              info.local_world_size)
-        for i, chunks in zip(todo, shard_chunks, strict=True):
-            shard_paths = paths[i * args.shard_size : (i + 1) * args.shard_size]
-            array, kept, skipped = tokenize_shard(model, itertools.islice(stream, len(chunks)), size, args, device)
+        # Counted in images, not shards (a shard holds thousands); tar shards are counted as they are read.
+        bar = tqdm(total=source.images_in(todo), desc="tokenize", unit="image", disable=not info.is_main)
+        for i, names, labels, stream in source.shard_streams(todo, args, read_size, device, info.local_world_size):
+            array, kept, skipped = tokenize_shard(model, stream, size, args, device)
             with atomic_path(os.path.join(args.out, shard_name(i) + ".npy")) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
+            label_of = dict(zip(names, labels, strict=True))
             # Written last: a shard counts as done only when its listing exists.
-            write_json(os.path.join(args.out, shard_name(i) + ".json"), {"images": kept, "skipped": skipped})
-            bar.update(len(shard_paths))
-        stream.close()  # the readers end and the model's threads are given back
+            write_json(os.path.join(args.out, shard_name(i) + ".json"),
+                       {"images": kept, "labels": [label_of[name] for name in kept], "skipped": skipped})
+            bar.update(len(names))
         bar.close()
         distributed.barrier()
         if info.is_main:
-            manifest = _assemble_manifest(args.out, num_shards, run_record, model, size, paths, args.augment)
+            manifest = _assemble_manifest(args.out, source.num_shards, run_record, model, size, source.classes,
+                                          args.augment)
             exported = export_tokens(args.format, args.out, manifest)
-            print(f"tokenized {manifest['num_images']} image(s) into {num_shards} shard(s) of "
+            print(f"tokenized {manifest['num_images']} image(s) into {source.num_shards} shard(s) of "
                   f"{manifest['grid_shape'][0]}x{manifest['grid_shape'][1]} codes ({manifest['dtype']}); "
                   f"{len(manifest['skipped'])} unreadable image(s) skipped; manifest: "
                   f"{os.path.join(args.out, MANIFEST)}" + (f"; {args.format} export: {exported}"
@@ -163,6 +156,63 @@ def run(args) -> int:
     finally:
         distributed.teardown()
     return 0
+
+
+class FolderInput:
+    """An image folder: its sorted paths cut into shards of --shard-size, read as one stream of batches (reading
+    runs ahead across shard boundaries), ImageFolder class ids."""
+
+    def __init__(self, root: str, shard_size: int):
+        self.paths, self.shard_size = find_images(root), shard_size
+        self.classes, self.labels = class_labels(self.paths)
+        self.num_shards = (len(self.paths) + shard_size - 1) // shard_size
+
+    def record(self) -> dict:
+        return {"shard_size": self.shard_size, "images": len(self.paths), "listing": listing_fingerprint(self.paths)}
+
+    def _span(self, i: int) -> slice:
+        return slice(i * self.shard_size, (i + 1) * self.shard_size)
+
+    def images_in(self, shards: list[int]) -> int:
+        return sum(len(self.paths[self._span(i)]) for i in shards)
+
+    def shard_streams(self, todo, args, size, device, local_processes):
+        chunks = {i: list(batches(self.paths[self._span(i)], args.batch_size)) for i in todo}
+        stream = read_batches(args, [chunk for i in todo for chunk in chunks[i]], size, device, local_processes)
+        for i in todo:
+            yield i, self.paths[self._span(i)], self.labels[self._span(i)], itertools.islice(stream, len(chunks[i]))
+        stream.close()  # the readers end and the model's threads are given back
+
+
+class TarInput:
+    """Webdataset tar shards (stage1/tar_shards.py): shard i of the codes is tar shard i, read when its turn comes,
+    so a resumed run skips finished tars without opening them; class ids from each sample's `cls`."""
+
+    classes = None  # a tar holds class ids, not class names
+
+    def __init__(self, spec: str):
+        self.urls = shard_urls(spec)
+        self.num_shards = len(self.urls)
+
+    def record(self) -> dict:
+        local = [os.path.getsize(url) if os.path.isfile(url) else None for url in self.urls]
+        return {"tar_shards": len(self.urls),
+                "listing": hashlib.sha256(json.dumps([self.urls, local]).encode()).hexdigest()}
+
+    def images_in(self, shards: list[int]) -> None:
+        return None  # unknown until read
+
+    def shard_streams(self, todo, args, size, device, local_processes):
+        for i in todo:
+            samples = read_shard(self.urls[i])
+            names = [sample.name for sample in samples]
+            if len(set(names)) != len(names):
+                raise CLIError(f"{self.urls[i]} holds two samples of the same name: their codes could not be told "
+                               f"apart")
+            contents = {sample.name: sample.data for sample in samples}
+            stream = read_batches(args, list(batches(names, args.batch_size)), size, device, local_processes,
+                                  contents=contents)
+            yield i, names, [sample.label for sample in samples], stream
 
 
 def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
@@ -189,18 +239,16 @@ def _shard_done(out: str, i: int) -> bool:
     return all(os.path.isfile(os.path.join(out, shard_name(i) + ext)) for ext in (".npy", ".json"))
 
 
-def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int, paths: list[str],
+def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int, classes: list[str] | None,
                        augment: str) -> dict:
     images, skipped, index_shape, dtype = [], [], None, None
-    classes, labels = class_labels(paths)
-    label_of = dict(zip(paths, labels, strict=True))
     views = VIEWS[augment]
     for i in range(num_shards):
         listing = read_json(os.path.join(out, shard_name(i) + ".json"))
         array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
         index_shape, dtype = list(array.shape[1 if views == 1 else 2 :]), str(array.dtype)
-        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label_of[p]}
-                   for row, p in enumerate(listing["images"])]
+        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label}
+                   for row, (p, label) in enumerate(zip(listing["images"], listing["labels"], strict=True))]
         skipped += listing["skipped"]
     manifest = {
         "model": record["model"],
@@ -210,7 +258,8 @@ def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int
         "index_shape": index_shape,  # per view: the grid, then the codes per token of residual / grouped kinds
         "views": views,  # code grids per image (--augment); a shard row is (views, *index_shape) when above 1
         "augment": augment,
-        "classes": classes,  # ImageFolder's: each image's "label" indexes this list (-1: no class folder)
+        "classes": classes,  # ImageFolder's: each image's "label" indexes this list (-1: no class folder);
+        # null for tar shards, whose labels are their samples' cls ids
         "image_size": size,
         "dtype": dtype,
         "num_images": len(images),

@@ -1,0 +1,85 @@
+"""Webdataset tar shards: the way large image corpora ship (LAION / DataComp style), read with the `webdataset`
+package, and a converter that writes them from an image folder.
+
+A shard is a tar of samples; a sample is the files of one key: its image (`jpg`, `png`, `webp`, ...), and as our
+converter writes them, `path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class
+id). `--data` names shards as webdataset does: a brace pattern (`shards/{000000..000127}.tar`), a list separated
+by `::`, or any URL it opens (`pipe:`, `https://`, ...). Images keep their encoded bytes: nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+
+from .atomic import atomic_path
+from .data import class_labels, find_images
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+
+
+@dataclass
+class TarSample:
+    name: str  # path.txt, else the key with its image field's extension
+    data: bytes | None  # the encoded image; None when the sample has no image field
+    label: int  # cls, else -1
+
+
+def is_tar_source(data: str) -> bool:
+    """Whether --data names tar shards rather than an image folder."""
+    return data.startswith(REMOTE) or ".tar" in data
+
+
+def shard_urls(data: str) -> list[str]:
+    """The shards a spec names, in order; local ones must exist."""
+    from webdataset.shardlists import expand_urls
+
+    urls = [url for part in data.split("::") for url in expand_urls(part)]
+    missing = [url for url in urls if not url.startswith(REMOTE) and not os.path.isfile(url)]
+    if missing:
+        raise FileNotFoundError(f"tar shard(s) not found: {', '.join(missing[:3])}" +
+                                (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return urls
+
+
+def read_shard(url: str) -> list[TarSample]:
+    """Every sample of one shard, in the tar's order."""
+    import webdataset as wds
+
+    samples = []
+    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+        field = next((f for f in IMAGE_FIELDS if f in sample), None)
+        name = sample["path.txt"].decode() if "path.txt" in sample else f"{sample['__key__']}.{field or 'missing'}"
+        label = int(sample["cls"].decode()) if "cls" in sample else -1
+        samples.append(TarSample(name, sample[field] if field else None, label))
+    return samples
+
+
+def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
+    """The images under `folder` as tar shards OUT/000000.tar, ... of `shard_size` samples each (sorted paths, class
+    ids from the folder tree), each written atomically; returns their paths."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be positive, got {shard_size}")
+    paths = find_images(folder)
+    _, labels = class_labels(paths)
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for start in range(0, len(paths), shard_size):
+        target = os.path.join(out, f"{start // shard_size:06d}.tar")
+        with atomic_path(target) as tmp, tarfile.open(tmp, "w") as tar:
+            for index in range(start, min(start + shard_size, len(paths))):
+                path = paths[index]
+                with open(os.path.join(folder, path), "rb") as f:
+                    image = f.read()
+                extension = os.path.splitext(path)[1].lower().lstrip(".")
+                key = f"{index:09d}"  # a key with no dot: webdataset splits a member name at its first dot
+                for field, data in ((extension, image), ("path.txt", path.encode()),
+                                    ("cls", str(labels[index]).encode())):
+                    member = tarfile.TarInfo(f"{key}.{field}")
+                    member.size, member.mode = len(data), 0o644
+                    tar.addfile(member, io.BytesIO(data))
+        written.append(target)
+    return written
