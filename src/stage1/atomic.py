@@ -66,3 +66,11 @@ def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def write_npy(path: str | os.PathLike, array) -> None:
+    """A numpy array as a .npy file, written atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)

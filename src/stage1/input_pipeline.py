@@ -1,10 +1,10 @@
 """Image files -> batches of model-ready pixels, read, decoded and resized in worker processes while the model runs.
 
-The commands that pass over a folder (tokenize, evaluate, latent-stats, fit-codebook) read through `image_batches`:
-a DataLoader over the file names with `num_workers` processes, each image decoded and resized to the model's square
-(`prepare_image`, the same function a single-image command calls), batches kept in the order they were asked for,
-pinned for a non-blocking copy to the GPU. An unreadable file never stops a pass: it comes back in the batch's
-`skipped` list with the reason, and the batch holds the readable rest.
+The commands that pass over a folder or tar shards (tokenize, evaluate, latent-stats, fit-codebook) read through
+`image_batches`: a DataLoader over the file names (or a tar shard's samples) with `num_workers` processes, each
+image decoded and resized to the model's square (`prepare_image`, the same function a single-image command calls),
+batches kept in the order they were asked for, pinned for a non-blocking copy to the GPU. An unreadable file never
+stops a pass: it comes back in the batch's `skipped` list with the reason, and the batch holds the readable rest.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from .images import UnreadableImageError, adm_center_crop, read_image, resize_ce
 # preprocessing are never mixed with these on resume.
 PREPROCESSING = "decode (EXIF upright, RGB), shorter side bicubic antialiased (8-bit images as uint8), center crop"
 MAX_AUTO_WORKERS = 8  # decoding beyond this rarely keeps up with a GPU better; --num-workers says more
-
-
 CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (images.adm_center_crop)
 
 

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, write_json, write_npy
 
 FORMATS = ("shards", "llamagen", "jsonl", "memmap")
 
@@ -57,8 +57,8 @@ def export_tokens(fmt: str, tokens: str, manifest: dict) -> str:
         os.makedirs(code_dir, exist_ok=True)
         os.makedirs(label_dir, exist_ok=True)
         for i, (code, label) in enumerate(zip(codes, labels, strict=True)):
-            _save_npy(os.path.join(code_dir, f"{i}.npy"), flat_views(code, views, per_token)[None].astype(np.int64))
-            _save_npy(os.path.join(label_dir, f"{i}.npy"), np.array([label], dtype=np.int64))
+            write_npy(os.path.join(code_dir, f"{i}.npy"), flat_views(code, views, per_token)[None].astype(np.int64))
+            write_npy(os.path.join(label_dir, f"{i}.npy"), np.array([label], dtype=np.int64))
         return root
     if fmt == "jsonl":
         path = os.path.join(tokens, "tokens.jsonl")
@@ -75,12 +75,7 @@ def export_tokens(fmt: str, tokens: str, manifest: dict) -> str:
         array[...] = codes
         array.flush()
         del array
-    _save_npy(os.path.join(tokens, "labels.npy"), labels)
+    write_npy(os.path.join(tokens, "labels.npy"), labels)
     write_json(os.path.join(tokens, "codes_index.json"), {"images": [e["path"] for e in manifest["images"]],
                                                           "classes": manifest["classes"]})
     return path
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from functools import partial
 
 INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # what vqrae-tokenize's shards may be stored as
 
@@ -291,34 +292,12 @@ def launch(command: str, argv: list[str] | None = None) -> int:
         return 130
 
 
-# The console scripts (pyproject.toml).
-def vqrae_reconstruct() -> int:
-    return launch("reconstruct")
-
-
-def vqrae_tokenize() -> int:
-    return launch("tokenize")
-
-
-def vqrae_decode() -> int:
-    return launch("decode")
-
-
-def vqrae_evaluate() -> int:
-    return launch("evaluate")
-
-
-def vqrae_latent_stats() -> int:
-    return launch("latent_stats")
-
-
-def vqrae_fit_codebook() -> int:
-    return launch("fit_codebook")
-
-
-def vqrae_push() -> int:
-    return launch("push")
-
-
-def vqrae_make_shards() -> int:
-    return launch("make_shards")
+# The console scripts of pyproject.toml: vqrae-NAME is launch("NAME").
+vqrae_reconstruct = partial(launch, "reconstruct")
+vqrae_tokenize = partial(launch, "tokenize")
+vqrae_decode = partial(launch, "decode")
+vqrae_evaluate = partial(launch, "evaluate")
+vqrae_latent_stats = partial(launch, "latent_stats")
+vqrae_fit_codebook = partial(launch, "fit_codebook")
+vqrae_push = partial(launch, "push")
+vqrae_make_shards = partial(launch, "make_shards")

@@ -13,11 +13,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .. import distributed
-from ..atomic import atomic_path, read_json, write_json
+from ..atomic import read_json, write_json, write_npy
 from ..data import class_labels, find_images
 from ..input_pipeline import PREPROCESSING
 from ..precision import autocast
-from ..tar_shards import is_tar_source, read_shard, shard_urls
+from ..tar_shards import is_tar_source, shard_urls
 from ..token_exports import export_tokens
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -27,6 +27,7 @@ from .common import (
     load_model,
     model_image_size,
     read_batches,
+    tar_batches,
 )
 
 MANIFEST = "manifest.json"
@@ -135,8 +136,7 @@ def run(args) -> int:
         bar = tqdm(total=source.images_in(todo), desc="tokenize", unit="image", disable=not info.is_main)
         for i, names, labels, stream in source.shard_streams(todo, args, read_size, device, info.local_world_size):
             array, kept, skipped = tokenize_shard(model, stream, size, args, device)
-            with atomic_path(os.path.join(args.out, shard_name(i) + ".npy")) as tmp, open(tmp, "wb") as f:
-                np.save(f, array)
+            write_npy(os.path.join(args.out, shard_name(i) + ".npy"), array)
             label_of = dict(zip(names, labels, strict=True))
             # Written last: a shard counts as done only when its listing exists.
             write_json(os.path.join(args.out, shard_name(i) + ".json"),
@@ -204,15 +204,8 @@ class TarInput:
 
     def shard_streams(self, todo, args, size, device, local_processes):
         for i in todo:
-            samples = read_shard(self.urls[i])
-            names = [sample.name for sample in samples]
-            if len(set(names)) != len(names):
-                raise CLIError(f"{self.urls[i]} holds two samples of the same name: their codes could not be told "
-                               f"apart")
-            contents = {sample.name: sample.data for sample in samples}
-            stream = read_batches(args, list(batches(names, args.batch_size)), size, device, local_processes,
-                                  contents=contents)
-            yield i, names, [sample.label for sample in samples], stream
+            samples, stream = tar_batches(args, self.urls[i], size, device, local_processes)
+            yield i, [sample.name for sample in samples], [sample.label for sample in samples], stream
 
 
 def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
