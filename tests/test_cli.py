@@ -704,10 +704,10 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
 
 
 def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree, tmp_path, capsys):
-    """Issue 14: vqrae-make-shards keeps every image's bytes, path and class id; tokenize, evaluate and latent-stats
-    read the shards (a brace pattern, a :: list) to the folder's results: the same code shards byte for byte, the
-    same labels, scores and statistics; a resumed tokenize skips finished tars; a corrupt sample is skipped and
-    listed."""
+    """Issue 14: vqrae-make-shards keeps every image's bytes, path and class id; tokenize, evaluate, latent-stats and
+    fit-codebook read the shards (a brace pattern, a :: list) to the folder's results: the same code shards byte for
+    byte, the same labels, scores, statistics and fitted codebook; a resumed tokenize skips finished tars; a corrupt
+    sample is skipped and listed."""
     import tarfile
 
     from stage1.cli import make_shards
@@ -743,6 +743,11 @@ def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree
     assert a["psnr"] == b["psnr"] and a["num_images"] == b["num_images"] == 4
     sa, sb = (load_file(tmp_path / f"{out}.safetensors") for out in ("eval_folder", "eval_tars"))
     assert all(torch.equal(sa[k], sb[k]) for k in ("mean", "var"))
+    for data, out in ((class_tree, "fit_folder"), (spec, "fit_tars")):  # local tars, sampled by position
+        assert fit_codebook.main(["--model", model_dir, "--data", data, "--out", str(tmp_path / out),
+                                  "--tokens-per-image", "16", "--iters", "2"]) == 0
+    fitted = [load_file(tmp_path / out / "model.safetensors") for out in ("fit_folder", "fit_tars")]
+    assert torch.equal(fitted[0]["quantizer.embedding"], fitted[1]["quantizer.embedding"])
     broken = tmp_path / "broken.tar"
     with tarfile.open(broken, "w") as tar:
         for name, data in (("0.png", open(os.path.join(class_tree, "root.png"), "rb").read()),

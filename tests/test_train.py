@@ -296,7 +296,27 @@ def test_wandb_logging_mirrors_the_metrics_and_resumes_its_run(train_images, tmp
         run(train_images, tmp_path / "r2", "logger=wandb")
 
 
-def test_tar_shards_as_training_data_fail_at_start_naming_what_reads_them(train_images, tmp_path):
-    """Issue 14, part left: training reads an image folder; tar shards get one clear error before any work."""
-    with pytest.raises(ValueError, match="training does not stream tar shards yet"):
-        run(train_images, tmp_path / "r", f"data.path='{tmp_path}/shards/{{000000..000003}}.tar'")
+def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exactly(train_images, tmp_path):
+    """Issue 14: tar shards made from a folder train exactly as the folder does (the same samples in the same
+    order, so the same losses); interrupted and resumed on the tars, the losses are those of the whole run; a
+    stream (pipe:) is refused at start, with advice."""
+    from stage1.tar_shards import write_shards
+
+    write_shards(train_images, str(tmp_path / "shards"), shard_size=3)  # 8 images: 3 shards, the last of 2
+    spec = str(tmp_path / "shards" / "{000000..000002}.tar")
+
+    def train_on(data, results, *overrides):
+        return train(load_train_config(["experiment=tiny_test", f"data.path='{data}'", f"results_dir={results}",
+                                        "data.num_workers=2", *overrides]))
+
+    train_on(train_images, tmp_path / "folder")
+    train_on(spec, tmp_path / "tars", "train.stop_at=4")
+    train_on(spec, tmp_path / "tars")  # resume=auto from step 4
+    folder, tars = step_logs(tmp_path / "folder"), step_logs(tmp_path / "tars")
+    assert sorted(tars) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in LOSS_KEYS:
+            if key in folder[step]:
+                assert tars[step][key] == pytest.approx(folder[step][key], rel=1e-5, abs=1e-8), (step, key)
+    with pytest.raises(ValueError, match="is a stream, which cannot be read by position: copy the shards"):
+        train_on(f"pipe:cat {tmp_path / 'shards' / '000000.tar'}", tmp_path / "stream")

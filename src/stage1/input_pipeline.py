@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -69,7 +69,7 @@ class ImageFiles(Dataset):
     the bytes instead of files."""
 
     def __init__(self, root: str, names: Sequence[str], size: int, crop: str = "center",
-                 contents: dict[str, bytes | None] | None = None):
+                 contents: Mapping[str, bytes | None] | None = None):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         self.root, self.names, self.size, self.crop, self.contents = root, list(names), size, crop, contents
@@ -82,10 +82,10 @@ class ImageFiles(Dataset):
         try:
             if self.contents is None:
                 image = prepare_image(os.path.join(self.root, name), self.size, self.crop)[0]
-            elif self.contents[name] is None:
+            elif (data := self.contents[name]) is None:
                 raise UnreadableImageError(f"cannot read image '{name}': the sample has no image field")
             else:
-                image = prepare_image(name, self.size, self.crop, data=self.contents[name])[0]
+                image = prepare_image(name, self.size, self.crop, data=data)[0]
             return image, name, None
         except UnreadableImageError as err:
             return None, self.names[i], str(err)
@@ -109,7 +109,7 @@ def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBa
 
 def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_workers: int = 0,
                   pin_memory: bool = False, crop: str = "center",
-                  contents: dict[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
+                  contents: Mapping[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
     """One ImageBatch per chunk of file names under root (or of `contents`' names), in order. `num_workers` 0
     reads in this process."""
     if num_workers < 0:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .atomic import atomic_path
-from .data import class_labels, find_images
+from .data import ImageDataset, class_labels, find_images
+from .images import load_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -83,3 +85,68 @@ def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
                     tar.addfile(member, io.BytesIO(data))
         written.append(target)
     return written
+
+
+def index_shard(path: str) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of every sample's image bytes in a local tar, in the tar's order, from its headers
+    (the images themselves are not read)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            key, _, field = base.partition(".")  # webdataset's rule: a sample's files share the name before a dot
+            sample = samples.setdefault(os.path.join(folder, key), {})
+            if field == "path.txt":
+                sample["name"] = tar.extractfile(member).read().decode()
+            elif field.lower() in IMAGE_FIELDS and "image" not in sample:
+                sample["image"], sample["field"] = (member.offset_data, member.size), field
+    return [(sample.get("name", f"{key}.{sample['field']}"), *sample["image"])
+            for key, sample in samples.items() if "image" in sample]
+
+
+class TarIndex(Mapping):
+    """The images of local tar shards by name: name -> encoded bytes, read by position (pread: no shared file
+    position, so forked DataLoader workers may read one descriptor at once). Built from the tar headers."""
+
+    def __init__(self, urls: list[str]):
+        remote = [url for url in urls if url.startswith(REMOTE)]
+        if remote:
+            raise ValueError(f"{remote[0]} is a stream, which cannot be read by position: copy the shards to local "
+                             f"disk (the commands that stream, tokenize, evaluate and latent-stats, read it as it is)")
+        self.where = {}
+        for url in urls:
+            for name, offset, size in index_shard(url):
+                if name in self.where:
+                    raise ValueError(f"two samples are named {name} ({url} and {self.where[name][0]})")
+                self.where[name] = (url, offset, size)
+        self.names = list(self.where)
+        self._files: dict[str, int] = {}
+
+    def __getitem__(self, name: str) -> bytes:
+        url, offset, size = self.where[name]
+        if url not in self._files:
+            self._files[url] = os.open(url, os.O_RDONLY)
+        return os.pread(self._files[url], size, offset)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class TarImageDataset(ImageDataset):
+    """The training dataset over local tar shards (a TarIndex), so the sampler, exact resume, per-sample seeds and
+    skipping of unreadable images are the image folder's."""
+
+    def __init__(self, spec: str, transform, seed: int = 0):
+        self.root, self.transform, self.seed = spec, transform, seed
+        self.index = TarIndex(shard_urls(spec))
+        self.paths = self.index.names
+        if not self.paths:
+            raise ValueError(f"no images in the tar shards {spec}")
+
+    def load(self, index: int):
+        return load_image(io.BytesIO(self.index[self.paths[index]]))[0]

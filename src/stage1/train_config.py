@@ -15,7 +15,6 @@ from omegaconf.errors import MissingMandatoryValue
 from .losses import LossConfig
 from .model_config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
 from .precision import PRECISIONS
-from .tar_shards import is_tar_source
 from .train_log import LOGGERS
 
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
@@ -82,8 +81,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     need(t.sample_every is None or t.sample_every > 0, "train.sample_every", "> 0 or null")
     need(t.stop_at is None or 0 < t.stop_at <= t.steps, "train.stop_at", "in [1, train.steps] or null")
     need(cfg.data.num_workers >= 0, "data.num_workers", ">= 0")
-    need(not is_tar_source(str(cfg.data.path)), "data.path",
-         "an image folder (training does not stream tar shards yet; vqrae-tokenize, -evaluate and -latent-stats do)")
     need(cfg.codebook_fit.images >= 0, "codebook_fit.images", ">= 0")
     need(cfg.codebook_fit.tokens_per_image >= 1, "codebook_fit.tokens_per_image", ">= 1")
     need(cfg.codebook_fit.iters >= 0, "codebook_fit.iters", ">= 0")

@@ -37,6 +37,7 @@ from .losses import LossConfig, VQRAELoss
 from .model_config import VQRAEConfig
 from .precision import autocast, resolve_precision
 from .rae import load_rae_decoder
+from .tar_shards import TarImageDataset, is_tar_source
 from .tiny import write_stand_in_encoder
 from .train_checkpoint import (
     DISCRIMINATOR_NAME,
@@ -65,7 +66,8 @@ def train(cfg: DictConfig) -> dict:
     model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
     # Data first: a wrong folder fails in a second, before any model is loaded.
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
-    dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
+    dataset = (TarImageDataset if is_tar_source(str(cfg.data.path)) else ImageDataset)(cfg.data.path, transform,
+                                                                                       seed=cfg.seed)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
         if cfg.encoder.tiny is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
 
 def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch.device,
                  local_processes: int = 1, crop: str = "center",
-                 contents: dict[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
+                 contents: Mapping[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
     """The images of --data in these chunks of names, read by --num-workers processes (auto: default_workers).
     On the CPU the model then runs on the cores the readers leave it (measured on 2 cores: 0.8 of the pipeline's
     limit, against 0.6 when both ask for every core): torch's thread count is restored when the batches end."""

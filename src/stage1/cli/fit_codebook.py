@@ -11,7 +11,7 @@ from ..atomic import write_json
 from ..codebook_fit import fit_codebook
 from ..data import find_images
 from ..precision import autocast
-from ..tar_shards import is_tar_source
+from ..tar_shards import TarIndex, is_tar_source, shard_urls
 from .arguments import launch
 from .common import (
     CLIError,
@@ -32,10 +32,8 @@ def run(args) -> int:
         raise CLIError(f"--iters must be >= 0, got {args.iters}")
     if os.path.realpath(args.out) == os.path.realpath(args.model):
         raise CLIError("--out must differ from --model: the fitted model is written beside the original, never over it")
-    if is_tar_source(args.data):
-        raise CLIError("vqrae-fit-codebook draws a random sample of a folder's images; it does not read tar shards "
-                       "yet (tokenize, evaluate and latent-stats do): point --data at an image folder")
-    paths = find_images(args.data)
+    contents = TarIndex(shard_urls(args.data)) if is_tar_source(args.data) else None  # local tars, read by position
+    paths = contents.names if contents is not None else find_images(args.data)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed))[: args.images].tolist()
     info = distributed.setup(args.device)
     try:
@@ -46,7 +44,7 @@ def run(args) -> int:
 
         def images():
             for batch in read_batches(args, list(batches(mine, args.batch_size)), size, info.device,
-                                      info.local_world_size):
+                                      info.local_world_size, contents=contents):
                 skipped.extend(batch.skipped)
                 if batch.images is not None:
                     yield batch.images.to(info.device, non_blocking=True)
