@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -137,13 +138,37 @@ class TarIndex(Mapping):
         return len(self.names)
 
 
-class TarImageDataset(ImageDataset):
-    """The training dataset over local tar shards (a TarIndex), so the sampler, exact resume, per-sample seeds and
-    skipping of unreadable images are the image folder's."""
+def local_copies(urls: list[str], cache: str | None) -> list[str]:
+    """The shards as local files: streams (pipe:, https://, ...) copied once into `cache` (each atomically, so
+    processes that copy the same shard at once, or a copy cut short, leave no broken file), local files as they are."""
+    from webdataset.gopen import gopen
 
-    def __init__(self, spec: str, transform, seed: int = 0):
+    remote = [url for url in urls if url.startswith(REMOTE)]
+    if remote and cache is None:
+        raise ValueError(f"{remote[0]} is a stream, which cannot be read by position: set data.tar_cache to a local "
+                         f"folder to copy the shards into once, or copy them to local disk yourself (the commands "
+                         f"that stream, tokenize, evaluate and latent-stats, read it as it is)")
+    copies = []
+    for i, url in enumerate(urls):
+        if not url.startswith(REMOTE):
+            copies.append(url)
+            continue
+        os.makedirs(cache, exist_ok=True)
+        target = os.path.join(cache, f"{i:06d}-{os.path.basename(url.split()[-1]) or 'shard.tar'}")
+        if not os.path.isfile(target):
+            with atomic_path(target) as tmp, open(tmp, "wb") as f, gopen(url, "rb") as stream:
+                shutil.copyfileobj(stream, f, 1 << 20)
+        copies.append(target)
+    return copies
+
+
+class TarImageDataset(ImageDataset):
+    """The training dataset over tar shards (a TarIndex of local files, streams copied to `cache` first), so the
+    sampler, exact resume, per-sample seeds and skipping of unreadable images are the image folder's."""
+
+    def __init__(self, spec: str, transform, seed: int = 0, cache: str | None = None):
         self.root, self.transform, self.seed = spec, transform, seed
-        self.index = TarIndex(shard_urls(spec))
+        self.index = TarIndex(local_copies(shard_urls(spec), cache))
         self.paths = self.index.names
         if not self.paths:
             raise ValueError(f"no images in the tar shards {spec}")

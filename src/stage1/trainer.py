@@ -66,8 +66,10 @@ def train(cfg: DictConfig) -> dict:
     model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
     # Data first: a wrong folder fails in a second, before any model is loaded.
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
-    dataset = (TarImageDataset if is_tar_source(str(cfg.data.path)) else ImageDataset)(cfg.data.path, transform,
-                                                                                       seed=cfg.seed)
+    if is_tar_source(str(cfg.data.path)):
+        dataset = TarImageDataset(cfg.data.path, transform, seed=cfg.seed, cache=cfg.data.tar_cache)
+    else:
+        dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
         if cfg.encoder.tiny is not None:
