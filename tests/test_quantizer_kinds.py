@@ -141,6 +141,13 @@ def test_shards_and_metrics_carry_the_codebook_axis(dinov2_dir, train_images, tm
     assert manifest["grid_shape"] == [4, 4] and manifest["index_shape"] == [4, 4, 3]
     shard = np.load(tmp_path / "t" / "shard-00000.npy")
     assert shard.shape == (8, 4, 4, 3)
+    for fmt in ("llamagen", "jsonl", "memmap"):  # every export keeps the codes-per-token axis last
+        assert tokenize.main([*args, "--data", train_images, "--out", str(tmp_path / "t"), "--format", fmt]) == 0
+    first = np.load(tmp_path / "t" / "llamagen" / "imagenet32_codes" / "0.npy")
+    assert first.shape == (1, 1, 16, 3) and np.array_equal(first[0, 0], shard[0].reshape(16, 3))
+    line = json.loads((tmp_path / "t" / "tokens.jsonl").read_text().splitlines()[0])
+    assert line["tokens"] == shard[0].reshape(16, 3).tolist()
+    assert np.array_equal(np.load(tmp_path / "t" / "codes.npy", mmap_mode="r"), shard)
     assert decode.main(["--model", str(tmp_path / "m"), "--tokens", str(tmp_path / "t"),
                         "--out", str(tmp_path / "d")]) == 0
     assert len([f for _, _, fs in os.walk(tmp_path / "d") for f in fs]) == 8

@@ -299,7 +299,7 @@ def test_wandb_logging_mirrors_the_metrics_and_resumes_its_run(train_images, tmp
 def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exactly(train_images, tmp_path):
     """Issue 14: tar shards made from a folder train exactly as the folder does (the same samples in the same
     order, so the same losses); interrupted and resumed on the tars, the losses are those of the whole run; a
-    stream (pipe:) needs data.tar_cache, where it is copied once and then trains the same way."""
+    stream (pipe:) copied once to data.tar_cache trains the same way."""
     from stage1.tar_shards import write_shards
 
     write_shards(train_images, str(tmp_path / "shards"), shard_size=3)  # 8 images: 3 shards, the last of 2
@@ -319,10 +319,35 @@ def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exac
             if key in folder[step]:
                 assert tars[step][key] == pytest.approx(folder[step][key], rel=1e-5, abs=1e-8), (step, key)
     stream = f"pipe:cat {tmp_path / 'shards'}/{{000000..000002}}.tar"  # any URL webdataset opens
-    with pytest.raises(ValueError, match="is a stream, which cannot be read by position: set data.tar_cache"):
-        train_on(stream, tmp_path / "stream")
     train_on(stream, tmp_path / "stream", f"data.tar_cache={tmp_path / 'cache'}", "train.steps=3")
     assert sorted(os.listdir(tmp_path / "cache")) == ["000000-000000.tar", "000001-000001.tar", "000002-000002.tar"]
     streamed = step_logs(tmp_path / "stream")
     for step in (1, 2, 3):  # copied once, then read by position: the folder's samples again
         assert streamed[step]["recon_loss"] == pytest.approx(folder[step]["recon_loss"], rel=1e-5), step
+
+
+def test_a_streamed_training_resumes_exactly_where_it_stopped(train_images, tmp_path):
+    """Issue 14: tar shards streamed with no local copy (pipe:, data.tar_cache null) are dealt to the rank x worker
+    readers per epoch, each reader shuffling its shards; stopped at step 4 and resumed, the run logs the losses of
+    the uninterrupted one (2 workers, 8 steps of 4 images: the readers cross shard and epoch boundaries). Too few
+    shards for the readers is one clear error."""
+    from stage1.tar_shards import write_shards
+
+    write_shards(train_images, str(tmp_path / "shards"), shard_size=2)  # 8 images: 4 shards
+    stream = f"pipe:cat {tmp_path / 'shards'}/{{000000..000003}}.tar"
+
+    def train_on(results, *overrides):
+        return train(load_train_config(["experiment=tiny_test", f"data.path='{stream}'", f"results_dir={results}",
+                                        "data.num_workers=2", *overrides]))
+
+    train_on(tmp_path / "whole")
+    train_on(tmp_path / "split", "train.stop_at=4")
+    train_on(tmp_path / "split")
+    whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
+    assert sorted(split) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in LOSS_KEYS:
+            if key in whole[step]:
+                assert split[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-8), (step, key)
+    with pytest.raises(ValueError, match=r"4 tar shard\(s\) for 5 readers"):
+        train_on(tmp_path / "many", "data.num_workers=5")

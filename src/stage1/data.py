@@ -99,6 +99,20 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         return load_image(os.path.join(self.root, self.paths[index]))[0]
 
+    def first_images(self, count: int, transform) -> tuple[list[str], list[torch.Tensor]]:
+        """The first `count` readable images in listing order, under `transform`, and their names (the sample
+        grid's images); an unreadable one is skipped, as everywhere."""
+        names, images = [], []
+        for i in range(len(self)):
+            if len(images) == count:
+                break
+            try:
+                images.append(transform(self.load(i)))
+                names.append(self.paths[i])
+            except UnreadableImageError as err:
+                print(f"samples: skipping unreadable image {self.paths[i]}: {err}")
+        return names, images
+
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         skipped = 0

@@ -9,16 +9,21 @@ by `::`, or any URL it opens (`pipe:`, `https://`, ...). Images keep their encod
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
 import tarfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+from torch.utils.data import IterableDataset
+
 from .atomic import atomic_path
 from .data import ImageDataset, class_labels, find_images
-from .images import load_image
+from .images import UnreadableImageError, load_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -53,7 +58,8 @@ def read_shard(url: str) -> list[TarSample]:
     import webdataset as wds
 
     samples = []
-    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+    # No node or worker splitting of its own: the callers deal shards to ranks and workers themselves.
+    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
         field = next((f for f in IMAGE_FIELDS if f in sample), None)
         name = sample["path.txt"].decode() if "path.txt" in sample else f"{sample['__key__']}.{field or 'missing'}"
         label = int(sample["cls"].decode()) if "cls" in sample else -1
@@ -175,3 +181,94 @@ class TarImageDataset(ImageDataset):
 
     def load(self, index: int):
         return load_image(io.BytesIO(self.index[self.paths[index]]))[0]
+
+
+class TarStream(IterableDataset):
+    """Training samples streamed from tar shards that are not copied to local disk (a stream spec, data.tar_cache
+    null), in an order that is a pure function of (seed, epoch, rank, worker), so a resumed run goes on exactly
+    where it stopped. Each epoch shuffles the shards and deals them to the rank x worker readers; a reader shuffles
+    each of its shards in memory and yields its samples; DataLoader's batch i comes from worker i % W. Resuming at
+    the rank's batch b, worker w skips the samples of its batches before b (shards it has passed are read again,
+    not decoded: that is the cost of a stream). An unreadable sample is replaced by the next readable one of its
+    shard and counted, as the folder dataset does. `for_rank` gives the readers of one rank."""
+
+    def __init__(self, spec: str, transform, seed: int = 0):
+        self.spec, self.urls, self.transform, self.seed = spec, shard_urls(spec), transform, seed
+        self.rank, self.world, self.workers, self.batch_size, self.start, self.epochs = 0, 1, 1, 1, 0, None
+
+    def for_rank(self, rank: int, world: int, workers: int, batch_size: int, start_batches: int = 0,
+                 epochs: int | None = None) -> "TarStream":
+        """The readers of one rank, from its batch `start_batches` on, for `epochs` passes (None: endless)."""
+        other = copy.copy(self)
+        other.rank, other.world, other.workers = rank, world, max(1, workers)
+        other.batch_size, other.start, other.epochs = batch_size, start_batches, epochs
+        if len(self.urls) < world * other.workers:
+            raise ValueError(f"{len(self.urls)} tar shard(s) for {world * other.workers} readers (ranks x "
+                             f"data.num_workers): a streamed set needs at least one shard per reader")
+        return other
+
+    def with_transform(self, transform) -> "TarStream":
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def first_images(self, count: int, transform) -> tuple[list[str], list]:
+        """The first `count` readable images of the first shards, in their order (the sample grid's)."""
+        names, images = [], []
+        for url in self.urls:
+            for sample in read_shard(url):
+                if len(images) == count:
+                    return names, images
+                try:
+                    images.append(transform(load_image(io.BytesIO(sample.data or b""))[0]))
+                    names.append(sample.name)
+                except UnreadableImageError as err:
+                    print(f"samples: skipping unreadable image {sample.name}: {err}")
+        return names, images
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        readers, reader = self.world * self.workers, self.rank * self.workers + worker
+        skip = max(0, -(-(self.start - worker) // self.workers)) * self.batch_size  # ceil: this worker's batches
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(self.seed + epoch))
+            for shard in order[reader::readers].tolist():
+                samples = read_shard(self.urls[shard])
+                if not samples:
+                    raise ValueError(f"{self.urls[shard]} holds no samples")
+                if skip >= len(samples):
+                    skip -= len(samples)
+                    continue
+                shuffle = torch.Generator().manual_seed(hash((self.seed, epoch, shard)) & 0x7FFF_FFFF_FFFF_FFFF)
+                positions = torch.randperm(len(samples), generator=shuffle).tolist()
+                for at in range(skip, len(positions)):
+                    yield self._sample(samples, positions, at, epoch, shard)
+                skip = 0
+            epoch += 1
+
+    def _sample(self, samples: list[TarSample], positions: list[int], at: int, epoch: int, shard: int) -> dict:
+        for skipped in range(len(positions)):
+            sample = samples[positions[(at + skipped) % len(positions)]]
+            try:
+                image = load_image(io.BytesIO(sample.data or b""))[0]
+                break
+            except UnreadableImageError as err:
+                warnings.warn(f"skipping unreadable image {sample.name}: {err}", stacklevel=2)
+        else:
+            raise RuntimeError(f"no readable image in {self.urls[shard]}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, shard, positions[at])) & 0x7FFF_FFFF_FFFF_FFFF)
+            pixels = self.transform(image)
+        return {"image": pixels, "skipped": skipped}
+
+
+def training_dataset(path: str, transform, seed: int, cache: str | None):
+    """data.path's training images: an image folder, local tar shards read by position, streamed shards copied to
+    `cache` (data.tar_cache) and read by position, or, with no cache, streamed (TarStream)."""
+    if not is_tar_source(path):
+        return ImageDataset(path, transform, seed=seed)
+    if cache is None and any(url.startswith(REMOTE) for url in shard_urls(path)):
+        return TarStream(path, transform, seed=seed)
+    return TarImageDataset(path, transform, seed=seed, cache=cache)

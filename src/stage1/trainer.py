@@ -12,6 +12,7 @@ One optimizer step (Trainer._train_step):
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -32,12 +33,12 @@ from . import distributed
 from .atomic import atomic_path
 from .codebook_fit import fit_codebook
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
-from .images import UnreadableImageError, psnr, save_png
+from .images import psnr, save_png
 from .losses import LossConfig, VQRAELoss
 from .model_config import VQRAEConfig
 from .precision import autocast, resolve_precision
 from .rae import load_rae_decoder
-from .tar_shards import TarImageDataset, is_tar_source
+from .tar_shards import TarStream, training_dataset
 from .tiny import write_stand_in_encoder
 from .train_checkpoint import (
     DISCRIMINATOR_NAME,
@@ -66,10 +67,7 @@ def train(cfg: DictConfig) -> dict:
     model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
     # Data first: a wrong folder fails in a second, before any model is loaded.
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
-    if is_tar_source(str(cfg.data.path)):
-        dataset = TarImageDataset(cfg.data.path, transform, seed=cfg.seed, cache=cfg.data.tar_cache)
-    else:
-        dataset = ImageDataset(cfg.data.path, transform, seed=cfg.seed)
+    dataset = training_dataset(str(cfg.data.path), transform, cfg.seed, cfg.data.tar_cache)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
         if cfg.encoder.tiny is not None:
@@ -171,7 +169,12 @@ class Trainer:
         )
 
     def _build_loader(self) -> DataLoader:
-        t = self.cfg.train
+        t, workers = self.cfg.train, self.cfg.data.num_workers
+        if isinstance(self.dataset, TarStream):  # resume: the readers skip this rank's batches already taken
+            stream = self.dataset.for_rank(self.info.rank, self.info.world_size, workers, t.batch_size,
+                                           start_batches=self.step * t.grad_accum)
+            return DataLoader(stream, batch_size=t.batch_size, num_workers=workers,
+                              pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         start = self.step * t.batch_size * t.grad_accum  # resume: where the data stream stood
         return DataLoader(
             self.dataset,
@@ -295,11 +298,17 @@ class Trainer:
     def _fit_codebook(self) -> None:
         """Before step 0: k-means of latents from codebook_fit.images images (this rank's share) -> the codebook."""
         c, t, info = self.cfg.codebook_fit, self.cfg.train, self.info
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed))
-        mine = order[: c.images][info.rank :: info.world_size].tolist()
         center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
-        loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
-                            num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+        if isinstance(center, TarStream):  # a stream: the first images of this rank's readers, one pass at most
+            workers = self.cfg.data.num_workers
+            images = center.for_rank(info.rank, info.world_size, workers, t.batch_size, epochs=1)
+            batches = -(-c.images // (info.world_size * t.batch_size))
+            loader = itertools.islice(DataLoader(images, batch_size=t.batch_size, num_workers=workers), batches)
+        else:
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed))
+            mine = order[: c.images][info.rank :: info.world_size].tolist()
+            loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
+                                num_workers=self.cfg.data.num_workers, generator=torch.Generator())
         result = fit_codebook(
             self.model, (batch["image"].to(self.device) for batch in loader), c.tokens_per_image, c.iters,
             tokens_per_update=t.batch_size * info.world_size * self.model.grid_side(self.cfg.image_size) ** 2,
@@ -436,14 +445,7 @@ class Trainer:
     def _fixed_images(self) -> torch.Tensor:
         """The first num_samples readable images, center-cropped: the same ones in every sample grid."""
         center = build_transform(self.cfg.image_size, "center_crop", hflip=False)
-        images = []
-        for i in range(len(self.dataset)):
-            if len(images) == self.cfg.train.num_samples:
-                break
-            try:
-                images.append(center(self.dataset.load(i)))
-            except UnreadableImageError as err:  # skipped here as everywhere else
-                print(f"samples: skipping unreadable image {self.dataset.paths[i]}: {err}")
+        self.fixed_names, images = self.dataset.first_images(self.cfg.train.num_samples, center)
         return torch.stack(images).to(self.device)
 
     @property
@@ -484,7 +486,7 @@ class Trainer:
         scores = psnr(rec, images)
         path_name = "codes" if model.config.quantizer.kind != "none" else "latent"
         print(f"reconstructions of {len(images)} images by {final} ({path_name} -> pixels):")
-        for name, score in zip(self.dataset.paths[: len(images)], scores.tolist(), strict=True):
+        for name, score in zip(self.fixed_names, scores.tolist(), strict=True):
             print(f"  {name:32s} PSNR {score:6.2f} dB")
         print(f"  mean PSNR {scores.mean():.2f} dB")
         path = os.path.join(self.results_dir, "reconstructions.png")
