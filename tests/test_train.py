@@ -20,6 +20,16 @@ LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perpl
              "grad_norm", "lr", "g_loss", "adaptive_weight", "d_loss")
 
 
+def assert_same_losses(expected_dir, actual_dir, steps=range(1, 9)):
+    """Every step of `steps` logged once in actual_dir, each loss term equal to expected_dir's (fp32 rounding)."""
+    expected, actual = step_logs(expected_dir), step_logs(actual_dir)
+    assert sorted(actual) == list(steps)
+    for step in steps:
+        for key in LOSS_KEYS:
+            if key in expected[step]:
+                assert actual[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-8), (step, key)
+
+
 def test_training_writes_loadable_checkpoints_without_the_encoder(train_images, tmp_path):
     summary = run(train_images, tmp_path / "run")
     assert summary["step"] == 8
@@ -79,12 +89,7 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(train_images, 
     assert interrupted["step"] == 4 and "final" not in interrupted
     resumed = run(train_images, tmp_path / "split")  # resume=auto picks up checkpoints/step-0000004
     assert resumed["step"] == 8
-    whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
-    assert sorted(split) == list(range(1, 9))  # each step logged once
-    for step in range(1, 9):
-        for key in LOSS_KEYS:
-            if key in whole[step]:
-                assert split[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-8), (step, key)
+    assert_same_losses(tmp_path / "whole", tmp_path / "split")  # each step logged once, with the same losses
     a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     b = load_file(tmp_path / "split" / "final" / "model.safetensors")
     for key in a:
@@ -312,16 +317,11 @@ def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exac
     train_on(train_images, tmp_path / "folder")
     train_on(spec, tmp_path / "tars", "train.stop_at=4")
     train_on(spec, tmp_path / "tars")  # resume=auto from step 4
-    folder, tars = step_logs(tmp_path / "folder"), step_logs(tmp_path / "tars")
-    assert sorted(tars) == list(range(1, 9))
-    for step in range(1, 9):
-        for key in LOSS_KEYS:
-            if key in folder[step]:
-                assert tars[step][key] == pytest.approx(folder[step][key], rel=1e-5, abs=1e-8), (step, key)
+    assert_same_losses(tmp_path / "folder", tmp_path / "tars")
     stream = f"pipe:cat {tmp_path / 'shards'}/{{000000..000002}}.tar"  # any URL webdataset opens
     train_on(stream, tmp_path / "stream", f"data.tar_cache={tmp_path / 'cache'}", "train.steps=3")
     assert sorted(os.listdir(tmp_path / "cache")) == ["000000-000000.tar", "000001-000001.tar", "000002-000002.tar"]
-    streamed = step_logs(tmp_path / "stream")
+    folder, streamed = step_logs(tmp_path / "folder"), step_logs(tmp_path / "stream")
     for step in (1, 2, 3):  # copied once, then read by position: the folder's samples again
         assert streamed[step]["recon_loss"] == pytest.approx(folder[step]["recon_loss"], rel=1e-5), step
 
@@ -343,11 +343,6 @@ def test_a_streamed_training_resumes_exactly_where_it_stopped(train_images, tmp_
     train_on(tmp_path / "whole")
     train_on(tmp_path / "split", "train.stop_at=4")
     train_on(tmp_path / "split")
-    whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
-    assert sorted(split) == list(range(1, 9))
-    for step in range(1, 9):
-        for key in LOSS_KEYS:
-            if key in whole[step]:
-                assert split[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-8), (step, key)
+    assert_same_losses(tmp_path / "whole", tmp_path / "split")
     with pytest.raises(ValueError, match=r"4 tar shard\(s\) for 5 readers"):
         train_on(tmp_path / "many", "data.num_workers=5")
