@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -47,6 +48,21 @@ def class_labels(paths: list[str]) -> tuple[list[str], list[int]]:
     classes = sorted({f for f in folders if f is not None})
     index = {name: i for i, name in enumerate(classes)}
     return classes, [index[f] if f is not None else -1 for f in folders]
+
+
+def first_readable(candidates, count: int, transform) -> tuple[list[str], list[torch.Tensor]]:
+    """The names and transformed images of the first `count` of (name, load) candidates whose load() succeeds; an
+    unreadable image is skipped and said so, as everywhere."""
+    names, images = [], []
+    for name, load in candidates:
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(load()))
+            names.append(name)
+        except UnreadableImageError as err:
+            print(f"samples: skipping unreadable image {name}: {err}")
+    return names, images
 
 
 AUGMENTS = ("random_resized_crop", "resize_random_crop", "center_crop")
@@ -101,17 +117,8 @@ class ImageDataset(Dataset):
 
     def first_images(self, count: int, transform) -> tuple[list[str], list[torch.Tensor]]:
         """The first `count` readable images in listing order, under `transform`, and their names (the sample
-        grid's images); an unreadable one is skipped, as everywhere."""
-        names, images = [], []
-        for i in range(len(self)):
-            if len(images) == count:
-                break
-            try:
-                images.append(transform(self.load(i)))
-                names.append(self.paths[i])
-            except UnreadableImageError as err:
-                print(f"samples: skipping unreadable image {self.paths[i]}: {err}")
-        return names, images
+        grid's images)."""
+        return first_readable(((name, partial(self.load, i)) for i, name in enumerate(self.paths)), count, transform)
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)

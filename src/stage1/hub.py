@@ -15,7 +15,7 @@ import tempfile
 
 import yaml
 
-from .atomic import read_json
+from .atomic import atomic_path, read_json
 
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
@@ -88,13 +88,14 @@ def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None =
     if samples is not None:
         if not os.path.isfile(samples):
             raise FileNotFoundError(f"--samples {samples} does not exist")
-        shutil.copyfile(samples, os.path.join(folder, SAMPLES_NAME))
+        with atomic_path(os.path.join(folder, SAMPLES_NAME)) as tmp:
+            shutil.copyfile(samples, tmp)
     evaluation = read_json(results) if results is not None else None
     if evaluation is not None and not isinstance(evaluation, dict):
         raise ValueError(f"{results} is not a vqrae-evaluate results.json (expected a JSON object)")
     card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
                       SAMPLES_NAME if samples else None)
-    with open(os.path.join(folder, CARD_NAME), "w") as f:
+    with atomic_path(os.path.join(folder, CARD_NAME)) as tmp, open(tmp, "w") as f:
         f.write(card)
 
 

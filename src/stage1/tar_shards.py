@@ -17,12 +17,13 @@ import tarfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import IterableDataset
 
 from .atomic import atomic_path
-from .data import ImageDataset, class_labels, find_images
+from .data import ImageDataset, class_labels, find_images, first_readable
 from .images import UnreadableImageError, load_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
@@ -34,6 +35,11 @@ class TarSample:
     name: str  # path.txt, else the key with its image field's extension
     data: bytes | None  # the encoded image; None when the sample has no image field
     label: int  # cls, else -1
+
+
+def decode(data: bytes | None):
+    """A sample's encoded image -> (3, H, W) in [0, 1]; no image field or bad bytes: UnreadableImageError."""
+    return load_image(io.BytesIO(data or b""))[0]
 
 
 def is_tar_source(data: str) -> bool:
@@ -146,17 +152,13 @@ class TarIndex(Mapping):
 
 def local_copies(urls: list[str], cache: str | None) -> list[str]:
     """The shards as local files: streams (pipe:, https://, ...) copied once into `cache` (each atomically, so
-    processes that copy the same shard at once, or a copy cut short, leave no broken file), local files as they are."""
+    processes that copy the same shard at once, or a copy cut short, leave no broken file), local files as they are;
+    with no cache, the streams stay as they are (and TarIndex refuses them)."""
     from webdataset.gopen import gopen
 
-    remote = [url for url in urls if url.startswith(REMOTE)]
-    if remote and cache is None:
-        raise ValueError(f"{remote[0]} is a stream, which cannot be read by position: set data.tar_cache to a local "
-                         f"folder to copy the shards into once, or copy them to local disk yourself (the commands "
-                         f"that stream, tokenize, evaluate and latent-stats, read it as it is)")
     copies = []
     for i, url in enumerate(urls):
-        if not url.startswith(REMOTE):
+        if cache is None or not url.startswith(REMOTE):
             copies.append(url)
             continue
         os.makedirs(cache, exist_ok=True)
@@ -172,15 +174,15 @@ class TarImageDataset(ImageDataset):
     """The training dataset over tar shards (a TarIndex of local files, streams copied to `cache` first), so the
     sampler, exact resume, per-sample seeds and skipping of unreadable images are the image folder's."""
 
-    def __init__(self, spec: str, transform, seed: int = 0, cache: str | None = None):
+    def __init__(self, spec: str, transform, seed: int = 0, cache: str | None = None, urls: list[str] | None = None):
         self.root, self.transform, self.seed = spec, transform, seed
-        self.index = TarIndex(local_copies(shard_urls(spec), cache))
+        self.index = TarIndex(local_copies(urls if urls is not None else shard_urls(spec), cache))
         self.paths = self.index.names
         if not self.paths:
             raise ValueError(f"no images in the tar shards {spec}")
 
     def load(self, index: int):
-        return load_image(io.BytesIO(self.index[self.paths[index]]))[0]
+        return decode(self.index[self.paths[index]])
 
 
 class TarStream(IterableDataset):
@@ -192,8 +194,8 @@ class TarStream(IterableDataset):
     not decoded: that is the cost of a stream). An unreadable sample is replaced by the next readable one of its
     shard and counted, as the folder dataset does. `for_rank` gives the readers of one rank."""
 
-    def __init__(self, spec: str, transform, seed: int = 0):
-        self.spec, self.urls, self.transform, self.seed = spec, shard_urls(spec), transform, seed
+    def __init__(self, urls: list[str], transform, seed: int = 0):
+        self.urls, self.transform, self.seed = urls, transform, seed
         self.rank, self.world, self.workers, self.batch_size, self.start, self.epochs = 0, 1, 1, 1, 0, None
 
     def for_rank(self, rank: int, world: int, workers: int, batch_size: int, start_batches: int = 0,
@@ -214,17 +216,8 @@ class TarStream(IterableDataset):
 
     def first_images(self, count: int, transform) -> tuple[list[str], list]:
         """The first `count` readable images of the first shards, in their order (the sample grid's)."""
-        names, images = [], []
-        for url in self.urls:
-            for sample in read_shard(url):
-                if len(images) == count:
-                    return names, images
-                try:
-                    images.append(transform(load_image(io.BytesIO(sample.data or b""))[0]))
-                    names.append(sample.name)
-                except UnreadableImageError as err:
-                    print(f"samples: skipping unreadable image {sample.name}: {err}")
-        return names, images
+        samples = (sample for url in self.urls for sample in read_shard(url))  # read as far as needed
+        return first_readable(((s.name, partial(decode, s.data)) for s in samples), count, transform)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -252,7 +245,7 @@ class TarStream(IterableDataset):
         for skipped in range(len(positions)):
             sample = samples[positions[(at + skipped) % len(positions)]]
             try:
-                image = load_image(io.BytesIO(sample.data or b""))[0]
+                image = decode(sample.data)
                 break
             except UnreadableImageError as err:
                 warnings.warn(f"skipping unreadable image {sample.name}: {err}", stacklevel=2)
@@ -269,6 +262,7 @@ def training_dataset(path: str, transform, seed: int, cache: str | None):
     `cache` (data.tar_cache) and read by position, or, with no cache, streamed (TarStream)."""
     if not is_tar_source(path):
         return ImageDataset(path, transform, seed=seed)
-    if cache is None and any(url.startswith(REMOTE) for url in shard_urls(path)):
-        return TarStream(path, transform, seed=seed)
-    return TarImageDataset(path, transform, seed=seed, cache=cache)
+    urls = shard_urls(path)
+    if cache is None and any(url.startswith(REMOTE) for url in urls):
+        return TarStream(urls, transform, seed=seed)
+    return TarImageDataset(path, transform, seed=seed, cache=cache, urls=urls)

@@ -35,8 +35,6 @@ VIEWS = {"none": 1, "flip": 2, "ten-crop": 10}  # code grids per image for each 
 RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
 
 
-
-
 def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
     """The requested index type (checked to hold codebook_size codes), or the smallest unsigned one that does."""
     candidates = INDEX_DTYPES if requested == "auto" else (requested,)
@@ -49,7 +47,6 @@ def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
-
 
 
 def codes_fingerprint(model) -> str:
