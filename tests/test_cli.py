@@ -511,6 +511,40 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
                 assert not torch.equal(fast, exact)  # the uint8 kernel really ran
 
 
+def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path):
+    """Issue 13: JPEGs are decoded by torchvision (libjpeg-turbo, no PIL copies); every kind gives Pillow's own pixels
+    exactly, each EXIF orientation turns them as ImageOps.exif_transpose does (and the note says so only then), and
+    a truncated one is an UnreadableImageError with a clean reason."""
+    from PIL import ImageOps
+
+    from stage1.images import UnreadableImageError, read_image
+
+    photo = Image.open(os.path.join(os.path.dirname(__file__), "..", "assets", sorted(
+        n for n in os.listdir(os.path.join(os.path.dirname(__file__), "..", "assets")) if n.endswith(".jpg"))[0]))
+    photo = photo.convert("RGB").crop((0, 0, 96, 64))
+    kinds = {"420": dict(quality=90), "progressive": dict(quality=75, progressive=True), "444": dict(subsampling=0)}
+    for name, options in kinds.items():
+        photo.save(tmp_path / f"{name}.jpg", **options)
+    photo.convert("L").save(tmp_path / "grey.jpg")
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.save(tmp_path / f"turned{orientation}.jpg", exif=exif)
+    for path in sorted(tmp_path.iterdir()):
+        pixels, note = read_image(str(path))
+        with Image.open(path) as image:
+            expected = torch.from_numpy(np.asarray(ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
+        assert pixels.dtype == torch.uint8 and torch.equal(pixels, expected), path.name
+        turned = path.stem.startswith("turned") and path.stem != "turned1"
+        assert ("turned upright" in note) == turned and (f"EXIF orientation {path.stem[-1]}" in note) == turned, note
+        assert note.startswith(("L" if path.stem == "grey" else "RGB") + f" {pixels.shape[2]}x{pixels.shape[1]}")
+    assert read_image(str(tmp_path / "turned6.jpg"))[0].shape == (3, 96, 64)  # stored 96 x 64, seen upright
+    whole = (tmp_path / "420.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a whole header, half the scan
+    with pytest.raises(UnreadableImageError, match="^OSError: Image is incomplete or truncated$"):
+        read_image(str(tmp_path / "cut.jpg"))
+
+
 def test_compile_flag_gives_the_same_codes_and_attention_runs_on_sdpa(model_dir, image_dir, tmp_path, monkeypatch):
     """Issue 13: --compile (dynamo with the eager backend here) writes the same shards; the encoder attends with
     transformers' sdpa implementation and the decoder's blocks with torch's fused attention."""

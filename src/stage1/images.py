@@ -3,9 +3,13 @@ RGB out; PNG out through a crash-safe write."""
 
 from __future__ import annotations
 
+import io
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.utils import save_image
 
@@ -13,6 +17,8 @@ from .atomic import atomic_path
 
 # Full-scale value of high-bit-depth integer modes.
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+_ORIENTATION = 0x0112  # the EXIF tag
+_TURNS = range(2, 9)  # the orientations that move pixels (1 is upright), as ImageOps.exif_transpose reads them
 
 
 class UnreadableImageError(ValueError):
@@ -38,13 +44,26 @@ def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
     return v2.functional.to_dtype(pixels, torch.float32, scale=True) if pixels.dtype == torch.uint8 else pixels
 
 
-def _decode(path: str) -> tuple[torch.Tensor, str]:
-    with Image.open(path) as original:
-        original.load()
+def _decode(source) -> tuple[torch.Tensor, str]:
+    data = _read_bytes(source)
+    with Image.open(io.BytesIO(data)) as image:  # the header only: format, mode, size, EXIF; size-bomb checked
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            # Most images: libjpeg-turbo through torchvision, the same pixels as Pillow's decode (tested) without
+            # its three copies (PIL image, numpy array, tensor). 1.3x faster here.
+            orientation = image.getexif().get(_ORIENTATION, 1)
+            try:
+                pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                     apply_exif_orientation=True)
+            except RuntimeError as err:  # "decode_jpeg, <its source file>:<line>, <what is wrong>"
+                raise OSError(str(err).rsplit(", ", 1)[-1]) from err
+            note = f"{image.mode} {pixels.shape[2]}x{pixels.shape[1]}" + ("" if image.mode == "RGB" else " -> RGB")
+            return pixels, note + _turned(orientation)
+        image.load()
         # A camera's EXIF orientation: the pixels as the photo is meant to be seen, as every viewer shows them.
-        image = ImageOps.exif_transpose(original)
-        turned = "" if image is original else f", turned upright (EXIF orientation {original.getexif().get(0x0112)})"
-        mode, size = image.mode, image.size
+        orientation = image.getexif().get(_ORIENTATION, 1)
+        if orientation in _TURNS:
+            ImageOps.exif_transpose(image, in_place=True)
+        mode, size, turned = image.mode, image.size, _turned(orientation)
         if mode in _HIGH_BIT_MODES or mode == "F":
             # 16/32-bit grey: scale by the format's full range (PIL's RGB conversion would clip it to 8 bits).
             array = np.asarray(image, dtype=np.float64)
@@ -61,9 +80,21 @@ def _decode(path: str) -> tuple[torch.Tensor, str]:
             rgb = Image.alpha_composite(background, rgba).convert("RGB")
             note = f"{mode} {size[0]}x{size[1]} -> RGB (alpha composited on white)"
         else:
-            rgb = image.convert("RGB")
+            rgb = image if mode == "RGB" else image.convert("RGB")
             note = f"{mode} {size[0]}x{size[1]}" + ("" if mode == "RGB" else " -> RGB")
-    return v2.functional.pil_to_tensor(rgb), note + turned
+        return v2.functional.pil_to_tensor(rgb), note + turned
+
+
+def _read_bytes(source) -> bytearray:
+    """A path's or a binary file object's bytes, writable (torch wraps them without a copy)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as file:
+            return bytearray(file.read())
+    return bytearray(source.read())
+
+
+def _turned(orientation) -> str:
+    return f", turned upright (EXIF orientation {orientation})" if orientation in _TURNS else ""
 
 
 def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
