@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -451,10 +452,10 @@ def test_offline_lpips_says_why_without_trying_a_download(tmp_path, monkeypatch,
     assert "Downloading" not in capfd.readouterr().err
 
 
-def test_worker_processes_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys):
-    """Issue 13: images read by worker processes come in the same batches and order as read in-process (an
-    unreadable file skipped and listed alike), tokenize writes the same bytes with any worker count, and a run
-    resumed with another worker count finishes to those bytes too."""
+def test_workers_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys):
+    """Issue 13: images read by worker processes or threads come in the same batches and order, with the same step
+    outputs, as read in-process (an unreadable file skipped and listed alike); tokenize writes the same bytes with any
+    worker count, and a run resumed with another worker count finishes to those bytes too."""
     from stage1.data import find_images
     from stage1.input_pipeline import image_batches
 
@@ -463,12 +464,20 @@ def test_worker_processes_change_nothing_but_speed(model_dir, image_dir, tmp_pat
     (data / "nested" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     names = find_images(str(data))
     chunks = [names[i : i + 2] for i in range(0, len(names), 2)]
-    serial = list(image_batches(str(data), chunks, SIZE, num_workers=0))
-    parallel = list(image_batches(str(data), chunks, SIZE, num_workers=3))
-    assert [b.names for b in serial] == [b.names for b in parallel] == [[n for n in c if "broken" not in n]
-                                                                        for c in chunks]
-    assert [b.skipped for b in serial] == [b.skipped for b in parallel] != [[]] * len(chunks)
-    assert all(torch.equal(a.images, b.images) for a, b in zip(serial, parallel, strict=True))
+
+    def step(images):  # threads finish out of order: the slowest batch first
+        time.sleep(0.05 * (images.sum().item() % 3))
+        return images.mean(dim=(1, 2, 3))
+
+    serial = list(image_batches(str(data), chunks, SIZE, num_workers=0, step=step))
+    for readers in ("processes", "threads"):
+        parallel = list(image_batches(str(data), chunks, SIZE, num_workers=3, step=step, readers=readers))
+        assert [b.names for b in serial] == [b.names for b in parallel] == [[n for n in c if "broken" not in n]
+                                                                            for c in chunks]
+        assert [b.skipped for b in serial] == [b.skipped for b in parallel] != [[]] * len(chunks)
+        for a, b in zip(serial, parallel, strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(a.output, b.output), readers
+            assert torch.equal(b.output, b.images.mean(dim=(1, 2, 3)))
 
     def tokenize_with(workers, out):
         argv = ["--model", model_dir, "--data", str(data), "--out", str(out), "--shard-size", "2",
@@ -489,7 +498,39 @@ def test_worker_processes_change_nothing_but_speed(model_dir, image_dir, tmp_pat
     with pytest.raises(SystemExit):  # a usage error, before any work
         tokenize.main(["--model", model_dir, "--data", str(data), "--out", str(tmp_path / "x"),
                        "--num-workers", "-1"])
-    assert "expected 'auto' or a number of processes >= 0" in capsys.readouterr().err
+    assert "expected 'auto' or a number of workers >= 0" in capsys.readouterr().err
+
+
+def test_cpu_threads_run_each_step_on_one_core_and_give_the_cores_back(image_dir):
+    """Issue 13: on the CPU each reader thread runs its batch's step with one intra-op thread; torch's thread count
+    comes back when the batches end, when the consumer stops early, and when a step fails (its error reaching the
+    consumer)."""
+    from stage1.data import find_images
+    from stage1.input_pipeline import image_batches
+
+    names = find_images(image_dir)
+    chunks = [names[i : i + 1] for i in range(len(names))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        batches = list(image_batches(image_dir, chunks, SIZE, num_workers=2, step=lambda x: seen.append(
+            torch.get_num_threads())))
+        assert len(batches) == len(chunks) and seen == [1] * len(chunks) and torch.get_num_threads() == 2
+        stream = image_batches(image_dir, chunks, SIZE, num_workers=2, step=lambda x: x.sum())
+        next(stream)
+        assert torch.get_num_threads() == 1
+        stream.close()  # stopped after one batch
+        assert torch.get_num_threads() == 2
+
+        def failing(images):
+            raise RuntimeError("out of memory, say")
+
+        with pytest.raises(RuntimeError, match="out of memory, say"):
+            list(image_batches(image_dir, chunks, SIZE, num_workers=2, step=failing))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resize():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import run_training, smooth_images, tiny_vqrae, train_metrics
 
-from stage1.codebook_fit import fit_codebook
+from stage1.codebook_fit import encode_batches, fit_codebook
 from stage1.kmeans import assign
 
 
@@ -15,7 +15,8 @@ def image_batches(count=6, size=4, seed=0):
 def test_the_fit_becomes_the_codebook_and_its_ema_state(dinov2_dir):
     torch.manual_seed(0)
     model = tiny_vqrae(dinov2_dir, num_embeddings=32)
-    fit = fit_codebook(model, image_batches(), tokens_per_image=8, iters=10, tokens_per_update=100, seed=1)
+    fit = fit_codebook(model, encode_batches(model, image_batches()), tokens_per_image=8, iters=10,
+                       tokens_per_update=100, seed=1)
     q, (result,) = model.quantizer, fit.results
     assert bool(q.initialized) and torch.equal(q.embedding, result.centroids)
     # Cluster sizes in hits per update: the fit's shares of tokens_per_update, sums to match.
@@ -35,7 +36,8 @@ def test_the_fit_becomes_the_codebook_and_its_ema_state(dinov2_dir):
 def test_many_images_fit_held_out_latents_better_than_one_batch(dinov2_dir):
     torch.manual_seed(0)
     fitted = tiny_vqrae(dinov2_dir, num_embeddings=32)
-    fit_codebook(fitted, image_batches(count=12), tokens_per_image=16, iters=20, tokens_per_update=64)
+    fit_codebook(fitted, encode_batches(fitted, image_batches(count=12)), tokens_per_image=16, iters=20,
+                 tokens_per_update=64)
     torch.manual_seed(0)
     first_batch = tiny_vqrae(dinov2_dir, num_embeddings=32, kmeans_init=True).train()
     first_batch(smooth_images(4, seed=0), return_loss=True)  # k-means on one batch of 4 images (64 tokens)
@@ -48,7 +50,8 @@ def test_many_images_fit_held_out_latents_better_than_one_batch(dinov2_dir):
 def test_too_few_tokens_for_the_codebook_is_a_clear_error(dinov2_dir):
     model = tiny_vqrae(dinov2_dir, num_embeddings=64)
     with pytest.raises(ValueError, match="sampled 8 tokens for 64 codes: raise codebook_fit.images"):
-        fit_codebook(model, image_batches(count=1, size=1), tokens_per_image=8, iters=2, tokens_per_update=16)
+        fit_codebook(model, encode_batches(model, image_batches(count=1, size=1)), tokens_per_image=8, iters=2,
+                     tokens_per_update=16)
 
 
 def test_training_fits_the_codebook_before_step_zero(train_images, tmp_path):
@@ -71,7 +74,8 @@ def test_every_kind_fits_each_of_its_codebooks(dinov2_dir, kind):
     base = tiny_vqrae(dinov2_dir, num_embeddings=16)
     model = VQRAE(base.config.__class__.from_dict({**base.config.to_dict(),
                                                    "quantizer": {**base.config.quantizer.to_dict(), **kind}}))
-    fit = fit_codebook(model, image_batches(), tokens_per_image=16, iters=10, tokens_per_update=64)
+    fit = fit_codebook(model, encode_batches(model, image_batches()), tokens_per_image=16, iters=10,
+                       tokens_per_update=64)
     levels = model.quantizer.levels
     assert len(fit.results) == len(levels) and all(bool(level.initialized) for level in levels)
     for level, result in zip(levels, fit.results, strict=True):

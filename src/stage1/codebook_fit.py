@@ -7,8 +7,9 @@ random tokens of each, and runs stage1.kmeans.fit_kmeans over all of them on eve
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -17,16 +18,19 @@ from .distributed import all_reduce_sum
 from .kmeans import KMeansResult
 
 
-@torch.no_grad()
-def sample_latents(model, batches: Iterable[torch.Tensor], tokens_per_image: int, generator: torch.Generator,
-                   precision_context=None, show_progress: bool = True) -> torch.Tensor:
-    """Up to `tokens_per_image` random latent tokens of each image, as the quantizer sees them (normalised)."""
-    from contextlib import nullcontext
+def encode_batches(model, batches: Iterable[torch.Tensor], precision_context=None) -> Iterator[torch.Tensor]:
+    """Each batch of images as its (B, N, D) latent tokens, as the quantizer sees them (normalised)."""
+    for images in batches:
+        with torch.no_grad(), precision_context or nullcontext():
+            yield model.encode_tokens(images)[0]
 
+
+@torch.no_grad()
+def sample_latents(token_batches: Iterable[torch.Tensor], tokens_per_image: int, generator: torch.Generator,
+                   show_progress: bool = True) -> torch.Tensor:
+    """Up to `tokens_per_image` random tokens of each image's (N, D) latents."""
     rows = []
-    for images in tqdm(batches, desc="latents for the codebook fit", unit="batch", disable=not show_progress):
-        with precision_context or nullcontext():
-            tokens, _ = model.encode_tokens(images)
+    for tokens in tqdm(token_batches, desc="latents for the codebook fit", unit="batch", disable=not show_progress):
         take = min(tokens_per_image, tokens.shape[1])
         picks = torch.rand(tokens.shape[:2], generator=generator).argsort(dim=1)[:, :take].to(tokens.device)
         rows.append(tokens.float().gather(1, picks.unsqueeze(-1).expand(-1, -1, tokens.shape[2])).flatten(0, 1))
@@ -60,17 +64,18 @@ def quantizer_distortion(quantizer, latents: torch.Tensor, rows: int = 65536) ->
     return float(spent / count)
 
 
-def fit_codebook(model, batches: Iterable[torch.Tensor], tokens_per_image: int, iters: int, tokens_per_update: int,
-                 seed: int = 0, precision_context=None, show_progress: bool = True) -> CodebookFit:
+def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image: int, iters: int,
+                 tokens_per_update: int, seed: int = 0, show_progress: bool = True) -> CodebookFit:
     """Fit model.quantizer's codebooks by k-means of sampled latents (all ranks together; residual levels on what
     the levels before them leave, groups on their channels) and start the EMA there, with cluster sizes in hits
     per update (`tokens_per_update`: tokens one training forward quantizes, summed over ranks), so the EMA goes on
-    from the fit as if it had been running on this distribution."""
+    from the fit as if it had been running on this distribution. `token_batches`: (B, N, D) latents of images
+    (encode_batches), drawn in eval mode when they are encoded as they are drawn."""
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        latents = sample_latents(model, batches, tokens_per_image, generator, precision_context, show_progress)
+        latents = sample_latents(token_batches, tokens_per_image, generator, show_progress)
     finally:
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)

@@ -1,18 +1,22 @@
-"""Image files -> batches of model-ready pixels, read, decoded and resized in worker processes while the model runs.
+"""Image files -> batches of model-ready pixels (and the model's work on them), read, decoded and resized while
+the model runs.
 
 The commands that pass over a folder or tar shards (tokenize, evaluate, latent-stats, fit-codebook) read through
-`image_batches`: a DataLoader over the file names (or a tar shard's samples) with `num_workers` processes, each
-image decoded and resized to the model's square (`prepare_image`, the same function a single-image command calls),
-batches kept in the order they were asked for, pinned for a non-blocking copy to the GPU. An unreadable file never
-stops a pass: it comes back in the batch's `skipped` list with the reason, and the batch holds the readable rest.
+`image_batches`: each image decoded and resized to the model's square (`prepare_image`, the same function a
+single-image command calls), batches kept in the order they were asked for. Beside a GPU, DataLoader worker
+processes read into pinned memory for a non-blocking copy; on the CPU, threads read and run the model on one core
+each. An unreadable file never stops a pass: it comes back in the batch's `skipped` list with the reason, and the
+batch holds the readable rest.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +27,7 @@ from .images import UnreadableImageError, adm_center_crop, read_image, resize_ce
 # preprocessing are never mixed with these on resume.
 PREPROCESSING = "decode (EXIF upright, RGB), shorter side bicubic antialiased (8-bit images as uint8), center crop"
 MAX_AUTO_WORKERS = 8  # decoding beyond this rarely keeps up with a GPU better; --num-workers says more
+READERS = ("auto", "processes", "threads")  # image_batches' readers
 CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (images.adm_center_crop)
 
 
@@ -46,10 +51,12 @@ def cores_per_process(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def default_workers(local_processes: int = 1) -> int:
-    """Worker processes per command process: its cores less one for itself (it runs the model), at least one and at
-    most MAX_AUTO_WORKERS."""
-    return max(1, min(MAX_AUTO_WORKERS, cores_per_process(local_processes) - 1))
+def default_workers(device: torch.device, local_processes: int = 1) -> int:
+    """--num-workers auto. Beside a GPU: reader processes, the cores per process less one for this one (it drives
+    the GPU), at least one and at most MAX_AUTO_WORKERS. On the CPU: a thread per core, each reading and running
+    the model (image_batches)."""
+    cores = cores_per_process(local_processes)
+    return cores if device.type == "cpu" else max(1, min(MAX_AUTO_WORKERS, cores - 1))
 
 
 @dataclass
@@ -57,6 +64,7 @@ class ImageBatch:
     images: torch.Tensor | None  # (B, 3, size, size) of the readable files, None if none was
     names: list[str]  # the readable files, in the order asked for
     skipped: list[dict]  # {"path", "reason"} of each unreadable one
+    output: Any = None  # what image_batches' `step` made of the images
 
     def pin_memory(self) -> "ImageBatch":  # the DataLoader's pin_memory=True calls this in its pinning thread
         if self.images is not None:
@@ -108,19 +116,66 @@ def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBa
 
 
 def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_workers: int = 0,
-                  pin_memory: bool = False, crop: str = "center",
-                  contents: Mapping[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
-    """One ImageBatch per chunk of file names under root (or of `contents`' names), in order. `num_workers` 0
-    reads in this process."""
+                  device: torch.device | str = "cpu", step: Callable[[torch.Tensor], Any] | None = None,
+                  crop: str = "center", contents: Mapping[str, bytes | None] | None = None,
+                  readers: str = "auto") -> Iterator[ImageBatch]:
+    """One ImageBatch per chunk of file names under root (or of `contents`' names), in order, its images on `device`
+    and, with `step`, `batch.output = step(batch.images)` (a pure function of the batch: the model's work on it).
+    `readers` "processes" (auto beside a GPU): `num_workers` processes read while this one runs the steps.
+    "threads" (auto on the CPU, where reading and the model share the cores): `num_workers` threads each read a
+    batch and run its step, every one on a single core. 0 workers do everything here, one batch after the other."""
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
-    starts = [0]
+    if readers not in READERS:
+        raise ValueError(f"readers must be one of {READERS}, got {readers!r}")
+    device = torch.device(device)
+    files = ImageFiles(root, [name for chunk in chunks for name in chunk], size, crop, contents)
+    spans, start = [], 0
     for chunk in chunks:
-        starts.append(starts[-1] + len(chunk))
-    loader = DataLoader(
-        ImageFiles(root, [name for chunk in chunks for name in chunk], size, crop, contents),
-        batch_sampler=[range(a, b) for a, b in zip(starts, starts[1:], strict=False)],
-        num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None,  # batches ready ahead of the model, per worker
-    )
-    return iter(loader)
+        spans.append(range(start, start + len(chunk)))
+        start += len(chunk)
+    if num_workers and (readers == "threads" or (readers == "auto" and device.type == "cpu")):
+        return _in_threads(files, spans, num_workers, device, step)
+    return _in_processes(files, spans, num_workers, device, step)
+
+
+def _in_processes(files: ImageFiles, spans: list[range], num_workers: int, device: torch.device,
+                  step) -> Iterator[ImageBatch]:
+    loader = DataLoader(files, batch_sampler=spans, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda",  # for the non-blocking copy below
+                        prefetch_factor=4 if num_workers else None)  # batches ready ahead of the model, per worker
+    for batch in loader:
+        if batch.images is not None:
+            batch.images = batch.images.to(device, non_blocking=True)
+            batch.output = None if step is None else step(batch.images)
+        yield batch
+
+
+def _in_threads(files: ImageFiles, spans: list[range], threads: int, device: torch.device,
+                step) -> Iterator[ImageBatch]:
+    """Each batch read and stepped by one of `threads` threads, every op on one core (torch's intra-op threads at 1
+    until the batches end), so each core does a whole batch's work. Reader processes beside a multi-threaded model
+    stall its OpenMP team whenever one takes a core (0.67 of the pipeline's limit on 2 cores, against 0.9 and more
+    this way: benchmarks/README.md). Decoding (libjpeg-turbo, PIL) and torch ops release the GIL."""
+
+    def job(span: range) -> ImageBatch:
+        batch = collate([files[i] for i in span])
+        if batch.images is not None:
+            batch.images = batch.images.to(device)
+            batch.output = None if step is None else step(batch.images)
+        return batch
+
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="vqrae-batch")
+    try:
+        ahead = deque()  # batches submitted, in order; two per thread keep every thread fed
+        for span in spans:
+            ahead.append(pool.submit(job, span))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(intra_op)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path
-from .codebook_fit import fit_codebook
+from .codebook_fit import encode_batches, fit_codebook
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
 from .images import psnr, save_png
 from .losses import LossConfig, VQRAELoss
@@ -309,11 +309,12 @@ class Trainer:
             mine = order[: c.images][info.rank :: info.world_size].tolist()
             loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
                                 num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+        images = (batch["image"].to(self.device) for batch in loader)
         result = fit_codebook(
-            self.model, (batch["image"].to(self.device) for batch in loader), c.tokens_per_image, c.iters,
+            self.model, encode_batches(self.model, images, autocast(self.device, self.precision)),
+            c.tokens_per_image, c.iters,
             tokens_per_update=t.batch_size * info.world_size * self.model.grid_side(self.cfg.image_size) ** 2,
-            seed=self.cfg.seed,
-            precision_context=autocast(self.device, self.precision), show_progress=info.is_main,
+            seed=self.cfg.seed, show_progress=info.is_main,
         )
         summary = {"codebook_fit": True, "tokens": result.tokens, "distortion": result.distortion,
                    "codes_used": result.codes_used, "reseeded": result.reseeded}

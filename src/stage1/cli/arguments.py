@@ -33,15 +33,16 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> N
 def worker_count(value: str) -> str | int:
     if value == "auto" or (value.isdigit() and int(value) >= 0):
         return value if value == "auto" else int(value)
-    raise argparse.ArgumentTypeError(f"expected 'auto' or a number of processes >= 0, got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {value!r}")
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="folder of images (searched recursively), or webdataset tar "
                                                       "shards: 'shards/{000000..000099}.tar', a :: list, a URL")
     parser.add_argument("--num-workers", default="auto", type=worker_count,
-                        help="processes that read, decode and resize images while the model runs (0: this one; "
-                             "auto: the cores per process less one, at most 8)")
+                        help="workers that read, decode and resize images: beside a GPU, processes (auto: the cores "
+                             "per process less one, at most 8); on the CPU, threads that each run the model on what "
+                             "they read, one core each (auto: one per core); 0: this process, one batch at a time")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

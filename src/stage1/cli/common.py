@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..data import find_images
 from ..images import UnreadableImageError
-from ..input_pipeline import ImageBatch, cores_per_process, default_workers, image_batches, prepare_image
+from ..input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
 from ..tar_shards import TarSample, is_tar_source, read_shard, shard_urls
 from ..vqrae import VQRAE
 from .arguments import CLIError
@@ -55,24 +55,16 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
 
 
 def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch.device,
-                 local_processes: int = 1, crop: str = "center",
-                 contents: Mapping[str, bytes | None] | None = None) -> Iterator[ImageBatch]:
-    """The images of --data in these chunks of names, read by --num-workers processes (auto: default_workers).
-    On the CPU the model then runs on the cores the readers leave it (measured on 2 cores: 0.8 of the pipeline's
-    limit, against 0.6 when both ask for every core): torch's thread count is restored when the batches end."""
-    workers = default_workers(local_processes) if args.num_workers == "auto" else args.num_workers
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and workers:
-        torch.set_num_threads(max(1, cores_per_process(local_processes) - workers))
-    try:
-        yield from image_batches(args.data, chunks, size, workers, pin_memory=device.type == "cuda", crop=crop,
-                                 contents=contents)
-    finally:
-        torch.set_num_threads(threads)
+                 local_processes: int = 1, crop: str = "center", contents: Mapping[str, bytes | None] | None = None,
+                 step: Callable[[torch.Tensor], Any] | None = None) -> Iterator[ImageBatch]:
+    """The images of --data in these chunks of names on `device`, read by --num-workers (auto: default_workers), each
+    batch with `step`'s output (input_pipeline.image_batches)."""
+    workers = default_workers(device, local_processes) if args.num_workers == "auto" else args.num_workers
+    return image_batches(args.data, chunks, size, workers, device, step, crop, contents)
 
 
-def data_batches(args, size: int, device: torch.device, limit: int | None = None,
-                 crop: str = "center") -> tuple[int | None, Iterator[ImageBatch]]:
+def data_batches(args, size: int, device: torch.device, limit: int | None = None, crop: str = "center",
+                 step: Callable[[torch.Tensor], Any] | None = None) -> tuple[int | None, Iterator[ImageBatch]]:
     """All of --data (the first `limit` images) as batches of --batch-size, in order: an image folder (sorted paths)
     or webdataset tar shards (their order, each read when its turn comes). Returns the number of images when it is
     known before reading (a folder) and the batches."""
@@ -80,13 +72,14 @@ def data_batches(args, size: int, device: torch.device, limit: int | None = None
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
     if not is_tar_source(args.data):
         paths = find_images(args.data)[:limit]
-        return len(paths), read_batches(args, list(batches(paths, args.batch_size)), size, device, crop=crop)
+        return len(paths), read_batches(args, list(batches(paths, args.batch_size)), size, device, crop=crop,
+                                        step=step)
     urls = shard_urls(args.data)
 
     def from_tars() -> Iterator[ImageBatch]:
         left = limit
         for url in urls:
-            samples, stream = tar_batches(args, url, size, device, crop=crop, limit=left)
+            samples, stream = tar_batches(args, url, size, device, crop=crop, limit=left, step=step)
             yield from stream
             left = None if left is None else left - len(samples)
             if left is not None and left <= 0:
@@ -96,14 +89,15 @@ def data_batches(args, size: int, device: torch.device, limit: int | None = None
 
 
 def tar_batches(args, url: str, size: int, device: torch.device, local_processes: int = 1, crop: str = "center",
-                limit: int | None = None) -> tuple[list[TarSample], Iterator[ImageBatch]]:
-    """One tar shard's samples (its first `limit`) and their batches of --batch-size."""
+                limit: int | None = None, step: Callable[[torch.Tensor], Any] | None = None,
+                ) -> tuple[list[TarSample], Iterator[ImageBatch]]:
+    """One tar shard's samples (its first `limit`) and their batches of --batch-size (with `step`'s outputs)."""
     samples = read_shard(url)[:limit]
     names = [sample.name for sample in samples]
     if len(set(names)) != len(names):
         raise CLIError(f"{url} holds two samples of the same name: their results could not be told apart")
     return samples, read_batches(args, list(batches(names, args.batch_size)), size, device, local_processes, crop,
-                                 contents={sample.name: sample.data for sample in samples})
+                                 {sample.name: sample.data for sample in samples}, step)
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

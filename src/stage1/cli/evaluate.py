@@ -194,8 +194,14 @@ def run(args) -> int:
         lpips, notes["lpips"] = None, str(err)
     codebooks = math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
     scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
+
+    def reconstruct(images: torch.Tensor):  # the model's work on a batch (input_pipeline's step)
+        with torch.no_grad(), autocast(device, args.precision):
+            return model.reconstruct(images, output_size=(size, size))
+
     with torch.no_grad():
-        count, stream = data_batches(args, size, device, args.limit, crop="adm" if args.protocol == "adm" else "center")
+        count, stream = data_batches(args, size, device, args.limit, crop="adm" if args.protocol == "adm" else "center",
+                                     step=reconstruct)
         arrays = NpzWriter(args.out) if args.save_npz else None
         bar = tqdm(total=count, desc="evaluate", unit="image")
         for batch in stream:
@@ -203,12 +209,10 @@ def run(args) -> int:
             skipped += batch.skipped
             if batch.images is None:
                 continue
-            x = batch.images.to(device, non_blocking=True)
-            with autocast(device, args.precision):
-                rec, codes = model.reconstruct(x, output_size=(size, size))
-            scores.update(x, rec.float(), codes)
+            rec, codes = batch.output
+            scores.update(batch.images, rec.float(), codes)
             if arrays is not None:
-                arrays.add(x, rec.float())
+                arrays.add(batch.images, rec.float())
         bar.close()
     if not scores.num_images:
         raise CLIError(f"none of the {len(skipped)} image(s) of {args.data} could be read")

@@ -42,17 +42,21 @@ def run(args) -> int:
         mine = [paths[i] for i in order[info.rank :: info.world_size]]
         skipped = []
 
-        def images():
+        def tokens_of(images: torch.Tensor) -> torch.Tensor:  # the model's work on a batch (input_pipeline's step)
+            with torch.no_grad(), autocast(info.device, args.precision):
+                return model.encode_tokens(images)[0]
+
+        def token_batches():
             for batch in read_batches(args, list(batches(mine, args.batch_size)), size, info.device,
-                                      info.local_world_size, contents=contents):
+                                      info.local_world_size, contents=contents, step=tokens_of):
                 skipped.extend(batch.skipped)
                 if batch.images is not None:
-                    yield batch.images.to(info.device, non_blocking=True)
+                    yield batch.output
 
         result = fit_codebook(
-            model, images(), args.tokens_per_image, args.iters,
+            model, token_batches(), args.tokens_per_image, args.iters,
             tokens_per_update=args.batch_size * info.world_size * model.grid_side(size) ** 2, seed=args.seed,
-            precision_context=autocast(info.device, args.precision), show_progress=info.is_main,
+            show_progress=info.is_main,
         )
         if info.is_main:
             model.save_pretrained(args.out)

@@ -59,7 +59,12 @@ def run(args) -> int:
     # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
     moments = RunningMoments(side * side * channels if args.per_position else channels)
     skipped = 0
-    count, stream = data_batches(args, args.image_size, device, args.limit)
+
+    def tokens_of(images: torch.Tensor) -> torch.Tensor:  # the encoder's work on a batch (input_pipeline's step)
+        with torch.no_grad(), autocast(device, args.precision):
+            return encoder(images).float().cpu()
+
+    count, stream = data_batches(args, args.image_size, device, args.limit, step=tokens_of)
     bar = tqdm(total=count, desc="latent stats", unit="image")
     images = 0
     for batch in stream:
@@ -69,8 +74,7 @@ def run(args) -> int:
             print(f"skipping: {entry['reason']}")
         skipped += len(batch.skipped)
         if batch.images is not None:
-            with autocast(device, args.precision):
-                tokens = encoder(batch.images.to(device, non_blocking=True)).float().cpu()
+            tokens = batch.output
             moments.update(tokens.flatten(1) if args.per_position else tokens.flatten(0, 1))
     bar.close()
     if moments.count == 0:

@@ -77,17 +77,26 @@ def views_of(images: torch.Tensor, augment: str, size: int) -> torch.Tensor:
     return torch.stack(v2.functional.ten_crop(images, [size, size]), dim=1)
 
 
-def tokenize_shard(model, stream, size, args, device) -> tuple[np.ndarray, list[str], list[dict]]:
+def codes_of_views(model, args, size: int):
+    """The model's work on a batch (input_pipeline's step): the codes of every view, (B, views, h, w[, L])."""
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        views = views_of(images, args.augment, size)
+        with torch.no_grad(), autocast(images.device, args.precision):
+            grids = model.encode_to_indices(views.flatten(0, 1)).cpu()
+        return grids.view(views.shape[0], views.shape[1], *grids.shape[1:])
+
+    return step
+
+
+def tokenize_shard(model, stream, size, args) -> tuple[np.ndarray, list[str], list[dict]]:
     """The codes of one shard's batches, read from `stream`: (n, h, w[, L]), or (n, views, h, w[, L])."""
     codes, kept, skipped = [], [], []
     for batch in stream:
         kept += batch.names
         skipped += batch.skipped
         if batch.images is not None:
-            views = views_of(batch.images.to(device, non_blocking=True), args.augment, size)
-            with torch.no_grad(), autocast(device, args.precision):
-                grids = model.encode_to_indices(views.flatten(0, 1)).cpu()
-            codes.append(grids.view(views.shape[0], views.shape[1], *grids.shape[1:]))
+            codes.append(batch.output)
     views = VIEWS[args.augment]
     empty = (0, views, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
@@ -131,8 +140,10 @@ def run(args) -> int:
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already done")
         # Counted in images, not shards (a shard holds thousands); tar shards are counted as they are read.
         bar = tqdm(total=source.images_in(todo), desc="tokenize", unit="image", disable=not info.is_main)
-        for i, names, labels, stream in source.shard_streams(todo, args, read_size, device, info.local_world_size):
-            array, kept, skipped = tokenize_shard(model, stream, size, args, device)
+        step = codes_of_views(model, args, size)
+        for i, names, labels, stream in source.shard_streams(todo, args, read_size, device, info.local_world_size,
+                                                             step):
+            array, kept, skipped = tokenize_shard(model, stream, size, args)
             write_npy(os.path.join(args.out, shard_name(i) + ".npy"), array)
             label_of = dict(zip(names, labels, strict=True))
             # Written last: a shard counts as done only when its listing exists.
@@ -173,9 +184,10 @@ class FolderInput:
     def images_in(self, shards: list[int]) -> int:
         return sum(len(self.paths[self._span(i)]) for i in shards)
 
-    def shard_streams(self, todo, args, size, device, local_processes):
+    def shard_streams(self, todo, args, size, device, local_processes, step):
         chunks = {i: list(batches(self.paths[self._span(i)], args.batch_size)) for i in todo}
-        stream = read_batches(args, [chunk for i in todo for chunk in chunks[i]], size, device, local_processes)
+        stream = read_batches(args, [chunk for i in todo for chunk in chunks[i]], size, device, local_processes,
+                              step=step)
         for i in todo:
             yield i, self.paths[self._span(i)], self.labels[self._span(i)], itertools.islice(stream, len(chunks[i]))
         stream.close()  # the readers end and the model's threads are given back
@@ -199,9 +211,9 @@ class TarInput:
     def images_in(self, shards: list[int]) -> None:
         return None  # unknown until read
 
-    def shard_streams(self, todo, args, size, device, local_processes):
+    def shard_streams(self, todo, args, size, device, local_processes, step):
         for i in todo:
-            samples, stream = tar_batches(args, self.urls[i], size, device, local_processes)
+            samples, stream = tar_batches(args, self.urls[i], size, device, local_processes, step=step)
             yield i, [sample.name for sample in samples], [sample.label for sample in samples], stream
 
 
