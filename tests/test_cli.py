@@ -457,7 +457,7 @@ def test_workers_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys
     outputs, as read in-process (an unreadable file skipped and listed alike); tokenize writes the same bytes with any
     worker count, and a run resumed with another worker count finishes to those bytes too."""
     from stage1.data import find_images
-    from stage1.input_pipeline import image_batches
+    from stage1.input_pipeline import ImageFiles, collate, image_batches
 
     data = tmp_path / "data"
     shutil.copytree(image_dir, data)
@@ -478,6 +478,13 @@ def test_workers_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys
         for a, b in zip(serial, parallel, strict=True):
             assert torch.equal(a.images, b.images) and torch.equal(a.output, b.output), readers
             assert torch.equal(b.output, b.images.mean(dim=(1, 2, 3)))
+    # Readers send 8-bit images as uint8 (a quarter of the bytes), floats when a batch holds a deeper one; either
+    # way the batches handed out are the single-image path's floats.
+    files = ImageFiles(str(data), names, SIZE)
+    assert files[names.index("rgb.jpg")][0].dtype == torch.uint8
+    assert collate([files[names.index("rgb.jpg")], files[names.index("nested/deep16.png")]]).images.is_floating_point()
+    assert torch.equal(torch.cat([b.images for b in serial]), images_as_model_sees_them(
+        str(data), [n for b in serial for n in b.names]))
 
     def tokenize_with(workers, out):
         argv = ["--model", model_dir, "--data", str(data), "--out", str(out), "--shard-size", "2",
@@ -545,7 +552,9 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
             assert pixels.dtype == torch.uint8
             for size in (64, 128, 224):
                 fast, exact = resize_center_crop(pixels, size), resize_center_crop(to_unit_float(pixels), size)
-                assert fast.dtype == exact.dtype == torch.float32 and fast.shape == exact.shape == (3, size, size)
+                assert fast.dtype == torch.uint8 and exact.dtype == torch.float32  # each in its own kind
+                fast = to_unit_float(fast)
+                assert fast.shape == exact.shape == (3, size, size)
                 diff = (fast - exact).abs()
                 assert diff.max() <= 12 / 255 and diff.mean() < 1 / 255, (name, size)
                 assert psnr(fast[None], exact[None]) > 54, (name, size)
@@ -708,7 +717,7 @@ def test_adm_protocol_crops_as_adm_and_saves_npz_batches(model_dir, tmp_path):
     for path in files:
         pixels, _ = read_image(str(path))
         expected = torch.from_numpy(adm_reference(Image.open(path).convert("RGB"), SIZE)).permute(2, 0, 1)
-        assert torch.equal(to_uint8(adm_center_crop(pixels, SIZE)), expected), path.name
+        assert torch.equal(adm_center_crop(pixels, SIZE), expected), path.name
     out = tmp_path / "eval"
     argv = ["--model", model_dir, "--data", str(val), "--out", str(out), "--protocol", "adm", "--save-npz"]
     assert evaluate.main(argv) == 0

@@ -98,19 +98,21 @@ def _turned(orientation) -> str:
 
 
 def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to `size` (antialiased bicubic), then the central size x size square, as floats in [0, 1].
-    8-bit pixels are resized as uint8, by torchvision's fixed-point kernel: 8x faster than in float; against the
-    float resize, 0.26 / 255 off on average and 11 / 255 at the worst pixel (a bicubic overshoot clipped between
-    the kernel's two passes), PSNR >= 54.7 dB, measured on photos at 32 to 384 px (tests/test_cli.py checks it)."""
+    """Shorter side to `size` (antialiased bicubic), then the central size x size square, in the pixels' dtype
+    (uint8, or floats in [0, 1]). 8-bit pixels are resized as uint8, by torchvision's fixed-point kernel: 8x faster
+    than in float; against the float resize, 0.26 / 255 off on average and 11 / 255 at the worst pixel (a bicubic
+    overshoot clipped between the kernel's two passes), PSNR >= 54.7 dB, measured on photos at 32 to 384 px
+    (tests/test_cli.py checks it)."""
     resized = v2.functional.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return to_unit_float(v2.functional.center_crop(resized, [size, size])).clamp(0.0, 1.0)
+    square = v2.functional.center_crop(resized, [size, size])
+    return square if square.dtype == torch.uint8 else square.clamp(0.0, 1.0)
 
 
 def adm_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """The crop behind published tokenizer rFIDs: ADM's center_crop_arr (guided-diffusion, image_datasets.py) on the
     8-bit image. Halve it with a box filter while its shorter side is at least twice `size`, resize it (PIL
     bicubic) so the shorter side is `size` and the other is rounded, then cut the central square (offsets rounded
-    down). Returns floats in [0, 1]."""
+    down). Returns uint8 pixels."""
     eight_bit = pixels if pixels.dtype == torch.uint8 else to_uint8(pixels)
     image = Image.fromarray(eight_bit.permute(1, 2, 0).contiguous().numpy())
     while min(image.size) >= 2 * size:
@@ -119,7 +121,7 @@ def adm_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.Resampling.BICUBIC)
     array = np.asarray(image)
     top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return to_unit_float(torch.from_numpy(array[top : top + size, left : left + size].copy()).permute(2, 0, 1))
+    return torch.from_numpy(array[top : top + size, left : left + size].copy()).permute(2, 0, 1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

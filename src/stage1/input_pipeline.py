@@ -34,6 +34,13 @@ CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (image
 def prepare_image(path: str, size: int, crop: str = "center", data: bytes | None = None) -> tuple[torch.Tensor, str]:
     """An image file (or its encoded bytes `data`, named `path`) as the model sees it, (3, size, size) in [0, 1], with
     a note of every conversion made. Raises UnreadableImageError naming the file."""
+    pixels, note = prepare_pixels(path, size, crop, data)
+    return to_unit_float(pixels), note
+
+
+def prepare_pixels(path: str, size: int, crop: str = "center", data: bytes | None = None) -> tuple[torch.Tensor, str]:
+    """prepare_image's pixels before the float conversion: uint8 for an 8-bit image, so readers send a quarter of
+    the bytes (to_unit_float on the device gives the same floats)."""
     try:
         pixels, note = read_image(path if data is None else io.BytesIO(data))
     except UnreadableImageError as err:
@@ -41,7 +48,7 @@ def prepare_image(path: str, size: int, crop: str = "center", data: bytes | None
     if crop == "adm":
         return adm_center_crop(pixels, size), note + f", ADM center_crop_arr to {size}x{size}"
     if tuple(pixels.shape[-2:]) == (size, size):
-        return to_unit_float(pixels), note
+        return pixels, note
     return resize_center_crop(pixels, size), note + f", resized (shorter side) and center-cropped to {size}x{size}"
 
 
@@ -61,7 +68,7 @@ def default_workers(device: torch.device, local_processes: int = 1) -> int:
 
 @dataclass
 class ImageBatch:
-    images: torch.Tensor | None  # (B, 3, size, size) of the readable files, None if none was
+    images: torch.Tensor | None  # (B, 3, size, size) of the readable files, None if none was; handed out as floats
     names: list[str]  # the readable files, in the order asked for
     skipped: list[dict]  # {"path", "reason"} of each unreadable one
     output: Any = None  # what image_batches' `step` made of the images
@@ -89,11 +96,11 @@ class ImageFiles(Dataset):
         name = self.names[i]
         try:
             if self.contents is None:
-                image = prepare_image(os.path.join(self.root, name), self.size, self.crop)[0]
+                image = prepare_pixels(os.path.join(self.root, name), self.size, self.crop)[0]
             elif (data := self.contents[name]) is None:
                 raise UnreadableImageError(f"cannot read image '{name}': the sample has no image field")
             else:
-                image = prepare_image(name, self.size, self.crop, data=data)[0]
+                image = prepare_pixels(name, self.size, self.crop, data=data)[0]
             return image, name, None
         except UnreadableImageError as err:
             return None, self.names[i], str(err)
@@ -101,6 +108,8 @@ class ImageFiles(Dataset):
 
 def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBatch:
     readable = [(pixels, name) for pixels, name, reason in items if reason is None]
+    if len({pixels.dtype for pixels, _ in readable}) > 1:  # 8-bit beside deeper images: all as floats
+        readable = [(to_unit_float(pixels), name) for pixels, name in readable]
     images = None
     if readable:
         first = readable[0][0]
@@ -146,7 +155,7 @@ def _in_processes(files: ImageFiles, spans: list[range], num_workers: int, devic
                         prefetch_factor=4 if num_workers else None)  # batches ready ahead of the model, per worker
     for batch in loader:
         if batch.images is not None:
-            batch.images = batch.images.to(device, non_blocking=True)
+            batch.images = to_unit_float(batch.images.to(device, non_blocking=True))
             batch.output = None if step is None else step(batch.images)
         yield batch
 
@@ -161,7 +170,7 @@ def _in_threads(files: ImageFiles, spans: list[range], threads: int, device: tor
     def job(span: range) -> ImageBatch:
         batch = collate([files[i] for i in span])
         if batch.images is not None:
-            batch.images = batch.images.to(device)
+            batch.images = to_unit_float(batch.images.to(device))
             batch.output = None if step is None else step(batch.images)
         return batch
 
