@@ -80,13 +80,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="each rate is the best of this many runs")
     parser.add_argument("--quick", action="store_true", help="a few images, for a smoke run")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vqrae-pipeline-") as root:  # thousands of JPEGs: never left behind
+        run(args, root)
+
+
+def run(args, root: str) -> None:
     count = 24 if args.quick else args.images
     from stage1 import VQRAE
     from stage1.cli.arguments import launch
     from stage1.data import find_images
     from stage1.input_pipeline import default_workers, image_batches, prepare_image
 
-    root = tempfile.mkdtemp(prefix="vqrae-pipeline-")
     data, small = os.path.join(root, "images"), os.path.join(root, "images_quarter")
     make_jpegs(data, count)
     make_jpegs(small, count // 4)
