@@ -561,12 +561,13 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
                 assert not torch.equal(fast, exact)  # the uint8 kernel really ran
 
 
-def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path):
+def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path, monkeypatch):
     """Issue 13: JPEGs are decoded by torchvision (libjpeg-turbo, no PIL copies); every kind gives Pillow's own pixels
     exactly, each EXIF orientation turns them as ImageOps.exif_transpose does (and the note says so only then), and
     a truncated one is an UnreadableImageError with a clean reason."""
     from PIL import ImageOps
 
+    from stage1 import images
     from stage1.images import UnreadableImageError, read_image
 
     photo = Image.open(os.path.join(os.path.dirname(__file__), "..", "assets", sorted(
@@ -589,6 +590,13 @@ def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path):
         assert ("turned upright" in note) == turned and (f"EXIF orientation {path.stem[-1]}" in note) == turned, note
         assert note.startswith(("L" if path.stem == "grey" else "RGB") + f" {pixels.shape[2]}x{pixels.shape[1]}")
     assert read_image(str(tmp_path / "turned6.jpg"))[0].shape == (3, 96, 64)  # stored 96 x 64, seen upright
+    # A file far larger than its pixels (junk after the image) is left to Pillow, which reads only what it decodes.
+    (tmp_path / "junk.jpg").write_bytes((tmp_path / "420.jpg").read_bytes() + bytes(3 * 96 * 64 + 1))
+    expected = read_image(str(tmp_path / "420.jpg"))[0]
+    monkeypatch.setattr(images, "_JPEG_EXTRAS", 0)
+    monkeypatch.setattr(images, "decode_jpeg", None)  # not called for it
+    assert torch.equal(read_image(str(tmp_path / "junk.jpg"))[0], expected)
+    monkeypatch.undo()
     whole = (tmp_path / "420.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # a whole header, half the scan
     with pytest.raises(UnreadableImageError, match="^OSError: Image is incomplete or truncated$"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from .atomic import atomic_path
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 _ORIENTATION = 0x0112  # the EXIF tag
 _TURNS = range(2, 9)  # the orientations that move pixels (1 is upright), as ImageOps.exif_transpose reads them
+_JPEG_EXTRAS = 1 << 24  # bytes a JPEG may hold beside its scans (EXIF, thumbnails, ICC profile) at the most
 
 
 class UnreadableImageError(ValueError):
@@ -45,12 +47,15 @@ def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(source) -> tuple[torch.Tensor, str]:
-    data = _read_bytes(source)
-    with Image.open(io.BytesIO(data)) as image:  # the header only: format, mode, size, EXIF; size-bomb checked
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+    with _opened(source) as file, Image.open(file) as image:  # the header: format, mode, size, EXIF; bomb-checked
+        # A file far larger than its pixels (junk after the image) goes to Pillow, which reads only what it decodes.
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and (
+                _length(file) <= 3 * image.width * image.height + _JPEG_EXTRAS):
             # Most images: libjpeg-turbo through torchvision, the same pixels as Pillow's decode (tested) without
             # its three copies (PIL image, numpy array, tensor). 1.3x faster here.
             orientation = image.getexif().get(_ORIENTATION, 1)
+            file.seek(0)
+            data = bytearray(file.read())  # writable: torch wraps it without a copy
             try:
                 pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB,
                                      apply_exif_orientation=True)
@@ -85,12 +90,16 @@ def _decode(source) -> tuple[torch.Tensor, str]:
         return v2.functional.pil_to_tensor(rgb), note + turned
 
 
-def _read_bytes(source) -> bytearray:
-    """A path's or a binary file object's bytes, writable (torch wraps them without a copy)."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as file:
-            return bytearray(file.read())
-    return bytearray(source.read())
+def _opened(source):
+    """A path opened for reading, or a binary file object as it is."""
+    return open(source, "rb") if isinstance(source, (str, os.PathLike)) else nullcontext(source)
+
+
+def _length(file) -> int:
+    position = file.tell()
+    end = file.seek(0, io.SEEK_END)
+    file.seek(position)
+    return end
 
 
 def _turned(orientation) -> str:
