@@ -235,6 +235,15 @@ def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_
     assert decode.main(["--model", model_dir, "--tokens", str(empty), "--out", str(out)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
     assert reconstruct.main(["--model", str(tmp_path / "no-model"), "--image", "x.png", "--out", str(out)]) == 2
+    model = ["--model", model_dir, "--data", image_dir, "--out", str(out)]
+    for command, argv in ((tokenize, [*model, "--batch-size", "0"]), (tokenize, [*model, "--shard-size", "-3"]),
+                          (evaluate, [*model, "--limit", "0"]), (fit_codebook, [*model, "--images", "0"]),
+                          (fit_codebook, [*model, "--tokens-per-image", "0"]),
+                          (latent_stats, ["--encoder", model_dir, "--data", image_dir, "--out", str(out / "s.pt"),
+                                          "--limit", "0"])):
+        with pytest.raises(SystemExit) as stop:  # a usage error, checked once, by the parser, before any work
+            command.main(argv)
+        assert stop.value.code == 2 and "expected a positive integer" in capsys.readouterr().err and not out.exists()
 
 
 def test_unreadable_images_are_skipped_by_tokenize(model_dir, image_dir, tmp_path):

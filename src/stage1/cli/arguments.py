@@ -21,11 +21,17 @@ def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def positive_int(value: str) -> int:
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the encoder and decoder forward (pays off on a GPU over many batches)")
 
@@ -95,7 +101,7 @@ def tokenize_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_input_args(parser)
     parser.add_argument("--out", required=True, help="folder for the shards and manifest.json")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard")
     parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
                         help="integer type of the shards (auto: the smallest unsigned type that fits)")
     parser.add_argument("--restart", action="store_true",
@@ -158,7 +164,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_input_args(parser)
     parser.add_argument("--out", default="vqrae-eval", help="folder for results.json and code_usage.png")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (sorted by path)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images (sorted by path)")
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
     parser.add_argument("--fid-weights", default=None, help="local file of torch-fidelity's Inception-v3 weights")
     parser.add_argument("--protocol", default="vqrae", choices=("vqrae", "adm"),
@@ -193,7 +199,7 @@ def latent_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-position", action="store_true",
                         help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
     parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by path)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use the first N images (sorted by path)")
     add_runtime_args(parser, batch_size=32)
     return parser
 
@@ -218,8 +224,9 @@ def fit_codebook_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_input_args(parser)
     parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")
-    parser.add_argument("--images", type=int, default=20000, help="images to sample (all, if the folder has fewer)")
-    parser.add_argument("--tokens-per-image", type=int, default=64, help="random latent tokens kept per image")
+    parser.add_argument("--images", type=positive_int, default=20000,
+                        help="images to sample (all, if the folder has fewer)")
+    parser.add_argument("--tokens-per-image", type=positive_int, default=64, help="random latent tokens kept per image")
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_args(parser, batch_size=32)

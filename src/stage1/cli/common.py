@@ -68,8 +68,6 @@ def data_batches(args, size: int, device: torch.device, limit: int | None = None
     """All of --data (the first `limit` images) as batches of --batch-size, in order: an image folder (sorted paths)
     or webdataset tar shards (their order, each read when its turn comes). Returns the number of images when it is
     known before reading (a folder) and the batches."""
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
     if not is_tar_source(args.data):
         paths = find_images(args.data)[:limit]
         return len(paths), read_batches(args, list(batches(paths, args.batch_size)), size, device, crop=crop,
@@ -101,8 +99,7 @@ def tar_batches(args, url: str, size: int, device: torch.device, local_processes
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    if size < 1:
-        raise CLIError(f"--batch-size must be positive, got {size}")
+    """`items` in runs of `size` (the parser's positive --batch-size)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

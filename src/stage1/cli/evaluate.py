@@ -181,8 +181,6 @@ class Scores:
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be positive, got {args.limit}")
     model = load_model(args)
     device = next(model.decoder.parameters()).device
     size = model_image_size(model, args.image_size)

@@ -25,9 +25,6 @@ from .common import (
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    for name in ("images", "tokens_per_image", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.iters < 0:
         raise CLIError(f"--iters must be >= 0, got {args.iters}")
     if os.path.realpath(args.out) == os.path.realpath(args.model):

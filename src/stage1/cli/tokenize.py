@@ -106,8 +106,6 @@ def tokenize_shard(model, stream, size, args) -> tuple[np.ndarray, list[str], li
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    if args.shard_size < 1 or args.batch_size < 1:
-        raise CLIError(f"--shard-size and --batch-size must be positive, got {args.shard_size}, {args.batch_size}")
     source = TarInput(args.data) if is_tar_source(args.data) else FolderInput(args.data, args.shard_size)
     info = distributed.setup(args.device)
     try:
