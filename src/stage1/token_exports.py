@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 import numpy as np
 
@@ -24,13 +25,18 @@ from .atomic import atomic_path, write_json, write_npy
 FORMATS = ("shards", "llamagen", "jsonl", "memmap")
 
 
-def read_codes(tokens: str, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's codes in the manifest's order, (N[, views], h, w[, L]), and their class ids (N,)."""
-    shards, rows = {}, []
-    for entry in manifest["images"]:
+def shard_rows(tokens: str, entries: list[dict]) -> Iterator[np.ndarray]:
+    """The codes of each manifest entry, in order, from the shards in folder `tokens` (each loaded once)."""
+    shards = {}
+    for entry in entries:
         if entry["shard"] not in shards:
             shards[entry["shard"]] = np.load(os.path.join(tokens, entry["shard"]), allow_pickle=False)
-        rows.append(shards[entry["shard"]][entry["row"]])
+        yield shards[entry["shard"]][entry["row"]]
+
+
+def read_codes(tokens: str, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's codes in the manifest's order, (N[, views], h, w[, L]), and their class ids (N,)."""
+    rows = list(shard_rows(tokens, manifest["images"]))
     views = manifest["views"]
     empty = (0, *([views] if views > 1 else []), *manifest["index_shape"])
     codes = np.stack(rows) if rows else np.zeros(empty, dtype=manifest["dtype"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from tqdm import tqdm
 from ..atomic import read_json
 from ..images import save_png
 from ..precision import autocast
+from ..token_exports import shard_rows
 from .arguments import launch
 from .common import CLIError, batches, check_output, load_model
 from .tokenize import MANIFEST
@@ -69,7 +71,6 @@ def run(args) -> int:
     check_model_fits(model, manifest)
     device = next(model.decoder.parameters()).device
     size = manifest["image_size"]
-    shards = {}
     entries = manifest["images"]
     # Manifests are exchanged files: every image path must land inside --out and every shard inside --tokens.
     targets = [inside(args.out, os.path.splitext(entry["path"])[0] + ".png") for entry in entries]
@@ -80,15 +81,11 @@ def run(args) -> int:
                        f"write or read there")
     if len(set(targets)) != len(targets):
         raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
+    rows = shard_rows(args.tokens, entries)
     with torch.no_grad():
-        for chunk, chunk_targets in tqdm(list(zip(batches(entries, args.batch_size),
-                                                  batches(targets, args.batch_size), strict=True)),
-                                         desc="decode", unit="batch"):
+        for chunk_targets in tqdm(list(batches(targets, args.batch_size)), desc="decode", unit="batch"):
             codes = []
-            for entry in chunk:
-                if entry["shard"] not in shards:
-                    shards[entry["shard"]] = np.load(os.path.join(args.tokens, entry["shard"]), allow_pickle=False)
-                row = shards[entry["shard"]][entry["row"]]
+            for row in itertools.islice(rows, len(chunk_targets)):
                 row = row[0] if manifest["views"] > 1 else row  # an augmented tokenization: the first view
                 codes.append(torch.from_numpy(row.astype(np.int64)))
             with autocast(device, args.precision):
