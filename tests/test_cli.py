@@ -802,6 +802,9 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     assert "must be 'user/name'" in capsys.readouterr().err
     assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
     assert (tmp_path / "staged" / "README.md").is_file() and len(calls) == 1  # staged only: nothing sent
+    bad = ["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "bad"), "--samples", "no-such.png"]
+    assert push.main(bad) == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # checked before the model is written there
 
 
 def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree, tmp_path, capsys):

@@ -83,16 +83,17 @@ def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None =
     the sample grid."""
     from .vqrae import VQRAE
 
-    model = VQRAE.from_pretrained(model_dir, **load_keywords)
-    model.save_pretrained(folder, save_encoder=os.path.isdir(model.config.encoder.path))
-    if samples is not None:
-        if not os.path.isfile(samples):
-            raise FileNotFoundError(f"--samples {samples} does not exist")
-        with atomic_path(os.path.join(folder, SAMPLES_NAME)) as tmp:
-            shutil.copyfile(samples, tmp)
+    # The small inputs are checked first: nothing is written for a bad one.
+    if samples is not None and not os.path.isfile(samples):
+        raise FileNotFoundError(f"--samples {samples} does not exist")
     evaluation = read_json(results) if results is not None else None
     if evaluation is not None and not isinstance(evaluation, dict):
         raise ValueError(f"{results} is not a vqrae-evaluate results.json (expected a JSON object)")
+    model = VQRAE.from_pretrained(model_dir, **load_keywords)
+    model.save_pretrained(folder, save_encoder=os.path.isdir(model.config.encoder.path))
+    if samples is not None:
+        with atomic_path(os.path.join(folder, SAMPLES_NAME)) as tmp:
+            shutil.copyfile(samples, tmp)
     card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
                       SAMPLES_NAME if samples else None)
     with atomic_path(os.path.join(folder, CARD_NAME)) as tmp, open(tmp, "w") as f:
