@@ -45,7 +45,8 @@ def main() -> None:
         tokens = encoder(images)
     rows = []
     for k in (int(v) for v in args.codebooks.split(",")):
-        vq = VectorQuantizer(k, tokens.shape[-1], decay=0.99).to(device).train()
+        vq = VectorQuantizer(k, tokens.shape[-1], decay=0.99, restart_after_steps=0, kmeans_init=False)
+        vq = vq.to(device).train()
 
         def run_encoder():
             with autocast:

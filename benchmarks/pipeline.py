@@ -52,12 +52,11 @@ def build_model(kind: str, root: str):
 
     if kind == "quickstart":
         from stage1.tiny import write_stand_in_encoder
-        from stage1.train_config import load_train_config, model_config
+        from stage1.train_config import load_run_config
 
-        cfg = load_train_config(["experiment=quickstart", f"results_dir={root}"])
-        config = model_config(cfg)
-        write_stand_in_encoder(dict(cfg.encoder.tiny), config.encoder.path, image_size=cfg.image_size)
-        model = VQRAE(config)
+        cfg = load_run_config(["experiment=quickstart", f"results_dir={root}"])
+        write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size)
+        model = VQRAE(cfg.model)
     else:
         from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 

@@ -48,11 +48,11 @@ def smooth_images(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor
 
 def run_training(image_dir, results_dir, *overrides):
     """Train the tiny_test experiment in-process."""
-    from stage1.train_config import load_train_config
+    from stage1.train_config import load_run_config
     from stage1.trainer import train
 
     base = ["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}"]
-    return train(load_train_config([*base, *overrides]))
+    return train(load_run_config([*base, *overrides]))
 
 
 def train_metrics(results_dir):

@@ -423,6 +423,7 @@ def test_help_and_usage_errors_answer_before_torch_is_imported():
 
     scripts = tomllib.loads(open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read())
     scripts = scripts["project"]["scripts"]
+    assert scripts.pop("vqrae-train") == "stage1.cli.train:vqrae_train"  # hydra's overrides: tested on its own
     assert len(scripts) == 8 and all(target.startswith("stage1.cli.arguments:") for target in scripts.values())
     probe = """
 import contextlib, io, json, sys
@@ -445,6 +446,11 @@ print(json.dumps({"results": found, "heavy": sorted(set(sys.modules) & {"torch",
                          timeout=60)
     report = json.loads(run.stdout)
     assert report["heavy"] == [], report
+    light = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['vqrae-train', '--help']; "
+                            "from stage1.cli.train import vqrae_train; code = vqrae_train(); "
+                            "print(code, sorted(set(sys.modules) & {'torch', 'transformers', 'timm'}))"],
+                           capture_output=True, text=True, timeout=60)
+    assert light.stdout.startswith("usage: vqrae-train") and light.stdout.splitlines()[-1] == "0 []", light.stdout
     for script in scripts:  # help shows the script's own usage line; a bad flag exits 2 with it
         assert report["results"][f"{script} --help"] == [True, ["usage:", script]], report
         assert report["results"][f"{script} --no-such-flag"] == [True, ["usage:", script]], report

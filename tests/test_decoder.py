@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from stage1 import DECODER_PRESETS, ViTDecoder, load_decoder_config
+from stage1 import DECODER_PRESETS, DecoderConfig, ViTDecoder, load_decoder_config
 from stage1.model_config import DECODER_CONFIG_DIR
 
 
@@ -53,7 +53,7 @@ def test_presets_are_the_hydra_decoder_files():
     assert names == sorted(DECODER_PRESETS)
     for name in names:
         with open(os.path.join(DECODER_CONFIG_DIR, f"{name}.yaml")) as f:
-            assert load_decoder_config(name).to_dict() == yaml.safe_load(f), name
+            assert load_decoder_config(name).to_dict() == {**DecoderConfig.default_tree(), **yaml.safe_load(f)}, name
     assert load_decoder_config(None) == load_decoder_config("vit_b")
 
 
@@ -62,13 +62,15 @@ def test_bad_decoder_configs(tmp_path):
         load_decoder_config({"depth": 3})
     with pytest.raises(ValueError, match="neither a preset"):
         load_decoder_config("vit_huge")
-    with pytest.raises(ValueError, match="hidden_size must be a positive integer, got -8"):
+    with pytest.raises(ValueError, match="decoder.hidden_size must be > 0, got -8"):
         load_decoder_config({"hidden_size": -8})
-    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+    with pytest.raises(ValueError, match=r"hidden_size must be divisible by decoder.num_attention_heads \(5\), got 64"):
         load_decoder_config({"hidden_size": 64, "num_attention_heads": 5})
-    with pytest.raises(ValueError, match=r"decoder.pos_embed must be one of \('learned', 'fixed'\), got 'rope'"):
+    with pytest.raises(ValueError, match=r"decoder.pos_embed must be one of \['learned', 'fixed'\], got 'rope'"):
         load_decoder_config({"pos_embed": "rope"})
     with pytest.raises(ValueError, match="decoder.pixel_space must be one of"):
         load_decoder_config({"pixel_space": "srgb"})
-    with pytest.raises(ValueError, match="decoder.layer_norm_eps must be a positive number"):
+    with pytest.raises(ValueError, match="decoder.layer_norm_eps must be > 0, got 0"):
         load_decoder_config({"layer_norm_eps": 0})
+    with pytest.raises(ValueError, match=r"decoder.num_hidden_layers must be an integer, got '12' \(str\)"):
+        load_decoder_config({"num_hidden_layers": "12"})

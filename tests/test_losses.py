@@ -62,7 +62,7 @@ def test_terms_with_zero_weight_build_nothing():
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(recon_loss="l3"), "recon_loss must be 'l1' or 'l2'"),
+    (dict(recon_loss="l3"), r"loss.recon_loss must be one of \['l1', 'l2'\], got 'l3'"),
     (dict(lpips_net="squeeze"), "loss.lpips_net must be one of"),
     (dict(disc_start=-1), "loss.disc_start must be >= 0"),
     (dict(disc_lr=0.0), "loss.disc_lr must be > 0"),

@@ -6,12 +6,13 @@ import os
 
 import pytest
 import torch
+import yaml
 from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
 
 from stage1 import VQRAE, DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig
 from stage1.losses import LossConfig
 from stage1.model_config import CONFIG_DIR, KEYWORDS, SECTIONS
-from stage1.train_config import load_train_config, model_config
+from stage1.train_config import DataConfig, load_run_config
 
 
 def tiny_config(encoder_dir, **quantizer) -> VQRAEConfig:
@@ -57,28 +58,82 @@ def test_every_keyword_names_a_config_field():
         assert name in {f.name for f in dataclasses.fields(owner)}, keyword
 
 
-GROUPS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig, "loss": LossConfig}
+GROUPS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig, "loss": LossConfig,
+          "data": DataConfig}
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
-def test_hydra_groups_have_the_config_fields_one_to_one(group):
-    fields = {f.name for f in dataclasses.fields(GROUPS[group])}
+def test_hydra_groups_state_only_what_differs_from_the_dataclass(group):
+    """One place per default: a group's YAML names config fields, each with a value other than the field's default
+    (the decoder presets give every size: its sizes have no default)."""
+    section = GROUPS[group]
+    defaults = section.default_tree()
     options = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(CONFIG_DIR, group)))
     assert options
     for option in options:
-        cfg = load_train_config([f"{group}={option}", "data.path=x", "results_dir=r"])
-        keys = set(cfg[group]) - ({"tiny"} if group == "encoder" else set())  # tiny: the stand-in's recipe
-        assert keys == fields, (option, keys ^ fields)
-    top = {f.name for f in dataclasses.fields(VQRAEConfig)} - set(SECTIONS)
-    assert set(load_train_config(["data.path=x"]).model) == top
+        with open(os.path.join(CONFIG_DIR, group, f"{option}.yaml")) as f:
+            values = yaml.safe_load(f) or {}
+        if "encoder" in values:  # `# @package _global_`: the stand-in encoders also set init.tiny_encoder
+            values = values["encoder"]
+        assert set(values) <= set(defaults), (option, set(values) - set(defaults))
+        assert not [k for k, v in values.items() if v == defaults[k]], option
+        cfg = load_run_config([f"{group}={option}", "data.path=x", "results_dir=r", "image_size=224",
+                               "loss.dino_path=d.pth"])
+        built = cfg.model if group in ("encoder", "quantizer", "decoder") else cfg
+        assert isinstance(getattr(built, group), section)
 
 
 def test_a_command_line_value_reaches_the_module(dinov2_dir):
-    cfg = load_train_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=0.7",
-                             "decoder.num_hidden_layers=1", f"encoder.path={dinov2_dir}", "image_size=32",
-                             "model.noise_tau=0.2"])
-    model = VQRAE(model_config(cfg))
+    cfg = load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=0.7",
+                           "decoder.num_hidden_layers=1", f"encoder.path={dinov2_dir}", "image_size=32",
+                           "noise_tau=0.2"])
+    model = VQRAE(cfg.model)
     assert model.quantizer.decay == 0.7 and len(model.decoder.blocks) == 1 and model.config.noise_tau == 0.2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "train.steps must be an integer, got 'abc' (str)"),
+    ("train.lr=[1,2]", "train.lr must be a number, got [1, 2] (list)"),
+    ("train.betas=[0.9]", "train.betas must be a list of 2 numbers, got [0.9] (list)"),
+    ("train.grad_clip=true", "train.grad_clip must be a number or null, got True (bool)"),
+    ("quantizer.decay=2", "quantizer.decay must be in [0, 1), got 2.0"),
+    ("quantizer.num_embeddings=1.5", "quantizer.num_embeddings must be an integer, got 1.5 (float)"),
+    ("encoder.params=3", "encoder.params must be a mapping, got 3 (int)"),
+    ("loss.disc=wgan", "loss.disc must be one of ['patchgan', 'dino'], got 'wgan'"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("train.stop_at=99", "train.stop_at must be in [1, train.steps = 8] or null, got 99"),
+    ("precision=fp64", "precision must be one of ['auto', 'bf16', 'fp16', 'fp32'], got 'fp64'"),
+    ("+codebook_fit.itters=3", "unknown codebook_fit config keys ['itters']"),
+])
+def test_a_wrong_value_is_one_error_naming_key_value_and_expected(override, message):
+    with pytest.raises(ValueError) as err:
+        load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", override])
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.steps=abc"], "error: train.steps must be an integer, got 'abc' (str)"),
+    (["train.stepz=3"], "error: Could not override 'train.stepz': Key 'stepz' is no config key"),
+    (["quantizer.decay=2"], "error: quantizer.decay must be in [0, 1), got 2.0"),
+    (["experiment=nope"], "error: In 'train': Could not find 'experiment/nope'"),
+    (["--cfg", "hydra"], "error: --cfg hydra: only the job's config is printed"),
+])
+def test_the_training_script_gives_one_error_line_and_exit_code_2(argv, message, capsys):
+    from stage1.cli.train import main
+
+    assert main(["experiment=tiny_test", "data.path=x", "results_dir=r", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_cfg_job_prints_the_checked_config_the_run_would_use(capsys):
+    from stage1.cli.train import main
+
+    assert main(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=0.5", "--cfg", "job"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r",
+                                       "quantizer.decay=0.5"]).to_tree()
+    assert printed["quantizer"]["decay"] == 0.5 and printed["train"]["steps"] == 8
 
 
 def test_bad_config_files_are_refused_clearly(dinov2_dir, tmp_path):
@@ -88,6 +143,10 @@ def test_bad_config_files_are_refused_clearly(dinov2_dir, tmp_path):
         ({**good, "decoder": {"hidden_size": 64}}, r"decoder config lacks keys \['num_hidden_layers'"),
         ({**good, "encoder": "dinov2"}, "encoder must be a mapping"),
         ({**good, "quantizer": {**good["quantizer"], "kind": "magic"}}, "quantizer.kind must be one of"),
+        ({**good, "quantizer": {**good["quantizer"], "decay": "0.9"}},
+         r"config.json: quantizer.decay must be a number, got '0.9' \(str\)"),
+        ({**good, "noise_tau": None}, r"noise_tau must be a number, got None"),
+        ({**good, "decoder": {**good["decoder"], "cls_token": 1}}, r"decoder.cls_token must be true or false, got 1"),
     ]
     for values, message in cases:
         (tmp_path / "config.json").write_text(json.dumps(values))
@@ -96,25 +155,6 @@ def test_bad_config_files_are_refused_clearly(dinov2_dir, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         VQRAEConfig.load(str(tmp_path / "config.json"))
-
-
-def test_a_flat_config_written_by_vqrae_0_1_still_loads(dinov2_dir, tmp_path):
-    torch.manual_seed(0)
-    model = tiny_vqrae(dinov2_dir).eval()
-    model.save_pretrained(tmp_path / "ckpt")
-    decoder = model.config.decoder.to_dict()
-    flat = dict(encoder_cls="Dinov2withNorm", encoder_config_path=dinov2_dir, encoder_input_size=IMAGE_SIZE,
-                encoder_params={}, decoder_config_path=decoder, decoder_patch_size=8, num_embeddings=64,
-                commitment_cost=0.25, vq_decay=0.99, vq_epsilon=1e-5, dead_code_threshold=0.0, kmeans_init=False,
-                noise_tau=0.0, reshape_to_2d=True, normalization_stat_path=None, quantize_before_reshape=False,
-                recon_loss="l1")
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(flat))
-    loaded = VQRAE.from_pretrained(tmp_path / "ckpt").eval()
-    # vqrae 0.1 resized with antialiasing; such a file keeps doing so.
-    assert loaded.config == dataclasses.replace(model.config,
-                                                encoder=dataclasses.replace(model.config.encoder, antialias=True))
-    x = smooth_images(2)
-    assert torch.equal(loaded(x), model(x))
 
 
 def test_json_and_yaml_syntax_errors_name_their_file(tmp_path, dinov2_dir):

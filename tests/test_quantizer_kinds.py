@@ -96,7 +96,7 @@ def test_depth_lowers_the_error_of_a_fitted_residual_quantizer():
 @pytest.mark.parametrize("values,message", [
     (dict(kind="single", depth=2), "quantizer.depth must be a positive integer, and 1 unless quantizer.kind is"),
     (dict(kind="residual", groups=2), "quantizer.groups must be a positive integer, and 1 unless"),
-    (dict(kind="residual", depth=2, cosine=True), "quantizer.cosine applies to the single and grouped kinds"),
+    (dict(kind="residual", depth=2, cosine=True), r"quantizer.cosine must be false with kind 'residual' \(residuals"),
 ])
 def test_bad_kind_options(values, message):
     with pytest.raises(ValueError, match=message):

@@ -205,35 +205,6 @@ def test_commands_evaluate_and_reconstruct_a_continuous_model(reg_dir, rae_files
         assert not out.exists()
 
 
-def test_checkpoints_of_vqrae_0_2_load_with_the_same_outputs(dinov2_dir, tmp_path):
-    """Their decoder took the normalised latent and their resize was antialiased: loading rewrites the decoder's
-    first layer for the raw latent (the same function) and keeps the antialiasing."""
-    from helpers import tiny_vqrae
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(9)
-    save_file({"mean": torch.randn(32, generator=g), "var": torch.rand(32, generator=g) + 0.5},
-              str(tmp_path / "stats.safetensors"))
-    torch.manual_seed(0)
-    model = tiny_vqrae(dinov2_dir, normalization_stat_path=str(tmp_path / "stats.safetensors")).eval()
-    model.save_pretrained(tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    for key in ("cls_token", "pos_embed", "layer_norm_eps", "pixel_space"):
-        del config["decoder"][key]
-    del config["encoder"]["antialias"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    x = smooth_images(2, size=40, seed=2)
-    with torch.no_grad():  # what vqrae 0.2 computed: antialiased resize, the decoder on the normalised codes
-        resized = torch.nn.functional.interpolate(x, size=32, mode="bicubic", align_corners=False, antialias=True)
-        indices = model.encode_to_indices(resized)
-        then = (model.decoder(model.quantizer.lookup(indices.flatten(1)), (4, 4)) * 0.5 + 0.5).clamp(0, 1)
-    loaded = VQRAE.from_pretrained(tmp_path / "old").eval()
-    assert loaded.config.encoder.antialias is True
-    assert torch.equal(loaded.encode_to_indices(x), indices)
-    assert (loaded.decode_from_indices(indices) - then).abs().max().item() <= 1e-5
-    assert not torch.allclose(loaded.decoder.embed.weight, model.decoder.embed.weight)  # it was rewritten
-
-
 def test_training_a_continuous_model(train_images, tmp_path):
     from helpers import run_training, train_metrics
 

@@ -6,12 +6,12 @@ import torch
 from helpers import run_training, step_logs
 
 from stage1.data import build_transform
-from stage1.train_config import load_train_config, loss_config, model_config, validate_train_config
+from stage1.train_config import check_files, load_run_config
 
 
 def test_rae_experiment_is_raes_stage1_config():
-    cfg = load_train_config(["experiment=rae_dinov2_b_decxl", "data.path=x", "loss.dino_path=d.pth"])
-    model, loss = model_config(cfg), loss_config(cfg)
+    cfg = load_run_config(["experiment=rae_dinov2_b_decxl", "data.path=x", "loss.dino_path=d.pth"])
+    model, loss = cfg.model, cfg.loss
     assert model.encoder.path == "facebook/dinov2-with-registers-base" and model.encoder.input_size == 224
     assert model.quantizer.kind == "none" and model.noise_tau == 0.8
     d = model.decoder
@@ -26,21 +26,20 @@ def test_rae_experiment_is_raes_stage1_config():
 
 
 def test_vqrae_experiment_starts_from_an_rae_decoder(tmp_path):
-    cfg = load_train_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x"])
-    assert model_config(cfg).quantizer.kind == "single" and cfg.codebook_fit.images > 0
-    assert model_config(cfg).decoder.cls_token and cfg.init.decoder.endswith("ViTXL_n08/model.pt")
+    cfg = load_run_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x"])
+    assert cfg.model.quantizer.kind == "single" and cfg.codebook_fit.images > 0
+    assert cfg.model.decoder.cls_token and cfg.init.decoder.endswith("ViTXL_n08/model.pt")
     # RAE's files are checked before the data folder is scanned or a model built: each missing one is named.
-    with pytest.raises(ValueError) as err:
-        validate_train_config(cfg)
-    for key in ("init.decoder", "model.normalization_stat_path", "loss.dino_path"):
-        assert f"{key} must be an existing file or null" in str(err.value)
-    for name in ("model.pt", "stat.pt", "dino.pth"):
+    files = {"init.decoder": "model.pt", "normalization_stat_path": "stat.pt", "loss.dino_path": "dino.pth"}
+    given = []
+    for key, name in files.items():
+        with pytest.raises(ValueError, match=f"{key} must be an existing file or null"):
+            check_files(load_run_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x", *given]))
         (tmp_path / name).write_bytes(b"")
-    validate_train_config(load_train_config([
-        "experiment=vqrae_dinov2_b_decxl", "data.path=x", f"init.decoder={tmp_path / 'model.pt'}",
-        f"model.normalization_stat_path={tmp_path / 'stat.pt'}", f"loss.dino_path={tmp_path / 'dino.pth'}"]))
-    with pytest.raises(ValueError, match="loss.disc=dino needs loss.dino_path"):
-        loss_config(load_train_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x", "loss.dino_path=null"]))
+        given.append(f"{key}={tmp_path / name}")
+    check_files(load_run_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x", *given]))
+    with pytest.raises(ValueError, match="loss.dino_path must be the DINO ViT checkpoint with loss.disc=dino"):
+        load_run_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x", "loss.dino_path=null"])
 
 
 def test_resize_random_crop_is_a_crop_of_the_resized_image():
@@ -52,8 +51,8 @@ def test_resize_random_crop_is_a_crop_of_the_resized_image():
     matches = [(i, j) for i in range(24 - 15) for j in range(36 - 15)
                if torch.allclose(resized[:, i:i + 16, j:j + 16], crop, atol=1e-5)]
     assert crop.shape == (3, 16, 16) and len(matches) == 1
-    with pytest.raises(ValueError, match="data.resize >= image_size"):
-        build_transform(16, "resize_random_crop", resize=8)
+    with pytest.raises(ValueError, match=r"data.resize must be >= image_size \(16\)"):
+        load_run_config(["data.path=x", "image_size=16", "data.augment=resize_random_crop", "data.resize=8"])
 
 
 def test_discriminator_warms_up_before_the_decoders_adversarial_term(train_images, tmp_path):

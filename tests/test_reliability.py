@@ -184,22 +184,23 @@ def test_weights_from_another_config_are_refused(dinov2_dir, tmp_path):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     config["num_embedings"] = 3
     (tmp_path / "a" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unknown keys \['num_embedings'\]"):
+    with pytest.raises(ValueError, match=r"config.json: unknown config keys \['num_embedings'\]"):
         VQRAE.from_pretrained(tmp_path / "a")
 
 
 def test_bad_constructor_values(dinov2_dir):
     for kwargs, message in [
-        (dict(num_embeddings=0), "quantizer.num_embeddings must be a positive integer"),
+        (dict(num_embeddings=0), "quantizer.num_embeddings must be > 0, got 0"),
+        (dict(num_embeddings="8"), r"quantizer.num_embeddings must be an integer, got '8' \(str\)"),
         (dict(vq_decay=1.0), r"decay must be in \[0, 1\)"),
         (dict(commitment_cost=-1.0), "commitment_cost must be >= 0"),
-        (dict(decoder_patch_size=0), "patch_size must be a positive integer"),
+        (dict(decoder_patch_size=0), "decoder.patch_size must be > 0, got 0"),
         (dict(noise_tau=-0.1), "noise_tau must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             tiny_vqrae(dinov2_dir, **kwargs)
     # The reconstruction loss is a training loss term now, configured by the loss group alone.
-    with pytest.raises(ValueError, match="recon_loss must be 'l1' or 'l2'"):
+    with pytest.raises(ValueError, match=r"loss.recon_loss must be one of \['l1', 'l2'\], got 'l3'"):
         LossConfig(recon_loss="l3")
 
 
@@ -207,7 +208,7 @@ def test_bad_constructor_values(dinov2_dir):
 FAILING_RANK = textwrap.dedent(
     """
     import sys
-    from stage1.train_config import load_train_config
+    from stage1.train_config import load_run_config
     from stage1.trainer import Trainer, train
     original = Trainer._train_step
     def failing(self, batches):
@@ -215,7 +216,7 @@ FAILING_RANK = textwrap.dedent(
             raise RuntimeError("injected failure on rank 1")
         return original(self, batches)
     Trainer._train_step = failing
-    train(load_train_config(sys.argv[1:]))
+    train(load_run_config(sys.argv[1:]))
     """
 )
 

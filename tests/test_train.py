@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 from stage1 import VQRAE
 from stage1.data import ImageDataset, build_transform
 from stage1.losses import adaptive_weight, build_lpips
-from stage1.train_config import REPO_ROOT, load_train_config
+from stage1.train_config import REPO_ROOT, load_run_config
 from stage1.trainer import train
 
 LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
@@ -144,14 +144,17 @@ def test_missing_or_empty_data_folder_fails_at_start(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run(str(tmp_path / "nowhere"), tmp_path / "r2")
     with pytest.raises(ValueError, match="config value missing: data.path"):
-        train(load_train_config(["experiment=tiny_test", f"results_dir={tmp_path / 'r3'}"]))
+        train(load_run_config(["experiment=tiny_test", f"results_dir={tmp_path / 'r3'}"]))
 
 
 def test_unknown_config_keys_are_rejected():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="lerning_rate"):
-        load_train_config(["experiment=tiny_test", "train.lerning_rate=1"])
+        load_run_config(["experiment=tiny_test", "train.lerning_rate=1"])
+    # hydra's own advice after a typo, `+key=`, adds the key to the tree: the typed config refuses it.
+    with pytest.raises(ValueError, match=r"unknown train config keys \['stepz'\]"):
+        load_run_config(["experiment=tiny_test", "data.path=x", "+train.stepz=3"])
 
 
 def test_unreadable_images_are_skipped_and_counted(train_images, tmp_path):
@@ -220,7 +223,7 @@ def test_training_checkpoints_load_after_the_stats_file_moved(train_images, tmp_
     mean, var = torch.randn(64, generator=g), torch.rand(64, generator=g) + 0.5  # tiny_dinov2: 64 channels
     stats = tmp_path / "stats.safetensors"
     save_file({"mean": mean, "var": var}, str(stats))
-    run(train_images, tmp_path / "run", f"model.normalization_stat_path={stats}", "train.stop_at=4",
+    run(train_images, tmp_path / "run", f"normalization_stat_path={stats}", "train.stop_at=4",
         "train.sample_every=null")
     os.rename(stats, tmp_path / "moved.safetensors")
     step_dir = tmp_path / "run" / "checkpoints" / "step-0000004"
@@ -311,7 +314,7 @@ def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exac
     spec = str(tmp_path / "shards" / "{000000..000002}.tar")
 
     def train_on(data, results, *overrides):
-        return train(load_train_config(["experiment=tiny_test", f"data.path='{data}'", f"results_dir={results}",
+        return train(load_run_config(["experiment=tiny_test", f"data.path='{data}'", f"results_dir={results}",
                                         "data.num_workers=2", *overrides]))
 
     train_on(train_images, tmp_path / "folder")
@@ -337,7 +340,7 @@ def test_a_streamed_training_resumes_exactly_where_it_stopped(train_images, tmp_
     stream = f"pipe:cat {tmp_path / 'shards'}/{{000000..000003}}.tar"
 
     def train_on(results, *overrides):
-        return train(load_train_config(["experiment=tiny_test", f"data.path='{stream}'", f"results_dir={results}",
+        return train(load_run_config(["experiment=tiny_test", f"data.path='{stream}'", f"results_dir={results}",
                                         "data.num_workers=2", *overrides]))
 
     train_on(tmp_path / "whole")

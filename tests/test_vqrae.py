@@ -17,12 +17,9 @@ def model(dinov2_dir):
 
 
 @pytest.mark.parametrize("reshape_to_2d", [True, False])
-@pytest.mark.parametrize("quantize_before_reshape", [True, False])
-def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d, quantize_before_reshape):
+def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d):
     torch.manual_seed(0)
-    model = tiny_vqrae(
-        dinov2_dir, reshape_to_2d=reshape_to_2d, quantize_before_reshape=quantize_before_reshape
-    ).eval()
+    model = tiny_vqrae(dinov2_dir, reshape_to_2d=reshape_to_2d).eval()
     x = smooth_images(3)
     indices = model.encode_to_indices(x)
     assert indices.shape == (3, 4, 4) and indices.dtype == torch.long
@@ -37,9 +34,9 @@ def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d, quantize_bef
 
 def test_layout_options_give_the_same_codes(dinov2_dir):
     outputs = []
-    for reshape_to_2d, before in [(True, False), (True, True), (False, False)]:
+    for reshape_to_2d in (True, False):
         torch.manual_seed(0)
-        model = tiny_vqrae(dinov2_dir, reshape_to_2d=reshape_to_2d, quantize_before_reshape=before).eval()
+        model = tiny_vqrae(dinov2_dir, reshape_to_2d=reshape_to_2d).eval()
         x = smooth_images(2)
         z = model.encode(x)
         assert z.shape == ((2, 32, 4, 4) if reshape_to_2d else (2, 16, 32))
@@ -120,6 +117,23 @@ def test_save_and_load_give_identical_outputs(model, tmp_path):
     loaded = VQRAE.from_pretrained(tmp_path / "ckpt").eval()
     assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded.encode_to_indices(x), model.encode_to_indices(x))
+
+
+def test_a_loaded_model_is_in_eval_mode_and_a_forward_moves_no_buffer(dinov2_dir, tmp_path):
+    """As every Hub-style from_pretrained: a plain model(x) right after loading must not move the EMA codebook."""
+    torch.manual_seed(0)
+    trained = tiny_vqrae(dinov2_dir, vq_decay=0.5).train()
+    trained(smooth_images(4, seed=1))  # initialises and moves the codebook: training mode does
+    trained.save_pretrained(tmp_path / "ckpt")
+    loaded = VQRAE.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    loaded(smooth_images(4, seed=2))
+    loaded(smooth_images(4, seed=2), return_loss=True)
+    after = loaded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    loaded.train()(smooth_images(4, seed=2))  # and training still trains it
+    assert not torch.equal(before["quantizer.embedding"], loaded.state_dict()["quantizer.embedding"])
 
 
 def test_save_with_encoder_is_self_contained(model, tmp_path):

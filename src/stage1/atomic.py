@@ -68,6 +68,13 @@ def write_json(path: str | os.PathLike, data) -> None:
         f.write("\n")
 
 
+def write_yaml(path: str | os.PathLike, data) -> None:
+    import yaml
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
 def write_npy(path: str | os.PathLike, array) -> None:
     """A numpy array as a .npy file, written atomically."""
     import numpy as np

@@ -65,9 +65,6 @@ def first_readable(candidates, count: int, transform) -> tuple[list[str], list[t
     return names, images
 
 
-AUGMENTS = ("random_resized_crop", "resize_random_crop", "center_crop")
-
-
 def unit_range(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
@@ -78,17 +75,12 @@ def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip
     resized to `resize`, then a random image_size crop; center_crop: resized, then the centre."""
     if augment == "random_resized_crop":
         crop = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
-    elif augment == "resize_random_crop":
-        if resize is None or resize < image_size:
-            raise ValueError(f"data.augment=resize_random_crop needs data.resize >= image_size ({image_size}), got "
-                             f"{resize}")
+    elif augment == "resize_random_crop":  # resize >= image_size: checked by RunConfig
         # Bicubic as RAE resizes; it can overshoot [0, 1], so the result is clamped back.
         crop = [v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.Lambda(unit_range),
                 v2.RandomCrop(image_size)]
-    elif augment == "center_crop":
+    else:  # center_crop
         crop = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    else:
-        raise ValueError(f"data.augment must be one of {AUGMENTS}, got '{augment}'")
     flip = [v2.RandomHorizontalFlip()] if hflip else []
     return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot; bicubic: clamped)
 

@@ -22,14 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_section import ConfigSection, choice
 from .diffaugment import DiffAugment
 from .dino_discriminator import DinoDiscriminator
-from .model_config import ConfigSection
-
-RECON_LOSSES = ("l1", "l2")
-LPIPS_NETS = ("vgg", "alex")
-DISCRIMINATORS = ("patchgan", "dino")
-DISC_SCHEDULES = ("constant", "cosine")
 
 
 def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -41,21 +36,22 @@ def reconstruction_loss(x_rec: torch.Tensor, x: torch.Tensor, kind: str = "l1") 
 @dataclass
 class LossConfig(ConfigSection):
     section = "loss"
-    recon_loss: str = "l1"
+    recon_loss: str = choice("l1", "l2")
     recon_weight: float = 1.0
     lpips_weight: float = 1.0
     lpips_start: int = 0
-    lpips_net: str = "vgg"
+    lpips_net: str = choice("vgg", "alex")
     lpips_random_backbone: bool = False  # true only offline (tests, quickstart): the distance is then not perceptual
     disc_weight: float = 0.75
     disc_start: int = 20000  # no adversarial term in the decoder's loss before this step
     disc_update_start: int | None = None  # the discriminator trains from this step (RAE: earlier, a warm-up); null:
     # disc_start
-    disc: str = "patchgan"  # patchgan | dino (RAE's: a frozen DINO ViT with trainable heads)
+    disc: str = choice("patchgan", "dino")  # dino: RAE's, a frozen DINO ViT with trainable heads
     disc_lr: float = 2e-4
-    disc_betas: tuple = (0.5, 0.9)  # the discriminator's AdamW; RAE's: (0.9, 0.95)
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # the discriminator's AdamW; RAE's: (0.9, 0.95)
     disc_weight_decay: float = 0.01  # RAE's: 0
-    disc_schedule: str = "constant"  # constant | cosine: the decoder's warm-up + cosine (train.*), scaled to disc_lr
+    disc_schedule: str = choice("constant", "cosine")  # cosine: the decoder's warm-up + cosine (train.*), scaled
+    # to disc_lr
     disc_channels: int = 64  # patchgan
     disc_layers: int = 3  # patchgan
     dino_path: str | None = None  # dino: the DINO ViT checkpoint (RAE: dino_vit_small_patch8_224.pth)
@@ -65,27 +61,15 @@ class LossConfig(ConfigSection):
     disc_round_fakes: bool = False  # the discriminator's update sees fakes clamped and rounded to 8 bits (RAE)
     adaptive_weight_max: float = 1e4
 
-    def __post_init__(self):
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got '{self.recon_loss}'")
-        if self.lpips_net not in LPIPS_NETS:
-            raise ValueError(f"loss.lpips_net must be one of {LPIPS_NETS}, got '{self.lpips_net}'")
-        for name in ("recon_weight", "lpips_weight", "disc_weight", "lpips_start", "disc_start", "disc_update_start"):
-            if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max", "disc_kernel"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
-        if self.disc_schedule not in DISC_SCHEDULES:
-            raise ValueError(f"loss.disc_schedule must be one of {DISC_SCHEDULES}, got '{self.disc_schedule}'")
-        if self.disc not in DISCRIMINATORS:
-            raise ValueError(f"loss.disc must be one of {DISCRIMINATORS}, got '{self.disc}'")
-        if self.disc == "dino" and self.disc_weight > 0 and not self.dino_path:
-            raise ValueError("loss.disc=dino needs loss.dino_path, the DINO ViT checkpoint (RAE: "
-                             "dino_vit_small_patch8_224.pth)")
-        if len(self.disc_betas) != 2 or not all(0 <= b < 1 for b in self.disc_betas) or self.disc_weight_decay < 0:
-            raise ValueError(f"loss.disc_betas must be two numbers in [0, 1) and loss.disc_weight_decay >= 0, got "
-                             f"{list(self.disc_betas)}, {self.disc_weight_decay}")
+    def check(self):
+        for name in ("recon_weight", "lpips_weight", "disc_weight", "lpips_start", "disc_start", "disc_weight_decay"):
+            self.require(getattr(self, name) >= 0, name, ">= 0")
+        self.require(self.disc_update_start is None or self.disc_update_start >= 0, "disc_update_start",
+                     ">= 0 or null")
+        self.require_positive("disc_lr", "disc_channels", "disc_layers", "adaptive_weight_max", "disc_kernel")
+        self.require(not (self.disc == "dino" and self.disc_weight > 0 and not self.dino_path), "dino_path",
+                     "the DINO ViT checkpoint with loss.disc=dino (RAE: dino_vit_small_patch8_224.pth)")
+        self.require(all(0 <= b < 1 for b in self.disc_betas), "disc_betas", "two numbers in [0, 1)")
         DiffAugment(self.diffaug_prob, self.diffaug_cutout)  # checks its own values
 
 

@@ -43,14 +43,20 @@ def sample_rows(flat: torch.Tensor, count: int) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour quantizer with an EMA codebook and straight-through gradients.
 
+    VectorQuantizer(QuantizerConfig(...), D), or VectorQuantizer(K, D, **options) with the config's other fields
+    (commitment_cost, decay, epsilon, ...) as keywords; the values are checked by QuantizerConfig.
+
     forward(z) takes channels-last features (..., D), e.g. (B, N, D) tokens, and returns (z_q, losses, indices):
     z_q has z's shape and dtype, indices have z's shape without D (long). The EMA update runs only in training
-    mode. `options` are the other QuantizerConfig fields (commitment_cost, decay, epsilon, ...), checked there.
+    mode.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, **options):
+    def __init__(self, config: QuantizerConfig | int, embedding_dim: int, **options):
         super().__init__()
-        config = QuantizerConfig(num_embeddings=num_embeddings, **options)
+        if not isinstance(config, QuantizerConfig):
+            config = QuantizerConfig(num_embeddings=config, **options)
+        elif options:
+            raise TypeError("pass either a QuantizerConfig or keyword options, not both")
         if config.kind != "single":
             raise ValueError(f"VectorQuantizer is the 'single' kind, got quantizer.kind={config.kind!r}")
         self.index_suffix: tuple[int, ...] = ()  # indices have the features' shape without D: no codebook axis
@@ -58,9 +64,9 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.num_embeddings = config.num_embeddings
         self.embedding_dim = embedding_dim
-        self.commitment_cost = float(config.commitment_cost)
-        self.decay = float(config.decay)
-        self.epsilon = float(config.epsilon)
+        self.commitment_cost = config.commitment_cost
+        self.decay = config.decay
+        self.epsilon = config.epsilon
         self.cosine = config.cosine
         self.restart_after_steps = config.restart_after_steps
         self.kmeans_init = config.kmeans_init
@@ -68,17 +74,13 @@ class VectorQuantizer(nn.Module):
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK  # a memory bound, not a model value
 
         # Placeholders until the first training batch (or set_codebook / load_state_dict) puts codes on the data.
-        embedding = torch.randn(num_embeddings, embedding_dim)
+        embedding = torch.randn(config.num_embeddings, embedding_dim)
         self.register_buffer("embedding", embedding)
-        self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
+        self.register_buffer("ema_cluster_size", torch.ones(config.num_embeddings))
         self.register_buffer("ema_embed_sum", embedding.clone())
-        self.register_buffer("steps_since_hit", torch.zeros(num_embeddings, dtype=torch.long))
+        self.register_buffer("steps_since_hit", torch.zeros(config.num_embeddings, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
         self._norms_cache: tuple | None = None
-
-    @classmethod
-    def from_config(cls, config: QuantizerConfig, embedding_dim: int) -> "VectorQuantizer":
-        return cls(embedding_dim=embedding_dim, **config.to_dict())
 
     @property
     def codebook(self) -> torch.Tensor:

@@ -15,6 +15,8 @@ the gradient reaches z unchanged (straight-through).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +27,7 @@ from .quantizer import VectorQuantizer
 
 def _level(config: QuantizerConfig, embedding_dim: int) -> VectorQuantizer:
     """One single-codebook level with the kind's options."""
-    options = {**config.to_dict(), "kind": "single", "depth": 1, "groups": 1}
-    return VectorQuantizer(embedding_dim=embedding_dim, **options)
+    return VectorQuantizer(dataclasses.replace(config, kind="single", depth=1, groups=1), embedding_dim)
 
 
 def combine_losses(levels: list[dict], commitment: torch.Tensor, commitment_cost: float) -> dict:
@@ -155,7 +156,7 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
         return ResidualQuantizer(config, embedding_dim)
     if config.kind == "grouped":
         return GroupedQuantizer(config, embedding_dim)
-    return VectorQuantizer.from_config(config, embedding_dim)
+    return VectorQuantizer(config, embedding_dim)
 
 
 __all__ = ["ResidualQuantizer", "GroupedQuantizer", "NoQuantizer", "build_quantizer"]

@@ -78,7 +78,7 @@ def _build(tf, family, dims, sized, image_size, patch_size):
 
 
 def write_stand_in_encoder(spec: dict, directory: str, image_size: int, seed: int = 0) -> None:
-    """The training stand-in (`encoder.tiny` in configs/encoder/tiny_*.yaml): written once to `directory`, kept
+    """The training stand-in (`init.tiny_encoder` in configs/encoder/tiny_*.yaml): written once to `directory`, kept
     on resume. `spec` holds the family and the sizes of save_tiny_encoder."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return

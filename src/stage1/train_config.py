@@ -1,94 +1,195 @@
-"""Training configuration: the hydra tree under `configs/`, composed with command-line overrides.
+"""A training run's configuration: typed sections, composed by hydra from `configs/`, checked once.
 
-The model's groups (encoder, quantizer, decoder, and `model:`) become a VQRAEConfig and the `loss` group a
-LossConfig, each checking its own values; `validate_train_config` checks what no constructor sees, and that the
-files the run reads exist, before the data folder is scanned.
+    RunConfig                                       the hydra tree (configs/train.yaml and its groups)
+        model: VQRAEConfig                          encoder/ quantizer/ decoder/ groups, noise_tau and
+                                                    normalization_stat_path at the top level (as in config.json)
+        loss: LossConfig                            loss/
+        data: DataConfig                            data/
+        codebook_fit: CodebookFitConfig             codebook_fit:
+        train: TrainConfig                          train:
+        init: InitConfig                            init:
+        results_dir, seed, device, precision, ...   the top level
+
+The defaults live in the dataclasses, and only there: hydra composes `configs/train.yaml` on top of them (the
+node `run_defaults`, generated from the dataclasses), so every YAML file states only what it changes. The one step
+from the composed tree to the typed config is `run_config`: every value checked by the section that owns it, types
+first, an unknown key (`+train.stepz=3` too) refused.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from .config_section import ConfigError, ConfigSection, choice
 from .losses import LossConfig
 from .model_config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
 from .precision import PRECISIONS
-from .train_log import LOGGERS
 
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
-__all__ = ["CONFIG_DIR", "REPO_ROOT", "load_train_config", "validate_train_config", "model_config", "loss_config"]
+__all__ = ["CONFIG_DIR", "REPO_ROOT", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
+           "compose_tree", "load_run_config", "run_config"]
+MODEL_KEYS = ("encoder", "quantizer", "decoder", "noise_tau", "normalization_stat_path")  # the model in the tree
 
 
-def load_train_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> DictConfig:
-    """Compose `train.yaml` with hydra overrides such as `experiment=quickstart data.path=/data`."""
+@dataclass
+class TrainConfig(ConfigSection):
+    section = "train"
+    steps: int = 200000  # optimizer steps
+    batch_size: int = 32  # per rank and micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 2000
+    grad_clip: float | None = 1.0  # null: no clipping
+    max_nonfinite_steps: int = 20  # NaN/Inf steps are skipped; this many in a row stop the run
+    ema_decay: float | None = 0.9999  # EMA of the decoder weights (null: none)
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoder and decoder forward (pays off on a GPU)
+    ckpt_every: int = 5000
+    keep_last: int | None = 3  # checkpoints kept (null: all)
+    log_every: int = 50
+    sample_every: int | None = 2500  # null: no sample grids during training
+    num_samples: int = 8  # images in the sample grid and the final report
+    resume: str | None = "auto"  # auto (newest checkpoint in results_dir) | null | a checkpoint directory
+    stop_at: int | None = None  # stop after checkpointing at this step (fit a job time limit); resume later
+    report_reconstructions: bool = True  # at the end: reconstruct num_samples images, print PSNR, save a grid
+
+    def check(self):
+        self.require_positive("steps", "batch_size", "grad_accum", "lr", "max_nonfinite_steps", "ckpt_every",
+                              "log_every", "num_samples")
+        self.require(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, train.lr = {self.lr}]")
+        self.require(all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+        self.require(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self.require(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        self.require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "> 0 or null")
+        self.require(self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) or null")
+        self.require(self.keep_last is None or self.keep_last >= 1, "keep_last", ">= 1 or null")
+        self.require(self.sample_every is None or self.sample_every > 0, "sample_every", "> 0 or null")
+        self.require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",
+                     f"in [1, train.steps = {self.steps}] or null")
+
+
+@dataclass
+class DataConfig(ConfigSection):
+    section = "data"
+    path: str  # an ImageFolder tree, a flat folder of images, or tar shards ('x/{000000..000099}.tar')
+    augment: str = choice("random_resized_crop", "resize_random_crop", "center_crop")
+    min_scale: float = 0.8  # random_resized_crop: the smallest area kept
+    resize: int | None = None  # resize_random_crop: the shorter side before the random crop (RAE: 384 -> 256)
+    hflip: bool = True
+    num_workers: int = 8
+    tar_cache: str | None = None  # tar shards given as URLs (pipe:, https://, ...) are copied here once
+
+    def check(self):
+        self.require(0 < self.min_scale <= 1, "min_scale", "in (0, 1]")
+        self.require(self.resize is None or self.resize > 0, "resize", "> 0 or null")
+        self.require(self.num_workers >= 0, "num_workers", ">= 0")
+
+
+@dataclass
+class CodebookFitConfig(ConfigSection):
+    """Before step 0: the codebook from k-means of real latents (stage1/codebook_fit.py), its EMA starting there."""
+
+    section = "codebook_fit"
+    images: int = 20000  # center-cropped images from data.path, split over ranks (all, if fewer); 0: off, and the
+    # first batch initialises the codebook instead
+    tokens_per_image: int = 64  # random latent tokens kept per image
+    iters: int = 20  # Lloyd iterations (exact search)
+
+    def check(self):
+        self.require(self.images >= 0, "images", ">= 0 (0: off)")
+        self.require_positive("tokens_per_image")
+        self.require(self.iters >= 0, "iters", ">= 0")
+
+
+@dataclass
+class InitConfig(ConfigSection):
+    """Where weights start from (a resumed run takes its checkpoint's instead)."""
+
+    section = "init"
+    decoder: str | None = None  # RAE's released decoder weights (model.pt, or safetensors), for decoder=rae_vit_*
+    tiny_encoder: dict | None = None  # a stand-in encoder's recipe (stage1.tiny): built at encoder.path first
+
+
+@dataclass
+class RunConfig(ConfigSection):
+    model: VQRAEConfig
+    data: DataConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    codebook_fit: CodebookFitConfig = field(default_factory=CodebookFitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    results_dir: str = "results/run"
+    seed: int = 0
+    device: str = choice("auto", "cuda", "cpu")  # auto: cuda if available
+    precision: str = choice(*PRECISIONS)  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dist_timeout_minutes: float = 30.0  # bound on every collective: a dead rank fails the job instead of hanging
+    logger: str = choice("tensorboard", "wandb")  # wandb: Weights & Biases beside TensorBoard (pip install wandb)
+    wandb_project: str = "vqrae"  # with logger=wandb; the run's name is the results_dir's
+    image_size: int = 256  # training crops
+
+    def check(self):
+        self.require_positive("image_size", "dist_timeout_minutes")
+        self.require(self.logger != "wandb" or importlib.util.find_spec("wandb") is not None, "logger",
+                     "tensorboard, or wandb with the wandb package installed (pip install wandb)")
+        if self.data.augment == "resize_random_crop" and (self.data.resize or 0) < self.image_size:
+            raise ConfigError(f"data.resize must be >= image_size ({self.image_size}) with "
+                              f"data.augment=resize_random_crop, got {self.data.resize!r}")
+
+    def to_tree(self) -> dict:
+        """The hydra tree of this config (what a run's train_config.yaml holds)."""
+        return flat_tree(self.to_dict())
+
+
+def flat_tree(values: dict) -> dict:
+    """RunConfig's values with the model's keys at the top level, as the hydra tree and config.json have them."""
+    values = dict(values)
+    model = values.pop("model")
+    return {**{k: model[k] for k in MODEL_KEYS}, **values}
+
+
+def run_config(tree: DictConfig | dict) -> RunConfig:
+    """The one step from a composed hydra tree to the typed config."""
+    if isinstance(tree, DictConfig):
+        try:
+            tree = OmegaConf.to_container(tree, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as err:
+            raise ConfigError(f"config value missing: {err.full_key} (pass it on the command line, e.g. "
+                              f"{err.full_key}=...)") from None
+    values = dict(tree)
+    model = {k: values.pop(k) for k in MODEL_KEYS if k in values}
+    if "model" in values:
+        raise ConfigError("unknown config key 'model': the model's values are encoder.*, quantizer.*, decoder.*, "
+                          "noise_tau and normalization_stat_path")
+    return RunConfig.from_dict({**values, "model": model})
+
+
+def compose_tree(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> DictConfig:
+    """`configs/train.yaml` composed with hydra overrides such as `experiment=quickstart data.path=/data`."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
 
+    ConfigStore.instance().store(name="run_defaults", node=flat_tree(RunConfig.default_tree()))
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides or []))
 
 
-def model_config(cfg: DictConfig) -> VQRAEConfig:
-    """The model's config from the encoder, quantizer, decoder groups and `model:` (the same field names)."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    # encoder.tiny is no model value: it asks train() to build the stand-in checkpoint at encoder.path first.
-    encoder = {k: v for k, v in values["encoder"].items() if k != "tiny"}
-    return VQRAEConfig.from_dict(
-        {"encoder": encoder, "quantizer": values["quantizer"], "decoder": values["decoder"], **values["model"]}
-    )
+def load_run_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> RunConfig:
+    return run_config(compose_tree(overrides, config_dir))
 
 
-def loss_config(cfg: DictConfig) -> LossConfig:
-    return LossConfig.from_dict(OmegaConf.to_container(cfg.loss, resolve=True))
-
-
-def validate_train_config(cfg: DictConfig) -> None:
-    """One ValueError listing every bad training value, raised before any model is built or data is read."""
-    problems = []
-
-    def need(condition: bool, key: str, expected: str) -> None:
-        if not condition:
-            problems.append(f"{key} must be {expected}, got {OmegaConf.select(cfg, key)!r}")
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        raise ValueError(f"config value missing: {err.full_key} (pass it on the command line, e.g. "
-                         f"{err.full_key}=...)") from None
-    t = cfg.train
-    need(cfg.image_size > 0, "image_size", "> 0")
-    need(cfg.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
-    need(cfg.logger in LOGGERS, "logger", f"one of {LOGGERS}")
-    if cfg.logger == "wandb":
-        import importlib.util
-
-        need(importlib.util.find_spec("wandb") is not None, "logger", "tensorboard, or wandb with the wandb package "
-             "installed (pip install wandb)")
-    need(t.steps > 0, "train.steps", "> 0")
-    need(t.batch_size > 0, "train.batch_size", "> 0")
-    need(t.grad_accum >= 1, "train.grad_accum", ">= 1")
-    need(t.lr > 0, "train.lr", "> 0")
-    need(0 <= t.min_lr <= t.lr, "train.min_lr", "between 0 and train.lr")
-    need(t.weight_decay >= 0, "train.weight_decay", ">= 0")
-    need(t.warmup_steps >= 0, "train.warmup_steps", ">= 0")
-    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "> 0 or null")
-    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1")
-    need(t.ema_decay is None or 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) or null")
-    need(t.ckpt_every > 0, "train.ckpt_every", "> 0")
-    need(t.keep_last is None or t.keep_last >= 1, "train.keep_last", ">= 1 or null")
-    need(t.log_every > 0, "train.log_every", "> 0")
-    need(t.sample_every is None or t.sample_every > 0, "train.sample_every", "> 0 or null")
-    need(t.stop_at is None or 0 < t.stop_at <= t.steps, "train.stop_at", "in [1, train.steps] or null")
-    need(cfg.data.num_workers >= 0, "data.num_workers", ">= 0")
-    need(cfg.codebook_fit.images >= 0, "codebook_fit.images", ">= 0")
-    need(cfg.codebook_fit.tokens_per_image >= 1, "codebook_fit.tokens_per_image", ">= 1")
-    need(cfg.codebook_fit.iters >= 0, "codebook_fit.iters", ">= 0")
-    # Files the run reads, checked before the data folder is scanned (README, Start from RAE, names them).
-    files = ["init.decoder", "model.normalization_stat_path"]
-    files += ["loss.dino_path"] if cfg.loss.disc == "dino" and cfg.loss.disc_weight > 0 else []
-    for key in files:
-        path = OmegaConf.select(cfg, key)
-        need(path is None or os.path.isfile(path), key, "an existing file or null")
-    if problems:
-        raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+def check_files(run: RunConfig) -> None:
+    """The files a run reads exist: checked before the data folder is scanned."""
+    files = {"init.decoder": run.init.decoder, "normalization_stat_path": run.model.normalization_stat_path}
+    if run.loss.disc == "dino" and run.loss.disc_weight > 0:
+        files["loss.dino_path"] = run.loss.dino_path
+    for key, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{key} must be an existing file or null, got {path!r}")

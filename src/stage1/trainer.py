@@ -20,7 +20,6 @@ import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils import clip_grad_norm_
@@ -30,12 +29,11 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import atomic_path
+from .atomic import write_yaml
 from .codebook_fit import encode_batches, fit_codebook
 from .data import ImageDataset, ResumableDistributedSampler, build_transform
 from .images import psnr, save_png
-from .losses import LossConfig, VQRAELoss
-from .model_config import VQRAEConfig
+from .losses import VQRAELoss
 from .precision import autocast, resolve_precision
 from .rae import load_rae_decoder
 from .tar_shards import TarStream, training_dataset
@@ -53,7 +51,7 @@ from .train_checkpoint import (
     write_checkpoint,
     write_state,
 )
-from .train_config import loss_config, model_config, validate_train_config
+from .train_config import RunConfig, check_files
 from .train_log import MetricsLog
 from .vqrae import CONFIG_NAME, VQRAE, WEIGHTS_NAME
 
@@ -61,21 +59,20 @@ QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", 
                   "restarted_codes")
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: RunConfig) -> dict:
     """Run (or resume) the training described by cfg; returns a summary on every rank."""
-    validate_train_config(cfg)
-    model_cfg, loss_cfg = model_config(cfg), loss_config(cfg)  # each checks its own values
+    check_files(cfg)
     # Data first: a wrong folder fails in a second, before any model is loaded.
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
-    dataset = training_dataset(str(cfg.data.path), transform, cfg.seed, cfg.data.tar_cache)
+    dataset = training_dataset(cfg.data.path, transform, cfg.seed, cfg.data.tar_cache)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     try:
-        if cfg.encoder.tiny is not None:
+        if cfg.init.tiny_encoder is not None:
             if info.is_main:
-                spec = OmegaConf.to_container(cfg.encoder.tiny, resolve=True)
-                write_stand_in_encoder(spec, model_cfg.encoder.path, image_size=cfg.image_size, seed=cfg.seed)
+                write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size,
+                                       seed=cfg.seed)
             distributed.barrier()
-        return Trainer(cfg, info, model_cfg, loss_cfg, dataset).run()
+        return Trainer(cfg, info, dataset).run()
     finally:
         distributed.teardown()
 
@@ -110,8 +107,7 @@ def accumulate(logs: dict, values: dict, accum: int) -> None:
 class Trainer:
     """The model, the loss, their optimizers, the data stream and the counters; run() is the loop."""
 
-    def __init__(self, cfg: DictConfig, info: distributed.DistInfo, model_cfg: VQRAEConfig, loss_cfg: LossConfig,
-                 dataset: ImageDataset):
+    def __init__(self, cfg: RunConfig, info: distributed.DistInfo, dataset: ImageDataset):
         self.cfg, self.info, self.device, self.dataset = cfg, info, info.device, dataset
         self.results_dir = cfg.results_dir
         self.ckpt_root = os.path.join(self.results_dir, "checkpoints")
@@ -119,12 +115,12 @@ class Trainer:
         # Same seed on every rank while building, so all ranks start from identical weights and codebook, and a
         # resumed run rebuilds what checkpoints do not hold (a random LPIPS backbone) identically.
         torch.manual_seed(cfg.seed)
-        self.model = VQRAE(model_cfg)
+        self.model = VQRAE(cfg.model)
         if cfg.init.decoder is not None:
             load_rae_decoder(self.model.decoder, cfg.init.decoder)
         self.model.to(self.device)
-        self.model.decoder.gradient_checkpointing = bool(cfg.train.grad_checkpointing)
-        self.loss = VQRAELoss(loss_cfg).to(self.device)
+        self.model.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
+        self.loss = VQRAELoss(cfg.loss).to(self.device)
         self._build_optimizers()
         self.step = self.skipped_images = self.nonfinite_steps = self.nonfinite_in_a_row = 0
         self._resume()
@@ -136,9 +132,8 @@ class Trainer:
         self.log = None
         if info.is_main:
             self.log = MetricsLog(self.results_dir, self.step, cfg.wandb_project if cfg.logger == "wandb" else None,
-                                  OmegaConf.to_container(cfg, resolve=True))
-            with atomic_path(os.path.join(self.results_dir, TRAIN_CONFIG_NAME)) as tmp:
-                OmegaConf.save(cfg, tmp, resolve=True)
+                                  cfg.to_tree())
+            write_yaml(os.path.join(self.results_dir, TRAIN_CONFIG_NAME), cfg.to_tree())
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> None:
@@ -374,7 +369,7 @@ class Trainer:
         if self.loss.discriminator is not None:
             weights = {k: v.detach().contiguous().cpu() for k, v in self.loss.discriminator.state_dict().items()}
             save_file(weights, os.path.join(directory, DISCRIMINATOR_NAME))
-        OmegaConf.save(self.cfg, os.path.join(directory, TRAIN_CONFIG_NAME), resolve=True)
+        write_yaml(os.path.join(directory, TRAIN_CONFIG_NAME), self.cfg.to_tree())
         write_state(directory, {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),

@@ -26,12 +26,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from .atomic import atomic_path, read_json, write_json
+from .atomic import atomic_path, write_json
 from .decoder import ViTDecoder
 from .encoders import build_encoder
 from .latent_stats import read_latent_stats
 from .losses import reconstruction_loss
-from .model_config import VQRAEConfig, written_before_rae_layout
+from .model_config import VQRAEConfig
 from .quantizer_kinds import build_quantizer
 from .tensor_files import read_tensor_file
 
@@ -41,16 +41,6 @@ ENCODER_SUBDIR = "encoder"
 RANGE_TOLERANCE = 1e-3  # interpolation overshoot of a few 1e-4 is not a user error
 COMPILE_OPTIONS: dict = {}  # torch.compile's own defaults (inductor); the tests trace with {"backend": "eager"}
 DEFAULT_GRID_IMAGE = 224  # with encoder.input_size None, the decoder's position grid is sized for 224 px
-
-
-def decoder_on_raw_latents(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights of vqrae 0.2 and before, whose decoder took the normalised latent, rewritten for a decoder that takes
-    the raw one: embed((z - m) / s) = (W / s) z + (b - (W / s) m), the same function."""
-    if "decoder.embed.weight" not in state or "latent_std" not in state or state["latent_std"].dim() != 1:
-        return state
-    weight = state["decoder.embed.weight"] / state["latent_std"]
-    bias = state["decoder.embed.bias"] - weight @ state["latent_mean"]
-    return {**state, "decoder.embed.weight": weight, "decoder.embed.bias": bias}
 
 
 # ---- layouts: only the public methods convert ------------------------------------------------------------------
@@ -287,8 +277,9 @@ class VQRAE(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, weights_name: str = WEIGHTS_NAME, **keywords) -> "VQRAE":
         """Load from a directory written by save_pretrained (or a training checkpoint: weights_name=
-        "ema.safetensors" for its EMA weights) or a Hub repo id. Keywords (VQRAE's flat names) replace config
-        values, e.g. encoder_config_path=<local dir> where the referenced Hub encoder is not available offline."""
+        "ema.safetensors" for its EMA weights) or a Hub repo id, in eval mode (call .train() to train it).
+        Keywords (VQRAE's flat names) replace config values, e.g. encoder_config_path=<local dir> where the
+        referenced Hub encoder is not available offline."""
         path = os.fspath(path)
         config_file = cls._resolve(path, CONFIG_NAME)
         config = VQRAEConfig.load(config_file)
@@ -299,8 +290,6 @@ class VQRAE(nn.Module):
         state = read_tensor_file(weights_file, "model weights")
         if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
             model.set_latent_stats(state["latent_mean"], state["latent_std"])
-        if written_before_rae_layout(read_json(config_file)):
-            state = decoder_on_raw_latents(state)
         expected = model.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -315,7 +304,7 @@ class VQRAE(nn.Module):
                 f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
             )
         model.load_state_dict(state, strict=False)
-        return model
+        return model.eval()  # as every from_pretrained: the codebook moves only when the caller trains
 
     def compile_parts(self, **options) -> "VQRAE":
         """torch.compile the frozen encoder's and the decoder's forward, in place (nn.Module.compile: the state dict
