@@ -274,7 +274,8 @@ def test_a_decompression_bomb_is_one_error_or_one_skipped_file(train_images, din
     assert [s["path"] for s in manifest["skipped"]] == ["class0/000_bomb.png"] and len(manifest["images"]) == 8
     assert evaluate.main(["--model", str(model_dir), "--data", str(folder), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["num_images"] == 8
-    summary = run(str(folder), tmp_path / "run", "train.steps=2", "train.num_samples=2")
+    with pytest.warns(UserWarning, match="skipping unreadable image class0/000_bomb.png: DecompressionBombError"):
+        summary = run(str(folder), tmp_path / "run", "train.steps=2", "train.num_samples=2")
     assert summary["step"] == 2
 
 

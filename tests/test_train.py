@@ -171,6 +171,34 @@ def test_unreadable_images_are_skipped_and_counted(train_images, tmp_path):
     assert dataset[(0, 0)]["skipped"] == 0
 
 
+def test_trainings_center_crop_is_the_commands_preprocessing(tmp_path):
+    """One center crop: the codebook fit, the sample grid and augment=center_crop see exactly the pixels that
+    prepare_image gives vqrae-tokenize and the other commands (it was a bilinear resize beside their bicubic)."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from stage1.images import load_image
+    from stage1.input_pipeline import prepare_image
+    from stage1.tar_shards import decode
+
+    g = torch.Generator().manual_seed(4)
+    photo = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 9, generator=g), size=(60, 90), mode="bicubic")
+    save_image(photo[0].clamp(0, 1), tmp_path / "photo.png")
+    Image.open(tmp_path / "photo.png").save(tmp_path / "photo.jpg", quality=90)
+    deep = (torch.rand(50, 40, generator=g) * 65535).to(torch.int32).numpy()
+    Image.fromarray(deep, mode="I").convert("I;16").save(tmp_path / "deep.png")  # 16-bit grey: floats, not uint8
+    dataset = ImageDataset(str(tmp_path), build_transform(24, "center_crop", hflip=False))
+    assert dataset.paths == ["deep.png", "photo.jpg", "photo.png"]
+    for i, name in enumerate(dataset.paths):
+        expected = prepare_image(str(tmp_path / name), 24)[0]
+        assert torch.equal(dataset[(i, 0)]["image"], expected), name
+        assert torch.equal(build_transform(24, "center_crop", hflip=False)(decode((tmp_path / name).read_bytes())),
+                           expected), name  # tar samples too
+    # ... where the old bilinear resize was measurably elsewhere.
+    old = v2.Compose([v2.Resize(24, antialias=True), v2.CenterCrop(24)])
+    assert (old(load_image(str(tmp_path / "photo.png"))[0]) - dataset[(2, 0)]["image"]).abs().max() > 1e-3
+
+
 def test_lpips_without_its_weights_fails_at_start_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

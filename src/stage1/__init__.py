@@ -11,6 +11,7 @@ _MODULE_OF = {
     "EncoderNotAvailableError": "encoders",
     "FrozenEncoder": "encoders",
     "build_encoder": "encoders",
+    "prepare_image": "input_pipeline",
     "DECODER_PRESETS": "model_config",
     "DecoderConfig": "model_config",
     "EncoderConfig": "model_config",

@@ -17,9 +17,9 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from .images import UnreadableImageError, load_image
+from .images import UnreadableImageError, read_image, resize_center_crop, to_unit_float
 
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what load_image reads (a GIF: its first frame)
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what read_image reads (a GIF: its first frame)
 
 
 def find_images(root: str) -> list[str]:
@@ -69,20 +69,28 @@ def unit_range(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
+def center_square(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The one center crop of the package, on decoded pixels (images.read_image): the commands' (prepare_image,
+    images.resize_center_crop: shorter side bicubic antialiased, as RAE's PIL resize), then floats in [0, 1]. The
+    codebook fit, the sample grid and augment=center_crop see the pixels vqrae-tokenize sees, bit for bit."""
+    return to_unit_float(resize_center_crop(pixels, image_size))
+
+
 def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip: bool = True,
                     resize: int | None = None):
-    """random_resized_crop: a random min_scale..1 area, resized; resize_random_crop (RAE's): the shorter side
-    resized to `resize`, then a random image_size crop; center_crop: resized, then the centre."""
-    if augment == "random_resized_crop":
-        crop = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
+    """Decoded pixels (uint8, or floats for deeper images) -> a training crop in [0, 1]. random_resized_crop: a
+    random min_scale..1 area, resized; resize_random_crop (RAE's): the shorter side resized to `resize`, then a
+    random image_size crop; center_crop: center_square."""
+    if augment == "random_resized_crop":  # bilinear on floats: no overshoot
+        crop = [to_unit_float, v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
     elif augment == "resize_random_crop":  # resize >= image_size: checked by RunConfig
         # Bicubic as RAE resizes; it can overshoot [0, 1], so the result is clamped back.
-        crop = [v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.Lambda(unit_range),
-                v2.RandomCrop(image_size)]
+        crop = [to_unit_float, v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.Lambda(unit_range), v2.RandomCrop(image_size)]
     else:  # center_crop
-        crop = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        crop = [partial(center_square, image_size=image_size)]
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return v2.Compose([*crop, *flip])  # on float tensors in [0, 1] (bilinear: no overshoot; bicubic: clamped)
+    return v2.Compose([*crop, *flip])
 
 
 class ImageDataset(Dataset):
@@ -105,7 +113,8 @@ class ImageDataset(Dataset):
         return other
 
     def load(self, index: int) -> torch.Tensor:
-        return load_image(os.path.join(self.root, self.paths[index]))[0]
+        """The decoded pixels (images.read_image); the transform makes them floats."""
+        return read_image(os.path.join(self.root, self.paths[index]))[0]
 
     def first_images(self, count: int, transform) -> tuple[list[str], list[torch.Tensor]]:
         """The first `count` readable images in listing order, under `transform`, and their names (the sample

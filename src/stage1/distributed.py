@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -92,6 +93,20 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` in DistributedDataParallel inside a process group (else itself), without the per-forward buffer
+    broadcast: the quantizer all-reduces its own EMA statistics, and a broadcast from rank 0 would only cost time
+    (and hide a bug if ranks ever diverged). torch >= 2.14 names that forward_sync_buffers (broadcast_buffers is
+    deprecated, and warns)."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def teardown() -> None:

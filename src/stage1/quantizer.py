@@ -10,9 +10,9 @@ sizes:
     e_k    = m_k / N'_k
 
 Under torch.distributed the batch statistics n_k and sum z_i are summed over ranks before the update, so
-every rank computes the same codebook. When wrapping a model in DistributedDataParallel, pass
-`broadcast_buffers=False`: the quantizer keeps its buffers in sync itself, and DDP's per-forward broadcast
-from rank 0 would only cost time (and hide a bug if they ever diverged).
+every rank computes the same codebook. Wrap a model in DistributedDataParallel without its per-forward buffer
+broadcast (stage1.distributed.wrap_ddp): the quantizer keeps its buffers in sync itself, and a broadcast from
+rank 0 would only cost time (and hide a bug if they ever diverged).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset
 
 from .atomic import atomic_path
 from .data import ImageDataset, class_labels, find_images, first_readable
-from .images import UnreadableImageError, load_image
+from .images import UnreadableImageError, read_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
@@ -38,8 +38,9 @@ class TarSample:
 
 
 def decode(data: bytes | None):
-    """A sample's encoded image -> (3, H, W) in [0, 1]; no image field or bad bytes: UnreadableImageError."""
-    return load_image(io.BytesIO(data or b""))[0]
+    """A sample's encoded image -> its decoded pixels (images.read_image); no image field or bad bytes:
+    UnreadableImageError."""
+    return read_image(io.BytesIO(data or b""))[0]
 
 
 def is_tar_source(data: str) -> bool:

@@ -21,7 +21,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -138,10 +137,8 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _build_optimizers(self) -> None:
         t, disc = self.cfg.train, self.loss.discriminator
-        # broadcast_buffers=False: the quantizer all-reduces its own EMA statistics (see quantizer.py).
-        ddp_args = dict(device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
-        self.model_ddp = DDP(self.model, **ddp_args) if self.info.enabled else self.model
-        self.disc_ddp = DDP(disc, **ddp_args) if self.info.enabled and disc is not None else disc
+        self.model_ddp = distributed.wrap_ddp(self.model, self.device)
+        self.disc_ddp = distributed.wrap_ddp(disc, self.device) if disc is not None else None
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole update
         self.optimizer = torch.optim.AdamW(
             self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **fused
