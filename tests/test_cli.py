@@ -324,21 +324,55 @@ def test_decode_refuses_manifest_paths_outside_its_folders(model_dir, image_dir,
     assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tokens)]) == 0
     good = json.loads((tokens / "manifest.json").read_text())
     out = tmp_path / "deep" / "out"
-    cases = [("path", "../../escaped.jpg"), ("path", str(tmp_path / "absolute.jpg")),
-             ("path", "nested/../../../sneaky.jpg"), ("shard", "../tokens/shard-00000.npy")]
-    for field, value in cases:
+    cases = [("path", "../../escaped.jpg", "outside the output folder"),
+             ("path", str(tmp_path / "absolute.jpg"), "outside the output folder"),
+             ("path", "nested/../../../sneaky.jpg", "outside the output folder"),
+             ("shard", "../tokens/shard-00000.npy", "names a shard outside its folder")]
+    for field, value, message in cases:
         manifest = json.loads(json.dumps(good))
         manifest["images"][0][field] = value
         (tokens / "manifest.json").write_text(json.dumps(manifest))
         assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2, value
-        assert "outside the output or token folder" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
         assert not out.exists() and not list(tmp_path.rglob("*.png")), value
     (tokens / "manifest.json").write_text("{not json")
     assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
-    (tokens / "manifest.json").write_text(json.dumps({**good, "images": [{"path": "a.png", "row": "0"}]}))
-    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
-    assert "bad or missing ['images']" in capsys.readouterr().err
+
+
+def test_decode_checks_every_manifest_field_against_its_shards_before_writing(model_dir, image_dir, tmp_path,
+                                                                              capsys):
+    """Issue 19 (one owner of the token-shard format) and 20: entries, types and the shards' own layout are checked
+    by token_shards.read_manifest before any image is written (a row of -1 decoded the shard's last row)."""
+    tokens = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tokens)]) == 0
+    good = json.loads((tokens / "manifest.json").read_text())
+    out = tmp_path / "out"
+    capsys.readouterr()
+
+    def entry(**changes):
+        return {**good, "images": [{**good["images"][0], **changes}, *good["images"][1:]]}
+
+    cases = [
+        (entry(row=-1), "bad entry"),
+        (entry(row="0"), "bad entry"),
+        (entry(row=5), "is row 5 of shard-00000.npy, which holds 5 rows"),
+        ({**good, "codebook_size": "64"}, "manifest.codebook_size must be an integer, got '64' (str)"),
+        ({**good, "grid_shape": [2, 8], "index_shape": [2, 8]}, "the manifest says uint8 rows of [2, 8]"),
+        ({**good, "dtype": "int64"}, "holds uint8 rows of shape [4, 4], the manifest says int64"),
+        ({**good, "num_images": 9}, "manifest.num_images must be the number of images (5), got 9"),
+        ({k: v for k, v in good.items() if k != "views"}, "manifest config lacks keys ['views']"),
+        (entry(shard="shard-00009.npy"), "cannot read code shard"),
+    ]
+    for manifest, message in cases:
+        (tokens / "manifest.json").write_text(json.dumps(manifest))
+        assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
+    (tokens / "manifest.json").write_text(json.dumps(good))
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 0
+    assert len(list(out.rglob("*.png"))) == 5
 
 
 def test_tokenize_resumes_only_the_same_tokenization(model_dir, image_dir, dinov2_dir, tmp_path, capsys):
@@ -467,6 +501,7 @@ def test_offline_lpips_says_why_without_trying_a_download(tmp_path, monkeypatch,
     assert "Downloading" not in capfd.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 readers on 2 cores: meant
 def test_workers_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys):
     """Issue 13: images read by worker processes or threads come in the same batches and order, with the same step
     outputs, as read in-process (an unreadable file skipped and listed alike); tokenize writes the same bytes with any
@@ -599,7 +634,7 @@ def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path, monk
     for path in sorted(tmp_path.iterdir()):
         pixels, note = read_image(str(path))
         with Image.open(path) as image:
-            expected = torch.from_numpy(np.asarray(ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.array(ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
         assert pixels.dtype == torch.uint8 and torch.equal(pixels, expected), path.name
         turned = path.stem.startswith("turned") and path.stem != "turned1"
         assert ("turned upright" in note) == turned and (f"EXIF orientation {path.stem[-1]}" in note) == turned, note

@@ -16,31 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
 
 import numpy as np
 
 from .atomic import atomic_path, write_json, write_npy
+from .token_shards import Manifest, read_codes
 
 FORMATS = ("shards", "llamagen", "jsonl", "memmap")
-
-
-def shard_rows(tokens: str, entries: list[dict]) -> Iterator[np.ndarray]:
-    """The codes of each manifest entry, in order, from the shards in folder `tokens` (each loaded once)."""
-    shards = {}
-    for entry in entries:
-        if entry["shard"] not in shards:
-            shards[entry["shard"]] = np.load(os.path.join(tokens, entry["shard"]), allow_pickle=False)
-        yield shards[entry["shard"]][entry["row"]]
-
-
-def read_codes(tokens: str, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Every image's codes in the manifest's order, (N[, views], h, w[, L]), and their class ids (N,)."""
-    rows = list(shard_rows(tokens, manifest["images"]))
-    views = manifest["views"]
-    empty = (0, *([views] if views > 1 else []), *manifest["index_shape"])
-    codes = np.stack(rows) if rows else np.zeros(empty, dtype=manifest["dtype"])
-    return codes, np.array([entry["label"] for entry in manifest["images"]], dtype=np.int64)
 
 
 def flat_views(code: np.ndarray, views: int, per_token: int) -> np.ndarray:
@@ -48,17 +30,17 @@ def flat_views(code: np.ndarray, views: int, per_token: int) -> np.ndarray:
     return code.reshape(views, -1, per_token) if per_token > 1 else code.reshape(views, -1)
 
 
-def export_tokens(fmt: str, tokens: str, manifest: dict) -> str:
+def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
     """Write the `fmt` layout of a finished tokenization in folder `tokens`; returns where it went."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "shards":
         return os.path.join(tokens, "manifest.json")
     codes, labels = read_codes(tokens, manifest)
-    views, per_token = manifest["views"], int(np.prod(manifest["index_shape"][2:], dtype=np.int64))
+    views, per_token = manifest.views, int(np.prod(manifest.index_shape[2:], dtype=np.int64))
     if fmt == "llamagen":
         root = os.path.join(tokens, "llamagen")
-        size = manifest["image_size"]
+        size = manifest.image_size
         code_dir, label_dir = (os.path.join(root, f"imagenet{size}_{kind}") for kind in ("codes", "labels"))
         os.makedirs(code_dir, exist_ok=True)
         os.makedirs(label_dir, exist_ok=True)
@@ -69,7 +51,7 @@ def export_tokens(fmt: str, tokens: str, manifest: dict) -> str:
     if fmt == "jsonl":
         path = os.path.join(tokens, "tokens.jsonl")
         with atomic_path(path) as tmp, open(tmp, "w") as f:
-            for entry, code, label in zip(manifest["images"], codes, labels, strict=True):
+            for entry, code, label in zip(manifest.images, codes, labels, strict=True):
                 flat = flat_views(code, views, per_token)
                 line = {"image": entry["path"], "class_id": int(label),
                         "tokens": flat.tolist() if views > 1 else flat[0].tolist()}
@@ -82,6 +64,6 @@ def export_tokens(fmt: str, tokens: str, manifest: dict) -> str:
         array.flush()
         del array
     write_npy(os.path.join(tokens, "labels.npy"), labels)
-    write_json(os.path.join(tokens, "codes_index.json"), {"images": [e["path"] for e in manifest["images"]],
-                                                          "classes": manifest["classes"]})
+    write_json(os.path.join(tokens, "codes_index.json"), {"images": [e["path"] for e in manifest.images],
+                                                          "classes": manifest.classes})
     return path

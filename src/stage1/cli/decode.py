@@ -9,36 +9,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import read_json
 from ..images import save_png
 from ..precision import autocast
-from ..token_exports import shard_rows
+from ..token_shards import Manifest, read_manifest, shard_rows
 from .arguments import launch
 from .common import CLIError, batches, check_output, load_model
-from .tokenize import MANIFEST
-
-
-def read_manifest(folder: str) -> dict:
-    """manifest.json, checked as the untrusted file it is: the fields decode uses, with their types."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        raise CLIError(f"{folder} has no {MANIFEST}: not a finished vqrae-tokenize output")
-    manifest = read_json(path)
-
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    fields = {"codebook_size": is_int, "image_size": is_int, "model": lambda v: isinstance(v, str),
-              "grid_shape": lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_int, v)),
-              "images": lambda v: isinstance(v, list) and all(
-                  isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shard"), str)
-                  and is_int(e.get("row")) for e in v)}
-    bad = [name for name, valid in fields.items() if not isinstance(manifest, dict) or not valid(manifest.get(name))]
-    if isinstance(manifest, dict) and not (is_int(manifest.setdefault("views", 1)) and manifest["views"] >= 1):
-        bad.append("views")  # manifests before --augment have none: one view
-    if bad:
-        raise CLIError(f"{path} is not a vqrae-tokenize manifest: bad or missing {bad}")
-    return manifest
 
 
 def inside(folder: str, relative: str) -> str | None:
@@ -48,20 +23,20 @@ def inside(folder: str, relative: str) -> str | None:
     return target if relative and not os.path.isabs(relative) and target.startswith(root + os.sep) else None
 
 
-def check_model_fits(model, manifest: dict) -> None:
+def check_model_fits(model, manifest: Manifest) -> None:
     k = model.quantizer.num_embeddings
-    if manifest["codebook_size"] != k:
-        raise CLIError(f"the shards use a codebook of {manifest['codebook_size']} codes, the model has {k}: "
-                       f"decode with the model that made them ({manifest['model']})")
-    grid = [model.grid_size] * 2 if model.grid_size else None
-    if grid is not None and manifest["grid_shape"] != grid:
-        raise CLIError(f"the shards hold {manifest['grid_shape']} code grids, the model makes {grid}: "
-                       f"decode with the model that made them ({manifest['model']})")
-    codes = manifest.get("index_shape", manifest["grid_shape"])[2:]
+    if manifest.codebook_size != k:
+        raise CLIError(f"the shards use a codebook of {manifest.codebook_size} codes, the model has {k}: "
+                       f"decode with the model that made them ({manifest.model})")
+    grid = (model.grid_size,) * 2 if model.grid_size else None
+    if grid is not None and manifest.grid_shape != grid:
+        raise CLIError(f"the shards hold {list(manifest.grid_shape)} code grids, the model makes {list(grid)}: "
+                       f"decode with the model that made them ({manifest.model})")
+    codes = manifest.index_shape[2:]
     if codes != list(model.quantizer.index_suffix):
         raise CLIError(f"the shards hold {codes or [1]} code(s) per token, the model's quantizer makes "
                        f"{list(model.quantizer.index_suffix) or [1]}: decode with the model that made them "
-                       f"({manifest['model']})")
+                       f"({manifest.model})")
 
 
 def run(args) -> int:
@@ -70,15 +45,14 @@ def run(args) -> int:
     model = load_model(args, needs_codes=True)
     check_model_fits(model, manifest)
     device = next(model.decoder.parameters()).device
-    size = manifest["image_size"]
-    entries = manifest["images"]
+    size = manifest.image_size
+    entries = manifest.images
     # Manifests are exchanged files: every image path must land inside --out and every shard inside --tokens.
     targets = [inside(args.out, os.path.splitext(entry["path"])[0] + ".png") for entry in entries]
     escaping = [e["path"] for e, t in zip(entries, targets, strict=True) if t is None]
-    escaping += [e["shard"] for e in entries if os.path.basename(e["shard"]) != e["shard"] or not e["shard"]]
     if escaping:
-        raise CLIError(f"the manifest names paths outside the output or token folder: {escaping[:3]}; refusing to "
-                       f"write or read there")
+        raise CLIError(f"the manifest names paths outside the output folder: {escaping[:3]}; refusing to write "
+                       f"there")
     if len(set(targets)) != len(targets):
         raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
     rows = shard_rows(args.tokens, entries)
@@ -86,7 +60,7 @@ def run(args) -> int:
         for chunk_targets in tqdm(list(batches(targets, args.batch_size)), desc="decode", unit="batch"):
             codes = []
             for row in itertools.islice(rows, len(chunk_targets)):
-                row = row[0] if manifest["views"] > 1 else row  # an augmented tokenization: the first view
+                row = row[0] if manifest.views > 1 else row  # an augmented tokenization: the first view
                 codes.append(torch.from_numpy(row.astype(np.int64)))
             with autocast(device, args.precision):
                 images = model.decode_from_indices(torch.stack(codes).to(device), output_size=(size, size))

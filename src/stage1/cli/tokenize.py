@@ -13,12 +13,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .. import distributed
-from ..atomic import read_json, write_json, write_npy
+from ..atomic import read_json, write_json
 from ..data import class_labels, find_images
 from ..input_pipeline import PREPROCESSING
 from ..precision import autocast
 from ..tar_shards import is_tar_source, shard_urls
 from ..token_exports import export_tokens
+from ..token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
     CLIError,
@@ -30,9 +31,7 @@ from .common import (
     tar_batches,
 )
 
-MANIFEST = "manifest.json"
 VIEWS = {"none": 1, "flip": 2, "ten-crop": 10}  # code grids per image for each --augment
-RUN_FILE = "tokenize_run.json"  # what the shards in this folder were made with
 
 
 def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
@@ -43,10 +42,6 @@ def index_dtype(codebook_size: int, requested: str = "auto") -> np.dtype:
             return np.dtype(name)
     raise CLIError(f"--index-dtype {requested} holds at most {np.iinfo(np.dtype(requested)).max + 1} codes, "
                    f"but the model's codebook has {codebook_size}")
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
 
 
 def codes_fingerprint(model) -> str:
@@ -133,7 +128,7 @@ def run(args) -> int:
         distributed.barrier()
 
         mine = [i for i in range(source.num_shards) if i % info.world_size == info.rank]
-        todo = [i for i in mine if not _shard_done(args.out, i)]
+        todo = [i for i in mine if not shard_done(args.out, i)]
         if info.is_main and len(todo) < len(mine):
             print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already done")
         # Counted in images, not shards (a shard holds thousands); tar shards are counted as they are read.
@@ -142,21 +137,19 @@ def run(args) -> int:
         for i, names, labels, stream in source.shard_streams(todo, args, read_size, device, info.local_world_size,
                                                              step):
             array, kept, skipped = tokenize_shard(model, stream, size, args)
-            write_npy(os.path.join(args.out, shard_name(i) + ".npy"), array)
             label_of = dict(zip(names, labels, strict=True))
-            # Written last: a shard counts as done only when its listing exists.
-            write_json(os.path.join(args.out, shard_name(i) + ".json"),
-                       {"images": kept, "labels": [label_of[name] for name in kept], "skipped": skipped})
+            write_shard(args.out, i, array, kept, [label_of[name] for name in kept], skipped)
             bar.update(len(names))
         bar.close()
         distributed.barrier()
         if info.is_main:
-            manifest = _assemble_manifest(args.out, source.num_shards, run_record, model, size, source.classes,
-                                          args.augment)
+            manifest = assemble_manifest(args.out, source.num_shards, dict(
+                model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
+                views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size))
             exported = export_tokens(args.format, args.out, manifest)
-            print(f"tokenized {manifest['num_images']} image(s) into {source.num_shards} shard(s) of "
-                  f"{manifest['grid_shape'][0]}x{manifest['grid_shape'][1]} codes ({manifest['dtype']}); "
-                  f"{len(manifest['skipped'])} unreadable image(s) skipped; manifest: "
+            print(f"tokenized {manifest.num_images} image(s) into {source.num_shards} shard(s) of "
+                  f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes ({manifest.dtype}); "
+                  f"{len(manifest.skipped)} unreadable image(s) skipped; manifest: "
                   f"{os.path.join(args.out, MANIFEST)}" + (f"; {args.format} export: {exported}"
                                                            if args.format != "shards" else ""))
     finally:
@@ -233,42 +226,6 @@ def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
             print(f"--restart: removed the shards of another tokenization from {out}")
     if not os.path.isfile(path):
         write_json(path, record)
-
-
-def _shard_done(out: str, i: int) -> bool:
-    return all(os.path.isfile(os.path.join(out, shard_name(i) + ext)) for ext in (".npy", ".json"))
-
-
-def _assemble_manifest(out: str, num_shards: int, record: dict, model, size: int, classes: list[str] | None,
-                       augment: str) -> dict:
-    images, skipped, index_shape, dtype = [], [], None, None
-    views = VIEWS[augment]
-    for i in range(num_shards):
-        listing = read_json(os.path.join(out, shard_name(i) + ".json"))
-        array = np.load(os.path.join(out, shard_name(i) + ".npy"), mmap_mode="r", allow_pickle=False)
-        index_shape, dtype = list(array.shape[1 if views == 1 else 2 :]), str(array.dtype)
-        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label}
-                   for row, (p, label) in enumerate(zip(listing["images"], listing["labels"], strict=True))]
-        skipped += listing["skipped"]
-    manifest = {
-        "model": record["model"],
-        "encoder": model.config.encoder.path,
-        "codebook_size": record["codebook_size"],
-        "grid_shape": index_shape[:2],
-        "index_shape": index_shape,  # per view: the grid, then the codes per token of residual / grouped kinds
-        "views": views,  # code grids per image (--augment); a shard row is (views, *index_shape) when above 1
-        "augment": augment,
-        "classes": classes,  # ImageFolder's: each image's "label" indexes this list (-1: no class folder);
-        # null for tar shards, whose labels are their samples' cls ids
-        "image_size": size,
-        "dtype": dtype,
-        "num_images": len(images),
-        "num_shards": num_shards,
-        "images": images,
-        "skipped": skipped,
-    }
-    write_json(os.path.join(out, MANIFEST), manifest)
-    return manifest
 
 
 def main(argv=None) -> int:

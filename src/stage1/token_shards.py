@@ -1,0 +1,147 @@
+"""vqrae-tokenize's output folder, one owner: the code shards, their listings, the manifest that ties them together,
+and reading them back (vqrae-decode, the token exports).
+
+    OUT/shard-00000.npy    codes of the shard's readable images: (n, h, w[, L]), or (n, views, h, w[, L])
+    OUT/shard-00000.json   {"images", "labels", "skipped"} of that shard; written last, so it marks the shard done
+    OUT/manifest.json      the Manifest below: every image's shard and row, the model, the code layout
+    OUT/tokenize_run.json  what the shards were made with (vqrae-tokenize resumes only the same tokenization)
+
+A manifest is an exchanged file: `read_manifest` checks every field's type, every entry, and every entry against
+the shard it names (inside the folder, its row present, the shard's layout the manifest's) before anything is
+read from the shards or written elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .atomic import read_json, write_json, write_npy
+from .config_section import ConfigError, ConfigSection
+
+MANIFEST = "manifest.json"
+RUN_FILE = "tokenize_run.json"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def shard_done(folder: str, i: int) -> bool:
+    return all(os.path.isfile(os.path.join(folder, shard_name(i) + ext)) for ext in (".npy", ".json"))
+
+
+def write_shard(folder: str, i: int, codes: np.ndarray, images: list[str], labels: list[int],
+                skipped: list[dict]) -> None:
+    """Shard i's codes, then its listing (last: a shard counts as done only when its listing exists)."""
+    write_npy(os.path.join(folder, shard_name(i) + ".npy"), codes)
+    write_json(os.path.join(folder, shard_name(i) + ".json"), {"images": images, "labels": labels,
+                                                               "skipped": skipped})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class Manifest(ConfigSection):
+    section = "manifest"
+    model: str  # the model that made the codes
+    encoder: str
+    codebook_size: int
+    grid_shape: tuple[int, int]
+    index_shape: list[int]  # per view: the grid, then the codes per token of residual / grouped kinds
+    views: int  # code grids per image (--augment); a shard row is (views, *index_shape) when above 1
+    augment: str
+    classes: list[str] | None  # ImageFolder's: each image's label indexes it (-1: no class); null for tar shards
+    image_size: int
+    dtype: str
+    num_images: int
+    num_shards: int
+    images: list[dict]  # {"path", "shard", "row", "label"} per image, in shard order
+    skipped: list[dict]  # {"path", "reason"} per unreadable image
+
+    def check(self):
+        self.require_positive("codebook_size", "image_size", "views")
+        self.require(len(self.index_shape) in (2, 3) and all(_is_int(n) and n > 0 for n in self.index_shape)
+                     and list(self.grid_shape) == self.index_shape[:2], "index_shape",
+                     f"the grid {list(self.grid_shape)} and at most one codes-per-token axis, positive integers")
+        self.require(self.num_images == len(self.images), "num_images", f"the number of images ({len(self.images)})")
+        self.require(self.dtype in ("uint8", "uint16", "int16", "int32", "int64"), "dtype", "an integer type")
+        for entry in self.images:
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]
+                    and isinstance(entry.get("shard"), str) and _is_int(entry.get("row")) and entry["row"] >= 0
+                    and _is_int(entry.get("label", -1))):
+                raise ConfigError(f"manifest.images holds a bad entry {str(entry)[:200]}: expected "
+                                  f"{{'path': str, 'shard': str, 'row': int >= 0, 'label': int}}")
+
+
+def read_manifest(folder: str) -> Manifest:
+    """The manifest of a finished tokenization, checked field by field and against the shards it names."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no {MANIFEST}: not a finished vqrae-tokenize output")
+    try:
+        manifest = Manifest.from_dict(read_json(path))
+    except ConfigError as err:
+        raise ValueError(f"{path} is not a vqrae-tokenize manifest: {err}") from None
+    row_shape = (*([manifest.views] if manifest.views > 1 else []), *manifest.index_shape)
+    rows = {}
+    for name in {entry["shard"] for entry in manifest.images}:
+        if os.path.basename(name) != name or not name.endswith(".npy"):
+            raise ValueError(f"{path} names a shard outside its folder: {name!r}; refusing to read it")
+        shard = _open_shard(os.path.join(folder, name))
+        if shard.shape[1:] != row_shape or str(shard.dtype) != manifest.dtype:
+            raise ValueError(f"{name} holds {shard.dtype} rows of shape {list(shard.shape[1:])}, the manifest says "
+                             f"{manifest.dtype} rows of {list(row_shape)}")
+        rows[name] = shard.shape[0]
+    beyond = [e for e in manifest.images if e["row"] >= rows[e["shard"]]]
+    if beyond:
+        e = beyond[0]
+        raise ValueError(f"{path}: {e['path']} is row {e['row']} of {e['shard']}, which holds {rows[e['shard']]} "
+                         f"rows ({len(beyond)} such entries)")
+    return manifest
+
+
+def _open_shard(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:  # missing, not .npy, a header whose shape the file cannot hold
+        raise ValueError(f"cannot read code shard {path}: {err}") from None
+
+
+def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:
+    """manifest.json from the finished shards' listings and arrays; `fields` give the rest (model, classes, ...)."""
+    images, skipped, index_shape, dtype = [], [], None, None
+    views = fields["views"]
+    for i in range(num_shards):
+        listing = read_json(os.path.join(folder, shard_name(i) + ".json"))
+        array = _open_shard(os.path.join(folder, shard_name(i) + ".npy"))
+        index_shape, dtype = list(array.shape[1 if views == 1 else 2 :]), str(array.dtype)
+        images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label}
+                   for row, (p, label) in enumerate(zip(listing["images"], listing["labels"], strict=True))]
+        skipped += listing["skipped"]
+    manifest = Manifest(**fields, grid_shape=tuple(index_shape[:2]), index_shape=index_shape, dtype=dtype,
+                        num_images=len(images), num_shards=num_shards, images=images, skipped=skipped)
+    write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def shard_rows(folder: str, entries: list[dict]) -> Iterator[np.ndarray]:
+    """The codes of each manifest entry, in order (each shard loaded once)."""
+    shards = {}
+    for entry in entries:
+        if entry["shard"] not in shards:
+            shards[entry["shard"]] = np.load(os.path.join(folder, entry["shard"]), allow_pickle=False)
+        yield shards[entry["shard"]][entry["row"]]
+
+
+def read_codes(folder: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's codes in the manifest's order, (N[, views], h, w[, L]), and their class ids (N,)."""
+    rows = list(shard_rows(folder, manifest.images))
+    empty = (0, *([manifest.views] if manifest.views > 1 else []), *manifest.index_shape)
+    codes = np.stack(rows) if rows else np.zeros(empty, dtype=manifest.dtype)
+    return codes, np.array([entry.get("label", -1) for entry in manifest.images], dtype=np.int64)
