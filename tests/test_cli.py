@@ -244,6 +244,23 @@ def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_
         with pytest.raises(SystemExit) as stop:  # a usage error, checked once, by the parser, before any work
             command.main(argv)
         assert stop.value.code == 2 and "expected a positive integer" in capsys.readouterr().err and not out.exists()
+    for command, argv, expected in (
+            (reconstruct, ["--model", model_dir, "--image", "x.png", "--out", str(out), "--image-size", "0"],
+             "expected a positive integer, got '0'"),  # was: silently the model's own size
+            (tokenize, [*model, "--image-size", "-8"], "expected a positive integer"),
+            (latent_stats, ["--encoder", model_dir, "--data", image_dir, "--out", str(out / "s.pt"), "--image-size",
+                            "0"], "expected a positive integer"),
+            (fit_codebook, [*model, "--iters", "-1"], "expected an integer >= 0, got '-1'"),
+            (tokenize, [*model, "--augment", "ten-crop", "--crop-range", "0.9"], "expected a number >= 1, got '0.9'"),
+            (tokenize, [*model, "--crop-range", "nan"], "expected a number >= 1, got 'nan'")):
+        with pytest.raises(SystemExit) as stop:
+            command.main(argv)
+        assert stop.value.code == 2 and expected in capsys.readouterr().err and not out.exists()
+    from stage1.cli import make_shards
+
+    with pytest.raises(SystemExit) as stop:
+        make_shards.main(["--data", image_dir, "--out", str(out), "--shard-size", "0"])
+    assert stop.value.code == 2 and "expected a positive integer" in capsys.readouterr().err and not out.exists()
 
 
 def test_unreadable_images_are_skipped_by_tokenize(model_dir, image_dir, tmp_path):
@@ -263,6 +280,7 @@ def test_console_entry_points_are_installed(command):
     assert result.returncode == 0 and "usage:" in result.stdout
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_tokenize_on_two_ranks_gives_the_same_bytes(model_dir, image_dir, tmp_path):
     args = ["--model", model_dir, "--data", image_dir, "--shard-size", "2"]
     assert tokenize.main([*args, "--out", str(tmp_path / "one")]) == 0

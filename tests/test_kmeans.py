@@ -78,6 +78,7 @@ def _fit_rank(rank, world, init_file, out_dir, samples):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_two_ranks_fit_identical_centroids_equal_to_lloyd_on_all_samples(tmp_path):
     samples = blobs(40, 12, 4, seed=1)
     mp.spawn(_fit_rank, args=(2, str(tmp_path / "init"), str(tmp_path), samples), nprocs=2, join=True)

@@ -23,20 +23,20 @@ def tiny_loss(**values):
 
 def test_each_term_joins_at_its_start_step_with_its_weight():
     x, x_rec, last_layer = fixture_batch()
-    vq_loss = torch.tensor(0.3)
+    quantizer = {"vq_loss": torch.tensor(0.3), "perplexity": torch.tensor(7.0)}  # the model's outputs
     loss = tiny_loss(recon_loss="l2", recon_weight=2.0, lpips_start=5, disc_start=10)
     recon = (x_rec - x).pow(2).mean()
     lpips = loss.lpips(x_rec * 2 - 1, x * 2 - 1).mean()
 
-    total, terms = loss.generator_loss(x, x_rec, vq_loss, step=4, last_layer=last_layer)
-    assert set(terms) == {"recon_loss"} and not loss.adversarial(4)
+    total, terms = loss.generator_loss(x, x_rec, quantizer, step=4, last_layer=last_layer)
+    assert set(terms) == {"recon_loss", "vq_loss", "perplexity"} and not loss.adversarial(4)
     assert total.item() == pytest.approx(2.0 * recon.item() + 0.3, rel=1e-6)
 
-    total, terms = loss.generator_loss(x, x_rec, vq_loss, step=5, last_layer=last_layer)
-    assert set(terms) == {"recon_loss", "lpips"}
+    total, terms = loss.generator_loss(x, x_rec, quantizer, step=5, last_layer=last_layer)
+    assert set(terms) == {"recon_loss", "lpips", "vq_loss", "perplexity"}
     assert total.item() == pytest.approx(2.0 * recon.item() + 0.5 * lpips.item() + 0.3, rel=1e-6)
 
-    total, terms = loss.generator_loss(x, x_rec, vq_loss, step=10, last_layer=last_layer)
+    total, terms = loss.generator_loss(x, x_rec, quantizer, step=10, last_layer=last_layer)
     assert loss.adversarial(10)
     nll = 2.0 * recon + 0.5 * lpips
     g = generator_loss(loss.discriminator(x_rec))

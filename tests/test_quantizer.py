@@ -230,6 +230,7 @@ def _train_rank(rank, world, init_file, out_dir, data, mode):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, mode):
     torch.manual_seed(0)

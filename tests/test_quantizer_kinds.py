@@ -174,6 +174,7 @@ def _train_rank(rank, world, init_file, out_dir, kind, data):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 @pytest.mark.parametrize("kind", ["residual", "grouped"])
 def test_two_ranks_keep_every_codebook_identical(tmp_path, kind):
     torch.manual_seed(0)

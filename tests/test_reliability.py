@@ -29,9 +29,9 @@ def nan_at(monkeypatch):
     original = VQRAE.forward
 
     def install(bad_calls):
-        def forward(self, x, return_loss=False):
-            out = original(self, x, return_loss)
-            if return_loss:
+        def forward(self, x, return_loss=False, return_quantizer_losses=False):
+            out = original(self, x, return_loss, return_quantizer_losses)
+            if return_quantizer_losses:  # training's forward
                 calls["n"] += 1
                 if calls["n"] in bad_calls:
                     out[1]["vq_loss"] = out[1]["vq_loss"] * float("nan")
@@ -108,6 +108,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_killing_a_writer_mid_write_keeps_the_previous_checkpoint(dinov2_dir, tmp_path):
     target = tmp_path / "ckpt"
     good = tiny_vqrae(dinov2_dir)
@@ -221,6 +222,7 @@ FAILING_RANK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_a_failing_rank_brings_the_job_down_with_its_error(train_images, tmp_path):
     script = tmp_path / "failing_train.py"
     script.write_text(FAILING_RANK)

@@ -106,6 +106,7 @@ def test_loss_falls_on_a_small_overfit_run(train_images, tmp_path):
     assert last < first / 2, (first, last)
 
 
+@pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_two_processes_with_torchrun_keep_identical_codebooks(train_images, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,6 +1,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,6 +95,21 @@ def test_losses_have_the_documented_entries(model):
     assert losses["recon_loss"].item() == pytest.approx((x_rec - x).abs().mean().item(), rel=1e-5)
     assert 0 < losses["codebook_usage"].item() <= 1
     assert losses["loss"].item() == pytest.approx(losses["recon_loss"].item() + losses["vq_loss"].item(), rel=1e-6)
+
+
+def test_the_model_returns_its_outputs_and_the_loss_module_owns_the_terms(model):
+    """As LlamaGen's VQModel returns (dec, codebook_loss) to its VQLoss: return_quantizer_losses gives the
+    reconstruction and the quantizer's outputs, which training's VQRAELoss weighs; return_loss is the convenience
+    built on them. The model module imports no loss (nor, through it, a discriminator)."""
+    x = smooth_images(2)
+    x_rec, quantizer = model(x, return_quantizer_losses=True)  # eval mode: the codebook stays where it is
+    x_rec2, losses = model(x, return_loss=True)
+    assert torch.equal(x_rec, x_rec2) and "recon_loss" not in quantizer and "loss" not in quantizer
+    assert {k: v.item() for k, v in quantizer.items()} == \
+        {k: v.item() for k, v in losses.items() if k not in ("recon_loss", "loss")}
+    probe = "import sys, stage1.vqrae; print(sorted(m for m in sys.modules if m.startswith('stage1.')))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
+    assert "stage1.vqrae" in loaded and not any(m in loaded for m in ("stage1.losses", "stage1.dino_discriminator"))
 
 
 def test_noise_only_in_training(dinov2_dir):

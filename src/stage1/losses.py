@@ -169,16 +169,17 @@ class VQRAELoss(nn.Module):
         start = self.config.disc_update_start
         return self.discriminator is not None and step >= (self.config.disc_start if start is None else start)
 
-    def generator_loss(self, x, x_rec, vq_loss, step: int, last_layer: torch.Tensor):
-        """The decoder's total loss and its logged terms. `last_layer` is the decoder's output weight."""
+    def generator_loss(self, x, x_rec, quantizer_losses: dict, step: int, last_layer: torch.Tensor):
+        """The decoder's total loss and its logged terms (the quantizer's among them), from the model's outputs
+        (VQRAE(x, return_quantizer_losses=True)). `last_layer` is the decoder's output weight."""
         c = self.config
         recon = reconstruction_loss(x_rec, x, c.recon_loss)
         nll = c.recon_weight * recon
-        terms = {"recon_loss": recon}
+        terms = {**quantizer_losses, "recon_loss": recon}
         if self.lpips is not None and step >= c.lpips_start:
             terms["lpips"] = self.lpips(x_rec.float() * 2 - 1, x * 2 - 1).mean()
             nll = nll + c.lpips_weight * terms["lpips"]
-        total = nll + vq_loss
+        total = nll + quantizer_losses["vq_loss"]
         if self.adversarial(step):
             # The bare discriminator: its gradients from this pass are discarded before its own step.
             terms["g_loss"] = generator_loss(self.discriminator(self.augment(x_rec)))

@@ -77,8 +77,6 @@ def read_shard(url: str) -> list[TarSample]:
 def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
     """The images under `folder` as tar shards OUT/000000.tar, ... of `shard_size` samples each (sorted paths, class
     ids from the folder tree), each written atomically; returns their paths."""
-    if shard_size < 1:
-        raise ValueError(f"--shard-size must be positive, got {shard_size}")
     paths = find_images(folder)
     _, labels = class_labels(paths)
     os.makedirs(out, exist_ok=True)

@@ -3,7 +3,7 @@ atomic checkpoints and exact resume.
 
 One optimizer step (Trainer._train_step):
     for each of grad_accum micro-batches:
-        x_rec, losses = model(x)                      frozen encoder -> EMA quantizer -> decoder
+        x_rec, quantizer_losses = model(x)            frozen encoder -> EMA quantizer -> decoder
         total = VQRAELoss.generator_loss(...)         recon + LPIPS + vq + adaptive-weighted GAN term
         backward(total / grad_accum)                  DDP syncs gradients on the last micro-batch only
     clip, step the decoder's optimizer (skipped on every rank if any rank saw NaN/Inf), update the EMA decoder
@@ -53,9 +53,6 @@ from .train_checkpoint import (
 from .train_config import RunConfig, check_files
 from .train_log import MetricsLog
 from .vqrae import CONFIG_NAME, VQRAE, WEIGHTS_NAME
-
-QUANTIZER_LOGS = ("vq_loss", "commitment_loss", "perplexity", "codebook_usage", "skipped_ema_update",
-                  "restarted_codes")
 
 
 def train(cfg: RunConfig) -> dict:
@@ -205,14 +202,12 @@ class Trainer:
         for i, batch in enumerate(batches):
             x = batch["image"].to(self.device, non_blocking=True)
             with self._no_sync(self.model_ddp, last=i == accum - 1), autocast(self.device, self.precision):
-                x_rec, model_losses = self.model_ddp(x, return_loss=True)
-                total, terms = self.loss.generator_loss(
-                    x, x_rec, model_losses["vq_loss"], self.step, self.model.decoder.last_layer
-                )
+                x_rec, quantizer_losses = self.model_ddp(x, return_quantizer_losses=True)
+                total, terms = self.loss.generator_loss(x, x_rec, quantizer_losses, self.step,
+                                                        self.model.decoder.last_layer)
             self.scaler.scale(total / accum).backward()
             pairs.append((x, x_rec.detach()))
-            quantizer_logs = {k: model_losses[k] for k in QUANTIZER_LOGS if k in model_losses}  # none: losses only
-            accumulate(logs, {**terms, **quantizer_logs, "loss": total}, accum)
+            accumulate(logs, {**terms, "loss": total}, accum)
         return logs, pairs
 
     def _generator_update(self, logs: dict) -> bool:

@@ -30,7 +30,6 @@ from .atomic import atomic_path, write_json
 from .decoder import ViTDecoder
 from .encoders import build_encoder
 from .latent_stats import read_latent_stats
-from .losses import reconstruction_loss
 from .model_config import VQRAEConfig
 from .quantizer_kinds import build_quantizer
 from .tensor_files import read_tensor_file
@@ -184,16 +183,23 @@ class VQRAE(nn.Module):
             x = F.interpolate(x, size=tuple(output_size), mode="bicubic", align_corners=False, antialias=True)
         return x.clamp(0.0, 1.0) if clamp else x
 
-    def forward(self, x: torch.Tensor, return_loss: bool = False):
+    def forward(self, x: torch.Tensor, return_loss: bool = False, return_quantizer_losses: bool = False):
+        """Images in [0, 1] -> reconstructions at x's size (raw in training mode, for gradients everywhere; clamped
+        to [0, 1] in eval mode). return_quantizer_losses: (x_rec, the quantizer's losses and metrics), what a
+        training loss builds on (stage1.losses.VQRAELoss, as LlamaGen's VQLoss on its VQModel's outputs);
+        return_loss: (x_rec, those plus recon_loss, the mean absolute error, and loss = recon_loss + vq_loss), a
+        convenience for a loop of one's own."""
         self.check_images(x, values=not self.training)  # no host sync per training step
         tokens, grid = self.encode_tokens(x)
         z_q, vq_losses, _ = self.quantizer(tokens)
         raw = self._decode_tokens(z_q, grid, output_size=x.shape[-2:], clamp=False,
                                   noise_tau=self.config.noise_tau if self.training else 0.0)
         x_rec = raw if self.training else raw.clamp(0.0, 1.0)
+        if return_quantizer_losses:
+            return x_rec, vq_losses
         if not return_loss:
             return x_rec
-        recon = reconstruction_loss(raw, x)  # L1; training weighs its own terms (stage1.losses.VQRAELoss)
+        recon = (raw.float() - x.float()).abs().mean()
         return x_rec, {"recon_loss": recon, **vq_losses, "loss": recon + vq_losses["vq_loss"]}
 
     @torch.no_grad()

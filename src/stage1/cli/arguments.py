@@ -27,6 +27,22 @@ def positive_int(value: str) -> int:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
 
 
+def non_negative_int(value: str) -> int:
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+
+
+def at_least_one(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number >= 1 and number != float("inf"):
+        return number
+    raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value!r}")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda if present")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -55,7 +71,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
     parser.add_argument("--encoder-path", default=None,
                         help="local directory of the frozen encoder, if the one the model references is not reachable")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="side the images are resized and center-cropped to (default: the model's own size)")
 
 
@@ -112,7 +128,9 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", default="none", choices=("none", "flip", "ten-crop"),
                         help="codes of several views of each image, as LlamaGen extracts them: the image and its "
                              "mirror, or the ten crops of a center crop --crop-range times the size")
-    parser.add_argument("--crop-range", type=float, default=1.1, help="with --augment ten-crop (LlamaGen's 1.1)")
+    parser.add_argument("--crop-range", type=at_least_one, default=1.1,
+                        help="with --augment ten-crop (LlamaGen's 1.1): the crops are cut from a center crop that "
+                             "much larger")
     add_runtime_args(parser, batch_size=32)
     return parser
 
@@ -198,7 +216,8 @@ def latent_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
     parser.add_argument("--per-position", action="store_true",
                         help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
-    parser.add_argument("--image-size", type=int, default=224, help="side the encoder sees (resize + center crop)")
+    parser.add_argument("--image-size", type=positive_int, default=224,
+                        help="side the encoder sees (resize + center crop)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N images (sorted by path)")
     add_runtime_args(parser, batch_size=32)
     return parser
@@ -227,7 +246,7 @@ def fit_codebook_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=positive_int, default=20000,
                         help="images to sample (all, if the folder has fewer)")
     parser.add_argument("--tokens-per-image", type=positive_int, default=64, help="random latent tokens kept per image")
-    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
+    parser.add_argument("--iters", type=non_negative_int, default=20, help="Lloyd iterations")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_args(parser, batch_size=32)
     return parser
@@ -274,7 +293,7 @@ def make_shards_parser() -> argparse.ArgumentParser:
     parser = command_parser("vqrae-make-shards", MAKE_SHARDS_HELP)
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="folder for the tar shards")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     return parser
 
 

@@ -39,8 +39,6 @@ def model_image_size(model: VQRAE, requested: int | None) -> int:
     """The side images get: as asked, else what the model paints natively, else 256 (fitted to the patch)."""
     patch = model.encoder.patch_size
     size = requested or model.image_size or 256 // patch * patch
-    if size < 1:
-        raise CLIError(f"--image-size must be positive, got {size}")
     if model.config.encoder.input_size is None:
         model.encoder.check_fits("--image-size", size)
     return size

@@ -25,8 +25,6 @@ from .common import (
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    if args.iters < 0:
-        raise CLIError(f"--iters must be >= 0, got {args.iters}")
     if os.path.realpath(args.out) == os.path.realpath(args.model):
         raise CLIError("--out must differ from --model: the fitted model is written beside the original, never over it")
     contents = TarIndex(shard_urls(args.data)) if is_tar_source(args.data) else None  # local tars, read by position

@@ -108,9 +108,6 @@ def run(args) -> int:
         model = load_model(args, device, needs_codes=True)
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
-        if args.augment == "ten-crop" and not args.crop_range >= 1:
-            raise CLIError(f"--crop-range must be >= 1 (the crops are cut from a center crop that much larger), got "
-                           f"{args.crop_range}")
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         run_record = {
             "model": str(args.model),
