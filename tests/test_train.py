@@ -96,6 +96,20 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(train_images, 
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
 
 
+def test_resuming_a_checkpoint_of_another_model_names_what_differs(train_images, tmp_path, capsys):
+    """Issue 20: a checkpoint whose weights do not fit (another codebook size) is one error naming the differing
+    fields and the way out, nothing written; a value that changes no weight's shape is resumed with a note."""
+    run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    with pytest.raises(ValueError, match=r"is a checkpoint of another model \(it differs in quantizer.num_embeddings "
+                                         r"\(64 there, 32 here\)\).*train.resume=null"):
+        run(train_images, tmp_path / "run", "quantizer.num_embeddings=32")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before
+    capsys.readouterr()
+    assert run(train_images, tmp_path / "run", "quantizer.decay=0.5", "train.sample_every=null")["step"] == 8
+    assert "differs from the checkpoint's in quantizer.decay (0.95 there, 0.5 here)" in capsys.readouterr().out
+
+
 def test_loss_falls_on_a_small_overfit_run(train_images, tmp_path):
     run(train_images, tmp_path / "run", "train.steps=80", "train.ckpt_every=80", "train.sample_every=null",
         "train.warmup_steps=5", "loss.disc_start=1000", "quantizer.num_embeddings=128", "data.augment=center_crop",

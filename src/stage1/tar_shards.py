@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import os
 import shutil
 import tarfile
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .atomic import atomic_path
-from .data import ImageDataset, class_labels, find_images, first_readable
+from .data import ImageDataset, ResumableDistributedSampler, class_labels, find_images, first_readable
 from .images import UnreadableImageError, read_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
@@ -265,3 +266,29 @@ def training_dataset(path: str, transform, seed: int, cache: str | None):
     if cache is None and any(url.startswith(REMOTE) for url in urls):
         return TarStream(urls, transform, seed=seed)
     return TarImageDataset(path, transform, seed=seed, cache=cache, urls=urls)
+
+
+def training_loader(dataset, rank: int, world: int, batch_size: int, workers: int, seed: int, start_batches: int,
+                    pin_memory: bool) -> DataLoader:
+    """One rank's endless training batches from its batch `start_batches` on (where a resumed run stood): a folder
+    or indexed tars through the resumable sampler, a stream through its readers, which skip the batches taken."""
+    if isinstance(dataset, TarStream):
+        stream = dataset.for_rank(rank, world, workers, batch_size, start_batches=start_batches)
+        return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                          persistent_workers=workers > 0)
+    sampler = ResumableDistributedSampler(dataset, world, rank, seed=seed, start=start_batches * batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG out of data loading
+
+
+def spread_images(dataset, count: int, rank: int, world: int, batch_size: int, workers: int, seed: int):
+    """One pass over this rank's share of `count` images of the dataset, under its transform, in batches (the
+    codebook fit's images): a random `count` of a folder or indexed tars, the first ones a stream's readers give."""
+    if isinstance(dataset, TarStream):
+        images = dataset.for_rank(rank, world, workers, batch_size, epochs=1)
+        return itertools.islice(DataLoader(images, batch_size=batch_size, num_workers=workers),
+                                -(-count // (world * batch_size)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    mine = order[:count][rank::world].tolist()
+    return DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers, generator=torch.Generator())

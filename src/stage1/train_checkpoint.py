@@ -9,6 +9,8 @@
                                           torch.load(weights_only=True), so it can never run code
 
 A crash mid-write leaves only a hidden `.step-*.tmp` directory, which is never taken for a checkpoint.
+`save_training` fills one and `resume_training` reads one back: the model's weights through the reader that
+VQRAE.from_pretrained uses, the rest (optimizers, schedulers, counters, RNG) through trainer_state.pt.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import tempfile
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from .atomic import plain_mode
+from .atomic import plain_mode, write_yaml
+from .model_config import VQRAEConfig
+from .vqrae import CONFIG_NAME, WEIGHTS_NAME
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STALE_DIR = re.compile(r"^\.step-\d+\..*\.(tmp|old)$")
@@ -94,6 +98,19 @@ def latest_checkpoint(root: str, required=()) -> str | None:
     return None
 
 
+def checkpoint_to_resume(root: str, resume: str | None, required) -> str | None:
+    """train.resume's checkpoint: with "auto", the newest complete one under root (None: start afresh); else the
+    directory named, which must hold every `required` file."""
+    if resume is None:
+        return None
+    directory = latest_checkpoint(root, required) if resume == "auto" else resume
+    missing = missing_files(directory, required) if directory is not None else []
+    if missing:
+        raise FileNotFoundError(f"train.resume={resume}: {directory} is not a complete training checkpoint of this "
+                                f"run: it lacks {missing}")
+    return directory
+
+
 def remove_stale_temporaries(root: str) -> list[str]:
     """Hidden step directories that killed writers left (.step-N.*.tmp / .old); call only while none writes."""
     if not os.path.isdir(root):
@@ -110,3 +127,72 @@ def read_state(directory: str) -> dict:
 
 def read_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(directory, name))
+
+
+def checkpoint_files(ema: bool, discriminator: bool) -> list[str]:
+    """What a complete checkpoint of a run holds."""
+    return [STATE_NAME, WEIGHTS_NAME, CONFIG_NAME, *([EMA_WEIGHTS_NAME] if ema else []),
+            *([DISCRIMINATOR_NAME] if discriminator else [])]
+
+
+def save_training(directory: str, model, ema, discriminator, stateful: dict, state: dict, config_tree: dict) -> None:
+    """Fill a checkpoint directory: the model as save_pretrained writes it (so it loads with from_pretrained), the
+    EMA decoder's copy, the discriminator, the run's config, and `state` (counters, RNG) with the state_dict() of
+    each of `stateful` (optimizers, schedulers, scaler; None where the run has none)."""
+    model.save_pretrained(directory)
+    if ema is not None:
+        with model.decoder_swapped(ema.module):
+            model.save_pretrained(directory, weights_name=EMA_WEIGHTS_NAME)
+    if discriminator is not None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()}
+        save_file(weights, os.path.join(directory, DISCRIMINATOR_NAME))
+    write_yaml(os.path.join(directory, TRAIN_CONFIG_NAME), config_tree)
+    states = {name: part.state_dict() if part is not None else None for name, part in stateful.items()}
+    torch.save({**states, **state, "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0},
+               os.path.join(directory, STATE_NAME))
+
+
+def resume_training(directory: str, model, ema, discriminator, stateful: dict) -> dict:
+    """Load a checkpoint written by save_training into the run's parts, in place; returns its state (counters,
+    RNG). Weights that do not fit the model are refused naming the config fields that differ."""
+    differ = config_differences(directory, model.config)
+    try:
+        model.load_weights(os.path.join(directory, WEIGHTS_NAME))
+    except ValueError as err:
+        raise ValueError(f"{directory} is a checkpoint of another model (it differs in {', '.join(differ) or '?'}): "
+                         f"{err}; resume it with its own config, or start afresh (another results_dir, or "
+                         f"train.resume=null)") from None
+    if differ:
+        print(f"resume: the model's config differs from the checkpoint's in {', '.join(differ)}; going on with "
+              f"this run's values")
+    if ema is not None:
+        with model.decoder_swapped(ema.module):
+            model.load_weights(os.path.join(directory, EMA_WEIGHTS_NAME))
+    if discriminator is not None:
+        discriminator.load_state_dict(read_tensors(directory, DISCRIMINATOR_NAME))
+    state = read_state(directory)
+    for name, part in stateful.items():
+        if part is not None:
+            part.load_state_dict(state[name])
+    if ema is not None:
+        ema.n_averaged.fill_(state["ema_n_averaged"])
+    return state
+
+
+def config_differences(directory: str, config: VQRAEConfig) -> list[str]:
+    """The fields in which a checkpoint's config.json and `config` differ (where the encoder lives aside)."""
+    saved = _flat(VQRAEConfig.load(os.path.join(directory, CONFIG_NAME)).to_dict())
+    current = _flat(config.to_dict())
+    ignored = ("encoder.path", "normalization_stat_path")  # stored resolved / in the weights
+    return [f"{key} ({saved.get(key)!r} there, {current.get(key)!r} here)" for key in sorted({*saved, *current})
+            if key not in ignored and saved.get(key) != current.get(key)]
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "params":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -12,47 +12,39 @@ One optimizer step (Trainer._train_step):
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
-from safetensors.torch import save_file
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, train_outputs
 from .atomic import write_yaml
 from .codebook_fit import encode_batches, fit_codebook
-from .data import ImageDataset, ResumableDistributedSampler, build_transform
-from .images import psnr, save_png
+from .data import ImageDataset, build_transform
 from .losses import VQRAELoss
 from .precision import autocast, resolve_precision
 from .rae import load_rae_decoder
-from .tar_shards import TarStream, training_dataset
+from .tar_shards import spread_images, training_dataset, training_loader
 from .tiny import write_stand_in_encoder
 from .train_checkpoint import (
-    DISCRIMINATOR_NAME,
-    EMA_WEIGHTS_NAME,
-    STATE_NAME,
     TRAIN_CONFIG_NAME,
+    checkpoint_files,
+    checkpoint_to_resume,
     latest_checkpoint,
-    missing_files,
-    read_state,
-    read_tensors,
     remove_stale_temporaries,
+    resume_training,
+    save_training,
     write_checkpoint,
-    write_state,
 )
 from .train_config import RunConfig, check_files
 from .train_log import MetricsLog
-from .vqrae import CONFIG_NAME, VQRAE, WEIGHTS_NAME
+from .vqrae import VQRAE
 
 
 def train(cfg: RunConfig) -> dict:
@@ -71,17 +63,6 @@ def train(cfg: RunConfig) -> dict:
         return Trainer(cfg, info, dataset).run()
     finally:
         distributed.teardown()
-
-
-@contextmanager
-def using_decoder(model: VQRAE, decoder: torch.nn.Module):
-    """Temporarily run `model` with another decoder (the EMA copy)."""
-    original = model.decoder
-    model.decoder = decoder
-    try:
-        yield model
-    finally:
-        model.decoder = original
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -124,7 +105,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + info.rank)
         if cfg.train.compile:  # after the EMA copy was made: it stays an eager module
             self.model.compile_parts()
-        self.loader = self._build_loader()
+        self.loader = training_loader(dataset, info.rank, info.world_size, cfg.train.batch_size,
+                                      cfg.data.num_workers, cfg.seed, start_batches=self.step * cfg.train.grad_accum,
+                                      pin_memory=self.device.type == "cuda")
         self.log = None
         if info.is_main:
             self.log = MetricsLog(self.results_dir, self.step, cfg.wandb_project if cfg.logger == "wandb" else None,
@@ -138,14 +121,14 @@ class Trainer:
         self.disc_ddp = distributed.wrap_ddp(disc, self.device) if disc is not None else None
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole update
         self.optimizer = torch.optim.AdamW(
-            self.model.decoder.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **fused
+            self.model.decoder.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
         )
         schedule = warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.disc_optimizer = self.disc_scheduler = None
         if disc is not None:
             c = self.loss.config
-            self.disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=tuple(c.disc_betas),
+            self.disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=c.disc_betas,
                                                    weight_decay=c.disc_weight_decay, **fused)
             # Stepped with the decoder's every step, so its lr is the schedule's at the global step (RAE's way).
             self.disc_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -155,26 +138,6 @@ class Trainer:
             AveragedModel(self.model.decoder, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
             if t.ema_decay is not None
             else None
-        )
-
-    def _build_loader(self) -> DataLoader:
-        t, workers = self.cfg.train, self.cfg.data.num_workers
-        if isinstance(self.dataset, TarStream):  # resume: the readers skip this rank's batches already taken
-            stream = self.dataset.for_rank(self.info.rank, self.info.world_size, workers, t.batch_size,
-                                           start_batches=self.step * t.grad_accum)
-            return DataLoader(stream, batch_size=t.batch_size, num_workers=workers,
-                              pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
-        start = self.step * t.batch_size * t.grad_accum  # resume: where the data stream stood
-        return DataLoader(
-            self.dataset,
-            batch_size=t.batch_size,
-            sampler=ResumableDistributedSampler(
-                self.dataset, self.info.world_size, self.info.rank, seed=self.cfg.seed, start=start
-            ),
-            num_workers=self.cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.cfg.data.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG out of data loading
         )
 
     # ---- one step -------------------------------------------------------------------------------------------
@@ -245,7 +208,8 @@ class Trainer:
         t = self.cfg.train
         stop = t.stop_at or t.steps
         data = iter(self.loader)
-        fixed = self._fixed_images() if self.info.is_main else None
+        if self.info.is_main:  # the same images in every sample grid and the final report
+            names, fixed = train_outputs.sample_images(self.dataset, t.num_samples, self.cfg.image_size, self.device)
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
@@ -270,13 +234,19 @@ class Trainer:
                                 refresh=False)
                 window_start, window_images = time.time(), 0
             if self.info.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == stop):
-                self._save_samples(fixed)
+                grid = train_outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
+                                                  self.results_dir, self.step)
+                self.log.image("samples", grid, self.step)
             if self.step % t.ckpt_every == 0 or self.step == stop:
                 self._checkpoint()
         bar.close()
         summary = {"step": self.step, "results_dir": self.results_dir, "logs": last_logs}
         if self.step == t.steps:
-            summary["final"] = self._export_final(fixed)
+            summary["final"] = os.path.join(self.results_dir, "final")
+            if self.info.is_main:
+                train_outputs.export_final(self.model, self._eval_decoder, summary["final"])
+                if t.report_reconstructions:
+                    train_outputs.report_reconstructions(summary["final"], names, fixed, self.results_dir)
         distributed.barrier()
         if self.log is not None:
             self.log.close()
@@ -286,16 +256,8 @@ class Trainer:
         """Before step 0: k-means of latents from codebook_fit.images images (this rank's share) -> the codebook."""
         c, t, info = self.cfg.codebook_fit, self.cfg.train, self.info
         center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
-        if isinstance(center, TarStream):  # a stream: the first images of this rank's readers, one pass at most
-            workers = self.cfg.data.num_workers
-            images = center.for_rank(info.rank, info.world_size, workers, t.batch_size, epochs=1)
-            batches = -(-c.images // (info.world_size * t.batch_size))
-            loader = itertools.islice(DataLoader(images, batch_size=t.batch_size, num_workers=workers), batches)
-        else:
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed))
-            mine = order[: c.images][info.rank :: info.world_size].tolist()
-            loader = DataLoader(torch.utils.data.Subset(center, mine), batch_size=t.batch_size,
-                                num_workers=self.cfg.data.num_workers, generator=torch.Generator())
+        loader = spread_images(center, c.images, info.rank, info.world_size, t.batch_size, self.cfg.data.num_workers,
+                               self.cfg.seed)
         images = (batch["image"].to(self.device) for batch in loader)
         result = fit_codebook(
             self.model, encode_batches(self.model, images, autocast(self.device, self.precision)),
@@ -338,7 +300,12 @@ class Trainer:
                 f"precision=fp32 or check the data, then resume from it."
             )
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------
+    # ---- checkpoints (stage1/train_checkpoint.py) ------------------------------------------------------------
+    def _stateful(self) -> dict:
+        """What a checkpoint holds besides the weights, by the name trainer_state.pt keeps it under."""
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                "disc_optimizer": self.disc_optimizer, "disc_scheduler": self.disc_scheduler}
+
     def _checkpoint(self) -> None:
         identical = distributed.ranks_agree(self.model.trainable_state_dict(), self.device)
         rng = distributed.gather_objects(
@@ -348,72 +315,26 @@ class Trainer:
         if self.info.is_main:
             if not identical:
                 print(f"WARNING: step {self.step}: ranks hold different weights or codebooks")
-            write_checkpoint(self.ckpt_root, self.step, lambda directory: self._fill_checkpoint(directory, rng),
-                             keep_last=self.cfg.train.keep_last)
+            counters = {"step": self.step, "skipped_images": self.skipped_images,
+                        "nonfinite_steps": self.nonfinite_steps, "rng": rng, "world_size": self.info.world_size}
+            write_checkpoint(self.ckpt_root, self.step, keep_last=self.cfg.train.keep_last, fill=lambda directory:
+                             save_training(directory, self.model, self.ema, self.loss.discriminator, self._stateful(),
+                                           counters, self.cfg.to_tree()))
             self.log.write(self.step, {"checkpoint": True, "ranks_identical": identical}, scalars=False)
         distributed.barrier()
 
-    def _fill_checkpoint(self, directory: str, rng: list) -> None:
-        self.model.save_pretrained(directory)  # config.json + model.safetensors: loads with VQRAE.from_pretrained
-        if self.ema is not None:
-            with using_decoder(self.model, self.ema.module):
-                self.model.save_pretrained(directory, weights_name=EMA_WEIGHTS_NAME)
-        if self.loss.discriminator is not None:
-            weights = {k: v.detach().contiguous().cpu() for k, v in self.loss.discriminator.state_dict().items()}
-            save_file(weights, os.path.join(directory, DISCRIMINATOR_NAME))
-        write_yaml(os.path.join(directory, TRAIN_CONFIG_NAME), self.cfg.to_tree())
-        write_state(directory, {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer is not None else None,
-            "disc_scheduler": self.disc_scheduler.state_dict() if self.disc_scheduler is not None else None,
-            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
-            "skipped_images": self.skipped_images,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rng": rng,
-            "world_size": self.info.world_size,
-        })
-
-    def _checkpoint_files(self) -> list[str]:
-        """What a complete checkpoint of this run holds."""
-        names = [STATE_NAME, WEIGHTS_NAME, CONFIG_NAME]
-        names += [EMA_WEIGHTS_NAME] if self.ema is not None else []
-        return names + ([DISCRIMINATOR_NAME] if self.loss.discriminator is not None else [])
-
     def _resume(self) -> None:
-        resume, required = self.cfg.train.resume, self._checkpoint_files()
         if self.info.is_main:
             for name in remove_stale_temporaries(self.ckpt_root):
                 print(f"resume: removed {name}, left by a writer that was killed")
         distributed.barrier()
-        directory = latest_checkpoint(self.ckpt_root, required) if resume == "auto" else resume
+        required = checkpoint_files(self.ema is not None, self.loss.discriminator is not None)
+        directory = checkpoint_to_resume(self.ckpt_root, self.cfg.train.resume, required)
         if directory is None:
             return
-        missing = missing_files(directory, required)
-        if missing:
-            raise FileNotFoundError(f"train.resume={resume}: {directory} is not a complete training checkpoint "
-                                    f"of this run: it lacks {missing}")
-        state = read_state(directory)
-        missing = self.model.load_state_dict(read_tensors(directory, WEIGHTS_NAME), strict=False).missing_keys
-        if any(not k.startswith("encoder.") for k in missing):
-            raise ValueError(f"checkpoint {directory} lacks model weights: {missing[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.loss.discriminator is not None:
-            self.loss.discriminator.load_state_dict(read_tensors(directory, DISCRIMINATOR_NAME))
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-            if state.get("disc_scheduler") is not None:  # checkpoints before loss.disc_schedule: constant
-                self.disc_scheduler.load_state_dict(state["disc_scheduler"])
-        if self.ema is not None:
-            ema = read_tensors(directory, EMA_WEIGHTS_NAME)
-            self.ema.module.load_state_dict({k.removeprefix("decoder."): v for k, v in ema.items()
-                                             if k.startswith("decoder.")})
-            self.ema.n_averaged.fill_(state["ema_n_averaged"])
-        self.step, self.skipped_images = state["step"], state["skipped_images"]
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        state = resume_training(directory, self.model, self.ema, self.loss.discriminator, self._stateful())
+        self.step, self.skipped_images, self.nonfinite_steps = (state["step"], state["skipped_images"],
+                                                                state["nonfinite_steps"])
         self._restore_rng(state["rng"])
         if self.info.is_main:
             print(f"resumed from {directory} at step {self.step}")
@@ -429,54 +350,7 @@ class Trainer:
         if self.device.type == "cuda" and rng[self.info.rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
 
-    # ---- outputs --------------------------------------------------------------------------------------------
-    def _fixed_images(self) -> torch.Tensor:
-        """The first num_samples readable images, center-cropped: the same ones in every sample grid."""
-        center = build_transform(self.cfg.image_size, "center_crop", hflip=False)
-        self.fixed_names, images = self.dataset.first_images(self.cfg.train.num_samples, center)
-        return torch.stack(images).to(self.device)
-
     @property
     def _eval_decoder(self) -> torch.nn.Module:
         """The decoder that samples and the final model use: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.model.decoder
-
-    @torch.no_grad()
-    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        try:
-            with using_decoder(self.model, self._eval_decoder), autocast(self.device, self.precision):
-                return self.model(images).float()
-        finally:
-            self.model.train()
-
-    def _save_samples(self, images: torch.Tensor) -> None:
-        grid = make_grid(torch.cat([images, self._reconstruct(images)]).cpu(), nrow=len(images), padding=2)
-        save_png(grid, os.path.join(self.results_dir, "samples", f"step-{self.step:07d}.png"))
-        self.log.image("samples", grid, self.step)
-
-    def _export_final(self, images: torch.Tensor | None) -> str:
-        """results_dir/final: the model to use (EMA decoder weights), loadable with VQRAE.from_pretrained."""
-        final = os.path.join(self.results_dir, "final")
-        if not self.info.is_main:
-            return final
-        with using_decoder(self.model, self._eval_decoder):
-            self.model.save_pretrained(final)
-        if self.cfg.train.report_reconstructions and images is not None:
-            self._report_reconstructions(final, images)
-        return final
-
-    def _report_reconstructions(self, final: str, images: torch.Tensor) -> None:
-        """Reload the exported model and put it through codes -> pixels (the latent, if continuous): PSNR per image
-        and a grid."""
-        model = VQRAE.from_pretrained(final).to(self.device).eval()
-        rec = model.reconstruct(images, output_size=images.shape[-2:])[0].float()
-        scores = psnr(rec, images)
-        path_name = "codes" if model.config.quantizer.kind != "none" else "latent"
-        print(f"reconstructions of {len(images)} images by {final} ({path_name} -> pixels):")
-        for name, score in zip(self.fixed_names, scores.tolist(), strict=True):
-            print(f"  {name:32s} PSNR {score:6.2f} dB")
-        print(f"  mean PSNR {scores.mean():.2f} dB")
-        path = os.path.join(self.results_dir, "reconstructions.png")
-        save_png(torch.cat([images, rec]), path, nrow=len(images), padding=2)
-        print(f"wrote {path} (originals above reconstructions)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -293,10 +294,16 @@ class VQRAE(nn.Module):
         if config.encoder.path == ENCODER_SUBDIR and "encoder_config_path" not in keywords:
             config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path))
         model = cls(config.with_keywords(**keywords))
+        model.load_weights(weights_file)
+        return model.eval()  # as every from_pretrained: the codebook moves only when the caller trains
+
+    def load_weights(self, weights_file: str) -> None:
+        """The trainable weights of a save_pretrained file, in place: every one of them, each of its shape, nothing
+        else (the one reader of saved weights: from_pretrained, and training's resume)."""
         state = read_tensor_file(weights_file, "model weights")
         if "latent_mean" in state and "latent_std" in state:  # per channel or per position: the file says which
-            model.set_latent_stats(state["latent_mean"], state["latent_std"])
-        expected = model.trainable_state_dict()
+            self.set_latent_stats(state["latent_mean"], state["latent_std"])
+        expected = self.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         mismatched = [
@@ -306,11 +313,19 @@ class VQRAE(nn.Module):
         ]
         if missing or unexpected or mismatched:
             raise ValueError(
-                f"weights in {weights_file} do not match its config: missing {missing[:5]}, "
+                f"weights in {weights_file} do not match the model's config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
             )
-        model.load_state_dict(state, strict=False)
-        return model.eval()  # as every from_pretrained: the codebook moves only when the caller trains
+        self.load_state_dict(state, strict=False)
+
+    @contextmanager
+    def decoder_swapped(self, decoder: nn.Module):
+        """The model with another decoder for a while (training's EMA copy: samples, checkpoints, the export)."""
+        original, self.decoder = self.decoder, decoder
+        try:
+            yield self
+        finally:
+            self.decoder = original
 
     def compile_parts(self, **options) -> "VQRAE":
         """torch.compile the frozen encoder's and the decoder's forward, in place (nn.Module.compile: the state dict
