@@ -7,17 +7,23 @@ Sources (LayerNormed without affine, as DINOv2 emits its tokens):
                 every fourth tile is held out, and no patch crosses a tile, so no held-out pixel was trained on
 Methods, each fed the same --steps batches of --batch tokens, scored on --held-out tokens none of them trained on:
     k-means       offline Lloyd on the fit tokens, --iters iterations: the attainable distortion of one codebook
-    k-means r4    the same, greedy residual: level l is k-means of what levels 1..l-1 leave (4 levels)
+    k-means r2/r4 the same, greedy residual: level l is k-means of what levels 1..l-1 leave (2 / 4 levels)
     k-means g4    the same per quarter of the channels (4 groups)
     ours          vqrae's recipe: codebook fit on the first --fit-tokens tokens of the stream (quantizer.fit), then
-                  the EMA with restarts on the stream; `ours r4` / `ours g4`: kind=residual depth 4 / grouped 4
+                  the EMA with restarts on the stream; `ours r2` / `ours r4` / `ours g4`: kind=residual depth 2 / 4,
+                  grouped 4
+    ours 1st      the library's start without a fit: k-means of the first batch, then the same EMA and restarts
+                  (`ours 1st r4`: residual depth 4)
     vqp           vector_quantize_pytorch.VectorQuantize (k-means init on the first batch, dead-code restarts)
     vqp r4        vector_quantize_pytorch.ResidualVQ, 4 quantizers
 Reported: held-out usage (codes used / K, averaged over codebooks), perplexity (averaged over codebooks), relative
 distortion mean ||z - q(z)||^2 / mean ||z - mean z||^2, both against the offline k-means of the same kind, bits per
-token; then the issue's targets, each with whether it holds.
+token, restarted codes over the stream (ours); then the issue's targets, each with whether it holds.
 
     python benchmarks/codebook_quality.py                        # CPU scale, K = 256 and 1024
+    python benchmarks/codebook_quality.py --sources synthetic --k 4096 --batch 8192 --steps 400 --fit-tokens 262144 \
+        --held-out 65536 --methods 'k-means,ours,ours 1st,k-means r2,ours r2,k-means r4,ours r4,ours 1st r4'
+                                                                 # the proxy (K=4096, 400 steps of 8192)
     python benchmarks/codebook_quality.py --device cuda --k 4096,16384,65536 --batch 8192 --steps 400 \\
         --fit-tokens 262144 --held-out 65536
     python benchmarks/codebook_quality.py --quick                # smoke run
@@ -41,7 +47,8 @@ from stage1.model_config import QuantizerConfig
 from stage1.quantizer_kinds import build_quantizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"": dict(), " r4": dict(kind="residual", depth=4), " g4": dict(kind="grouped", groups=4)}
+KINDS = {"": dict(), " r2": dict(kind="residual", depth=2), " r4": dict(kind="residual", depth=4),
+         " g4": dict(kind="grouped", groups=4)}
 
 
 class Synthetic:
@@ -122,17 +129,19 @@ def run_kmeans(kind: dict, k: int, fit_tokens: torch.Tensor, held_out: torch.Ten
     return scores(held_out, torch.stack(codes, 1), torch.cat(recon, 1), k)
 
 
-def run_ours(kind: dict, k: int, stream, fit_tokens, held_out, args) -> dict:
+def run_ours(kind: dict, k: int, stream, fit_tokens, held_out, args, fit: bool = True) -> dict:
     torch.manual_seed(args.seed)
-    config = QuantizerConfig(num_embeddings=k, decay=0.99, restart_after_steps=args.restart_after, **kind)
+    config = QuantizerConfig(num_embeddings=k, decay=0.99, restart_window=args.restart_window, **kind)
     q = build_quantizer(config, held_out.shape[1]).to(held_out.device)
-    q.fit(fit_tokens, args.iters, tokens_per_update=args.batch, seed=args.seed)
+    if fit:  # else the first batch starts it (k-means on its tokens)
+        q.fit(fit_tokens, args.iters, tokens_per_update=args.batch, seed=args.seed)
     q.train()
+    restarts = 0
     for batch in stream:
-        q(batch.to(held_out.device).unsqueeze(0))
+        restarts += int(q(batch.to(held_out.device).unsqueeze(0))[1]["restarted_codes"])
     q.eval()
     codes = q.encode(held_out)
-    return scores(held_out, codes, q.lookup(codes).float(), k)
+    return {**scores(held_out, codes, q.lookup(codes).float(), k), "restarts": restarts}
 
 
 def run_peer(kind: dict, k: int, stream, held_out, args) -> dict:
@@ -190,7 +199,8 @@ def main() -> None:
     parser.add_argument("--fit-tokens", type=int, default=65536, help="stream tokens our fit and k-means see")
     parser.add_argument("--held-out", type=int, default=65536)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--restart-after", type=int, default=20, help="our restart rule, in steps without a hit")
+    parser.add_argument("--restart-window", type=float, default=64.0,
+                        help="our restart rule: tokens without a hit, per code (quantizer.restart_window)")
     parser.add_argument("--sources", default="synthetic,photos")
     parser.add_argument("--methods", default="k-means,ours,vqp,k-means r4,ours r4,vqp r4,k-means g4,ours g4",
                         help="comma-separated subset of the rows (e.g. 'k-means,ours,vqp' for single codebooks)")
@@ -201,9 +211,10 @@ def main() -> None:
         args.k, args.dim, args.batch, args.steps, args.fit_tokens, args.held_out, args.iters = "64", 192, 512, 5, \
             2048, 2048, 5
     methods = args.methods.split(",")
-    unknown = set(methods) - {base + suffix for suffix in KINDS for base in ("k-means", "ours", "vqp")} - {"vqp g4"}
-    if unknown or "vqp g4" in methods:
-        raise SystemExit(f"unknown --methods {sorted(unknown | ({'vqp g4'} & set(methods)))}")
+    unknown = set(methods) - {base + suffix for suffix in KINDS for base in ("k-means", "ours", "ours 1st", "vqp")}
+    unknown |= {"vqp g4", "vqp r2"} & set(methods)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}")
     device = torch.device(args.device)
     print(f"machine: {machine()}; device {device}; D={args.dim}, {args.steps} steps of {args.batch} tokens, "
           f"fit on {args.fit_tokens} tokens, up to {args.held_out} held out")
@@ -218,26 +229,29 @@ def main() -> None:
             fit_tokens = torch.cat(stream)[: args.fit_tokens].to(device)  # the stream's first tokens, as in training
             results = {}
             for name in methods:
-                base, suffix = name.split(" ")[0], name[len(name.split(" ")[0]):]
+                base = "ours 1st" if name.startswith("ours 1st") else name.split(" ")[0]
+                suffix = name[len(base):]
                 start = time.perf_counter()
                 if base == "k-means":
                     results[name] = run_kmeans(KINDS[suffix], k, fit_tokens, held_out, args)
-                elif base == "ours":
-                    results[name] = run_ours(KINDS[suffix], k, stream, fit_tokens, held_out, args)
+                elif base.startswith("ours"):
+                    results[name] = run_ours(KINDS[suffix], k, stream, fit_tokens, held_out, args,
+                                             fit=base == "ours")
                 else:
                     results[name] = run_peer(KINDS[suffix], k, stream, held_out, args)
                 results[name]["seconds"] = time.perf_counter() - start
             for name, r in results.items():
-                ref = results.get("k-means" + name[len(name.split(" ")[0]):])
+                ref = results.get("k-means" + (name[len("ours 1st"):] if name.startswith("ours 1st") else
+                                               name[len(name.split(" ")[0]):]))
                 rows.append([k, name, f"{100 * r['usage']:.1f}%", f"{r['perplexity']:.0f}",
                              f"{r['perplexity'] / ref['perplexity']:.2f}x" if ref else "-", f"{r['distortion']:.3f}",
                              f"{r['distortion'] / ref['distortion']:.3f}x" if ref else "-", f"{r['bits']:.0f}",
-                             f"{r['seconds']:.0f}"])
+                             r.get("restarts", "-"), f"{r['seconds']:.0f}"])
             checks += targets(k, held_out.shape[0] / k, results)
         print_table(f"codebook quality, {source_name} ({held_out.shape[0]} held-out tokens; 'vs k-means': against "
                     f"the offline k-means of the same kind)",
                     ["K", "method", "usage", "perplexity", "vs k-means", "rel. distortion", "vs k-means",
-                     "bits/token", "s"], rows)
+                     "bits/token", "restarts", "s"], rows)
         print_table(f"targets, {source_name}", ["K", "target", "measured", "holds"], checks)
 
 

@@ -45,8 +45,8 @@ def main() -> None:
         tokens = encoder(images)
     rows = []
     for k in (int(v) for v in args.codebooks.split(",")):
-        vq = VectorQuantizer(k, tokens.shape[-1], decay=0.99, restart_after_steps=0, kmeans_init=False)
-        vq = vq.to(device).train()
+        vq = VectorQuantizer(k, tokens.shape[-1], decay=0.99, restart_window=0).to(device).train()
+        vq.initialized.fill_(True)  # a started codebook: the update itself is timed
 
         def run_encoder():
             with autocast:

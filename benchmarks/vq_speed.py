@@ -67,9 +67,9 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"machine: {machine()}; device {device}, inputs {args.dtype}")
 
-    # No restarts, codes drawn from the first batch: what the peer does by default.
-    ours = VectorQuantizer(k, d, commitment_cost=0.25, decay=0.99, restart_after_steps=0, kmeans_init=False)
-    ours = ours.to(device).train()
+    # A started codebook (its random placeholders, marked started) and no restarts: the update itself is timed.
+    ours = VectorQuantizer(k, d, commitment_cost=0.25, decay=0.99, restart_window=0).to(device).train()
+    ours.initialized.fill_(True)
     from vector_quantize_pytorch import VectorQuantize
 
     peer = VectorQuantize(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25, rotation_trick=False)

@@ -333,6 +333,11 @@ def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(mode
     # The original is never written over.
     assert fit_codebook.main([*argv[:4], "--out", model_dir]) == 2
     assert "--out must differ from --model" in capsys.readouterr().err
+    # Too few tokens for the codebook: the advice names this command's flags, not training's keys.
+    assert fit_codebook.main([*argv[:4], "--out", str(tmp_path / "few"), "--tokens-per-image", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "sampled 20 tokens for 64 codes: raise --images (with more images in --data) or --tokens-per-image" in err
+    assert "codebook_fit." not in err and not (tmp_path / "few").exists()
 
 
 def test_decode_refuses_manifest_paths_outside_its_folders(model_dir, image_dir, tmp_path, capsys):

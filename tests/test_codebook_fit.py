@@ -39,8 +39,8 @@ def test_many_images_fit_held_out_latents_better_than_one_batch(dinov2_dir):
     fit_codebook(fitted, encode_batches(fitted, image_batches(count=12)), tokens_per_image=16, iters=20,
                  tokens_per_update=64)
     torch.manual_seed(0)
-    first_batch = tiny_vqrae(dinov2_dir, num_embeddings=32, kmeans_init=True).train()
-    first_batch(smooth_images(4, seed=0), return_loss=True)  # k-means on one batch of 4 images (64 tokens)
+    first_batch = tiny_vqrae(dinov2_dir, num_embeddings=32).train()
+    first_batch(smooth_images(16, seed=0), return_loss=True)  # k-means on one batch: 16 images, 8 tokens a code
     held_out = torch.cat([fitted.encode_tokens(x)[0].flatten(0, 1) for x in image_batches(count=4, seed=100)])
     distortion = {name: assign(held_out, m.quantizer.embedding)[1].mean().item()
                   for name, m in [("fitted", fitted), ("first_batch", first_batch)]}
@@ -60,9 +60,14 @@ def test_training_fits_the_codebook_before_step_zero(train_images, tmp_path):
     fit = [m for m in train_metrics(tmp_path / "fit") if m.get("codebook_fit")]
     assert len(fit) == 1 and fit[0]["step"] == 0
     assert fit[0]["tokens"] == 8 * 16 and fit[0]["codes_used"] == 64 and fit[0]["distortion"] > 0
-    run_training(train_images, tmp_path / "off", "train.steps=2", "train.sample_every=null",
+    # images=0: the same rule on the first step's images (4 of 16 tokens: one per code), not a second mechanism.
+    run_training(train_images, tmp_path / "first", "train.steps=2", "train.sample_every=null",
                  "train.report_reconstructions=false", "codebook_fit.images=0")
-    assert not [m for m in train_metrics(tmp_path / "off") if m.get("codebook_fit")]
+    fit = [m for m in train_metrics(tmp_path / "first") if m.get("codebook_fit")]
+    assert len(fit) == 1 and fit[0]["tokens"] == 4 * 16 and fit[0]["codes_used"] == 64
+    with pytest.raises(ValueError, match="sampled 32 tokens for 64 codes: raise codebook_fit.images or codebook_fit"):
+        run_training(train_images, tmp_path / "few", "train.steps=2", "codebook_fit.images=0",
+                     "codebook_fit.tokens_per_image=8")
 
 
 @pytest.mark.parametrize("kind", [dict(kind="residual", depth=3), dict(kind="grouped", groups=4),
@@ -88,3 +93,12 @@ def test_every_kind_fits_each_of_its_codebooks(dinov2_dir, kind):
     else:
         # Groups partition the channels: their errors add up to the whole quantizer's.
         assert fit.distortion == pytest.approx(sum(r.distortion[-1] for r in fit.results), rel=1e-4)
+
+
+def test_one_default_for_the_lloyd_iterations():
+    """Training's codebook_fit.iters, vqrae-fit-codebook's --iters and a first batch's k-means: one number."""
+    from stage1.cli.arguments import fit_codebook_parser
+    from stage1.kmeans import LLOYD_ITERS
+    from stage1.train_config import CodebookFitConfig
+
+    assert fit_codebook_parser().get_default("iters") == CodebookFitConfig().iters == LLOYD_ITERS

@@ -44,12 +44,12 @@ def test_keyword_form_builds_the_same_model_as_the_config(dinov2_dir):
 
 
 def test_config_round_trips_through_json(dinov2_dir, tmp_path):
-    config = dataclasses.replace(tiny_config(dinov2_dir, restart_after_steps=7), noise_tau=0.3,
+    config = dataclasses.replace(tiny_config(dinov2_dir, restart_window=7.0), noise_tau=0.3,
                                  reshape_to_2d=False)
     config.save(str(tmp_path / "config.json"))
     assert VQRAEConfig.load(str(tmp_path / "config.json")) == config
     on_disk = json.loads((tmp_path / "config.json").read_text())
-    assert set(on_disk) >= set(SECTIONS) and on_disk["quantizer"]["restart_after_steps"] == 7
+    assert set(on_disk) >= set(SECTIONS) and on_disk["quantizer"]["restart_window"] == 7
 
 
 def test_every_keyword_names_a_config_field():

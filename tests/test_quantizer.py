@@ -94,7 +94,7 @@ def test_one_ema_step_matches_the_formula():
 def test_eval_and_encode_never_update_the_codebook():
     vq = VectorQuantizer(8, 4)
     before = {k: v.clone() for k, v in vq.state_dict().items()}
-    z = torch.randn(2, 9, 4)
+    z = torch.randn(2, 36, 4)  # 72 tokens: enough (8 a code) for a training forward to start the codebook
     vq.eval()(z)
     vq.train().encode(z)
     for key, value in vq.state_dict().items():
@@ -109,26 +109,50 @@ def trained_on(vq, codebook):
     return vq
 
 
-def test_a_code_unused_for_restart_after_steps_restarts_from_batch_features():
+def test_a_code_unused_for_its_window_of_tokens_restarts_on_a_far_token():
+    """restart_window counts tokens: with K=8 and restart_window 18.75 a code is dead after 150 tokens without a hit,
+    three steps of 50 here (six of 25 would be the same window). It restarts where a code cuts the distortion most:
+    drawn by squared distance to the tokens' codes, the one far-off token of the batch."""
     torch.manual_seed(0)
-    vq = trained_on(VectorQuantizer(8, 4, restart_after_steps=3, decay=0.9).train(), torch.randn(8, 4))
+    codebook = torch.randn(8, 4)
+    vq = trained_on(VectorQuantizer(8, 4, restart_window=18.75, decay=0.9).train(), codebook)
     vq.embedding[3] = 1000.0  # far from all data: no token ever picks code 3
     vq.ema_embed_sum[3] = 1000.0 * vq.ema_cluster_size[3]
+
+    def near_codes(n):  # tokens right on the live codes
+        live = torch.tensor([0, 1, 2, 4, 5, 6, 7])
+        return vq.embedding[live[torch.randint(7, (n,))]] + 0.01 * torch.randn(n, 4)
+
     for step in range(1, 3):
-        _, losses, _ = vq(torch.randn(1, 50, 4))
-        assert losses["restarted_codes"].item() == 0 and vq.steps_since_hit[3] == step  # not before 3 steps
-    z = torch.randn(1, 50, 4)
+        _, losses, _ = vq(near_codes(50).unsqueeze(0))
+        assert losses["restarted_codes"].item() == 0 and vq.tokens_since_hit[3] == 50 * step  # not before 150
+    far = torch.tensor([[9.0, -9.0, 9.0, -9.0]])
+    z = torch.cat([near_codes(49), far]).unsqueeze(0)
     _, losses, idx = vq(z)
-    assert losses["restarted_codes"].item() >= 1
-    restarted = vq.embedding[3]
-    assert (z[0] - restarted).norm(dim=1).min() < 1e-6  # one of this batch's features
+    assert losses["restarted_codes"].item() == 1
+    assert torch.equal(vq.embedding[3], far[0])  # the far token, not one of the 49 others
     # Its EMA state was reset to match, so the next update cannot drag it back to where it was.
     size = idx.numel() / 8
     assert vq.ema_cluster_size[3].item() == pytest.approx(size)
-    assert torch.allclose(vq.ema_embed_sum[3], restarted * size)
-    assert vq.steps_since_hit[3] == 0
-    vq(torch.randn(1, 50, 4))
-    assert (vq.embedding[3] - restarted).norm() < 1.0
+    assert torch.allclose(vq.ema_embed_sum[3], far[0] * size)
+    assert vq.tokens_since_hit[3] == 0
+    vq(torch.cat([near_codes(49), far + 0.01]).unsqueeze(0))
+    assert (vq.embedding[3] - far[0]).norm() < 0.1 and vq.tokens_since_hit[3] == 0  # it now wins its token
+
+
+def test_restarts_leave_codes_that_are_merely_rare_alone():
+    """A fitted code with a small share of the data is no dead code: over a window of 64 tokens per code, a code
+    of a tenth of the average share still expects 6.4 hits, and restarts never touch a code that is hit."""
+    torch.manual_seed(0)
+    centers = torch.randn(16, 8) * 5
+    share = torch.ones(16)
+    share[:4] = 0.1  # four rare clusters
+    vq = trained_on(VectorQuantizer(16, 8, decay=0.99).train(), centers)
+    restarted = 0
+    for _ in range(100):
+        which = torch.multinomial(share, 256, replacement=True)
+        restarted += int(vq((centers[which] + 0.1 * torch.randn(256, 8)).unsqueeze(0))[1]["restarted_codes"])
+    assert restarted == 0 and torch.cdist(centers, vq.codebook).min(dim=1).values.max() < 0.2
 
 
 def test_codes_start_on_the_first_batch_so_none_is_left_behind():
@@ -139,7 +163,8 @@ def test_codes_start_on_the_first_batch_so_none_is_left_behind():
     def batch():
         return clustered(8, centers, noise=0.3, seed=int(torch.randint(1000, (1,)))).unsqueeze(0)
     torch.manual_seed(0)
-    default, placeholder = VectorQuantizer(64, 16).train(), VectorQuantizer(64, 16).train()
+    # No restarts, which would revive the left-behind codes: the start alone is measured.
+    default, placeholder = (VectorQuantizer(64, 16, restart_window=0).train() for _ in range(2))
     placeholder.initialized.fill_(True)  # keep the random placeholders, as an uninitialised codebook would
     for _ in range(20):
         default(batch())
@@ -150,11 +175,22 @@ def test_codes_start_on_the_first_batch_so_none_is_left_behind():
     assert usage["placeholder"] < 0.2 and usage["default"] >= 0.9, usage
 
 
-def test_kmeans_init_finds_the_clusters():
+def test_the_first_batch_start_finds_the_clusters_or_gathers_enough_tokens_first():
     torch.manual_seed(0)
     centers = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, -5.0, -5.0]])
     z = clustered(50, centers)
-    vq = VectorQuantizer(4, 3, kmeans_init=True).train()
+    # 200 tokens for 256 codes cannot start them (drawn codes would repeat): the first batches are gathered until
+    # they hold 8 tokens per code, with a warning, and the codebook stays as it is until then.
+    gathering = VectorQuantizer(256, 3).train()
+    placeholders = gathering.embedding.clone()
+    with pytest.warns(UserWarning, match="the codebook has not started; gathering 2048 tokens"):
+        _, losses, _ = gathering(z.unsqueeze(0))
+    assert not bool(gathering.initialized) and losses["skipped_ema_update"].item() == 1.0
+    assert torch.equal(gathering.embedding, placeholders)
+    for seed in range(1, 11):
+        gathering(clustered(50, centers, seed=seed).unsqueeze(0))
+    assert bool(gathering.initialized) and not torch.equal(gathering.embedding, placeholders)
+    vq = VectorQuantizer(4, 3).train()
     assert not bool(vq.initialized)
     _, losses, idx = vq(z.unsqueeze(0))
     assert bool(vq.initialized)
@@ -210,9 +246,8 @@ def test_bad_feature_shapes_and_arguments():
 # ---- two processes (gloo): statistics are all-reduced, codebooks stay identical ----------------------------
 MODES = {  # quantizer options, and whether the test starts from a trained codebook
     "ema": (dict(), True),
-    "restarts": (dict(restart_after_steps=1), True),
-    "batch_init": (dict(restart_after_steps=1), False),
-    "kmeans_init": (dict(kmeans_init=True, restart_after_steps=1), False),
+    "restarts": (dict(restart_window=4.0), True),  # dead after 64 tokens: one step of both ranks' 32
+    "batch_init": (dict(restart_window=4.0), False),
 }
 
 
@@ -246,7 +281,7 @@ def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, mode)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert bool(rank0["initialized"])
-    if "restart_after_steps" in options:
+    if "restart_window" in options:
         assert rank0["restarted"] > 0  # the rule fired, on both ranks alike
     if mode == "ema":
         # Summed statistics over two halves == statistics of the whole batch in one process.
@@ -277,9 +312,11 @@ def test_search_never_holds_more_than_the_distance_budget(monkeypatch):
 
 def test_cached_code_norms_follow_every_codebook_change():
     vq = VectorQuantizer(32, 4).eval()
-    z = torch.randn(200, 4)
+    z = torch.randn(256, 4)
     assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
-    vq.train()(z.unsqueeze(0))  # EMA update writes the codebook in place
+    before = vq.codebook.clone()
+    vq.train()(z.unsqueeze(0))  # the start and EMA update write the codebook in place
+    assert not torch.equal(vq.codebook, before)
     vq.eval()
     assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
     vq.embedding[5] = z[0] + 1e-4  # a direct write
@@ -291,8 +328,8 @@ def test_cached_code_norms_follow_every_codebook_change():
 
 
 def test_non_finite_features_never_reach_the_codebook():
-    vq = VectorQuantizer(8, 4, restart_after_steps=1, kmeans_init=True).train()
-    z = torch.randn(1, 20, 4)
+    vq = VectorQuantizer(8, 4, restart_window=1.0).train()
+    z = torch.randn(1, 64, 4)
     z[0, 3, 1] = float("nan")
     before = {k: v.clone() for k, v in vq.state_dict().items()}
     _, losses, _ = vq(z)
@@ -302,5 +339,5 @@ def test_non_finite_features_never_reach_the_codebook():
     z[0, 3, 1] = float("inf")
     vq(z)
     assert torch.isfinite(vq.codebook).all() and not bool(vq.initialized)
-    _, losses, _ = vq(torch.randn(1, 20, 4))
+    _, losses, _ = vq(torch.randn(1, 64, 4))
     assert losses["skipped_ema_update"].item() == 0.0 and bool(vq.initialized)

@@ -65,7 +65,8 @@ def quantizer_distortion(quantizer, latents: torch.Tensor, rows: int = 65536) ->
 
 
 def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image: int, iters: int,
-                 tokens_per_update: int, seed: int = 0, show_progress: bool = True) -> CodebookFit:
+                 tokens_per_update: int, seed: int = 0, show_progress: bool = True,
+                 more: str = "codebook_fit.images or codebook_fit.tokens_per_image") -> CodebookFit:
     """Fit model.quantizer's codebooks by k-means of sampled latents (all ranks together; residual levels on what
     the levels before them leave, groups on their channels) and start the EMA there, with cluster sizes in hits
     per update (`tokens_per_update`: tokens one training forward quantizes, summed over ranks), so the EMA goes on
@@ -82,8 +83,8 @@ def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image:
     all_reduce_sum(total)
     k = model.quantizer.num_embeddings
     if total.item() < k:
-        raise ValueError(f"the codebook fit sampled {int(total.item())} tokens for {k} codes: raise "
-                         f"codebook_fit.images or codebook_fit.tokens_per_image (at least one token per code)")
+        raise ValueError(f"the codebook fit sampled {int(total.item())} tokens for {k} codes: raise {more} (at "
+                         f"least one token per code)")
     results = model.quantizer.fit(latents, iters, tokens_per_update, seed)
     return CodebookFit(
         tokens=int(total.item()),

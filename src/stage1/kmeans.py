@@ -25,6 +25,8 @@ import torch
 from .distributed import all_reduce_sum, broadcast_from_main, gather_rows, world_size
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
+LLOYD_ITERS = 20  # Lloyd iterations of every codebook start (training's codebook_fit.iters, a first batch's)
+
 
 @dataclass
 class KMeansResult:
@@ -71,7 +73,7 @@ def seed_kmeans_pp(pool: torch.Tensor, k: int, generator: torch.Generator, round
     return torch.cat(centres)
 
 
-def fit_kmeans(samples: torch.Tensor, k: int, iters: int = 20, seed: int = 0, pool_size: int | None = None,
+def fit_kmeans(samples: torch.Tensor, k: int, iters: int = LLOYD_ITERS, seed: int = 0, pool_size: int | None = None,
                seed_rounds: int = 64, max_distances: int = DEFAULT_MAX_DISTANCES_PER_CHUNK,
                spherical: bool = False, progress=None) -> KMeansResult:
     """k-means of this rank's `samples` (N, D) together with every other rank's. `pool_size`: rows gathered over

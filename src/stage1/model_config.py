@@ -53,9 +53,9 @@ class QuantizerConfig(ConfigSection):
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
     epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
-    restart_after_steps: int = 100  # a code no token chose in this many training steps restarts (0: never)
-    kmeans_init: bool = True  # first batch: k-means on its features (else: codes drawn from them)
-    kmeans_iters: int = 10
+    # A code that no token chose in the last restart_window * num_embeddings tokens seen (a code of average share
+    # expects restart_window hits in them) restarts on the tokens farthest from their codes; 0: never.
+    restart_window: float = 64.0
 
     def check(self):
         for name, kind in (("depth", "residual"), ("groups", "grouped")):
@@ -63,10 +63,10 @@ class QuantizerConfig(ConfigSection):
                          f"a positive integer, and 1 unless quantizer.kind is '{kind}' (kind is {self.kind!r})")
         self.require(not (self.cosine and self.kind == "residual"), "cosine",
                      "false with kind 'residual' (residuals of unit codes are not unit vectors)")
-        self.require_positive("num_embeddings", "epsilon", "kmeans_iters")
+        self.require_positive("num_embeddings", "epsilon")
         self.require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)")
         self.require(self.commitment_cost >= 0, "commitment_cost", ">= 0")
-        self.require(self.restart_after_steps >= 0, "restart_after_steps", ">= 0 (0: never)")
+        self.require(self.restart_window >= 0, "restart_window", ">= 0 (0: never)")
 
 
 @dataclass
@@ -162,8 +162,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "commitment_cost": ("quantizer", "commitment_cost"),
     "vq_decay": ("quantizer", "decay"),
     "vq_epsilon": ("quantizer", "epsilon"),
-    "restart_after_steps": ("quantizer", "restart_after_steps"),
-    "kmeans_init": ("quantizer", "kmeans_init"),
+    "restart_window": ("quantizer", "restart_window"),
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),

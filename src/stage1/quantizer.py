@@ -17,27 +17,30 @@ rank 0 would only cost time (and hide a bug if they ever diverged).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed, world_size
+from .distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
 from .kmeans import fit_kmeans
 from .model_config import QuantizerConfig
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
+START_TOKENS_PER_CODE = 8  # a start without a fit: k-means of this many tokens per code of the first batches
 
 
-def sample_rows(flat: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` rows drawn at random from every rank's `flat`, the same on every rank: each rank draws its share
-    (with replacement only where it holds fewer rows), and the shares are gathered in rank order."""
-    share = -(-count // world_size())
-    if flat.shape[0] >= share:
-        picks = torch.randperm(flat.shape[0], device=flat.device)[:share]
-    else:
-        picks = torch.randint(0, flat.shape[0], (share,), device=flat.device)
-    return gather_rows(flat[picks].contiguous())[:count]
+def farthest_tokens(flat: torch.Tensor, distances: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` tokens where new codes cut the distortion most, the same on every rank: each rank draws candidates
+    with probability proportional to their squared distance to their code (D^2 sampling, k-means++'s rule, so one
+    outlier does not take them all), every rank's candidates are gathered, and the `count` farthest of them kept."""
+    share = min(count, flat.shape[0])
+    picks = torch.multinomial(distances.float() + 1e-12, share, replacement=False)
+    candidates = gather_rows(torch.cat([flat[picks], distances[picks, None].to(flat.dtype)], dim=1))
+    order = candidates[:, -1].argsort(descending=True, stable=True)
+    return candidates[order[: min(count, len(order))], :-1].repeat(-(-count // len(order)), 1)[:count]
 
 
 class VectorQuantizer(nn.Module):
@@ -68,9 +71,7 @@ class VectorQuantizer(nn.Module):
         self.decay = config.decay
         self.epsilon = config.epsilon
         self.cosine = config.cosine
-        self.restart_after_steps = config.restart_after_steps
-        self.kmeans_init = config.kmeans_init
-        self.kmeans_iters = config.kmeans_iters
+        self.restart_window = config.restart_window
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK  # a memory bound, not a model value
 
         # Placeholders until the first training batch (or set_codebook / load_state_dict) puts codes on the data.
@@ -78,9 +79,11 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("embedding", embedding)
         self.register_buffer("ema_cluster_size", torch.ones(config.num_embeddings))
         self.register_buffer("ema_embed_sum", embedding.clone())
-        self.register_buffer("steps_since_hit", torch.zeros(config.num_embeddings, dtype=torch.long))
+        self.register_buffer("tokens_since_hit", torch.zeros(config.num_embeddings, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
         self._norms_cache: tuple | None = None
+        self._gathered: list[torch.Tensor] = []  # the first batches' tokens, until the codebook can start on them
+        self.gathers = True  # a residual level waits until the level before it has started
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -135,15 +138,15 @@ class VectorQuantizer(nn.Module):
             flat = self._flatten(z)
             # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
             update = self.training and all_ranks_true(torch.isfinite(flat.detach()).all())
-            if update and not bool(self.initialized):
-                self._init_from_batch(flat.detach())
+            if update and not bool(self.initialized):  # no update until the codebook has started
+                update = self.gathers and self._start_from_batches(flat.detach())
             indices = self._search(flat.detach())
             quantized = self.embedding[indices]  # looked up before this step's EMA update, as in Sonnet
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
             restarted = 0
             if update:
                 self._ema_update(counts, indices, flat.detach())  # sums counts over ranks
-                restarted = self._restart_dead_codes(flat.detach(), counts)
+                restarted = self._restart_dead_codes(flat.detach(), quantized, counts)
 
             commitment_loss = F.mse_loss(flat, quantized.detach())
             losses = {
@@ -188,7 +191,7 @@ class VectorQuantizer(nn.Module):
         self.embedding.copy_(F.normalize(embedding, dim=1) if self.cosine else embedding)
         self.ema_cluster_size.copy_(size)
         self.ema_embed_sum.copy_(self.embedding * size.unsqueeze(1))
-        self.steps_since_hit.zero_()
+        self.tokens_since_hit.zero_()
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -203,39 +206,50 @@ class VectorQuantizer(nn.Module):
         return [result]
 
     @torch.no_grad()
-    def _init_from_batch(self, flat: torch.Tensor) -> None:
-        """The codebook from the first training batch, pooled over ranks, so that every code starts on the data
-        (codes far from it would never win a token): k-means on it (kmeans_init), else a sample of its features.
-        Cluster sizes start in per-step hits."""
-        k = self.num_embeddings
-        total = torch.tensor([float(flat.shape[0])], device=flat.device)
-        all_reduce_sum(total)
-        if self.kmeans_init and total.item() >= k:
-            fit = fit_kmeans(flat, k, iters=self.kmeans_iters, max_distances=self.max_distances_per_chunk,
-                             spherical=self.cosine)
-            self.set_codebook(fit.centroids, fit.counts)
-        else:
-            self.set_codebook(sample_rows(flat, k), torch.full((k,), total.item() / k))
+    def _start_from_batches(self, flat: torch.Tensor) -> bool:
+        """Without a fit, the first training batches start the codebook, pooled over ranks, so that every code starts
+        on the data (codes far from it would never win a token): k-means of START_TOKENS_PER_CODE tokens per code,
+        gathered over as many batches as that takes (one batch of ~2 tokens per code overfits it, and fewer tokens
+        than codes would repeat codes), cluster sizes in per-batch hits. Returns whether it has started."""
+        self._gathered.append(flat)
+        gathered = torch.tensor([float(sum(rows.shape[0] for rows in self._gathered))], device=flat.device)
+        all_reduce_sum(gathered)
+        needed = START_TOKENS_PER_CODE * self.num_embeddings
+        if gathered.item() < needed:
+            if len(self._gathered) == 1:
+                warnings.warn(f"VectorQuantizer: the codebook has not started; gathering {needed} tokens of the first "
+                              f"training batches for its k-means ({int(gathered.item())} so far) and leaving it "
+                              f"unchanged until then. Fit it beforehand to skip this (stage1.codebook_fit."
+                              f"fit_codebook, vqrae-fit-codebook; training does it before step 0)", stacklevel=2)
+            return False
+        samples, batches = torch.cat(self._gathered), len(self._gathered)
+        self._gathered = []
+        fit = fit_kmeans(samples, self.num_embeddings, max_distances=self.max_distances_per_chunk,
+                         spherical=self.cosine)
+        self.set_codebook(fit.centroids, fit.counts / batches)
+        return True
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> int:
-        """Codes no token chose in `restart_after_steps` steps restart from features drawn from every rank's batch,
-        with their EMA statistics reset to match (else the stale sums would pull them straight back).
+    def _restart_dead_codes(self, flat: torch.Tensor, quantized: torch.Tensor, counts: torch.Tensor) -> int:
+        """Codes that no token chose in the last restart_window * num_embeddings tokens (a window in tokens, so
+        it means the same at any batch size: a code of average share expects restart_window hits in it) restart
+        on the tokens farthest from their codes, over every rank's batch, where a code cuts the distortion most;
+        their EMA statistics are reset to match (else the stale sums would pull them straight back).
 
         counts: this step's hits per code, summed over ranks, so the dead set is the same on every rank.
         """
-        self.steps_since_hit.add_(1).masked_fill_(counts > 0, 0)
-        if self.restart_after_steps == 0:
+        self.tokens_since_hit.add_(counts.sum().long()).masked_fill_(counts > 0, 0)
+        if self.restart_window == 0:
             return 0
-        dead = self.steps_since_hit >= self.restart_after_steps
+        dead = self.tokens_since_hit >= self.restart_window * self.num_embeddings
         num_dead = int(dead.sum())
         if num_dead:
-            samples = sample_rows(flat, num_dead)
+            samples = farthest_tokens(flat, (flat - quantized).pow(2).sum(1), num_dead)
             size = (counts.sum() / self.num_embeddings).clamp_min(self.epsilon)  # an average code's hits per step
             self.embedding[dead] = samples
             self.ema_embed_sum[dead] = samples * size
             self.ema_cluster_size[dead] = size
-            self.steps_since_hit[dead] = 0
+            self.tokens_since_hit[dead] = 0
         return num_dead
 
     def _usage_metrics(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -250,8 +264,8 @@ class VectorQuantizer(nn.Module):
         return (
             f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
             f"commitment_cost={self.commitment_cost}, decay={self.decay}, epsilon={self.epsilon}, "
-            f"restart_after_steps={self.restart_after_steps}, kmeans_init={self.kmeans_init}"
+            f"restart_window={self.restart_window}"
         )
 
 
-__all__ = ["VectorQuantizer", "sample_rows"]
+__all__ = ["VectorQuantizer", "farthest_tokens"]

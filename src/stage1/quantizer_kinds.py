@@ -59,7 +59,9 @@ class ResidualQuantizer(nn.Module):
             residual = z.detach().float()
             total = torch.zeros_like(residual)
             level_losses, indices = [], []
-            for level in self.levels:
+            for i, level in enumerate(self.levels):
+                # A start without a fit: each level's first batches are residuals of a level that has started.
+                level.gathers = i == 0 or bool(self.levels[i - 1].initialized)
                 q, losses, idx = level(residual)
                 total = total + q.detach()
                 residual = residual - q.detach()

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .config_section import ConfigError, ConfigSection, choice
+from .kmeans import LLOYD_ITERS
 from .losses import LossConfig
 from .model_config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
 from .precision import PRECISIONS
@@ -95,16 +96,17 @@ class DataConfig(ConfigSection):
 
 @dataclass
 class CodebookFitConfig(ConfigSection):
-    """Before step 0: the codebook from k-means of real latents (stage1/codebook_fit.py), its EMA starting there."""
+    """How the codebook starts, the one rule: before step 0, k-means of real latents (stage1/codebook_fit.py), the
+    EMA going on from there. At least one sampled token per code is needed, or the run stops saying so."""
 
     section = "codebook_fit"
-    images: int = 20000  # center-cropped images from data.path, split over ranks (all, if fewer); 0: off, and the
-    # first batch initialises the codebook instead
+    images: int = 20000  # center-cropped images from data.path, split over ranks (all, if fewer); 0: the images
+    # of the first step instead (augmented, as training sees them)
     tokens_per_image: int = 64  # random latent tokens kept per image
-    iters: int = 20  # Lloyd iterations (exact search)
+    iters: int = LLOYD_ITERS  # Lloyd iterations (exact search)
 
     def check(self):
-        self.require(self.images >= 0, "images", ">= 0 (0: off)")
+        self.require(self.images >= 0, "images", ">= 0 (0: the first step's images)")
         self.require_positive("tokens_per_image")
         self.require(self.iters >= 0, "iters", ">= 0")
 

@@ -214,11 +214,12 @@ class Trainer:
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
         first_step = self.step
-        if self.step == 0 and self.cfg.codebook_fit.images > 0 and self.model.config.quantizer.kind != "none":
-            self._fit_codebook()
+        first = [next(data) for _ in range(t.grad_accum)]
+        if self.step == 0 and self.model.config.quantizer.kind != "none":
+            self._start_codebook(first)
         self.model.train()
         while self.step < stop:
-            batches = [next(data) for _ in range(t.grad_accum)]
+            batches, first = first or [next(data) for _ in range(t.grad_accum)], None
             if self.step == first_step:
                 self.model.check_images(batches[0]["image"])  # pixel values checked once, not synced every step
             logs = self._train_step(batches)
@@ -252,12 +253,17 @@ class Trainer:
             self.log.close()
         return summary
 
-    def _fit_codebook(self) -> None:
-        """Before step 0: k-means of latents from codebook_fit.images images (this rank's share) -> the codebook."""
+    def _start_codebook(self, first: list[dict]) -> None:
+        """Before step 0, one rule: k-means (codebook_fit.iters) of codebook_fit.tokens_per_image latent tokens of
+        each of codebook_fit.images center-cropped images spread over the data (this rank's share), or, with
+        images=0, of the first step's images; the EMA goes on from there."""
         c, t, info = self.cfg.codebook_fit, self.cfg.train, self.info
-        center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
-        loader = spread_images(center, c.images, info.rank, info.world_size, t.batch_size, self.cfg.data.num_workers,
-                               self.cfg.seed)
+        if c.images > 0:
+            center = self.dataset.with_transform(build_transform(self.cfg.image_size, "center_crop", hflip=False))
+            loader = spread_images(center, c.images, info.rank, info.world_size, t.batch_size,
+                                   self.cfg.data.num_workers, self.cfg.seed)
+        else:
+            loader = first
         images = (batch["image"].to(self.device) for batch in loader)
         result = fit_codebook(
             self.model, encode_batches(self.model, images, autocast(self.device, self.precision)),

@@ -51,7 +51,7 @@ def run(args) -> int:
         result = fit_codebook(
             model, token_batches(), args.tokens_per_image, args.iters,
             tokens_per_update=args.batch_size * info.world_size * model.grid_side(size) ** 2, seed=args.seed,
-            show_progress=info.is_main,
+            show_progress=info.is_main, more="--images (with more images in --data) or --tokens-per-image",
         )
         if info.is_main:
             model.save_pretrained(args.out)
