@@ -1,0 +1,48 @@
+"""The README's commands run as written (as vector-quantize-pytorch's tests/test_readme.py runs its snippets): its
+first command's training, shortened, then every line of its command block on the model that training leaves."""
+
+import os
+import re
+import shlex
+
+from stage1.cli.arguments import launch
+from stage1.cli.train import main as train_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme() -> str:
+    with open(os.path.join(REPO, "README.md")) as f:
+        return f.read()
+
+
+def command_lines(block: str) -> list[tuple[str, list[str]]]:
+    """(command, argv) of each vqrae-* line of a block, its trailing comment and [optional] parts left out."""
+    lines = []
+    for line in block.splitlines():
+        line = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).strip()
+        if line.startswith("vqrae-"):
+            name, *argv = shlex.split(line)
+            lines.append((name.removeprefix("vqrae-").replace("-", "_"), argv))
+    return lines
+
+
+def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypatch, capsys):
+    text = readme()
+    install = text.split("\n\n")[2].strip()  # the first command: install, then train the quickstart
+    assert install.endswith("scripts/train_stage1.py experiment=quickstart"), install
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(REPO, "assets"), "assets")
+    # The quickstart as the README runs it, 2 steps instead of 600.
+    assert train_main(shlex.split(install.rsplit("scripts/train_stage1.py", 1)[1]) + ["train.steps=2"]) == 0
+    assert os.path.isfile("results/quickstart/final/model.safetensors")
+    block = re.search(r"```bash\n(# original \| reconstruction.*?)```", text, re.S).group(1)
+    commands = command_lines(block)
+    assert [name for name, _ in commands] == ["reconstruct", "tokenize", "decode", "evaluate", "fit_codebook",
+                                              "latent_stats"]
+    for name, argv in commands:
+        capsys.readouterr()
+        assert launch(name, argv) == 0, (name, argv, capsys.readouterr().err)
+    assert os.path.isfile("rec.png") and os.path.isfile("tokens/manifest.json") and len(os.listdir("decoded")) == 6
+    assert os.path.isfile("eval/results.json") and os.path.isfile("fitted/model.safetensors")
+    assert os.path.isfile("stats.safetensors")
