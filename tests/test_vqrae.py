@@ -251,9 +251,15 @@ def test_bad_indices_raise_clear_errors(model, indices, message):
         model.decode_from_indices(indices)
 
 
-def test_broken_checkpoints_give_clear_errors(model, tmp_path):
+def test_broken_checkpoints_give_clear_errors(model, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint"):
         VQRAE.from_pretrained(tmp_path / "nothing-here")
+    # A missing path is answered at once, not retried as a Hub id (it took ~70 s without network).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory, nor a Hub repo id"):
+        VQRAE.from_pretrained("results/quickstart/final")
+    with pytest.raises(FileNotFoundError, match=r"no such directory, and the Hub is off \(HF_HUB_OFFLINE=1\)"):
+        VQRAE.from_pretrained("results/final")  # reads as org/name, but the tests run offline
     model.save_pretrained(tmp_path / "ckpt")
     weights = load_file(tmp_path / "ckpt" / "model.safetensors")
     weights["quantizer.embedding"] = weights["quantizer.embedding"][:10]
@@ -336,6 +342,7 @@ def test_a_saved_model_loads_from_any_working_directory(dinov2_dir, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # somewhere else
     assert torch.equal(VQRAE.from_pretrained(tmp_path / "work" / "model").eval()(x), model(x))
     shutil.rmtree(tmp_path / "work" / "encoders")
-    with pytest.raises(EncoderNotAvailableError, match="no such directory.*--encoder-path DIR") as err:
+    with pytest.raises(EncoderNotAvailableError, match="no such directory.*--encoder-path DIR to the commands, "
+                                                       "encoder.path=DIR to training") as err:
         VQRAE.from_pretrained(tmp_path / "work" / "model")
     assert "huggingface-cli" not in str(err.value)

@@ -26,8 +26,18 @@ class EncoderNotAvailableError(OSError):
     """The encoder's weights are neither in a local directory nor reachable through the Hub cache."""
 
 
+def may_be_on_hub(path: str) -> bool:
+    """Whether a path that is no local directory is worth asking the Hub for: it reads as an org/name repo id and
+    the Hub is not switched off (HF_HUB_OFFLINE=1). Otherwise the answer is known at once, without retries."""
+    from huggingface_hub import constants
+
+    looks_like_id = not (os.path.isabs(path) or path.startswith(".")) and path.count("/") == 1
+    return looks_like_id and not constants.HF_HUB_OFFLINE
+
+
 def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
-    where = "pass --encoder-path DIR to the commands (encoder_config_path=DIR in Python)"
+    where = ("pass --encoder-path DIR to the commands, encoder.path=DIR to training (encoder_config_path=DIR in "
+             "Python)")
     cause_text = f"(cause: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
     if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a local path, not a Hub org/name id
         return EncoderNotAvailableError(
@@ -42,6 +52,8 @@ def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
 
 
 def load_config(path: str):
+    if not os.path.isdir(path) and not may_be_on_hub(path):
+        raise _not_available(path, FileNotFoundError("no such directory, and no Hub lookup to try"))
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

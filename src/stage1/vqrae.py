@@ -29,7 +29,7 @@ from transformers.utils import cached_file
 
 from .atomic import atomic_path, write_json
 from .decoder import ViTDecoder
-from .encoders import build_encoder
+from .encoders import build_encoder, may_be_on_hub
 from .latent_stats import read_latent_stats
 from .model_config import VQRAEConfig
 from .quantizer_kinds import build_quantizer
@@ -371,6 +371,9 @@ class VQRAE(nn.Module):
 
     @staticmethod
     def _resolve(path: str, name: str) -> str:
+        if not os.path.isdir(path) and not may_be_on_hub(path):  # known at once: no Hub retries for a typo
+            hub = "and the Hub is off (HF_HUB_OFFLINE=1)" if path.count("/") == 1 else "nor a Hub repo id (org/name)"
+            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory, {hub}")
         try:
             resolved = cached_file(path, name)
         except OSError as err:
