@@ -7,7 +7,7 @@ One optimizer step (Trainer._train_step):
         total = VQRAELoss.generator_loss(...)         recon + LPIPS + vq + adaptive-weighted GAN term
         backward(total / grad_accum)                  DDP syncs gradients on the last micro-batch only
     clip, step the decoder's optimizer (skipped on every rank if any rank saw NaN/Inf), update the EMA decoder
-    after loss.disc_start: the same for the discriminator on (x, x_rec.detach())
+    from loss.disc_update_start (default loss.disc_start): the same for the discriminator on (x, x_rec.detach())
 """
 
 from __future__ import annotations
