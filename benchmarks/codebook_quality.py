@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from common import machine, print_table
 
-from stage1.images import load_image
-from stage1.kmeans import assign, fit_kmeans
-from stage1.model_config import QuantizerConfig
-from stage1.quantizer_kinds import build_quantizer
+from stage1.data.images import load_image
+from stage1.model.config import QuantizerConfig
+from stage1.model.kmeans import assign, fit_kmeans
+from stage1.model.quantizer_kinds import build_quantizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"": dict(), " r2": dict(kind="residual", depth=2), " r4": dict(kind="residual", depth=4),

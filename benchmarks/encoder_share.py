@@ -17,8 +17,8 @@ import tempfile
 import torch
 from common import machine, print_table, time_interleaved
 
-from stage1.encoders import build_encoder
-from stage1.quantizer import VectorQuantizer
+from stage1.model.encoders import build_encoder
+from stage1.model.quantizer import VectorQuantizer
 
 ENCODER_MACS_PER_TOKEN = 86e6
 

@@ -51,8 +51,8 @@ def build_model(kind: str, root: str):
     from stage1 import VQRAE
 
     if kind == "quickstart":
-        from stage1.tiny import write_stand_in_encoder
-        from stage1.train_config import load_run_config
+        from stage1.model.tiny import write_stand_in_encoder
+        from stage1.train.config import load_run_config
 
         cfg = load_run_config(["experiment=quickstart", f"results_dir={root}"])
         write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size)
@@ -87,8 +87,8 @@ def run(args, root: str) -> None:
     count = 24 if args.quick else args.images
     from stage1 import VQRAE
     from stage1.cli.arguments import launch
-    from stage1.data import find_images
-    from stage1.input_pipeline import default_workers, image_batches, prepare_image
+    from stage1.data.datasets import find_images
+    from stage1.data.input_pipeline import default_workers, image_batches, prepare_image
 
     data, small = os.path.join(root, "images"), os.path.join(root, "images_quarter")
     make_jpegs(data, count)

@@ -28,7 +28,7 @@ def current_rss() -> int:
 
 
 def child(n: int, k: int, d: int, device: str, repeats: int) -> dict:
-    from stage1.search import nearest_code
+    from stage1.model.search import nearest_code
 
     torch.manual_seed(0)
     z = torch.randn(n, d, device=device)

@@ -23,8 +23,8 @@ import argparse
 import torch
 from common import machine, print_table, time_interleaved
 
-from stage1.quantizer import VectorQuantizer
-from stage1.search import certified_nearest_code, fp32_nearest_code, nearest_code
+from stage1.model.quantizer import VectorQuantizer
+from stage1.model.search import certified_nearest_code, fp32_nearest_code, nearest_code
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from stage1.tiny import ENCODER_CLS, TINY_FAMILIES, save_tiny_encoder
+from stage1.model.tiny import ENCODER_CLS, TINY_FAMILIES, save_tiny_encoder
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 IMAGE_SIZE = 32
@@ -48,8 +48,8 @@ def smooth_images(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor
 
 def run_training(image_dir, results_dir, *overrides):
     """Train the tiny_test experiment in-process."""
-    from stage1.train_config import load_run_config
-    from stage1.trainer import train
+    from stage1.train.config import load_run_config
+    from stage1.train.trainer import train
 
     base = ["experiment=tiny_test", f"data.path={image_dir}", f"results_dir={results_dir}"]
     return train(load_run_config([*base, *overrides]))

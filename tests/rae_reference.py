@@ -1,5 +1,5 @@
 """RAE's stage-1 pipeline assembled for the tests from transformers' ViT-MAE decoder layers, in the layout of RAE's
-`GeneralDecoder` (github bytetriper/RAE, src/stage1/decoders/decoder.py and src/stage1/rae.py), written
+`GeneralDecoder` (github bytetriper/RAE, src/stage1/decoders/decoder.py and src/stage1/model/rae.py), written
 independently of stage1's code: the reference the parity tests compare against, and the source of RAE-format files.
 """
 

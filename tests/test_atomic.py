@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from stage1.atomic import atomic_path, write_json
+from stage1.base.atomic import atomic_path, write_json
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporaries(tmp_path):
@@ -38,7 +38,7 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
     """Issue 12, case 10: temporaries are 0600 / 0700 and the mode survived the rename; outputs follow the umask."""
     import stat
 
-    from stage1.train_checkpoint import write_checkpoint
+    from stage1.train.checkpoint import write_checkpoint
 
     old = os.umask(0o022)
     try:

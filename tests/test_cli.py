@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from stage1 import VQRAE
 from stage1.cli import decode, evaluate, fit_codebook, latent_stats, reconstruct, tokenize
 from stage1.cli.common import prepare
-from stage1.images import psnr, to_uint8
+from stage1.data.images import psnr, to_uint8
 
 SIZE = 32  # the tiny model's native size: 4x4 codes of an 8 px patch encoder, painted with 8 px patches
 
@@ -451,8 +451,8 @@ def test_outputs_are_checked_before_any_work(image_dir, tmp_path, capsys):
 def test_exif_orientation_gifs_and_progress_in_images(model_dir, tmp_path, capsys):
     """Issue 12, case 11: a photo with an EXIF orientation is turned upright (and said so), a .gif is an image to
     the folder commands as to reconstruct, and tokenize's progress bar counts images."""
-    from stage1.data import find_images
-    from stage1.images import load_image
+    from stage1.data.datasets import find_images
+    from stage1.data.images import load_image
 
     pixels = (smooth_images(1, size=48, seed=5)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)[:, :32]
     upright = Image.fromarray(pixels)  # 32 wide, 48 high
@@ -516,7 +516,7 @@ print(json.dumps({"results": found, "heavy": sorted(set(sys.modules) & {"torch",
 def test_offline_lpips_says_why_without_trying_a_download(tmp_path, monkeypatch, capfd):
     """Issue 12, case 11: offline (HF_HUB_OFFLINE=1, as the tests run) and without the backbone in torchvision's
     cache, LPIPS fails with the advice at once: no 'Downloading ...' line, no network attempt."""
-    from stage1.losses import build_lpips
+    from stage1.train.losses import build_lpips
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(RuntimeError, match="vgg16-397923af.pth is not in torchvision's cache"):
@@ -529,8 +529,8 @@ def test_workers_change_nothing_but_speed(model_dir, image_dir, tmp_path, capsys
     """Issue 13: images read by worker processes or threads come in the same batches and order, with the same step
     outputs, as read in-process (an unreadable file skipped and listed alike); tokenize writes the same bytes with any
     worker count, and a run resumed with another worker count finishes to those bytes too."""
-    from stage1.data import find_images
-    from stage1.input_pipeline import ImageFiles, collate, image_batches
+    from stage1.data.datasets import find_images
+    from stage1.data.input_pipeline import ImageFiles, collate, image_batches
 
     data = tmp_path / "data"
     shutil.copytree(image_dir, data)
@@ -585,8 +585,8 @@ def test_cpu_threads_run_each_step_on_one_core_and_give_the_cores_back(image_dir
     """Issue 13: on the CPU each reader thread runs its batch's step with one intra-op thread; torch's thread count
     comes back when the batches end, when the consumer stops early, and when a step fails (its error reaching the
     consumer)."""
-    from stage1.data import find_images
-    from stage1.input_pipeline import image_batches
+    from stage1.data.datasets import find_images
+    from stage1.data.input_pipeline import image_batches
 
     names = find_images(image_dir)
     chunks = [names[i : i + 1] for i in range(len(names))]
@@ -617,7 +617,7 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
     """Issue 13: 8-bit pixels are resized by torchvision's uint8 kernel (8x faster); the result stays within
     12 / 255 of the float resize at its worst pixel (where the kernel clips a bicubic overshoot between its two
     passes), under 1 / 255 on average, PSNR > 54 dB (images.resize_center_crop)."""
-    from stage1.images import read_image, resize_center_crop, to_unit_float
+    from stage1.data.images import read_image, resize_center_crop, to_unit_float
 
     for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "assets"))):
         if name.endswith(".jpg"):
@@ -640,8 +640,8 @@ def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path, monk
     a truncated one is an UnreadableImageError with a clean reason."""
     from PIL import ImageOps
 
-    from stage1 import images
-    from stage1.images import UnreadableImageError, read_image
+    from stage1.data import images
+    from stage1.data.images import UnreadableImageError, read_image
 
     photo = Image.open(os.path.join(os.path.dirname(__file__), "..", "assets", sorted(
         n for n in os.listdir(os.path.join(os.path.dirname(__file__), "..", "assets")) if n.endswith(".jpg"))[0]))
@@ -679,12 +679,12 @@ def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path, monk
 def test_compile_flag_gives_the_same_codes_and_attention_runs_on_sdpa(model_dir, image_dir, tmp_path, monkeypatch):
     """Issue 13: --compile (dynamo with the eager backend here) writes the same shards; the encoder attends with
     transformers' sdpa implementation and the decoder's blocks with torch's fused attention."""
-    import stage1.vqrae
+    import stage1.model.vqrae
 
     model = VQRAE.from_pretrained(model_dir)
     assert model.encoder.model.config._attn_implementation == "sdpa"
     assert all(block.attn.fused_attn for block in model.decoder.blocks)
-    monkeypatch.setattr(stage1.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
+    monkeypatch.setattr(stage1.model.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
     for flags, out in (([], "eager"), (["--compile"], "compiled")):
         assert tokenize.main(["--model", model_dir, "--data", image_dir, "--out", str(tmp_path / out), *flags]) == 0
     for name in os.listdir(tmp_path / "eager"):
@@ -710,7 +710,7 @@ def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_
     """Issue 14: llamagen, jsonl and memmap exports hold each image's codes and ImageFolder class id as the shards
     do, and those codes decode to the model's own reconstruction of the image."""
     from stage1.cli.arguments import tokenize_parser
-    from stage1.token_exports import FORMATS
+    from stage1.data.token_exports import FORMATS
 
     # The light parser spells the formats out (it imports no numpy); they are the exporter's.
     assert tuple(next(a.choices for a in tokenize_parser()._actions if a.dest == "format")) == FORMATS
@@ -786,7 +786,7 @@ def test_adm_protocol_crops_as_adm_and_saves_npz_batches(model_dir, tmp_path):
     """Issue 14: --protocol adm crops every image exactly as ADM's center_crop_arr (pixel for pixel, on sizes that
     halve and that do not), reads the ImageNet val layout (class folders, .JPEG), says so in results.json, and
     --save-npz writes the uint8 arrays external FID suites read."""
-    from stage1.images import adm_center_crop, read_image
+    from stage1.data.images import adm_center_crop, read_image
 
     val = tmp_path / "val"
     photos = ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
@@ -823,7 +823,7 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     then loads the same model through from_pretrained's Hub path."""
     import huggingface_hub
 
-    import stage1.vqrae
+    import stage1.model.vqrae
     from stage1.cli import push
 
     hub, calls = tmp_path / "hub", []
@@ -854,7 +854,8 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     assert 'VQRAE.from_pretrained("someone/tiny")' in card and "one EMA codebook of 64 codes" in card
     assert f"| PSNR (dB) | {results['psnr']:.4g} |" in card and "(samples.png)" in card
     # The repo id, through the Hub path of from_pretrained (files and the encoder folder served from the upload).
-    monkeypatch.setattr(stage1.vqrae, "cached_file", lambda repo_id, name: str(hub / repo_id / name))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a Hub to ask, faked below
+    monkeypatch.setattr(stage1.model.vqrae, "cached_file", lambda repo_id, name: str(hub / repo_id / name))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(hub / repo_id))
     loaded, original = VQRAE.from_pretrained("someone/tiny").eval(), VQRAE.from_pretrained(model_dir).eval()
     x = images_as_model_sees_them(image_dir, ["rgb.jpg", "alpha.png"])
@@ -879,7 +880,7 @@ def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree
     import tarfile
 
     from stage1.cli import make_shards
-    from stage1.tar_shards import read_shard
+    from stage1.data.tar_shards import read_shard
 
     shards = tmp_path / "shards"
     assert make_shards.main(["--data", class_tree, "--out", str(shards), "--shard-size", "2"]) == 0

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import run_training, smooth_images, tiny_vqrae, train_metrics
 
-from stage1.codebook_fit import encode_batches, fit_codebook
-from stage1.kmeans import assign
+from stage1.model.kmeans import assign
+from stage1.train.codebook_fit import encode_batches, fit_codebook
 
 
 def image_batches(count=6, size=4, seed=0):
@@ -98,7 +98,7 @@ def test_every_kind_fits_each_of_its_codebooks(dinov2_dir, kind):
 def test_one_default_for_the_lloyd_iterations():
     """Training's codebook_fit.iters, vqrae-fit-codebook's --iters and a first batch's k-means: one number."""
     from stage1.cli.arguments import fit_codebook_parser
-    from stage1.kmeans import LLOYD_ITERS
-    from stage1.train_config import CodebookFitConfig
+    from stage1.model.kmeans import LLOYD_ITERS
+    from stage1.train.config import CodebookFitConfig
 
     assert fit_codebook_parser().get_default("iters") == CodebookFitConfig().iters == LLOYD_ITERS

@@ -7,9 +7,9 @@ import torch
 from helpers import smooth_images
 from timm.models.vision_transformer import VisionTransformer
 
-from stage1.diffaugment import DiffAugment
-from stage1.dino_discriminator import DinoDiscriminator
-from stage1.encoders import IMAGENET_MEAN, IMAGENET_STD
+from stage1.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from stage1.train.diffaugment import DiffAugment
+from stage1.train.dino_discriminator import DinoDiscriminator
 
 
 @pytest.fixture(scope="module")

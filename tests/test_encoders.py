@@ -3,7 +3,7 @@ import torch
 from helpers import CUSTOM_MEAN, CUSTOM_STD, TINY
 
 from stage1 import ENCODERS, EncoderNotAvailableError, build_encoder
-from stage1.tiny import TINY_FAMILIES
+from stage1.model.tiny import TINY_FAMILIES
 
 NAMES = list(TINY_FAMILIES)
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stage1.kmeans import fit_kmeans, seed_kmeans_pp
+from stage1.model.kmeans import fit_kmeans, seed_kmeans_pp
 
 
 def reference_lloyd(samples: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def test_seeding_finds_well_separated_clusters():
 
 
 def test_an_empty_cluster_is_reseeded_with_the_farthest_sample(monkeypatch):
-    from stage1 import kmeans
+    from stage1.model import kmeans
 
     samples = torch.cat([torch.zeros(20, 2), torch.ones(20, 2) * 10, torch.tensor([[100.0, 100.0]])])
     # Seeds where two coincide: one of them gets no sample in the first assignment.

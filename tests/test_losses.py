@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stage1.losses import LossConfig, VQRAELoss, adaptive_weight, generator_loss, hinge_d_loss
+from stage1.train.losses import LossConfig, VQRAELoss, adaptive_weight, generator_loss, hinge_d_loss
 
 
 def fixture_batch():

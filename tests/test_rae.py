@@ -11,10 +11,10 @@ from helpers import smooth_images
 from rae_reference import ReferenceDecoder, rae_dinov2, rae_forward, randomize
 
 from stage1 import VQRAE
-from stage1.decoder import ViTDecoder
-from stage1.encoders import IMAGENET_MEAN, IMAGENET_STD
-from stage1.rae import decoder_state_from_rae, rae_decoder_config, read_rae_decoder
-from stage1.tiny import save_tiny_encoder
+from stage1.model.decoder import ViTDecoder
+from stage1.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from stage1.model.rae import decoder_state_from_rae, rae_decoder_config, read_rae_decoder
+from stage1.model.tiny import save_tiny_encoder
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 WIDTH, GRID, INPUT = 32, 4, 32  # tiny DINOv2 with registers: 32 channels, patch 8 at 32 px -> 4 x 4 tokens
@@ -151,7 +151,7 @@ class Payload:
 
 
 def test_pickled_objects_in_rae_files_are_refused(tmp_path):
-    from stage1.latent_stats import read_latent_stats
+    from stage1.model.latent_stats import read_latent_stats
 
     torch.save({"mean": torch.zeros(4), "var": torch.ones(4), "extra": Payload()}, tmp_path / "stat.pt")
     with pytest.raises(ValueError, match="not a safetensors file or a torch file of tensors"):
@@ -171,7 +171,7 @@ def test_commands_evaluate_and_reconstruct_a_continuous_model(reg_dir, rae_files
     from torchvision.utils import save_image
 
     from stage1.cli import evaluate, reconstruct
-    from stage1.images import load_image, psnr
+    from stage1.data.images import load_image, psnr
 
     _, weights, config = rae_files
     model = VQRAE.from_rae(weights, config, encoder_config_path=reg_dir, encoder_input_size=INPUT,
@@ -220,7 +220,7 @@ def test_training_a_continuous_model(train_images, tmp_path):
 
 def test_rae_presets_are_raes_decoder_configs(tmp_path):
     """decoder=rae_vit_xl (and _b, _l) is what rae_decoder_config makes of RAE's ViT-MAE config files."""
-    from stage1.model_config import load_decoder_config
+    from stage1.model.config import load_decoder_config
 
     sizes = {"b": (768, 12, 12, 3072), "l": (1024, 24, 16, 4096), "xl": (1152, 28, 16, 4096)}  # RAE's files
     for name, (hidden, layers, heads, intermediate) in sizes.items():
@@ -256,7 +256,7 @@ def test_latent_stats_writes_raes_stat_pt_per_position(reg_dir, tmp_path):
 
     from stage1 import build_encoder
     from stage1.cli import latent_stats
-    from stage1.images import load_image
+    from stage1.data.images import load_image
 
     (tmp_path / "images").mkdir()
     for i, image in enumerate(smooth_images(5, size=INPUT, seed=11)):

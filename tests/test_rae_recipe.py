@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import run_training, step_logs
 
-from stage1.data import build_transform
-from stage1.train_config import check_files, load_run_config
+from stage1.data.datasets import build_transform
+from stage1.train.config import check_files, load_run_config
 
 
 def test_rae_experiment_is_raes_stage1_config():
@@ -64,8 +64,8 @@ def test_discriminator_warms_up_before_the_decoders_adversarial_term(train_image
 
 
 def test_discriminator_lr_follows_the_decoders_schedule_with_cosine(train_images, tmp_path):
-    from stage1.train_checkpoint import read_state
-    from stage1.trainer import warmup_cosine
+    from stage1.train.checkpoint import read_state
+    from stage1.train.trainer import warmup_cosine
 
     run_training(train_images, tmp_path / "run", "loss.disc_schedule=cosine", "loss.disc_lr=1e-3",
                  "loss.disc_update_start=0", "train.steps=8", "train.report_reconstructions=false")

@@ -15,10 +15,10 @@ from helpers import smooth_images, step_logs, tiny_vqrae
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
-from stage1.data import ImageDataset, build_transform
-from stage1.losses import LossConfig
-from stage1.train_checkpoint import latest_checkpoint, list_checkpoints
-from stage1.train_config import REPO_ROOT
+from stage1.data.datasets import ImageDataset, build_transform
+from stage1.train.checkpoint import latest_checkpoint, list_checkpoints
+from stage1.train.config import REPO_ROOT
+from stage1.train.losses import LossConfig
 
 
 # ---- NaN / Inf ------------------------------------------------------------------------------------------------
@@ -159,16 +159,16 @@ def test_unreadable_files_are_skipped(tmp_path, monkeypatch):
     for name in ("a.png", "b.png", "c.png"):
         save_image(torch.rand(3, 8, 8), tmp_path / name)
     dataset = ImageDataset(str(tmp_path), build_transform(8, "center_crop"))
-    import stage1.images
+    import stage1.data.images
 
-    real_decode = stage1.images._decode
+    real_decode = stage1.data.images._decode
 
     def no_permission(path):  # root reads any file, so the OS refusal is simulated where Pillow would meet it
         if path.endswith("b.png"):
             raise PermissionError(13, "Permission denied", "b.png")
         return real_decode(path)
 
-    monkeypatch.setattr(stage1.images, "_decode", no_permission)
+    monkeypatch.setattr(stage1.data.images, "_decode", no_permission)
     with pytest.warns(UserWarning, match="skipping unreadable image b.png: PermissionError"):
         assert dataset[(1, 0)]["skipped"] == 1
 
@@ -209,8 +209,8 @@ def test_bad_constructor_values(dinov2_dir):
 FAILING_RANK = textwrap.dedent(
     """
     import sys
-    from stage1.train_config import load_run_config
-    from stage1.trainer import Trainer, train
+    from stage1.train.config import load_run_config
+    from stage1.train.trainer import Trainer, train
     original = Trainer._train_step
     def failing(self, batches):
         if self.info.rank == 1 and self.step == 2:

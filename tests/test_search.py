@@ -1,4 +1,4 @@
-"""The certified bf16 search (stage1.search.certified_nearest_code) gives the fp32 search's indices exactly: on
+"""The certified bf16 search (stage1.model.search.certified_nearest_code) gives the fp32 search's indices exactly: on
 fitted codebooks, where nearly every row is certified, and on adversarial near-ties, where the certificate must fail
 and the rows go to the fp32 search. bf16 matmul runs on the CPU too, so the CUDA path is tested here (apart from
 CUDA's fp32 GEMM output, which only tightens the bound)."""
@@ -6,8 +6,8 @@ CUDA's fp32 GEMM output, which only tightens the bound)."""
 import pytest
 import torch
 
-from stage1.kmeans import fit_kmeans
-from stage1.search import certified_nearest_code, fp32_nearest_code, nearest_code
+from stage1.model.kmeans import fit_kmeans
+from stage1.model.search import certified_nearest_code, fp32_nearest_code, nearest_code
 
 
 def layer_normed(n, dim, seed, rank=12, noise=0.3):
@@ -62,7 +62,7 @@ def test_certified_search_holds_for_any_shortlist_and_codebook_size(shortlist):
 
 
 def test_search_method_is_checked_and_auto_is_fp32_on_the_cpu(monkeypatch):
-    import stage1.search as search
+    import stage1.model.search as search
 
     z, codebook = layer_normed(64, 16, seed=5), layer_normed(8, 16, seed=6)
     with pytest.raises(ValueError, match="'auto', 'fp32' or 'certified'"):

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 from stage1 import VQRAE
-from stage1.data import ImageDataset, build_transform
-from stage1.losses import adaptive_weight, build_lpips
-from stage1.train_config import REPO_ROOT, load_run_config
-from stage1.trainer import train
+from stage1.data.datasets import ImageDataset, build_transform
+from stage1.train.config import REPO_ROOT, load_run_config
+from stage1.train.losses import adaptive_weight, build_lpips
+from stage1.train.trainer import train
 
 LOSS_KEYS = ("loss", "recon_loss", "lpips", "vq_loss", "commitment_loss", "perplexity", "codebook_usage",
              "grad_norm", "lr", "g_loss", "adaptive_weight", "d_loss")
@@ -192,9 +192,9 @@ def test_trainings_center_crop_is_the_commands_preprocessing(tmp_path):
     from PIL import Image
     from torchvision.transforms import v2
 
-    from stage1.images import load_image
-    from stage1.input_pipeline import prepare_image
-    from stage1.tar_shards import decode
+    from stage1.data.images import load_image
+    from stage1.data.input_pipeline import prepare_image
+    from stage1.data.tar_shards import decode
 
     g = torch.Generator().manual_seed(4)
     photo = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 9, generator=g), size=(60, 90), mode="bicubic")
@@ -296,9 +296,9 @@ def test_compiled_training_logs_the_eager_losses(train_images, tmp_path, monkeyp
     """Issue 13: train.compile=true compiles the encoder's and decoder's forward (traced by dynamo here, with the
     eager backend: inductor's code generation is too slow for the suite) and changes no result; the checkpoints keep
     their tensor names."""
-    import stage1.vqrae
+    import stage1.model.vqrae
 
-    monkeypatch.setattr(stage1.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
+    monkeypatch.setattr(stage1.model.vqrae, "COMPILE_OPTIONS", {"backend": "eager"})
     run(train_images, tmp_path / "eager", "train.steps=3")
     run(train_images, tmp_path / "compiled", "train.steps=3", "train.compile=true")
     eager, compiled = step_logs(tmp_path / "eager"), step_logs(tmp_path / "compiled")
@@ -351,7 +351,7 @@ def test_training_from_tar_shards_is_training_from_their_folder_and_resumes_exac
     """Issue 14: tar shards made from a folder train exactly as the folder does (the same samples in the same
     order, so the same losses); interrupted and resumed on the tars, the losses are those of the whole run; a
     stream (pipe:) copied once to data.tar_cache trains the same way."""
-    from stage1.tar_shards import write_shards
+    from stage1.data.tar_shards import write_shards
 
     write_shards(train_images, str(tmp_path / "shards"), shard_size=3)  # 8 images: 3 shards, the last of 2
     spec = str(tmp_path / "shards" / "{000000..000002}.tar")
@@ -377,7 +377,7 @@ def test_a_streamed_training_resumes_exactly_where_it_stopped(train_images, tmp_
     readers per epoch, each reader shuffling its shards; stopped at step 4 and resumed, the run logs the losses of
     the uninterrupted one (2 workers, 8 steps of 4 images: the readers cross shard and epoch boundaries). Too few
     shards for the readers is one clear error."""
-    from stage1.tar_shards import write_shards
+    from stage1.data.tar_shards import write_shards
 
     write_shards(train_images, str(tmp_path / "shards"), shard_size=2)  # 8 images: 4 shards
     stream = f"pipe:cat {tmp_path / 'shards'}/{{000000..000003}}.tar"

@@ -109,9 +109,9 @@ def test_the_model_returns_its_outputs_and_the_loss_module_owns_the_terms(model)
     assert torch.equal(x_rec, x_rec2) and "recon_loss" not in quantizer and "loss" not in quantizer
     assert {k: v.item() for k, v in quantizer.items()} == \
         {k: v.item() for k, v in losses.items() if k not in ("recon_loss", "loss")}
-    probe = "import sys, stage1.vqrae; print(sorted(m for m in sys.modules if m.startswith('stage1.')))"
+    probe = "import sys, stage1.model.vqrae; print(sorted(m for m in sys.modules if m.startswith('stage1.')))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
-    assert "stage1.vqrae" in loaded and not any(m in loaded for m in ("stage1.losses", "stage1.dino_discriminator"))
+    assert "stage1.model.vqrae" in loaded and "stage1.train" not in loaded and "stage1.data" not in loaded
 
 
 def test_noise_only_in_training(dinov2_dir):

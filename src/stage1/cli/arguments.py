@@ -123,7 +123,7 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart", action="store_true",
                         help="discard the shards of another tokenization found in --out and start afresh")
     parser.add_argument("--format", default="shards", choices=("shards", "llamagen", "jsonl", "memmap"),
-                        help="also export the codes in this layout (stage1/token_exports.py); shards are always "
+                        help="also export the codes in this layout (stage1/data/token_exports.py); shards are always "
                              "written, they make resuming possible")
     parser.add_argument("--augment", default="none", choices=("none", "flip", "ten-crop"),
                         help="codes of several views of each image, as LlamaGen extracts them: the image and its "
@@ -232,7 +232,7 @@ vqrae-fit-codebook: fit a model's codebook to the latents of an image folder (k-
 
 Images are sampled from the folder (a seeded draw of --images), resized and center-cropped to the model's size,
 split over ranks; --tokens-per-image random latent tokens of each go into an exact k-means (all ranks together,
-stage1/kmeans.py). OUT loads with VQRAE.from_pretrained: the same model with the fitted codebook and its EMA
+stage1/model/kmeans.py). OUT loads with VQRAE.from_pretrained: the same model with the fitted codebook and its EMA
 state (cluster sizes in hits per --batch-size images on every rank), to use as it is or to train on.
 OUT/codebook_fit.json records the fit.
 """

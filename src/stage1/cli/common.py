@@ -7,11 +7,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..data import find_images
-from ..images import UnreadableImageError
-from ..input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
-from ..tar_shards import TarSample, is_tar_source, read_shard, shard_urls
-from ..vqrae import VQRAE
+from ..data.datasets import find_images
+from ..data.images import UnreadableImageError
+from ..data.input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
+from ..data.tar_shards import TarSample, is_tar_source, read_shard, shard_urls
+from ..model.vqrae import VQRAE
 from .arguments import CLIError
 
 

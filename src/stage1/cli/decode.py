@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..images import save_png
-from ..precision import autocast
-from ..token_shards import Manifest, read_manifest, shard_rows
+from ..base.precision import autocast
+from ..data.images import save_png
+from ..data.token_shards import Manifest, read_manifest, shard_rows
 from .arguments import launch
 from .common import CLIError, batches, check_output, load_model
 

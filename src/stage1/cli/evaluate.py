@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_json
-from ..images import psnr, to_uint8
-from ..losses import build_lpips
-from ..precision import autocast
+from ..base.atomic import atomic_path, write_json
+from ..base.precision import autocast
+from ..data.images import psnr, to_uint8
+from ..train.losses import build_lpips
 from .arguments import launch
 from .common import (
     CLIError,
@@ -70,9 +70,9 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
 
 PROTOCOLS = {
     "vqrae": "shorter side resized (antialiased bicubic) to image_size, central square "
-             "(stage1.images.resize_center_crop)",
+             "(stage1.data.images.resize_center_crop)",
     "adm": "ADM's center_crop_arr: box-filter halvings while the shorter side is >= 2x image_size, PIL bicubic to "
-           "image_size, central square (stage1.images.adm_center_crop)",
+           "image_size, central square (stage1.data.images.adm_center_crop)",
 }
 
 

@@ -6,12 +6,12 @@ import os
 
 import torch
 
-from .. import distributed
-from ..atomic import write_json
-from ..codebook_fit import fit_codebook
-from ..data import find_images
-from ..precision import autocast
-from ..tar_shards import TarIndex, is_tar_source, shard_urls
+from ..base import distributed
+from ..base.atomic import write_json
+from ..base.precision import autocast
+from ..data.datasets import find_images
+from ..data.tar_shards import TarIndex, is_tar_source, shard_urls
+from ..train.codebook_fit import fit_codebook
 from .arguments import launch
 from .common import (
     CLIError,

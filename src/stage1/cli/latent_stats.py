@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..atomic import atomic_path
-from ..encoders import build_encoder
-from ..precision import autocast
-from ..vqrae import COMPILE_OPTIONS
+from ..base.atomic import atomic_path
+from ..base.precision import autocast
+from ..model.encoders import build_encoder
+from ..model.vqrae import COMPILE_OPTIONS
 from .arguments import launch
 from .common import (
     CLIError,

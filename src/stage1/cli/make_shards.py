@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..tar_shards import write_shards
+from ..data.tar_shards import write_shards
 from .arguments import launch
 from .common import check_output
 

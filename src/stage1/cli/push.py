@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hub import push_to_hub, stage_model
+from ..model.hub import push_to_hub, stage_model
 from .arguments import launch
 from .common import check_output
 

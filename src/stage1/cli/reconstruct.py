@@ -7,8 +7,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..images import psnr, save_png
-from ..precision import autocast
+from ..base.precision import autocast
+from ..data.images import psnr, save_png
 from .arguments import launch
 from .common import (
     CLIError,

@@ -12,14 +12,14 @@ import torch
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .. import distributed
-from ..atomic import read_json, write_json
-from ..data import class_labels, find_images
-from ..input_pipeline import PREPROCESSING
-from ..precision import autocast
-from ..tar_shards import is_tar_source, shard_urls
-from ..token_exports import export_tokens
-from ..token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
+from ..base import distributed
+from ..base.atomic import read_json, write_json
+from ..base.precision import autocast
+from ..data.datasets import class_labels, find_images
+from ..data.input_pipeline import PREPROCESSING
+from ..data.tar_shards import is_tar_source, shard_urls
+from ..data.token_exports import export_tokens
+from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
     CLIError,
@@ -182,7 +182,7 @@ class FolderInput:
 
 
 class TarInput:
-    """Webdataset tar shards (stage1/tar_shards.py): shard i of the codes is tar shard i, read when its turn comes,
+    """Webdataset tar shards (stage1/data/tar_shards.py): shard i of the codes is tar shard i, read when its turn comes,
     so a resumed run skips finished tars without opening them; class ids from each sample's `cls`."""
 
     classes = None  # a tar holds class ids, not class names

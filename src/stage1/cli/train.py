@@ -19,7 +19,7 @@ Train a VQRAE decoder and its EMA codebook on an image folder or tar shards.
 
 Config groups (configs/): encoder, decoder, quantizer, loss, data, experiment; any key can be set, e.g.
 train.batch_size=16 loss.disc_start=5000 precision=bf16 noise_tau=0.8. Every key, its type and its default:
-stage1/train_config.py, stage1/model_config.py and stage1/losses.py, or `--cfg job`, which prints the composed
+stage1/train/config.py, stage1/model/config.py and stage1/train/losses.py, or `--cfg job`, which prints the composed
 config and exits."""
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        from ..train_config import compose_tree, run_config
+        from ..train.config import compose_tree, run_config
     except ImportError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -64,7 +64,7 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
             return 0
         from transformers.utils import logging as transformers_logging
 
-        from ..trainer import train
+        from ..train.trainer import train
 
         transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside training's own
         train(cfg)

@@ -1,4 +1,4 @@
-"""Decoder training: DDP over torchrun ranks, bf16 autocast on CUDA, the losses of stage1.losses, EMA weights,
+"""Decoder training: DDP over torchrun ranks, bf16 autocast on CUDA, the losses of stage1.train.losses, EMA weights,
 atomic checkpoints and exact resume.
 
 One optimizer step (Trainer._train_step):
@@ -23,16 +23,16 @@ from torch.nn.utils import clip_grad_norm_
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from . import distributed, train_outputs
-from .atomic import write_yaml
-from .codebook_fit import encode_batches, fit_codebook
-from .data import ImageDataset, build_transform
-from .losses import VQRAELoss
-from .precision import autocast, resolve_precision
-from .rae import load_rae_decoder
-from .tar_shards import spread_images, training_dataset, training_loader
-from .tiny import write_stand_in_encoder
-from .train_checkpoint import (
+from ..base import distributed
+from ..base.atomic import write_yaml
+from ..base.precision import autocast, resolve_precision
+from ..data.datasets import ImageDataset, build_transform
+from ..data.tar_shards import spread_images, training_dataset, training_loader
+from ..model.rae import load_rae_decoder
+from ..model.tiny import write_stand_in_encoder
+from ..model.vqrae import VQRAE
+from . import outputs
+from .checkpoint import (
     TRAIN_CONFIG_NAME,
     checkpoint_files,
     checkpoint_to_resume,
@@ -42,9 +42,10 @@ from .train_checkpoint import (
     save_training,
     write_checkpoint,
 )
-from .train_config import RunConfig, check_files
-from .train_log import MetricsLog
-from .vqrae import VQRAE
+from .codebook_fit import encode_batches, fit_codebook
+from .config import RunConfig, check_files
+from .log import MetricsLog
+from .losses import VQRAELoss
 
 
 def train(cfg: RunConfig) -> dict:
@@ -209,7 +210,7 @@ class Trainer:
         stop = t.stop_at or t.steps
         data = iter(self.loader)
         if self.info.is_main:  # the same images in every sample grid and the final report
-            names, fixed = train_outputs.sample_images(self.dataset, t.num_samples, self.cfg.image_size, self.device)
+            names, fixed = outputs.sample_images(self.dataset, t.num_samples, self.cfg.image_size, self.device)
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
@@ -235,7 +236,7 @@ class Trainer:
                                 refresh=False)
                 window_start, window_images = time.time(), 0
             if self.info.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == stop):
-                grid = train_outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
+                grid = outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
                                                   self.results_dir, self.step)
                 self.log.image("samples", grid, self.step)
             if self.step % t.ckpt_every == 0 or self.step == stop:
@@ -245,9 +246,9 @@ class Trainer:
         if self.step == t.steps:
             summary["final"] = os.path.join(self.results_dir, "final")
             if self.info.is_main:
-                train_outputs.export_final(self.model, self._eval_decoder, summary["final"])
+                outputs.export_final(self.model, self._eval_decoder, summary["final"])
                 if t.report_reconstructions:
-                    train_outputs.report_reconstructions(summary["final"], names, fixed, self.results_dir)
+                    outputs.report_reconstructions(summary["final"], names, fixed, self.results_dir)
         distributed.barrier()
         if self.log is not None:
             self.log.close()
@@ -306,7 +307,7 @@ class Trainer:
                 f"precision=fp32 or check the data, then resume from it."
             )
 
-    # ---- checkpoints (stage1/train_checkpoint.py) ------------------------------------------------------------
+    # ---- checkpoints (stage1/train/checkpoint.py) ------------------------------------------------------------
     def _stateful(self) -> dict:
         """What a checkpoint holds besides the weights, by the name trainer_state.pt keeps it under."""
         return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,

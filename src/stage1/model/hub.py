@@ -15,7 +15,7 @@ import tempfile
 
 import yaml
 
-from .atomic import atomic_path, read_json
+from ..base.atomic import atomic_path, read_json
 
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"

@@ -2,7 +2,7 @@
 
 The encoder is frozen, so the latents a codebook must cover are known before the first step. A first batch
 holds a few tokens per code; this stage streams `images` images (split over ranks), keeps `tokens_per_image`
-random tokens of each, and runs stage1.kmeans.fit_kmeans over all of them on every rank together.
+random tokens of each, and runs stage1.model.kmeans.fit_kmeans over all of them on every rank together.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum
-from .kmeans import KMeansResult
+from ..base.distributed import all_reduce_sum
+from ..model.kmeans import KMeansResult
 
 
 def encode_batches(model, batches: Iterable[torch.Tensor], precision_context=None) -> Iterator[torch.Tensor]:

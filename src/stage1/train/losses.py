@@ -8,8 +8,8 @@
                                                                            disc_start)
 
 D is a PatchGAN (`disc: patchgan`) or RAE's frozen-DINO discriminator with trainable heads (`disc: dino`,
-stage1.dino_discriminator), optionally seeing DiffAugment'ed images (`diffaug_prob`) and, for its own update, fakes
-rounded to 8-bit values (`disc_round_fakes`), as RAE trains it. The adaptive weight is VQGAN's ratio of gradient
+stage1.train.dino_discriminator), optionally seeing DiffAugment'ed images (`diffaug_prob`) and, for its own update,
+fakes rounded to 8-bit values (`disc_round_fakes`), as RAE trains it. The adaptive weight is VQGAN's ratio of gradient
 norms at the decoder's last layer.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_section import ConfigSection, choice
+from ..base.config_section import ConfigSection, choice
 from .diffaugment import DiffAugment
 from .dino_discriminator import DinoDiscriminator
 

@@ -8,7 +8,7 @@
 
 Field names are the hydra keys, one to one, so a value has one name from the command line to the module that
 uses it (`quantizer.decay=0.95` is `config.quantizer.decay` is `VectorQuantizer.decay`). Every value is checked
-once, here, when a config is made (stage1.config_section: types first, then each section's `check`).
+once, here, when a config is made (stage1.base.config_section: types first, then each section's `check`).
 `VQRAE(...)`'s flat keyword names map onto these fields through `KEYWORDS`, the only table of second names.
 """
 
@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .atomic import read_json, write_json
-from .config_section import ConfigError, ConfigSection, choice
+from ..base.atomic import read_json, write_json
+from ..base.config_section import ConfigError, ConfigSection, choice
 from .encoders import encoder_class
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This file is REPO_ROOT/src/stage1/model/config.py.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 DECODER_CONFIG_DIR = os.path.join(CONFIG_DIR, "decoder")
 
@@ -29,7 +30,7 @@ DECODER_CONFIG_DIR = os.path.join(CONFIG_DIR, "decoder")
 @dataclass
 class EncoderConfig(ConfigSection):
     section = "encoder"
-    cls: str = "Dinov2withNorm"  # a name in stage1.encoders.ENCODERS
+    cls: str = "Dinov2withNorm"  # a name in stage1.model.encoders.ENCODERS
     path: str = "facebook/dinov2-base"  # Hub id or local directory (config.json + weights)
     input_size: int | None = 224  # images are resized to this for the encoder (bicubic); None: used as given
     antialias: bool = False  # antialias that resize (RAE does not: its latents, stats and decoders are without)

@@ -1,4 +1,4 @@
-"""Quantizers made of several single codebooks (stage1.quantizer.VectorQuantizer), chosen by `quantizer.kind`:
+"""Quantizers made of several single codebooks (stage1.model.quantizer.VectorQuantizer), chosen by `quantizer.kind`:
 
     single     one codebook                         indices (...)        K codes per token
     residual   `depth` codebooks in turn: level l   indices (..., depth)  K^depth combinations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_config import QuantizerConfig
+from .config import QuantizerConfig
 from .quantizer import VectorQuantizer
 
 

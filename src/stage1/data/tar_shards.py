@@ -23,8 +23,8 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .atomic import atomic_path
-from .data import ImageDataset, ResumableDistributedSampler, class_labels, find_images, first_readable
+from ..base.atomic import atomic_path
+from .datasets import ImageDataset, ResumableDistributedSampler, class_labels, find_images, first_readable
 from .images import UnreadableImageError, read_image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")

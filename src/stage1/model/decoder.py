@@ -6,7 +6,7 @@ token, unpatchify. The image it outputs has side = tokens per side * patch_size:
 grid is 16x16 and a p=16 decoder paints 256 px.
 
 RAE's decoder (`GeneralDecoder`, transformers' ViT-MAE decoder layers) is this decoder with `cls_token=True`,
-`pos_embed="fixed"`, `layer_norm_eps=1e-12` and `pixel_space="encoder"` (stage1.rae builds that config and maps
+`pos_embed="fixed"`, `layer_norm_eps=1e-12` and `pixel_space="encoder"` (stage1.model.rae builds that config and maps
 its weights). What the decoder emits is pixels in `pixel_space`; VQRAE maps them to [0, 1].
 """
 
@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .model_config import DecoderConfig
+from .config import DecoderConfig
 
 
 def sincos_pos_embed(side: int, dim: int) -> torch.Tensor:

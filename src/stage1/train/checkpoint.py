@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import plain_mode, write_yaml
-from .model_config import VQRAEConfig
-from .vqrae import CONFIG_NAME, WEIGHTS_NAME
+from ..base.atomic import plain_mode, write_yaml
+from ..model.config import VQRAEConfig
+from ..model.vqrae import CONFIG_NAME, WEIGHTS_NAME
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STALE_DIR = re.compile(r"^\.step-\d+\..*\.(tmp|old)$")

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic import read_json, write_json, write_npy
-from .config_section import ConfigError, ConfigSection
+from ..base.atomic import read_json, write_json, write_npy
+from ..base.config_section import ConfigError, ConfigSection
 
 MANIFEST = "manifest.json"
 RUN_FILE = "tokenize_run.json"

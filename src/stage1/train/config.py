@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .config_section import ConfigError, ConfigSection, choice
-from .kmeans import LLOYD_ITERS
+from ..base.config_section import ConfigError, ConfigSection, choice
+from ..base.precision import PRECISIONS
+from ..model.config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
+from ..model.kmeans import LLOYD_ITERS
 from .losses import LossConfig
-from .model_config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
-from .precision import PRECISIONS
 
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
 __all__ = ["CONFIG_DIR", "REPO_ROOT", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
@@ -96,7 +96,7 @@ class DataConfig(ConfigSection):
 
 @dataclass
 class CodebookFitConfig(ConfigSection):
-    """How the codebook starts, the one rule: before step 0, k-means of real latents (stage1/codebook_fit.py), the
+    """How the codebook starts, the one rule: before step 0, k-means of real latents (stage1/train/codebook_fit.py), the
     EMA going on from there. At least one sampled token per code is needed, or the run stops saying so."""
 
     section = "codebook_fit"
@@ -117,7 +117,7 @@ class InitConfig(ConfigSection):
 
     section = "init"
     decoder: str | None = None  # RAE's released decoder weights (model.pt, or safetensors), for decoder=rae_vit_*
-    tiny_encoder: dict | None = None  # a stand-in encoder's recipe (stage1.tiny): built at encoder.path first
+    tiny_encoder: dict | None = None  # a stand-in encoder's recipe (stage1.model.tiny): built at encoder.path first
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .atomic import atomic_path
+from ..base.atomic import atomic_path
 
 METRICS_NAME = "metrics.jsonl"
 WANDB_ID_NAME = "wandb_run_id"  # in results_dir: the W&B run a resumed training goes on logging to

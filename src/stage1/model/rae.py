@@ -2,9 +2,9 @@
 
 RAE ("Diffusion Transformers with Representation Autoencoders", github bytetriper/RAE) releases its decoders as
 `torch.save`d state dicts of its `GeneralDecoder` (transformers' ViT-MAE decoder layers), with a ViT-MAE
-`config.json` for their sizes, and latent statistics as `stat.pt` (stage1.latent_stats reads those). Its decoder is
-stage1.decoder.ViTDecoder with RAE's options (`rae_decoder_config`); its weights map onto ours one to one, except
-that the separate query / key / value projections become one qkv projection (`decoder_state_from_rae`).
+`config.json` for their sizes, and latent statistics as `stat.pt` (stage1.model.latent_stats reads those). Its
+decoder is stage1.model.decoder.ViTDecoder with RAE's options (`rae_decoder_config`); its weights map onto ours one to
+one, except that the separate query / key / value projections become one qkv projection (`decoder_state_from_rae`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import re
 
 import torch
 
-from .atomic import read_json
-from .model_config import DecoderConfig
-from .tensor_files import read_tensor_file
+from ..base.atomic import read_json
+from ..base.tensor_files import read_tensor_file
+from .config import DecoderConfig
 
 # RAE's GeneralDecoder names -> ViTDecoder names (query / key / value are merged into qkv separately).
 RENAMES = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tensor_files import read_tensor_file
+from ..base.tensor_files import read_tensor_file
 
 STATS_EPS = 1e-5  # RAE's
 

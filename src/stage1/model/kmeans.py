@@ -8,7 +8,7 @@ all ranks end with the same centroids:
                  every rank), in `seed_rounds` rounds: each round draws its share of centres with probability
                  proportional to D^2 (the squared distance to the nearest centre so far), then updates D^2 with one
                  GEMM against the new centres (k-means|| style, so K sequential steps become a few GEMMs)
-    Lloyd        assign every sample to its nearest centroid (exact, chunked: stage1.search.nearest_code), then
+    Lloyd        assign every sample to its nearest centroid (exact, chunked: stage1.model.search.nearest_code), then
                  move each centroid to the mean of its samples; counts and sums are all-reduced
     empty        a cluster left empty is re-seeded with the sample farthest from its centroid, over all ranks
                  (each empty cluster a different sample): it then takes that sample's distortion away
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_sum, broadcast_from_main, gather_rows, world_size
+from ..base.distributed import all_reduce_sum, broadcast_from_main, gather_rows, world_size
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 LLOYD_ITERS = 20  # Lloyd iterations of every codebook start (training's codebook_fit.iters, a first batch's)

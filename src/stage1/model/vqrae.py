@@ -27,13 +27,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from .atomic import atomic_path, write_json
+from ..base.atomic import atomic_path, write_json
+from ..base.tensor_files import read_tensor_file
+from .config import VQRAEConfig
 from .decoder import ViTDecoder
 from .encoders import build_encoder, may_be_on_hub
 from .latent_stats import read_latent_stats
-from .model_config import VQRAEConfig
 from .quantizer_kinds import build_quantizer
-from .tensor_files import read_tensor_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -62,7 +62,7 @@ def square_grid(n: int) -> tuple[int, int]:
 
 
 class VQRAE(nn.Module):
-    """VQRAE(config), or VQRAE(**keywords) with the flat names of RAE (see model_config.KEYWORDS):
+    """VQRAE(config), or VQRAE(**keywords) with the flat names of RAE (see stage1.model.config.KEYWORDS):
     VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="facebook/dinov2-base", num_embeddings=8192, ...)."""
 
     def __init__(self, config: VQRAEConfig | None = None, **keywords):
@@ -187,7 +187,7 @@ class VQRAE(nn.Module):
     def forward(self, x: torch.Tensor, return_loss: bool = False, return_quantizer_losses: bool = False):
         """Images in [0, 1] -> reconstructions at x's size (raw in training mode, for gradients everywhere; clamped
         to [0, 1] in eval mode). return_quantizer_losses: (x_rec, the quantizer's losses and metrics), what a
-        training loss builds on (stage1.losses.VQRAELoss, as LlamaGen's VQLoss on its VQModel's outputs);
+        training loss builds on (stage1.train.losses.VQRAELoss, as LlamaGen's VQLoss on its VQModel's outputs);
         return_loss: (x_rec, those plus recon_loss, the mean absolute error, and loss = recon_loss + vq_loss), a
         convenience for a loop of one's own."""
         self.check_images(x, values=not self.training)  # no host sync per training step

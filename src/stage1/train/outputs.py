@@ -13,10 +13,10 @@ import os
 import torch
 from torchvision.utils import make_grid
 
-from .data import center_square
-from .images import psnr, save_png
-from .precision import autocast
-from .vqrae import VQRAE
+from ..base.precision import autocast
+from ..data.datasets import center_square
+from ..data.images import psnr, save_png
+from ..model.vqrae import VQRAE
 
 
 def sample_images(dataset, count: int, image_size: int, device: torch.device) -> tuple[list[str], torch.Tensor]:

@@ -11,7 +11,7 @@ sizes:
 
 Under torch.distributed the batch statistics n_k and sum z_i are summed over ranks before the update, so
 every rank computes the same codebook. Wrap a model in DistributedDataParallel without its per-forward buffer
-broadcast (stage1.distributed.wrap_ddp): the quantizer keeps its buffers in sync itself, and a broadcast from
+broadcast (stage1.base.distributed.wrap_ddp): the quantizer keeps its buffers in sync itself, and a broadcast from
 rank 0 would only cost time (and hide a bug if they ever diverged).
 """
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
+from ..base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
+from .config import QuantizerConfig
 from .kmeans import fit_kmeans
-from .model_config import QuantizerConfig
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
@@ -219,7 +219,7 @@ class VectorQuantizer(nn.Module):
             if len(self._gathered) == 1:
                 warnings.warn(f"VectorQuantizer: the codebook has not started; gathering {needed} tokens of the first "
                               f"training batches for its k-means ({int(gathered.item())} so far) and leaving it "
-                              f"unchanged until then. Fit it beforehand to skip this (stage1.codebook_fit."
+                              f"unchanged until then. Fit it beforehand to skip this (stage1.train.codebook_fit."
                               f"fit_codebook, vqrae-fit-codebook; training does it before step 0)", stacklevel=2)
             return False
         samples, batches = torch.cat(self._gathered), len(self._gathered)

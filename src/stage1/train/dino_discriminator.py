@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .encoders import IMAGENET_MEAN, IMAGENET_STD
-from .tensor_files import read_tensor_file
+from ..base.tensor_files import read_tensor_file
+from ..model.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 KEY_DEPTHS = (2, 5, 8, 11)  # RAE's: features after these blocks, besides the last one
 DINO_HINT = ("RAE's stage-1 recipe uses DINO ViT-S/8 (RAE names it models/discs/dino_vit_small_patch8_224.pth: "

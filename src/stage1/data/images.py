@@ -14,7 +14,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.utils import save_image
 
-from .atomic import atomic_path
+from ..base.atomic import atomic_path
 
 # Full-scale value of high-bit-depth integer modes.
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}

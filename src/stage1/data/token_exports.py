@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .atomic import atomic_path, write_json, write_npy
+from ..base.atomic import atomic_path, write_json, write_npy
 from .token_shards import Manifest, read_codes
 
 FORMATS = ("shards", "llamagen", "jsonl", "memmap")

@@ -1,0 +1,2 @@
+"""The layer everything stands on: distributed set-up and collectives, precision, atomic files, exchanged tensor files,
+config sections."""
