@@ -53,7 +53,8 @@ def _describe(hint) -> str:
 
 
 def _plural(hint) -> str:
-    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(hint, _describe(hint))
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings", dict: "mappings"}.get(
+        hint, _describe(hint))
 
 
 class _Mismatch(Exception):
