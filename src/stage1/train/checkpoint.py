@@ -22,9 +22,10 @@ import tempfile
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..base.atomic import plain_mode, write_yaml
+from ..base.tensor_files import read_tensor_file
 from ..model.config import VQRAEConfig
 from ..model.vqrae import CONFIG_NAME, WEIGHTS_NAME
 
@@ -65,10 +66,6 @@ def write_checkpoint(root: str, step: int, fill: Callable[[str], None], keep_las
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def write_state(directory: str, state: dict) -> None:
-    torch.save(state, os.path.join(directory, STATE_NAME))
 
 
 def list_checkpoints(root: str) -> list[str]:
@@ -125,8 +122,6 @@ def read_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
 
 
-def read_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, name))
 
 
 def checkpoint_files(ema: bool, discriminator: bool) -> list[str]:
@@ -169,7 +164,8 @@ def resume_training(directory: str, model, ema, discriminator, stateful: dict) -
         with model.decoder_swapped(ema.module):
             model.load_weights(os.path.join(directory, EMA_WEIGHTS_NAME))
     if discriminator is not None:
-        discriminator.load_state_dict(read_tensors(directory, DISCRIMINATOR_NAME))
+        discriminator.load_state_dict(read_tensor_file(os.path.join(directory, DISCRIMINATOR_NAME),
+                                                       "discriminator weights"))
     state = read_state(directory)
     for name, part in stateful.items():
         if part is not None:

@@ -33,7 +33,7 @@ from .losses import LossConfig
 
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
 __all__ = ["CONFIG_DIR", "REPO_ROOT", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
-           "compose_tree", "load_run_config", "run_config"]
+           "check_files", "compose_tree", "load_run_config", "run_config"]
 MODEL_KEYS = ("encoder", "quantizer", "decoder", "noise_tau", "normalization_stat_path")  # the model in the tree
 
 
