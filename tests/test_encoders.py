@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from helpers import CUSTOM_MEAN, CUSTOM_STD, TINY
@@ -116,3 +118,22 @@ def test_unknown_encoder_name_and_wrong_family(tiny_encoders):
     with pytest.raises(ValueError, match="expects a ViT-MAE checkpoint, got model_type='dinov2'"):
         build_encoder("MAE", tiny_encoders["dinov2"][1])
     assert {"Dinov2withNorm", "SigLIP2", "MAE"} <= set(ENCODERS)
+
+
+def test_a_model_folder_that_would_run_its_own_code_is_refused_without_running_it(tmp_path):
+    """Issue 20: an encoder config.json with an auto_map made transformers ask "run the custom code? [y/N]", and a
+    `y` on standard input ran the folder's Python. Every load says trust_remote_code=False: one clear error."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil_vit", "hidden_size": 8, "auto_map": {
+        "AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    marker = tmp_path / "RAN"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    probe = ("import sys\nfrom stage1.model.encoders import build_encoder\ntry:\n"
+             f"    build_encoder('Dinov2withNorm', {str(folder)!r})\nexcept ValueError as err:\n    print(err)\n")
+    run = subprocess.run([sys.executable, "-c", probe], input="y\ny\n", capture_output=True, text=True, timeout=120)
+    assert "asks to run Python code of its own (auto_map in its config.json)" in run.stdout, run.stdout + run.stderr
+    assert not marker.exists()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 from stage1 import VQRAE
-from stage1.data.datasets import ImageDataset, build_transform
+from stage1.data.datasets import ImageDataset, build_transform, find_images
 from stage1.train.config import REPO_ROOT, load_run_config
 from stage1.train.losses import adaptive_weight, build_lpips
 from stage1.train.trainer import train
@@ -184,6 +184,15 @@ def test_unreadable_images_are_skipped_and_counted(train_images, tmp_path):
         sample = dataset[(1, 0)]
     assert sample["skipped"] == 1 and sample["image"].shape == (3, 16, 16)
     assert dataset[(0, 0)]["skipped"] == 0
+
+
+def test_only_regular_files_are_images(tmp_path):
+    """Issue 20: a FIFO named like an image blocked vqrae-tokenize forever; only regular files (or links to them) are
+    listed."""
+    save_image(torch.rand(3, 8, 8), tmp_path / "real.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink(tmp_path / "real.png", tmp_path / "link.png")
+    assert find_images(str(tmp_path)) == ["link.png", "real.png"]
 
 
 def test_trainings_center_crop_is_the_commands_preprocessing(tmp_path):

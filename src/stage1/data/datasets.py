@@ -23,7 +23,8 @@ IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what read_image reads (a GIF: it
 
 
 def find_images(root: str) -> list[str]:
-    """Sorted relative paths of all image files under root (recursively); clear errors if there are none."""
+    """Sorted relative paths of all image files under root (recursively); clear errors if there are none. Only
+    regular files count: a FIFO or device named like an image would block its reader forever."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder '{root}' does not exist or is not a directory")
     found = []
@@ -32,6 +33,7 @@ def find_images(root: str) -> list[str]:
             os.path.relpath(os.path.join(folder, f), root)
             for f in sorted(files)
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            and os.path.isfile(os.path.join(folder, f))  # regular files (or links to them) only
         )
     found.sort()
     if not found:

@@ -55,15 +55,22 @@ def load_config(path: str):
     if not os.path.isdir(path) and not may_be_on_hub(path):
         raise _not_available(path, FileNotFoundError("no such directory, and no Hub lookup to try"))
     try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
+        # A folder's own Python (auto_map) never runs: transformers would ask "run the custom code?" on a terminal.
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "auto_map" in str(err):
+            raise ValueError(f"the encoder '{path}' asks to run Python code of its own (auto_map in its "
+                             f"config.json); vqrae never runs code from a model folder: use an encoder whose "
+                             f"model_type transformers knows") from None
+        raise _not_available(path, err) from err
+    except OSError as err:
         raise _not_available(path, err) from err
 
 
 def load_pretrained(model_class: type[PreTrainedModel], path: str, **kwargs) -> PreTrainedModel:
     """The checkpoint's model, with attention on torch's fused scaled_dot_product_attention kernels."""
     try:
-        return model_class.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        return model_class.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False, **kwargs)
     except OSError as err:
         raise _not_available(path, err) from err
 
