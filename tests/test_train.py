@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,32 @@ def test_resuming_a_checkpoint_of_another_model_names_what_differs(train_images,
     capsys.readouterr()
     assert run(train_images, tmp_path / "run", "quantizer.decay=0.5", "train.sample_every=null")["step"] == 8
     assert "differs from the checkpoint's in quantizer.decay (0.95 there, 0.5 here)" in capsys.readouterr().out
+
+
+def test_every_checkpoint_file_gets_the_mode_a_plain_write_gives(train_images, tmp_path):
+    """Issue 20: discriminator.safetensors was written 0600 while every other file followed the umask."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    finally:
+        os.umask(old)
+    step = tmp_path / "run" / "checkpoints" / "step-0000004"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in step.iterdir()}
+    assert "discriminator.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_fresh_run_into_a_killed_runs_folder_keeps_none_of_its_rows(train_images, tmp_path):
+    """Issue 20: the dead run's metrics.jsonl rows stayed (two step-0 rows, overlapping plots)."""
+    (tmp_path / "run").mkdir()
+    dead = [{"step": 0, "codebook_fit": True, "tokens": 1}, {"step": 3, "loss": 9.0}]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in dead))
+    run(train_images, tmp_path / "run", "train.steps=2", "train.ckpt_every=100", "train.sample_every=null",
+        "train.report_reconstructions=false")
+    rows = train_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if r.get("codebook_fit")] == [0] and rows[0]["tokens"] != 1
+    assert all(r.get("loss") != 9.0 for r in rows) and max(r["step"] for r in rows) == 2
 
 
 def test_loss_falls_on_a_small_overfit_run(train_images, tmp_path):

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from ..base.atomic import plain_mode, write_yaml
+from ..base.atomic import atomic_path, plain_mode, write_yaml
 from ..base.tensor_files import read_tensor_file
 from ..model.config import VQRAEConfig
 from ..model.vqrae import CONFIG_NAME, WEIGHTS_NAME
@@ -140,7 +140,8 @@ def save_training(directory: str, model, ema, discriminator, stateful: dict, sta
             model.save_pretrained(directory, weights_name=EMA_WEIGHTS_NAME)
     if discriminator is not None:
         weights = {k: v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()}
-        save_file(weights, os.path.join(directory, DISCRIMINATOR_NAME))
+        with atomic_path(os.path.join(directory, DISCRIMINATOR_NAME)) as tmp:  # and its mode: safetensors' is 0600
+            save_file(weights, tmp)
     write_yaml(os.path.join(directory, TRAIN_CONFIG_NAME), config_tree)
     states = {name: part.state_dict() if part is not None else None for name, part in stateful.items()}
     torch.save({**states, **state, "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0},

@@ -18,12 +18,14 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = os.path.join(results_dir, METRICS_NAME)
-        self._truncate(step)
-        self.writer = SummaryWriter(os.path.join(results_dir, "tb"), purge_step=step + 1)
+        kept = step if step > 0 else -1  # resumed at `step` (a checkpoint is never at 0): keep up to it; fresh: none
+        self._truncate(kept)
+        self.writer = SummaryWriter(os.path.join(results_dir, "tb"), purge_step=kept + 1)
         self.wandb = None if wandb_project is None else _wandb_run(results_dir, wandb_project, config)
 
     def _truncate(self, step: int) -> None:
-        """After a resume, drop lines logged past the checkpoint (they will be logged again)."""
+        """Drop lines logged past `step`: after a resume, those past the checkpoint (they will be logged again);
+        in a fresh run into the results_dir of a killed one, all of them."""
         if not os.path.isfile(self.path):
             return
         kept = []
