@@ -250,6 +250,15 @@ def test_trainings_center_crop_is_the_commands_preprocessing(tmp_path):
     assert (old(load_image(str(tmp_path / "photo.png"))[0]) - dataset[(2, 0)]["image"]).abs().max() > 1e-3
 
 
+def test_a_folder_of_only_unreadable_images_is_one_clear_error(tmp_path):
+    """Issue 20: it ended in torch's 'stack expects a non-empty TensorList'."""
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "data" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="none of data.path's images could be read"):
+        run(str(tmp_path / "data"), tmp_path / "run")
+
+
 def test_lpips_without_its_weights_fails_at_start_with_advice(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

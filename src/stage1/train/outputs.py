@@ -22,6 +22,8 @@ from ..model.vqrae import VQRAE
 def sample_images(dataset, count: int, image_size: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
     """The first `count` readable images of the dataset, center-cropped as every command crops them."""
     names, images = dataset.first_images(count, lambda pixels: center_square(pixels, image_size))
+    if not images:
+        raise ValueError("none of data.path's images could be read (each was skipped above, with its reason)")
     return names, torch.stack(images).to(device)
 
 
