@@ -251,6 +251,24 @@ def test_bad_indices_raise_clear_errors(model, indices, message):
         model.decode_from_indices(indices)
 
 
+def test_weights_with_nan_or_the_wrong_dtype_are_refused_when_loaded(model, tmp_path):
+    """Issue 20: a codebook of NaN tokenized every image to code 0, and an integer codebook or Inf decoder weights
+    loaded silently. Weights are checked for dtype and finiteness when loaded."""
+    model.save_pretrained(tmp_path / "ckpt")
+    good = load_file(tmp_path / "ckpt" / "model.safetensors")
+    embedding, head = good["quantizer.embedding"], good["decoder.head.weight"]
+    cases = [("quantizer.embedding", embedding * float("nan"), r"NaN or Inf in \['quantizer.embedding'\]"),
+             ("decoder.head.weight", head + float("inf"), r"NaN or Inf in \['decoder.head.weight'\]"),
+             ("quantizer.embedding", embedding.round().int(), "quantizer.embedding: torch.int32 for torch.float32"),
+             ("quantizer.initialized", torch.tensor(1.0), "quantizer.initialized: torch.float32 for torch.bool")]
+    for key, value, message in cases:
+        save_file({**good, key: value}, tmp_path / "ckpt" / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            VQRAE.from_pretrained(tmp_path / "ckpt")
+    save_file(good, tmp_path / "ckpt" / "model.safetensors")
+    VQRAE.from_pretrained(tmp_path / "ckpt")
+
+
 def test_broken_checkpoints_give_clear_errors(model, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is not a VQRAE checkpoint"):
         VQRAE.from_pretrained(tmp_path / "nothing-here")

@@ -316,6 +316,14 @@ class VQRAE(nn.Module):
                 f"weights in {weights_file} do not match the model's config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}"
             )
+        # An integer codebook or NaN weights would load silently and tokenize every image to code 0.
+        wrong_type = [f"{k}: {state[k].dtype} for {expected[k].dtype}" for k in sorted(state)
+                      if state[k].is_floating_point() != expected[k].is_floating_point()
+                      or (not expected[k].is_floating_point() and state[k].dtype != expected[k].dtype)]
+        not_finite = [k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+        if wrong_type or not_finite:
+            raise ValueError(f"weights in {weights_file} are damaged: wrong dtypes {wrong_type[:5]}, NaN or Inf in "
+                             f"{not_finite[:5]}")
         self.load_state_dict(state, strict=False)
 
     @contextmanager
