@@ -25,7 +25,7 @@ from torch import nn
 
 from ..base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
 from .config import QuantizerConfig
-from .kmeans import fit_kmeans
+from .kmeans import LLOYD_ITERS, fit_kmeans
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
 
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
@@ -224,9 +224,7 @@ class VectorQuantizer(nn.Module):
             return False
         samples, batches = torch.cat(self._gathered), len(self._gathered)
         self._gathered = []
-        fit = fit_kmeans(samples, self.num_embeddings, max_distances=self.max_distances_per_chunk,
-                         spherical=self.cosine)
-        self.set_codebook(fit.centroids, fit.counts / batches)
+        self.fit(samples, LLOYD_ITERS, tokens_per_update=gathered.item() / batches)  # hits per batch
         return True
 
     @torch.no_grad()
