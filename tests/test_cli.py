@@ -221,7 +221,7 @@ def test_latent_stats_match_a_direct_computation(dinov2_dir, image_dir, tmp_path
 def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert tokenize.main(["--model", model_dir, "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    assert "data folder" in capsys.readouterr().err and not out.exists()
+    assert "does not exist: expected an image folder" in capsys.readouterr().err and not out.exists()
     empty = tmp_path / "no-images"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")

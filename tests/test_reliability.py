@@ -191,7 +191,8 @@ def test_weights_from_another_config_are_refused(dinov2_dir, tmp_path):
 
 def test_bad_constructor_values(dinov2_dir):
     for kwargs, message in [
-        (dict(num_embeddings=0), "quantizer.num_embeddings must be > 0, got 0"),
+        (dict(num_embeddings=0), "quantizer.num_embeddings must be from 1 to 1,048,576, got 0"),
+        (dict(num_embeddings=2**21), "quantizer.num_embeddings must be from 1 to 1,048,576, got 2097152"),
         (dict(num_embeddings="8"), r"quantizer.num_embeddings must be an integer, got '8' \(str\)"),
         (dict(vq_decay=1.0), r"decay must be in \[0, 1\)"),
         (dict(commitment_cost=-1.0), "commitment_cost must be >= 0"),

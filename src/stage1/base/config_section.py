@@ -149,6 +149,11 @@ class ConfigSection:
         for name in names:
             self.require(getattr(self, name) > 0, name, "> 0")
 
+    def require_at_most(self, limit: int, *names: str) -> None:
+        """Positive and at most `limit` (a stated bound: these are sizes something is allocated from)."""
+        for name in names:
+            self.require(0 < getattr(self, name) <= limit, name, f"from 1 to {limit:,}")
+
     def to_dict(self) -> dict:
         """Plain values (tuples as lists, sections as mappings): what JSON and YAML hold."""
         return dataclasses.asdict(self, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v

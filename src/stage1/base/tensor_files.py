@@ -1,26 +1,66 @@
-"""Tensor files that users exchange (RAE's model.pt and stat.pt, safetensors): read without running their code."""
+"""Tensor files that users exchange (RAE's model.pt and stat.pt, safetensors): read without running their code, and
+without allocating more than the file holds."""
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
 def read_tensor_file(path: str, what: str) -> dict:
     """A safetensors file, or a torch file read with weights_only=True (tensors and plain containers only: a pickle
     of anything else is refused, never run). `what` names the file in errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} '{path}' does not exist")
+    _check_exists(path, what)
     if path.endswith(".safetensors"):
         try:
-            return load_file(path)
+            return load_file(path)  # safetensors checks every tensor's extent against the file's length
         except Exception as err:  # safetensors' own error type: a truncated or foreign file
-            raise ValueError(f"{what} {path} is not a readable safetensors file (truncated or damaged? copy it "
-                             f"again): {str(err).splitlines()[0][:200]}") from None
+            raise _damaged_safetensors(path, what, err) from None
+    _check_torch_zip(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with more than tensors, or not a torch file at all
         raise ValueError(f"{what} {path} is not a safetensors file or a torch file of tensors: "
                          f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+
+
+def tensor_elements(path: str, what: str) -> int:
+    """The numbers a safetensors file holds, from its header alone (nothing else is read)."""
+    _check_exists(path, what)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    except Exception as err:
+        raise _damaged_safetensors(path, what, err) from None
+
+
+def _check_exists(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} '{path}' does not exist")
+
+
+def _damaged_safetensors(path: str, what: str, err: Exception) -> ValueError:
+    return ValueError(f"{what} {path} is not a readable safetensors file (truncated or damaged? copy it again): "
+                      f"{str(err).splitlines()[0][:200]}")
+
+
+def _check_torch_zip(path: str, what: str) -> None:
+    """torch.save's zip, as torch.save writes it: every entry stored, none compressed. torch.load would inflate a
+    compressed entry whatever its size (a few kB of zip can declare gigabytes), and the legacy pre-zip format
+    allocates the sizes its pickle declares before reading them."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path} is not a torch zip file (torch.save's format since torch 1.6; older or "
+                         f"foreign files are not read: load and save it again with a current torch)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            compressed = [entry.filename for entry in archive.infolist() if entry.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ValueError(f"{what} {path} is a damaged zip file: {err}") from None
+    if compressed:
+        raise ValueError(f"{what} {path} holds compressed entries ({compressed[:3]}), which torch.save never writes; "
+                         f"refusing to inflate them")

@@ -9,6 +9,8 @@ import importlib
 import sys
 from functools import partial
 
+from ..base.limits import MAX_IMAGE_SIDE
+
 INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # what vqrae-tokenize's shards may be stored as
 
 
@@ -25,6 +27,14 @@ def positive_int(value: str) -> int:
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+
+
+def image_side(value: str) -> int:
+    """--image-size: a side images are resized to (base.limits.MAX_IMAGE_SIDE at most)."""
+    side = positive_int(value)
+    if side > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"expected a side from 1 to {MAX_IMAGE_SIDE} pixels, got {value!r}")
+    return side
 
 
 def non_negative_int(value: str) -> int:
@@ -71,7 +81,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a directory written by save_pretrained / training, or a Hub id")
     parser.add_argument("--encoder-path", default=None,
                         help="local directory of the frozen encoder, if the one the model references is not reachable")
-    parser.add_argument("--image-size", type=positive_int, default=None,
+    parser.add_argument("--image-size", type=image_side, default=None,
                         help="side the images are resized and center-cropped to (default: the model's own size)")
 
 
@@ -216,7 +226,7 @@ def latent_stats_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
     parser.add_argument("--per-position", action="store_true",
                         help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
-    parser.add_argument("--image-size", type=positive_int, default=224,
+    parser.add_argument("--image-size", type=image_side, default=224,
                         help="side the encoder sees (resize + center crop)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N images (sorted by path)")
     add_runtime_args(parser, batch_size=32)

@@ -10,7 +10,8 @@ import torch
 from ..data.datasets import find_images
 from ..data.images import UnreadableImageError
 from ..data.input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
-from ..data.tar_shards import TarSample, is_tar_source, read_shard, shard_urls
+from ..data.shard_specs import is_tar_source, shard_urls
+from ..data.tar_shards import SampleImages, TarSample, read_shard
 from ..model.vqrae import VQRAE
 from .arguments import CLIError
 
@@ -53,7 +54,7 @@ def prepare(path: str, size: int) -> tuple[torch.Tensor, str]:
 
 
 def read_batches(args, chunks: Sequence[Sequence[str]], size: int, device: torch.device,
-                 local_processes: int = 1, crop: str = "center", contents: Mapping[str, bytes | None] | None = None,
+                 local_processes: int = 1, crop: str = "center", contents: Mapping[str, bytes] | None = None,
                  step: Callable[[torch.Tensor], Any] | None = None) -> Iterator[ImageBatch]:
     """The images of --data in these chunks of names on `device`, read by --num-workers (auto: default_workers), each
     batch with `step`'s output (input_pipeline.image_batches)."""
@@ -89,11 +90,8 @@ def tar_batches(args, url: str, size: int, device: torch.device, local_processes
                 ) -> tuple[list[TarSample], Iterator[ImageBatch]]:
     """One tar shard's samples (its first `limit`) and their batches of --batch-size (with `step`'s outputs)."""
     samples = read_shard(url)[:limit]
-    names = [sample.name for sample in samples]
-    if len(set(names)) != len(names):
-        raise CLIError(f"{url} holds two samples of the same name: their results could not be told apart")
-    return samples, read_batches(args, list(batches(names, args.batch_size)), size, device, local_processes, crop,
-                                 {sample.name: sample.data for sample in samples}, step)
+    return samples, read_batches(args, list(batches([sample.name for sample in samples], args.batch_size)), size,
+                                 device, local_processes, crop, SampleImages(samples), step)
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..base.atomic import atomic_path, write_json
 from ..base.precision import autocast
+from ..base.tensor_files import read_tensor_file
 from ..data.images import psnr, to_uint8
 from ..train.losses import build_lpips
 from .arguments import launch
@@ -29,14 +30,11 @@ def build_fid(weights: str | None, device: torch.device):
     if weights is None:
         return None, ("no --fid-weights given: the Inception-v3 weights are a download; pass a local copy of "
                       "torch-fidelity's pt_inception-2015-12-05 weights to compute rFID")
-    if not os.path.isfile(weights):
-        raise CLIError(f"--fid-weights file '{weights}' does not exist")
     try:
         # torch-fidelity unpickles this file without restrictions: make sure it holds tensors only first.
-        torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CLIError(f"--fid-weights '{weights}' is not a plain tensor state dict ({type(err).__name__}); "
-                       f"refusing to unpickle it") from err
+        read_tensor_file(weights, "--fid-weights")
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{err}; refusing to unpickle it") from None
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)

@@ -10,7 +10,8 @@ from ..base import distributed
 from ..base.atomic import write_json
 from ..base.precision import autocast
 from ..data.datasets import find_images
-from ..data.tar_shards import TarIndex, is_tar_source, shard_urls
+from ..data.shard_specs import is_tar_source, shard_urls
+from ..data.tar_shards import TarIndex
 from ..train.codebook_fit import fit_codebook
 from .arguments import launch
 from .common import (

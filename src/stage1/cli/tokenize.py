@@ -17,7 +17,7 @@ from ..base.atomic import read_json, write_json
 from ..base.precision import autocast
 from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING
-from ..data.tar_shards import is_tar_source, shard_urls
+from ..data.shard_specs import is_tar_source, shard_urls
 from ..data.token_exports import export_tokens
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from .images import UnreadableImageError, read_image, resize_center_crop, to_unit_float
+from .images import UnreadableImageError, read_image, resize_center_crop, resize_shorter_side, to_unit_float
 
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what read_image reads (a GIF: its first frame)
 
@@ -87,8 +87,7 @@ def build_transform(image_size: int, augment: str, min_scale: float = 0.8, hflip
         crop = [to_unit_float, v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
     elif augment == "resize_random_crop":  # resize >= image_size: checked by RunConfig
         # Bicubic as RAE resizes; it can overshoot [0, 1], so the result is clamped back.
-        crop = [to_unit_float, v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                v2.Lambda(unit_range), v2.RandomCrop(image_size)]
+        crop = [to_unit_float, partial(resize_shorter_side, size=resize), unit_range, v2.RandomCrop(image_size)]
     else:  # center_crop
         crop = [partial(center_square, image_size=image_size)]
     flip = [v2.RandomHorizontalFlip()] if hflip else []
@@ -125,21 +124,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        skipped = 0
-        for attempt in range(min(len(self), 100)):
-            candidate = (index + attempt) % len(self)
-            try:
+        for skipped in range(min(len(self), 100)):
+            candidate = (index + skipped) % len(self)
+            try:  # the transform too: an image may be decodable, yet too elongated to resize
                 image = self.load(candidate)
-                break
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                    pixels = self.transform(image)
+                return {"image": pixels, "skipped": skipped}
             except UnreadableImageError as err:
-                skipped += 1
                 warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {err}", stacklevel=2)
-        else:
-            raise RuntimeError(f"100 consecutive unreadable images under {self.root}, starting at {self.paths[index]}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            pixels = self.transform(image)
-        return {"image": pixels, "skipped": skipped}
+        raise RuntimeError(f"100 consecutive unreadable images under {self.root}, starting at {self.paths[index]}")
 
 
 class ResumableDistributedSampler(Sampler):

@@ -21,6 +21,9 @@ _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N":
 _ORIENTATION = 0x0112  # the EXIF tag
 _TURNS = range(2, 9)  # the orientations that move pixels (1 is upright), as ImageOps.exif_transpose reads them
 _JPEG_EXTRAS = 1 << 24  # bytes a JPEG may hold beside its scans (EXIF, thumbnails, ICC profile) at the most
+# Pixels an image may have once its shorter side is resized (256 MB as 8-bit RGB): a 1 x 100000 image is small, but
+# at 256 px on its shorter side it would be 25.6 billion.
+MAX_RESIZED_PIXELS = 1 << 26
 
 
 class UnreadableImageError(ValueError):
@@ -112,9 +115,24 @@ def resize_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     than in float; against the float resize, 0.26 / 255 off on average and 11 / 255 at the worst pixel (a bicubic
     overshoot clipped between the kernel's two passes), PSNR >= 54.7 dB, measured on photos at 32 to 384 px
     (tests/test_cli.py checks it)."""
-    resized = v2.functional.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    square = v2.functional.center_crop(resized, [size, size])
+    square = v2.functional.center_crop(resize_shorter_side(pixels, size), [size, size])
     return square if square.dtype == torch.uint8 else square.clamp(0.0, 1.0)
+
+
+def resize_shorter_side(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to `size`, antialiased bicubic, in the pixels' dtype (RAE's resize); an image that would
+    exceed MAX_RESIZED_PIXELS is unreadable."""
+    check_resized(pixels.shape[-1], pixels.shape[-2], size)
+    return v2.functional.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def check_resized(width: int, height: int, size: int) -> None:
+    """UnreadableImageError if a width x height image, its shorter side resized to `size`, is over
+    MAX_RESIZED_PIXELS."""
+    short, long = sorted((max(1, width), max(1, height)))
+    if size * -(-long * size // short) > MAX_RESIZED_PIXELS:
+        raise UnreadableImageError(f"a {width}x{height} image is too elongated: resized to {size} px on its shorter "
+                                   f"side it would have more than {MAX_RESIZED_PIXELS:,} pixels")
 
 
 def adm_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -122,6 +140,7 @@ def adm_center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     8-bit image. Halve it with a box filter while its shorter side is at least twice `size`, resize it (PIL
     bicubic) so the shorter side is `size` and the other is rounded, then cut the central square (offsets rounded
     down). Returns uint8 pixels."""
+    check_resized(pixels.shape[-1], pixels.shape[-2], size)
     eight_bit = pixels if pixels.dtype == torch.uint8 else to_uint8(pixels)
     image = Image.fromarray(eight_bit.permute(1, 2, 0).contiguous().numpy())
     while min(image.size) >= 2 * size:

@@ -84,7 +84,7 @@ class ImageFiles(Dataset):
     the bytes instead of files."""
 
     def __init__(self, root: str, names: Sequence[str], size: int, crop: str = "center",
-                 contents: Mapping[str, bytes | None] | None = None):
+                 contents: Mapping[str, bytes] | None = None):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         self.root, self.names, self.size, self.crop, self.contents = root, list(names), size, crop, contents
@@ -97,10 +97,8 @@ class ImageFiles(Dataset):
         try:
             if self.contents is None:
                 image = prepare_pixels(os.path.join(self.root, name), self.size, self.crop)[0]
-            elif (data := self.contents[name]) is None:
-                raise UnreadableImageError(f"cannot read image '{name}': the sample has no image field")
-            else:
-                image = prepare_pixels(name, self.size, self.crop, data=data)[0]
+            else:  # the bytes, or UnreadableImageError saying why the sample has none
+                image = prepare_pixels(name, self.size, self.crop, data=self.contents[name])[0]
             return image, name, None
         except UnreadableImageError as err:
             return None, self.names[i], str(err)
@@ -126,7 +124,7 @@ def collate(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBa
 
 def image_batches(root: str, chunks: Sequence[Sequence[str]], size: int, num_workers: int = 0,
                   device: torch.device | str = "cpu", step: Callable[[torch.Tensor], Any] | None = None,
-                  crop: str = "center", contents: Mapping[str, bytes | None] | None = None,
+                  crop: str = "center", contents: Mapping[str, bytes] | None = None,
                   readers: str = "auto") -> Iterator[ImageBatch]:
     """One ImageBatch per chunk of file names under root (or of `contents`' names), in order, its images on `device`
     and, with `step`, `batch.output = step(batch.images)` (a pure function of the batch: the model's work on it).

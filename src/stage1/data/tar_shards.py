@@ -1,10 +1,16 @@
-"""Webdataset tar shards: the way large image corpora ship (LAION / DataComp style), read with the `webdataset`
-package, and a converter that writes them from an image folder.
+"""Webdataset tar shards: the way large image corpora ship (LAION / DataComp style), and a converter that writes them
+from an image folder.
 
-A shard is a tar of samples; a sample is the files of one key: its image (`jpg`, `png`, `webp`, ...), and as our
-converter writes them, `path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class
-id). `--data` names shards as webdataset does: a brace pattern (`shards/{000000..000127}.tar`), a list separated
-by `::`, or any URL it opens (`pipe:`, `https://`, ...). Images keep their encoded bytes: nothing is re-encoded.
+A shard is a tar of samples; a sample is the consecutive files of one key (webdataset's rule: the member name up to
+the first dot of its base name): its image (`jpg`, `png`, `webp`, ...), and as our converter writes them,
+`path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class id). Which specs `--data`
+may give is shard_specs.py's. Images keep their encoded bytes: nothing is re-encoded.
+
+A shard is a file from other people, read here and nowhere else: only the fields used are read, each after its
+size is checked (MAX_IMAGE_BYTES, MAX_TEXT_BYTES); a bad sample (a file over its limit, a `cls` that is not an
+integer, a `path.txt` that is not UTF-8, a field given twice, a name given before) comes with its problem and no
+image, so it is skipped and listed as an unreadable image is; a tar that breaks or ends early keeps the samples
+before the break, and one more entry names the shard and what broke.
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import lzma
 import os
 import shutil
 import tarfile
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -26,53 +33,137 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from ..base.atomic import atomic_path
 from .datasets import ImageDataset, ResumableDistributedSampler, class_labels, find_images, first_readable
 from .images import UnreadableImageError, read_image
+from .shard_specs import REMOTE, is_tar_source, shard_urls
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
-REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+TEXT_FIELDS = ("path.txt", "cls")
+MAX_IMAGE_BYTES = 1 << 28  # 256 MiB: an encoded image is read whole; the largest photos are a few tens of MB
+MAX_TEXT_BYTES = 1 << 12  # path.txt and cls: a path, a number
+# What a broken tar raises on the way: tarfile's own errors, a short read, a bad gzip / bz2 / xz stream, a bad header.
+DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
 @dataclass
 class TarSample:
     name: str  # path.txt, else the key with its image field's extension
-    data: bytes | None  # the encoded image; None when the sample has no image field
+    data: bytes | None  # the encoded image; None when the sample has none or has a problem
     label: int  # cls, else -1
+    problem: str | None = None  # why the sample cannot be used, naming its tar and key
+
+    def image(self) -> bytes:
+        """The encoded image, or UnreadableImageError saying why there is none."""
+        if self.data is None:
+            raise UnreadableImageError(self.problem or "the sample has no image field")
+        return self.data
 
 
-def decode(data: bytes | None):
-    """A sample's encoded image -> its decoded pixels (images.read_image); no image field or bad bytes:
-    UnreadableImageError."""
-    return read_image(io.BytesIO(data or b""))[0]
+class SampleImages(Mapping):
+    """A shard's samples as input_pipeline's contents: name -> encoded image, or UnreadableImageError with the
+    sample's problem (read_shard gives every sample of a shard a name of its own)."""
+
+    def __init__(self, samples: list[TarSample]):
+        self.samples = {sample.name: sample for sample in samples}
+
+    def __getitem__(self, name: str) -> bytes:
+        return self.samples[name].image()
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
 
-def is_tar_source(data: str) -> bool:
-    """Whether --data names tar shards rather than an image folder."""
-    return data.startswith(REMOTE) or ".tar" in data
-
-
-def shard_urls(data: str) -> list[str]:
-    """The shards a spec names, in order; local ones must exist."""
-    from webdataset.shardlists import expand_urls
-
-    urls = [url for part in data.split("::") for url in expand_urls(part)]
-    missing = [url for url in urls if not url.startswith(REMOTE) and not os.path.isfile(url)]
-    if missing:
-        raise FileNotFoundError(f"tar shard(s) not found: {', '.join(missing[:3])}" +
-                                (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    return urls
+def decode(data: bytes):
+    """A sample's encoded image -> its decoded pixels (images.read_image); bad bytes: UnreadableImageError."""
+    return read_image(io.BytesIO(data))[0]
 
 
 def read_shard(url: str) -> list[TarSample]:
-    """Every sample of one shard, in the tar's order."""
-    import webdataset as wds
+    """Every sample of one shard (a local file or a stream), in the tar's order."""
+    from webdataset.gopen import gopen
 
-    samples = []
-    # No node or worker splitting of its own: the callers deal shards to ranks and workers themselves.
-    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
-        field = next((f for f in IMAGE_FIELDS if f in sample), None)
-        name = sample["path.txt"].decode() if "path.txt" in sample else f"{sample['__key__']}.{field or 'missing'}"
-        label = int(sample["cls"].decode()) if "cls" in sample else -1
-        samples.append(TarSample(name, sample[field] if field else None, label))
+    samples, names = [], set()
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for key, files in _sample_files(tar, by_position=False):
+                samples.append(TarSample(*_sample(url, key, files, names)))
+    except DAMAGED as err:
+        samples.append(TarSample(*_damaged(url, len(samples), err)))
     return samples
+
+
+def _sample_files(tar: tarfile.TarFile, by_position: bool):
+    """(key, files) of each sample of an open tar, in order. files: field -> its bytes ((offset, size) of an image
+    when `by_position`), or a problem. Fields this package does not use are not read."""
+    key, files = None, {}
+    for member in tar:
+        tar.members = []  # tarfile keeps every header it has read: a tar of millions of empty members fills memory
+        folder, base = os.path.split(member.name)
+        stem, dot, field = base.partition(".")
+        field = field.lower()
+        if not member.isfile() or not dot or base.startswith("."):  # folders, links, macOS' ._ files
+            continue
+        if os.path.join(folder, stem) != key:
+            if key is not None:
+                yield key, files
+            key, files = os.path.join(folder, stem), {}
+        limit = MAX_TEXT_BYTES if field in TEXT_FIELDS else MAX_IMAGE_BYTES if field in IMAGE_FIELDS else None
+        if limit is None:
+            continue
+        if field in files:
+            files[field] = f"its {field} is given twice"
+        elif member.size > limit:
+            files[field] = f"its {field} is {member.size:,} bytes, over the {limit:,} accepted"
+        elif by_position and field in IMAGE_FIELDS:
+            files[field] = (member.offset_data, member.size)
+        else:
+            files[field] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def _sample(url: str, key: str, files: dict, names: set) -> tuple[str, object, int, str | None]:
+    """(name, image, label, problem) of one sample's files, the image None when there is a problem; `names` (those
+    given so far) keeps names unique."""
+    key = _printable(key)
+    field = next((f for f in IMAGE_FIELDS if f in files), None)
+    name, label = f"{key}.{field or 'missing'}", -1
+    problems = [value for value in files.values() if isinstance(value, str)]
+    if field is None:
+        problems.append("it has no image field")
+    if isinstance(path := files.get("path.txt"), bytes):
+        try:
+            name = path.decode()
+        except UnicodeDecodeError:
+            problems.append("its path.txt is not UTF-8 text")
+    if isinstance(cls := files.get("cls"), bytes):
+        try:
+            label = int(cls.decode())
+            if not -1 <= label < 2**31:
+                raise ValueError
+        except ValueError:  # UnicodeDecodeError too
+            label = -1
+            problems.append(f"its cls {cls[:40]!r} is not a class id (an integer from -1 to 2^31 - 1)")
+    if name in names:
+        problems.append(f"a sample before it is also named {name}")
+        name = f"{name}#{len(names)}"  # a name of its own, so its listing cannot be taken for the first one's
+    names.add(name)
+    if problems:
+        return name, None, label, f"{url}, sample {key}: {'; '.join(problems)}"
+    return name, files[field], label, None
+
+
+def _damaged(url: str, read: int, err: Exception) -> tuple[str, None, int, str]:
+    """The entry that lists a tar broken after `read` samples."""
+    return (f"{url} (after sample {read})", None, -1,
+            f"{url} is damaged or ends early after {read} sample(s) ({type(err).__name__}: "
+            f"{_printable(str(err))[:200]}); the rest of the shard is skipped")
+
+
+def _printable(text: str) -> str:
+    """Member names are decoded with surrogate escapes: undecodable bytes as \\xNN, so they can be printed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
@@ -100,45 +191,50 @@ def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
     return written
 
 
-def index_shard(path: str) -> list[tuple[str, int, int]]:
-    """(name, offset, size) of every sample's image bytes in a local tar, in the tar's order, from its headers
-    (the images themselves are not read)."""
-    samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            key, _, field = base.partition(".")  # webdataset's rule: a sample's files share the name before a dot
-            sample = samples.setdefault(os.path.join(folder, key), {})
-            if field == "path.txt":
-                sample["name"] = tar.extractfile(member).read().decode()
-            elif field.lower() in IMAGE_FIELDS and "image" not in sample:
-                sample["image"], sample["field"] = (member.offset_data, member.size), field
-    return [(sample.get("name", f"{key}.{sample['field']}"), *sample["image"])
-            for key, sample in samples.items() if "image" in sample]
+def index_shard(url: str, names: set | None = None) -> list[tuple[str, int, int, str | None]]:
+    """(name, offset, size, problem) of every sample's image bytes in a local uncompressed tar, in the tar's order,
+    from its headers and text fields (the images themselves are not read). `names` keeps names unique across
+    shards."""
+    if url.endswith((".tar.gz", ".tgz")):
+        raise ValueError(f"{url} is compressed, so it cannot be read by position: decompress it, or stream it "
+                         f"(data.path=pipe:'gunzip -c {url}' with data.tar_cache=null)")
+    names = set() if names is None else names
+    entries, end = [], os.path.getsize(url)
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for key, files in _sample_files(tar, by_position=True):
+                name, image, _, problem = _sample(url, key, files, names)
+                offset, size = image or (0, 0)
+                if offset + size > end:
+                    problem = f"{url}, sample {key}: its image ends past the end of the file (a header that lies)"
+                entries.append((name, offset, size, problem))
+    except DAMAGED as err:
+        name, _, _, problem = _damaged(url, len(entries), err)
+        entries.append((name, 0, 0, problem))
+    return entries
 
 
 class TarIndex(Mapping):
     """The images of local tar shards by name: name -> encoded bytes, read by position (pread: no shared file
-    position, so forked DataLoader workers may read one descriptor at once). Built from the tar headers."""
+    position, so forked DataLoader workers may read one descriptor at once), or UnreadableImageError for a sample
+    with a problem. Built from the tar headers."""
 
     def __init__(self, urls: list[str]):
         remote = [url for url in urls if url.startswith(REMOTE)]
         if remote:
             raise ValueError(f"{remote[0]} is a stream, which cannot be read by position: copy the shards to local "
                              f"disk (the commands that stream, tokenize, evaluate and latent-stats, read it as it is)")
-        self.where = {}
+        self.where, names = {}, set()
         for url in urls:
-            for name, offset, size in index_shard(url):
-                if name in self.where:
-                    raise ValueError(f"two samples are named {name} ({url} and {self.where[name][0]})")
-                self.where[name] = (url, offset, size)
+            for name, offset, size, problem in index_shard(url, names):
+                self.where[name] = (url, offset, size, problem)
         self.names = list(self.where)
         self._files: dict[str, int] = {}
 
     def __getitem__(self, name: str) -> bytes:
-        url, offset, size = self.where[name]
+        url, offset, size, problem = self.where[name]
+        if problem is not None:
+            raise UnreadableImageError(problem)
         if url not in self._files:
             self._files[url] = os.open(url, os.O_RDONLY)
         return os.pread(self._files[url], size, offset)
@@ -217,7 +313,7 @@ class TarStream(IterableDataset):
     def first_images(self, count: int, transform) -> tuple[list[str], list]:
         """The first `count` readable images of the first shards, in their order (the sample grid's)."""
         samples = (sample for url in self.urls for sample in read_shard(url))  # read as far as needed
-        return first_readable(((s.name, partial(decode, s.data)) for s in samples), count, transform)
+        return first_readable(((s.name, lambda s=s: decode(s.image())) for s in samples), count, transform)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -229,8 +325,10 @@ class TarStream(IterableDataset):
             order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(self.seed + epoch))
             for shard in order[reader::readers].tolist():
                 samples = read_shard(self.urls[shard])
-                if not samples:
-                    raise ValueError(f"{self.urls[shard]} holds no samples")
+                if all(sample.data is None for sample in samples):  # empty, damaged, or every sample bad
+                    warnings.warn(f"skipping tar shard {self.urls[shard]}: no usable sample"
+                                  + (f" ({samples[0].problem})" if samples else ""), stacklevel=2)
+                    continue
                 if skip >= len(samples):
                     skip -= len(samples)
                     continue
@@ -244,17 +342,15 @@ class TarStream(IterableDataset):
     def _sample(self, samples: list[TarSample], positions: list[int], at: int, epoch: int, shard: int) -> dict:
         for skipped in range(len(positions)):
             sample = samples[positions[(at + skipped) % len(positions)]]
-            try:
-                image = decode(sample.data)
-                break
+            try:  # the transform too: an image may be decodable, yet too elongated to resize
+                image = decode(sample.image())
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((self.seed, epoch, shard, positions[at])) & 0x7FFF_FFFF_FFFF_FFFF)
+                    pixels = self.transform(image)
+                return {"image": pixels, "skipped": skipped}
             except UnreadableImageError as err:
                 warnings.warn(f"skipping unreadable image {sample.name}: {err}", stacklevel=2)
-        else:
-            raise RuntimeError(f"no readable image in {self.urls[shard]}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, shard, positions[at])) & 0x7FFF_FFFF_FFFF_FFFF)
-            pixels = self.transform(image)
-        return {"image": pixels, "skipped": skipped}
+        raise RuntimeError(f"no readable image in {self.urls[shard]}")
 
 
 def training_dataset(path: str, transform, seed: int, cache: str | None):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..base.atomic import read_json, write_json, write_npy
 from ..base.config_section import ConfigError, ConfigSection
+from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE
 
 MANIFEST = "manifest.json"
 RUN_FILE = "tokenize_run.json"
@@ -65,7 +66,9 @@ class Manifest(ConfigSection):
     skipped: list[dict]  # {"path", "reason"} per unreadable image
 
     def check(self):
-        self.require_positive("codebook_size", "image_size", "views")
+        self.require_positive("views")
+        self.require_at_most(MAX_CODES, "codebook_size")
+        self.require_at_most(MAX_IMAGE_SIDE, "image_size")
         self.require(len(self.index_shape) in (2, 3) and all(_is_int(n) and n > 0 for n in self.index_shape)
                      and list(self.grid_shape) == self.index_shape[:2], "index_shape",
                      f"the grid {list(self.grid_shape)} and at most one codes-per-token axis, positive integers")
@@ -107,6 +110,7 @@ def read_manifest(folder: str) -> Manifest:
 
 
 def _open_shard(path: str) -> np.ndarray:
+    """A shard mapped, not read: its header's shape must fit in the file (numpy checks), nothing is allocated."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:  # missing, not .npy, a header whose shape the file cannot hold
@@ -135,7 +139,7 @@ def shard_rows(folder: str, entries: list[dict]) -> Iterator[np.ndarray]:
     shards = {}
     for entry in entries:
         if entry["shard"] not in shards:
-            shards[entry["shard"]] = np.load(os.path.join(folder, entry["shard"]), allow_pickle=False)
+            shards[entry["shard"]] = _open_shard(os.path.join(folder, entry["shard"]))
         yield shards[entry["shard"]][entry["row"]]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..base.atomic import read_json, write_json
 from ..base.config_section import ConfigError, ConfigSection, choice
+from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE
 from .encoders import encoder_class
 
 # This file is REPO_ROOT/src/stage1/model/config.py.
@@ -39,7 +40,12 @@ class EncoderConfig(ConfigSection):
     def check(self):
         encoder_class(self.cls)
         self.require(bool(self.path), "path", "a Hub id or a local directory")
-        self.require(self.input_size is None or self.input_size > 0, "input_size", "a positive integer or null")
+        self.require(self.input_size is None or 0 < self.input_size <= MAX_IMAGE_SIDE, "input_size",
+                     f"null or from 1 to {MAX_IMAGE_SIDE}")
+
+
+MAX_LEVELS = 256  # codebooks one quantizer may stack (depth) or split into (groups)
+MAX_DECODER_PARAMETERS = 10**10  # 40 GB in float32; RAE's largest decoder (ViT-XL) has 0.6e9
 
 
 @dataclass
@@ -64,7 +70,9 @@ class QuantizerConfig(ConfigSection):
                          f"a positive integer, and 1 unless quantizer.kind is '{kind}' (kind is {self.kind!r})")
         self.require(not (self.cosine and self.kind == "residual"), "cosine",
                      "false with kind 'residual' (residuals of unit codes are not unit vectors)")
-        self.require_positive("num_embeddings", "epsilon")
+        self.require_positive("epsilon")
+        self.require_at_most(MAX_CODES, "num_embeddings")
+        self.require_at_most(MAX_LEVELS, "depth", "groups")
         self.require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)")
         self.require(self.commitment_cost >= 0, "commitment_cost", ">= 0")
         self.require(self.restart_window >= 0, "restart_window", ">= 0 (0: never)")
@@ -94,6 +102,16 @@ class DecoderConfig(ConfigSection):
         self.require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                      f"divisible by decoder.num_attention_heads ({self.num_attention_heads})")
         self.require(self.hidden_size % 4 == 0, "hidden_size", "divisible by 4 (2-D sin-cos init)")
+        if self.parameters_at_least() > MAX_DECODER_PARAMETERS:
+            raise ConfigError(f"decoder sizes {self.to_dict()} make a decoder of more than "
+                              f"{self.parameters_at_least():.3g} parameters; at most {MAX_DECODER_PARAMETERS:.0e} "
+                              f"are built")
+
+    def parameters_at_least(self) -> int:
+        """A lower bound on the decoder's parameter count: its layers' attention and MLP matrices and its pixel head
+        (so a config.json can be checked against its weights file before anything is built)."""
+        h = self.hidden_size
+        return self.num_hidden_layers * (4 * h * h + 2 * h * self.intermediate_size) + h * 3 * self.patch_size ** 2
 
 
 def _read_mapping(path: str) -> dict:

@@ -15,6 +15,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from ..base.atomic import read_json
+from ..base.tensor_files import tensor_elements
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,12 +68,57 @@ def load_config(path: str):
         raise _not_available(path, err) from err
 
 
-def load_pretrained(model_class: type[PreTrainedModel], path: str, **kwargs) -> PreTrainedModel:
-    """The checkpoint's model, with attention on torch's fused scaled_dot_product_attention kernels."""
+def load_pretrained(model_class: type[PreTrainedModel], path: str, **overrides) -> tuple[PreTrainedModel, list[str]]:
+    """The checkpoint's model, with attention on torch's fused scaled_dot_product_attention kernels, and the names
+    of weights its files lack (transformers fills them with random numbers: FrozenEncoder refuses any it keeps);
+    `overrides` change its config."""
+    _check_weights_hold(model_class, path, overrides)
     try:
-        return model_class.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False, **kwargs)
+        model, info = model_class.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False,
+                                                  output_loading_info=True, **overrides)
     except OSError as err:
         raise _not_available(path, err) from err
+    except RuntimeError as err:  # transformers' report of weights whose shapes differ from the config's
+        raise ValueError(f"the encoder '{path}' has weights of other shapes than its config.json says "
+                         f"({str(err).splitlines()[0][:200]})") from None
+    return model, sorted(info["missing_keys"])
+
+
+def _check_weights_hold(model_class: type[PreTrainedModel], path: str, overrides: dict) -> None:
+    """config.json's sizes against its safetensors weights, before transformers builds anything from them: its
+    transformer layers alone (attention and MLP matrices) must fit in what the files hold. A .bin checkpoint is left
+    to transformers (it reads it with weights_only, bounded by the file)."""
+    files = _safetensors_files(path)
+    if not files:
+        return
+    config = model_class.config_class.from_pretrained(path, **overrides)
+    h, i, layers = (int(getattr(config, name, 0) or 0) for name in
+                    ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    needed = layers * (4 * h * h + 2 * h * i)
+    held = sum(tensor_elements(f, "the encoder's weights") for f in files)
+    if needed > held:
+        raise ValueError(f"the encoder '{path}': its config.json describes {layers} layers of width {h} (at least "
+                         f"{needed:,} weights) but its weights hold {held:,} numbers: not this checkpoint's config")
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The local paths of a checkpoint's safetensors weights (one file or an index's shards), fetched through the
+    Hub cache like from_pretrained would; none for a .bin checkpoint."""
+    def find(name: str) -> str | None:
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    single = find("model.safetensors")
+    if single is not None:
+        return [single]
+    index = find("model.safetensors.index.json")
+    if index is None:
+        return []
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) and os.path.basename(name) == name
+                                                   for name in weight_map.values()):
+        raise ValueError(f"{index} is not a safetensors index (a weight_map of file names in its folder)")
+    return [find(name) or os.path.join(os.path.dirname(index), name) for name in sorted(set(weight_map.values()))]
 
 
 def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -111,7 +157,11 @@ class FrozenEncoder(nn.Module):
     default_mean = IMAGENET_MEAN
     default_std = IMAGENET_STD
 
-    def __init__(self, model: PreTrainedModel, path: str, patch_size: int, hidden_size: int):
+    def __init__(self, model: PreTrainedModel, path: str, patch_size: int, hidden_size: int, missing: list[str]):
+        random = sorted(set(missing) & set(model.state_dict()))  # the final LayerNorm's affine may be dropped
+        if random:
+            raise ValueError(f"the encoder '{path}' lacks {len(random)} weight(s) its config.json needs "
+                             f"({random[:3]}): they would be random, not pretrained")
         super().__init__()
         self.model = model
         self.path = path
@@ -157,11 +207,11 @@ class Dinov2withNorm(FrozenEncoder):
                 f"Dinov2withNorm expects a DINOv2 checkpoint (model_type one of {sorted(classes)}), "
                 f"got model_type='{config.model_type}' at '{path}'"
             )
-        model = load_pretrained(classes[config.model_type], path)
+        model, missing = load_pretrained(classes[config.model_type], path)
         if normalize:
             model.layernorm = _drop_layernorm_affine(model.layernorm)
         self.num_prefix_tokens = 1 + getattr(config, "num_register_tokens", 0)
-        super().__init__(model, path, config.patch_size, config.hidden_size)
+        super().__init__(model, path, config.patch_size, config.hidden_size, missing)
 
     def patch_tokens(self, pixel_values):
         return self.model(pixel_values=pixel_values).last_hidden_state[:, self.num_prefix_tokens :]
@@ -193,10 +243,10 @@ class SigLIP2(FrozenEncoder):
                 f"SigLIP2 expects a SigLIP or SigLIP2 checkpoint, got model_type='{config.model_type}' at '{path}'"
             )
         # The attention-pooling head only makes the pooled output, which a tokenizer never uses.
-        model = load_pretrained(model_class, path, vision_use_head=False)
+        model, missing = load_pretrained(model_class, path, vision_use_head=False)
         if normalize:
             model.post_layernorm = _drop_layernorm_affine(model.post_layernorm)
-        super().__init__(model, path, vision_config.patch_size, vision_config.hidden_size)
+        super().__init__(model, path, vision_config.patch_size, vision_config.hidden_size, missing)
 
     def patch_tokens(self, pixel_values):
         if not self.naflex:
@@ -220,10 +270,10 @@ class MAE(FrozenEncoder):
         config = load_config(path)
         if config.model_type != "vit_mae":
             raise ValueError(f"MAE expects a ViT-MAE checkpoint, got model_type='{config.model_type}' at '{path}'")
-        model = load_pretrained(ViTMAEModel, path, mask_ratio=0.0)
+        model, missing = load_pretrained(ViTMAEModel, path, mask_ratio=0.0)
         if normalize:
             model.layernorm = _drop_layernorm_affine(model.layernorm)
-        super().__init__(model, path, config.patch_size, config.hidden_size)
+        super().__init__(model, path, config.patch_size, config.hidden_size, missing)
 
     def patch_tokens(self, pixel_values):
         b, _, height, width = pixel_values.shape

@@ -28,7 +28,7 @@ from torch import nn
 from transformers.utils import cached_file
 
 from ..base.atomic import atomic_path, write_json
-from ..base.tensor_files import read_tensor_file
+from ..base.tensor_files import read_tensor_file, tensor_elements
 from .config import VQRAEConfig
 from .decoder import ViTDecoder
 from .encoders import build_encoder, may_be_on_hub
@@ -293,7 +293,15 @@ class VQRAE(nn.Module):
         weights_file = cls._resolve(path, weights_name)
         if config.encoder.path == ENCODER_SUBDIR and "encoder_config_path" not in keywords:
             config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path))
-        model = cls(config.with_keywords(**keywords))
+        config = config.with_keywords(**keywords)
+        # Nothing is built from config.json's sizes before its weights are known to be that large.
+        needed = config.decoder.parameters_at_least() + (config.quantizer.num_embeddings
+                                                         if config.quantizer.kind != "none" else 0)
+        held = tensor_elements(weights_file, "model weights")
+        if needed > held:
+            raise ValueError(f"{config_file} describes a decoder and codebook of at least {needed:,} numbers, but "
+                             f"{weights_file} holds {held:,}: they are not one model's config and weights")
+        model = cls(config)
         model.load_weights(weights_file)
         return model.eval()  # as every from_pretrained: the codebook moves only when the caller trains
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ..base.config_section import ConfigError, ConfigSection, choice
+from ..base.limits import MAX_IMAGE_SIDE
 from ..base.precision import PRECISIONS
 from ..model.config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
 from ..model.kmeans import LLOYD_ITERS
@@ -90,7 +91,8 @@ class DataConfig(ConfigSection):
 
     def check(self):
         self.require(0 < self.min_scale <= 1, "min_scale", "in (0, 1]")
-        self.require(self.resize is None or self.resize > 0, "resize", "> 0 or null")
+        self.require(self.resize is None or 0 < self.resize <= MAX_IMAGE_SIDE, "resize",
+                     f"null or from 1 to {MAX_IMAGE_SIDE}")
         self.require(self.num_workers >= 0, "num_workers", ">= 0")
 
 
@@ -138,7 +140,8 @@ class RunConfig(ConfigSection):
     image_size: int = 256  # training crops
 
     def check(self):
-        self.require_positive("image_size", "dist_timeout_minutes")
+        self.require_positive("dist_timeout_minutes")
+        self.require_at_most(MAX_IMAGE_SIDE, "image_size")
         self.require(self.logger != "wandb" or importlib.util.find_spec("wandb") is not None, "logger",
                      "tensorboard, or wandb with the wandb package installed (pip install wandb)")
         if self.data.augment == "resize_random_crop" and (self.data.resize or 0) < self.image_size:

@@ -1,0 +1,11 @@
+"""Stated bounds on sizes that files from other people declare, checked before anything is allocated from them.
+
+A size read from a file (a manifest's image_size, a config.json's widths, a tar member's header, an .npy header)
+is checked against what the file itself can hold where it can be (a config against its weights, a header against
+the file's length) and against these limits where it cannot. The limits of one reader live beside it (tar shards:
+tar_shards.MAX_IMAGE_BYTES; shard specs: shard_specs.MAX_SHARDS; resizing: images.MAX_RESIZED_PIXELS); these are
+shared by several. docs/guarantees.md lists them all.
+"""
+
+MAX_IMAGE_SIDE = 8192  # pixels per side of an image a model, a manifest or a command works at
+MAX_CODES = 1 << 20  # codes per codebook (the largest tokenizers use 2^18)
