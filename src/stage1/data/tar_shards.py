@@ -85,12 +85,41 @@ def read_shard(url: str) -> list[TarSample]:
 
     samples, names = [], set()
     try:
-        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for key, files in _sample_files(tar, by_position=False):
-                samples.append(TarSample(*_sample(url, key, files, names)))
+        with gopen(url, "rb") as stream:
+            watched = _Watched(stream)
+            with tarfile.open(fileobj=watched, mode="r|*") as tar:
+                for key, files in _sample_files(tar, by_position=False):
+                    samples.append(TarSample(*_sample(url, key, files, names)))
+                watched.check_end(tar)
     except DAMAGED as err:
         samples.append(TarSample(*_damaged(url, len(samples), err)))
     return samples
+
+
+class _Watched:
+    """A stream read through, noting where its last non-zero byte was. tarfile takes a header cut off or garbled
+    for the end of the archive; after a tar's last member only zero blocks may follow."""
+
+    def __init__(self, stream, position: int = 0):
+        self.stream, self.position, self.data_end = stream, position, position  # position: where it starts
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        data = len(chunk.rstrip(b"\0"))
+        if data:
+            self.data_end = self.position + data
+        self.position += len(chunk)
+        return chunk
+
+    def check_end(self, tar: tarfile.TarFile) -> None:
+        """Read to the end; tarfile.ReadError unless only zeros follow the last member."""
+        if getattr(tar.fileobj, "comptype", "tar") != "tar":  # compressed: a cut-off stream is the decompressor's
+            return
+        while self.read(1 << 20):
+            pass
+        if self.data_end > tar.offset or self.position % tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"{self.position - tar.offset:,} bytes after the last complete member are not "
+                                    f"a tar's end (the file is cut off, or a header is damaged)")
 
 
 def _sample_files(tar: tarfile.TarFile, by_position: bool):
@@ -119,6 +148,8 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
             files[field] = (member.offset_data, member.size)
         else:
             files[field] = tar.extractfile(member).read()
+            if len(files[field]) != member.size:  # a stream that ends inside the member: tarfile returns it short
+                raise tarfile.ReadError(f"unexpected end of data in {member.name}")
     if key is not None:
         yield key, files
 
@@ -208,6 +239,9 @@ def index_shard(url: str, names: set | None = None) -> list[tuple[str, int, int,
                 if offset + size > end:
                     problem = f"{url}, sample {key}: its image ends past the end of the file (a header that lies)"
                 entries.append((name, offset, size, problem))
+            with open(url, "rb") as file:  # what follows the last member, as read_shard checks it
+                file.seek(tar.offset)
+                _Watched(file, position=tar.offset).check_end(tar)
     except DAMAGED as err:
         name, _, _, problem = _damaged(url, len(entries), err)
         entries.append((name, 0, 0, problem))

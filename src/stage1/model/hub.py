@@ -67,13 +67,20 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
 
 
 def training_summary(model_dir: str) -> dict | None:
-    """Steps and batch size of the run a model folder came from (results_dir/final, or a checkpoint under it)."""
+    """Steps and batch size of the run a model folder came from (results_dir/final, or a checkpoint under it), for
+    the model card; None when its train_config.yaml is missing or does not say them as integers."""
     for folder in (os.path.dirname(model_dir), os.path.dirname(os.path.dirname(model_dir))):
         path = os.path.join(folder, "train_config.yaml")
         if os.path.isfile(path):
-            with open(path) as f:
-                train = (yaml.safe_load(f) or {}).get("train", {})
-            return {"steps": train.get("steps"), "batch_size": train.get("batch_size")}
+            try:
+                with open(path) as f:
+                    tree = yaml.safe_load(f)
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return None
+            train = tree.get("train") if isinstance(tree, dict) else None
+            summary = {key: train.get(key) for key in ("steps", "batch_size")} if isinstance(train, dict) else {}
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in summary.values())
+            return summary if summary and ints else None
     return None
 
 

@@ -1,0 +1,299 @@
+"""Issue 20: files from other people, one case each (tests/test_fuzz.py generates many more). Every case ends in a
+result that is right, a skipped sample that is listed, or one clear error; none allocates what a file declares
+before it is checked."""
+
+import io
+import json
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
+from PIL import Image
+from safetensors.torch import save_file
+
+from stage1 import VQRAE
+from stage1.base.tensor_files import read_tensor_file
+from stage1.cli import decode, tokenize
+from stage1.data import shard_specs, tar_shards
+from stage1.data.images import MAX_RESIZED_PIXELS, UnreadableImageError
+from stage1.data.input_pipeline import prepare_image
+from stage1.data.shard_specs import ShardSpecError, is_tar_source, shard_urls
+from stage1.data.tar_shards import TarIndex, index_shard, read_shard
+
+
+def png_bytes(seed: int = 0, size: int = 24) -> bytes:
+    pixels = (smooth_images(1, size=size, seed=seed)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_tar(path, members) -> str:
+    """members: (name, bytes) in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(dinov2_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_vqrae(dinov2_dir).save_pretrained(path)
+    return str(path)
+
+
+# ---- shard specs --------------------------------------------------------------------------------------------------
+def test_shard_specs_accept_tars_and_streams_and_refuse_spec_files(tmp_path):
+    shards = [write_tar(tmp_path / f"{i}.tar", [("a.png", png_bytes(i))]) for i in range(2)]
+    assert shard_urls(str(tmp_path / "{0..1}.tar")) == shards
+    assert shard_urls(f"{shards[1]}::{shards[0]}") == shards[::-1]
+    assert shard_urls("pipe:cat x.tar::https://host/{0..2}.tar") == [
+        "pipe:cat x.tar", "https://host/0.tar", "https://host/1.tar", "https://host/2.tar"]
+    # webdataset reads a .yaml "shard" as a list of shards whose entries may be shell commands: never read.
+    spec = tmp_path / "evil.yaml"
+    spec.write_text("datasets:\n  - name: x\n    shards: ['pipe:touch pwned.tar']\n")
+    for data in (str(spec), f"{shards[0]}::{spec}"):
+        with pytest.raises(ShardSpecError, match="is not a tar file.*shard spec files such as .yaml are not read"):
+            shard_urls(data)
+    with pytest.raises(ShardSpecError, match="is a folder"):
+        shard_urls(f"{shards[0]}::{tmp_path}")
+    with pytest.raises(FileNotFoundError, match=r"tar shard\(s\) not found: .*/2.tar"):
+        shard_urls(str(tmp_path / "{0..2}.tar"))
+    with pytest.raises(FileNotFoundError, match="does not exist: expected an image folder, or tar shards"):
+        shard_urls(str(tmp_path / "nowhere"))
+    with pytest.raises(ShardSpecError, match="Unbalanced braces"):
+        shard_urls(str(tmp_path / "{0..1.tar"))
+
+
+def test_a_brace_pattern_is_bounded_before_it_is_expanded():
+    # braceexpand lists a range all at once: this one would take all memory. Refused at once, from the pattern.
+    with pytest.raises(ShardSpecError, match=r"names up to 1,000,000,000,000 shards, more than the 1,000,000"):
+        shard_urls("shards/{000000000000..999999999999}.tar")
+    with pytest.raises(ShardSpecError, match=r"up to 1,000,000,000,000 shards"):
+        shard_urls("https://host/{0..9999}-{0..9999}-{0..9999}.tar")
+    assert shard_specs._count_bound("s/{0..9}/{a,b,c}-{0..99..10}.tar") == 10 * 3 * 10 == len(
+        shard_urls("https://h/s/{0..9}/{a,b,c}-{0..99..10}.tar"))
+
+
+def test_a_folder_named_like_a_tar_is_an_image_folder(tmp_path):
+    folder = tmp_path / "photos.tar.d"
+    folder.mkdir()
+    assert not is_tar_source(str(folder)) and is_tar_source(str(tmp_path / "x.tar"))
+
+
+# ---- tar shards ---------------------------------------------------------------------------------------------------
+def test_bad_samples_are_skipped_and_listed_naming_the_tar_and_the_sample(tmp_path):
+    good, other = png_bytes(0), png_bytes(1)
+    shard = write_tar(tmp_path / "s.tar", [
+        ("a.png", good), ("a.cls", b"3"), ("a.path.txt", b"cats/a.png"),
+        ("b.png", other), ("b.cls", b"three"),  # not an integer
+        ("c.png", other), ("c.path.txt", b"\xff\xfe.png"),  # not UTF-8
+        ("d.png", other), ("d.png", other),  # a field twice (webdataset: a raw tuple in a ValueError)
+        ("e.png", other), ("e.path.txt", b"cats/a.png"),  # a name given before
+        ("f.cls", b"1"),  # no image
+        ("g.png", other), ("g.cls", b"99999999999999999999"),  # no class id fits int64 -> np.int64 would overflow
+        ("h.json", b"{}" * 10), ("h.png", good),  # fields not used are not read
+    ])
+    samples = read_shard(shard)
+    assert [(s.name, s.label) for s in samples if s.problem is None] == [("cats/a.png", 3), ("h.png", -1)]
+    assert samples[0].data == good and samples[-1].data == good
+    problems = {s.name: s.problem for s in samples if s.problem is not None}
+    assert all(p.startswith(f"{shard}, sample ") and s_data is None
+               for p, s_data in zip(problems.values(), [s.data for s in samples if s.problem], strict=True))
+    assert "its cls b'three' is not a class id" in problems["b.png"]
+    assert "its path.txt is not UTF-8 text" in problems["c.png"]
+    assert "its png is given twice" in problems["d.png"]
+    again = next(name for name in problems if name.startswith("cats/a.png#"))  # a name of its own
+    assert "a sample before it is also named cats/a.png" in problems[again]
+    assert "it has no image field" in problems["f.missing"]
+    assert "is not a class id" in problems["g.png"]
+    # The indexed reader (training, vqrae-fit-codebook) sees the same samples, names and problems.
+    index = TarIndex([shard])
+    assert index.names == [s.name for s in samples] and index["cats/a.png"] == good
+    with pytest.raises(UnreadableImageError, match="its cls b'three' is not a class id"):
+        index["b.png"]
+
+
+def test_oversized_members_are_never_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(tar_shards, "MAX_IMAGE_BYTES", 1000)
+    big, small = png_bytes(0, size=64), png_bytes(1, size=4)
+    assert len(big) > 1000 > len(small)
+    shard = write_tar(tmp_path / "s.tar", [("a.png", big), ("b.png", small)])
+    samples = read_shard(shard)
+    assert samples[0].data is None and f"its png is {len(big):,} bytes, over the 1,000 accepted" in samples[0].problem
+    assert samples[1].data == small and samples[1].problem is None
+    assert [entry[3] is None for entry in index_shard(shard)] == [False, True]
+
+
+def test_a_truncated_tar_keeps_the_samples_before_the_break(tmp_path):
+    full = write_tar(tmp_path / "full.tar", [(f"{i}.png", png_bytes(i)) for i in range(3)])
+    with open(full, "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: 512 + len(png_bytes(0)) + 512 + 100])  # the second image's data cut short
+    samples = read_shard(str(cut))
+    assert samples[0].name == "0.png" and samples[0].data == png_bytes(0)
+    assert samples[-1].name == f"{cut} (after sample 1)" and samples[-1].data is None
+    assert "is damaged or ends early after 1 sample(s)" in samples[-1].problem
+    assert "the rest of the shard is skipped" in samples[-1].problem
+    # A header whose size lies beyond the file: the indexed reader lists it, reads nothing.
+    liar = bytearray(data)
+    liar[124:136] = b"77777777777\0"  # the first member's size field (octal): 8 GiB
+    struct.pack_into("8s", liar, 148, b"        ")  # the checksum is recomputed over spaces
+    liar[148:156] = (b"%06o\0 " % sum(liar[:512]))
+    (tmp_path / "liar.tar").write_bytes(bytes(liar))
+    entries = index_shard(str(tmp_path / "liar.tar"))
+    assert entries and all(problem is not None for *_, problem in entries)
+    assert all(problem is not None for problem in (s.problem for s in read_shard(str(tmp_path / "liar.tar"))))
+    for junk in (b"", b"not a tar at all" * 100):
+        (tmp_path / "junk.tar").write_bytes(junk)
+        assert [s.data for s in read_shard(str(tmp_path / "junk.tar"))] in ([], [None])
+
+
+def test_vqrae_tokenize_lists_bad_samples_and_goes_on(model_dir, tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(0)), ("a.cls", b"1"),
+                                           ("b.png", png_bytes(1)), ("b.cls", b"x"), ("c.png", png_bytes(2))])
+    out = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", shard, "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(e["path"], e["label"]) for e in manifest["images"]] == [("a.png", 1), ("c.png", -1)]
+    assert [s["path"] for s in manifest["skipped"]] == ["b.png"]
+    assert f"{shard}, sample b: its cls b'x' is not a class id" in manifest["skipped"][0]["reason"]
+
+
+# ---- images -------------------------------------------------------------------------------------------------------
+def test_an_image_too_elongated_to_resize_is_unreadable_not_a_memory_explosion(tmp_path):
+    # 1 x 70000 pixels: small, but at 256 px on its shorter side, 256 x 17.9 million.
+    Image.new("RGB", (70000, 1), (200, 10, 10)).save(tmp_path / "strip.png")
+    with pytest.raises(UnreadableImageError, match=f"too elongated.*more than {MAX_RESIZED_PIXELS:,} pixels"):
+        prepare_image(str(tmp_path / "strip.png"), 256)
+    for crop in ("center", "adm"):  # a long image within the bound is fine
+        Image.new("RGB", (600, 20), (200, 10, 10)).save(tmp_path / "wide.png")
+        image, _ = prepare_image(str(tmp_path / "wide.png"), 32, crop=crop)
+        assert image.shape == (3, 32, 32) and abs(image[0].mean().item() - 200 / 255) < 0.01
+
+
+# ---- sizes a file declares ----------------------------------------------------------------------------------------
+def test_config_json_sizes_are_checked_against_its_weights_before_anything_is_built(model_dir, tmp_path):
+    import shutil
+
+    for key, value in (("hidden_size", 65536), ("num_hidden_layers", 100000), ("patch_size", 4096)):
+        folder = tmp_path / key
+        shutil.copytree(model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["decoder"][key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="describes a decoder and codebook of at least|at most 1e"):
+            VQRAE.from_pretrained(folder)  # at once: nothing of these sizes is allocated
+    folder = tmp_path / "codes"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantizer"]["num_embeddings"] = 1 << 30
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantizer.num_embeddings must be from 1 to 1,048,576"):
+        VQRAE.from_pretrained(folder)
+
+
+def test_an_encoder_folder_must_hold_the_weights_its_config_describes(dinov2_dir, tmp_path):
+    import shutil
+
+    big = tmp_path / "big"
+    shutil.copytree(dinov2_dir, big)
+    config = json.loads((big / "config.json").read_text())
+    config.update(hidden_size=65536, intermediate_size=262144, num_hidden_layers=64)
+    (big / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its config.json describes 64 layers of width 65536"):
+        tiny_vqrae(str(big))
+    # Weights missing from the folder would be random numbers in transformers: refused, naming them.
+    partial = tmp_path / "partial"
+    shutil.copytree(dinov2_dir, partial)
+    from safetensors.torch import load_file
+
+    state = load_file(partial / "model.safetensors")
+    del state["embeddings.patch_embeddings.projection.weight"]
+    state["padding"] = torch.zeros(10_000)  # so the layers still fit in what the file holds
+    save_file(state, partial / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\).*projection.weight.*would be random"):
+        tiny_vqrae(str(partial))
+
+
+def test_manifest_image_size_and_shard_headers_are_bounded(model_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes(0, size=IMAGE_SIZE))
+    tokens = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", str(images), "--out", str(tokens)]) == 0
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    manifest["image_size"] = 10**9  # vqrae-decode would paint 10^9 x 10^9 pixels
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(tmp_path / "out")]) == 2
+    assert "manifest.image_size must be from 1 to 8,192, got 1000000000" in capsys.readouterr().err
+    manifest["image_size"] = IMAGE_SIZE
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    # A shard header declaring 10^12 rows over a file of a few bytes: mapped, never allocated.
+    shard = tokens / manifest["images"][0]["shard"]
+    array = np.load(shard)
+    header = {"descr": array.dtype.str, "fortran_order": False, "shape": (10**12, *array.shape[1:])}
+    with open(shard, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(array.tobytes())
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read code shard" in err and not (tmp_path / "out").exists()
+
+
+def test_torch_files_are_read_only_as_torch_save_writes_them(tmp_path):
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "plain.pt")
+    assert torch.equal(read_tensor_file(str(tmp_path / "plain.pt"), "stats")["w"], torch.arange(4.0))
+    # The same file with its entries deflated: torch.load would inflate any size (a zip bomb). Refused.
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, zipfile.ZipFile(tmp_path / "bomb.pt", "w",
+                                                                        zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry.filename))
+    with pytest.raises(ValueError, match="holds compressed entries.*which torch.save never writes"):
+        read_tensor_file(str(tmp_path / "bomb.pt"), "stats")
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="is not a torch zip file"):
+        read_tensor_file(str(tmp_path / "legacy.pt"), "stats")
+
+
+def test_image_size_arguments_are_bounded(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        tokenize.main(["--model", model_dir, "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                       "--image-size", "100000"])
+    assert exit_code.value.code == 2
+    assert "expected a side from 1 to 8192 pixels, got '100000'" in capsys.readouterr().err
+
+
+def test_training_reads_past_bad_tar_samples(tmp_path):
+    from stage1.data.datasets import build_transform
+    from stage1.data.tar_shards import TarImageDataset, TarStream
+
+    shard = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(0)), ("a.cls", b"x"), ("b.png", png_bytes(1))])
+    transform = build_transform(16, "center_crop", hflip=False)
+    indexed = TarImageDataset(shard, transform)
+    with pytest.warns(UserWarning, match="skipping unreadable image a.png"):
+        first = indexed[(0, 0)]  # a: its cls is junk, so b stands in, and the skip is counted
+    assert first["skipped"] == 1 and torch.equal(first["image"], indexed[(1, 0)]["image"])
+    with pytest.warns(UserWarning, match=r"skipping unreadable image a.png: .*its cls b'x' is not a class id"):
+        streamed = [sample["skipped"] for sample in TarStream([shard], transform).for_rank(0, 1, 1, 1, epochs=1)]
+    assert sorted(streamed) == [0, 1]
+
+
+def test_a_model_card_reads_a_foreign_train_config_without_failing(tmp_path):
+    from stage1.model.hub import training_summary
+
+    (tmp_path / "final").mkdir()
+    for text, expected in (("train: {steps: 10, batch_size: 4}", {"steps": 10, "batch_size": 4}),
+                           ("- a list", None), ("train: [1, 2]", None), ("train: {steps: '10'}", None),
+                           ("{unclosed", None)):
+        (tmp_path / "train_config.yaml").write_text(text)
+        assert training_summary(str(tmp_path / "final")) == expected
