@@ -297,3 +297,24 @@ def test_a_model_card_reads_a_foreign_train_config_without_failing(tmp_path):
                            ("{unclosed", None)):
         (tmp_path / "train_config.yaml").write_text(text)
         assert training_summary(str(tmp_path / "final")) == expected
+
+
+def test_latent_stats_and_rae_decoders_must_be_finite(tmp_path):
+    from stage1.model.latent_stats import read_latent_stats
+    from stage1.model.rae import read_rae_decoder
+
+    good = {"mean": torch.zeros(8), "var": torch.ones(8)}
+    torch.save(good, tmp_path / "stat.pt")
+    mean, std = read_latent_stats(str(tmp_path / "stat.pt"), 8)
+    assert torch.allclose(std, torch.full((8,), (1 + 1e-5) ** 0.5))
+    for name, bad in (("nan", {"var": torch.full((8,), float("nan"))}), ("negative", {"var": -torch.ones(8)}),
+                      ("inf", {"mean": torch.full((8,), float("inf"))})):
+        torch.save({**good, **bad}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match="must be finite and var >= 0"):
+            read_latent_stats(str(tmp_path / f"{name}.pt"), 8)
+    torch.save({**good, "var": torch.ones(8, dtype=torch.int64)}, tmp_path / "int.pt")
+    with pytest.raises(ValueError, match="must be floating-point tensors"):
+        read_latent_stats(str(tmp_path / "int.pt"), 8)
+    torch.save({"decoder_embed.weight": torch.tensor([[1.0, float("nan")]])}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"must be finite floating-point tensors; \['decoder_embed.weight'\]"):
+        read_rae_decoder(str(tmp_path / "model.pt"))

@@ -27,6 +27,11 @@ def read_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Ten
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (mean, spread)]
         raise ValueError(f"{path}: expected mean and var of shape [{channels}] or [{channels}, h, w] for this "
                          f"encoder's {channels} channels, got {shapes}")
+    if not (mean.is_floating_point() and spread.is_floating_point()):
+        raise ValueError(f"{path}: mean and var must be floating-point tensors, got {mean.dtype} / {spread.dtype}")
     std = spread.float() if "std" in stats else (spread.float() + STATS_EPS).sqrt()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"{path}: mean and var must be finite and var >= 0 (std > 0); NaN, Inf or a negative "
+                         f"variance would normalise every latent to NaN")
     # [C, h, w] -> (h * w, C): the token layout
     return tuple(t.float().flatten(1).T.contiguous() if t.dim() == 3 else t.float() for t in (mean, std))

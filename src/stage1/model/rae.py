@@ -70,6 +70,9 @@ def read_rae_decoder(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors (a training checkpoint? RAE's "
                          f"src/extract_decoder.py writes the decoder's own state dict)")
+    damaged = [key for key, value in state.items() if not value.is_floating_point() or not value.isfinite().all()]
+    if damaged:
+        raise ValueError(f"{path}: decoder weights must be finite floating-point tensors; {damaged[:5]} are not")
     return state
 
 
