@@ -138,6 +138,15 @@ def sum_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (one all-reduce; none in a single process)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """True only if `flag` (a bool tensor) is true on every rank."""
     flag = flag.float()

@@ -1,11 +1,13 @@
 """Training from the command line (scripts/train_stage1.py, vqrae-train): hydra overrides -> RunConfig -> train().
 
 A bad override, an unknown key or a wrong value is one `error:` line and exit code 2, as for every other command;
-`--cfg job` prints the config the run would use, checked, and exits.
+`--cfg job` prints the config the run would use, checked, and exits. A run stopped by SIGTERM or SIGUSR1 checkpoints
+its step and exits with 128 + the signal's number (143, 138).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 USAGE = """usage: {prog} [--cfg job] [experiment=NAME] [KEY=VALUE ...]
@@ -67,13 +69,17 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
         from ..train.trainer import train
 
         transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside training's own
-        train(cfg)
+        summary = train(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, OSError) as err:
         print(f"{prog}: error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    if "preempted" in summary:
+        # Checkpointed and stopped early: exit as the signal's default action would (the shell's 128 + N), so
+        # schedulers and torchrun see an unfinished job; the same command resumes it.
+        return 128 + signal.Signals[summary["preempted"]]
     return 0
 
 

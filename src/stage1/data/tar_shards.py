@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..base.atomic import atomic_path
+from ..base.preemption import StopSignals
 from .datasets import ImageDataset, ResumableDistributedSampler, class_labels, find_images, first_readable
 from .images import UnreadableImageError, read_image
 from .shard_specs import REMOTE, is_tar_source, shard_urls
@@ -402,13 +403,13 @@ def training_loader(dataset, rank: int, world: int, batch_size: int, workers: in
                     pin_memory: bool) -> DataLoader:
     """One rank's endless training batches from its batch `start_batches` on (where a resumed run stood): a folder
     or indexed tars through the resumable sampler, a stream through its readers, which skip the batches taken."""
+    # Workers outlive a SIGTERM meant for the whole job, so the training process can checkpoint (base/preemption).
+    options = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                   worker_init_fn=StopSignals.pass_over_in_worker)
     if isinstance(dataset, TarStream):
-        stream = dataset.for_rank(rank, world, workers, batch_size, start_batches=start_batches)
-        return DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                          persistent_workers=workers > 0)
+        return DataLoader(dataset.for_rank(rank, world, workers, batch_size, start_batches=start_batches), **options)
     sampler = ResumableDistributedSampler(dataset, world, rank, seed=seed, start=start_batches * batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0,
+    return DataLoader(dataset, sampler=sampler, **options,
                       generator=torch.Generator().manual_seed(seed))  # keeps the global RNG out of data loading
 
 

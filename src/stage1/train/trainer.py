@@ -8,12 +8,16 @@ One optimizer step (Trainer._train_step):
         backward(total / grad_accum)                  DDP syncs gradients on the last micro-batch only
     clip, step the decoder's optimizer (skipped on every rank if any rank saw NaN/Inf), update the EMA decoder
     from loss.disc_update_start (default loss.disc_start): the same for the discriminator on (x, x_rec.detach())
+
+Preemption: SIGTERM or SIGUSR1 during the loop finishes the step in progress, checkpoints it and returns with
+summary["preempted"] (the signal's name); ranks agree on the step through one all-reduce after each step.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,6 +30,7 @@ from tqdm import tqdm
 from ..base import distributed
 from ..base.atomic import write_yaml
 from ..base.precision import autocast, resolve_precision
+from ..base.preemption import StopSignals
 from ..data.datasets import ImageDataset, build_transform
 from ..data.tar_shards import spread_images, training_dataset, training_loader
 from ..model.rae import load_rae_decoder
@@ -40,6 +45,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     resume_training,
     save_training,
+    step_dir_name,
     write_checkpoint,
 )
 from .codebook_fit import encode_batches, fit_codebook
@@ -214,36 +220,47 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.info.is_main,
                    mininterval=2.0, dynamic_ncols=True)
         window_start, window_images, last_logs = time.time(), 0, {}
-        first_step = self.step
+        first_step, stopped_by = self.step, 0
         first = [next(data) for _ in range(t.grad_accum)]
         if self.step == 0 and self.model.config.quantizer.kind != "none":
             self._start_codebook(first)
         self.model.train()
-        while self.step < stop:
-            batches, first = first or [next(data) for _ in range(t.grad_accum)], None
-            if self.step == first_step:
-                self.model.check_images(batches[0]["image"])  # pixel values checked once, not synced every step
-            logs = self._train_step(batches)
-            self.step += 1
-            self._count_nonfinite(bool(logs["nonfinite"]))
-            window_images += sum(b["image"].shape[0] for b in batches) * self.info.world_size
-            skipped = sum(int(b["skipped"].sum()) for b in batches)
-            self.skipped_images += distributed.sum_over_ranks(skipped, self.device)
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == stop:
-                last_logs = self._log_step(logs, window_images / max(time.time() - window_start, 1e-9))
-                bar.set_postfix(loss=f"{last_logs['loss']:.4f}", img_s=f"{last_logs['images_per_sec']:.1f}",
-                                refresh=False)
-                window_start, window_images = time.time(), 0
-            if self.info.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == stop):
-                grid = outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
-                                                  self.results_dir, self.step)
-                self.log.image("samples", grid, self.step)
-            if self.step % t.ckpt_every == 0 or self.step == stop:
-                self._checkpoint()
+        with StopSignals() as signals:
+            while self.step < stop:
+                batches, first = first or [next(data) for _ in range(t.grad_accum)], None
+                if self.step == first_step:
+                    self.model.check_images(batches[0]["image"])  # pixel values checked once, not synced every step
+                logs = self._train_step(batches)
+                self.step += 1
+                self._count_nonfinite(bool(logs["nonfinite"]))
+                window_images += sum(b["image"].shape[0] for b in batches) * self.info.world_size
+                skipped = sum(int(b["skipped"].sum()) for b in batches)
+                self.skipped_images += distributed.sum_over_ranks(skipped, self.device)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == stop:
+                    last_logs = self._log_step(logs, window_images / max(time.time() - window_start, 1e-9))
+                    bar.set_postfix(loss=f"{last_logs['loss']:.4f}", img_s=f"{last_logs['images_per_sec']:.1f}",
+                                    refresh=False)
+                    window_start, window_images = time.time(), 0
+                if self.info.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == stop):
+                    grid = outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
+                                                self.results_dir, self.step)
+                    self.log.image("samples", grid, self.step)
+                # A signal may reach some ranks only, or reach them in different steps: all ranks stop after the
+                # first step at whose end any rank had one (SIGTERM wins over SIGUSR1 if both came).
+                stopped_by = distributed.max_over_ranks(signals.received, self.device)
+                if self.step % t.ckpt_every == 0 or self.step == stop or stopped_by:
+                    self._checkpoint()
+                if stopped_by:
+                    break
         bar.close()
         summary = {"step": self.step, "results_dir": self.results_dir, "logs": last_logs}
-        if self.step == t.steps:
+        if stopped_by:
+            summary["preempted"] = signal.Signals(stopped_by).name
+            if self.info.is_main:
+                print(f"stopped by {summary['preempted']} at step {self.step}: checkpoint saved to "
+                      f"{os.path.join(self.ckpt_root, step_dir_name(self.step))}; resume with the same command")
+        elif self.step == t.steps:
             summary["final"] = os.path.join(self.results_dir, "final")
             if self.info.is_main:
                 outputs.export_final(self.model, self._eval_decoder, summary["final"])
