@@ -60,6 +60,8 @@ def read_json(path: str | os.PathLike):
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{os.fspath(path)} is not valid JSON: {err}") from None
+        except RecursionError:  # nesting deeper than Python's stack: no file of ours is like that
+            raise ValueError(f"{os.fspath(path)} nests too deeply to be read") from None
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -322,7 +322,8 @@ def launch(command: str, argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside the command's own bar
         return importlib.import_module(f"{__package__}.{command}").run(args) or 0
     except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines())  # one line, whatever a file's names hold
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

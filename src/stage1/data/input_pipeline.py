@@ -43,13 +43,13 @@ def prepare_pixels(path: str, size: int, crop: str = "center", data: bytes | Non
     the bytes (to_unit_float on the device gives the same floats)."""
     try:
         pixels, note = read_image(path if data is None else io.BytesIO(data))
-    except UnreadableImageError as err:
+        if crop == "adm":
+            return adm_center_crop(pixels, size), note + f", ADM center_crop_arr to {size}x{size}"
+        if tuple(pixels.shape[-2:]) == (size, size):
+            return pixels, note
+        return resize_center_crop(pixels, size), note + f", resized (shorter side) and center-cropped to {size}x{size}"
+    except UnreadableImageError as err:  # undecodable, or too elongated to resize
         raise UnreadableImageError(f"cannot read image '{path}': {err}") from err
-    if crop == "adm":
-        return adm_center_crop(pixels, size), note + f", ADM center_crop_arr to {size}x{size}"
-    if tuple(pixels.shape[-2:]) == (size, size):
-        return pixels, note
-    return resize_center_crop(pixels, size), note + f", resized (shorter side) and center-cropped to {size}x{size}"
 
 
 def cores_per_process(local_processes: int = 1) -> int:

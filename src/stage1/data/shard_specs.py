@@ -37,9 +37,12 @@ def is_tar_source(data: str) -> bool:
 
 def shard_urls(data: str) -> list[str]:
     """The shards a spec names, in order, each checked: a stream URL, or an existing local tar file."""
-    urls = []
-    for part in data.split("::"):
-        urls += _expanded(part, data)
+    parts = data.split("::")
+    count = sum(_count_bound(part) for part in parts)
+    if count > MAX_SHARDS:
+        raise ShardSpecError(f"--data {data!r} names up to {count:,} shards, more than the {MAX_SHARDS:,} accepted: "
+                             f"check the brace pattern")
+    urls = [url for part in parts for url in _expanded(part, data)]
     if not urls:
         raise ShardSpecError(f"--data {data!r} names no tar shards")
     local = [url for url in urls if not url.startswith(REMOTE)]
@@ -57,13 +60,9 @@ def shard_urls(data: str) -> list[str]:
 
 
 def _expanded(pattern: str, data: str) -> list[str]:
-    """braceexpand's expansion of one part, bounded before it is made (braceexpand builds a range all at once)."""
+    """braceexpand's expansion of one part (bounded before: braceexpand builds a range all at once)."""
     from braceexpand import braceexpand
 
-    count = _count_bound(pattern)
-    if count > MAX_SHARDS:
-        raise ShardSpecError(f"--data {data!r} names up to {count:,} shards, more than the {MAX_SHARDS:,} accepted: "
-                             f"check the brace pattern")
     try:
         return list(itertools.islice(braceexpand(pattern), MAX_SHARDS + 1))
     except ValueError as err:  # UnbalancedBracesError

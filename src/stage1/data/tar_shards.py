@@ -103,9 +103,14 @@ class _Watched:
 
     def __init__(self, stream, position: int = 0):
         self.stream, self.position, self.data_end = stream, position, position  # position: where it starts
+        self.reads_at_end = 0
 
     def read(self, size: int = -1) -> bytes:
         chunk = self.stream.read(size)
+        if size and not chunk:
+            self.reads_at_end += 1
+            if self.reads_at_end > 4:  # tarfile skips a member block by block, past the end too, for all its size
+                raise tarfile.ReadError("unexpected end of data: a member declares more bytes than the tar holds")
         data = len(chunk.rstrip(b"\0"))
         if data:
             self.data_end = self.position + data
@@ -129,6 +134,8 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
     key, files = None, {}
     for member in tar:
         tar.members = []  # tarfile keeps every header it has read: a tar of millions of empty members fills memory
+        if member.size < 0:  # a pax size; tarfile (before 3.12.12) would step back to this header forever
+            raise tarfile.ReadError(f"{_printable(member.name)} declares a negative size ({member.size})")
         folder, base = os.path.split(member.name)
         stem, dot, field = base.partition(".")
         field = field.lower()
@@ -143,6 +150,8 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
             continue
         if field in files:
             files[field] = f"its {field} is given twice"
+        elif member.issparse():  # its data is a map of holes: tarfile would make up zeros for them
+            files[field] = f"its {field} is a sparse file"
         elif member.size > limit:
             files[field] = f"its {field} is {member.size:,} bytes, over the {limit:,} accepted"
         elif by_position and field in IMAGE_FIELDS:
@@ -179,7 +188,7 @@ def _sample(url: str, key: str, files: dict, names: set) -> tuple[str, object, i
             problems.append(f"its cls {cls[:40]!r} is not a class id (an integer from -1 to 2^31 - 1)")
     if name in names:
         problems.append(f"a sample before it is also named {name}")
-        name = f"{name}#{len(names)}"  # a name of its own, so its listing cannot be taken for the first one's
+        name = next(f"{name}#{n}" for n in itertools.count(2) if f"{name}#{n}" not in names)  # a name of its own
     names.add(name)
     if problems:
         return name, None, label, f"{url}, sample {key}: {'; '.join(problems)}"

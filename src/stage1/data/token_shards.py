@@ -13,6 +13,7 @@ read from the shards or written elsewhere.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -110,11 +111,31 @@ def read_manifest(folder: str) -> Manifest:
 
 
 def _open_shard(path: str) -> np.ndarray:
-    """A shard mapped, not read: its header's shape must fit in the file (numpy checks), nothing is allocated."""
+    """A shard mapped, not read, after its header is checked: integer codes, a shape of plain non-negative integers
+    that the file holds exactly. Nothing is allocated from the header."""
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in _HEADER_READERS:
+                _refuse(f"an .npy version {version}, which vqrae does not write")
+            shape, fortran_order, dtype = _HEADER_READERS[version](f)
+            if not all(type(n) is int and n >= 0 for n in shape):
+                _refuse(f"a shape {shape} that is not of non-negative integers")
+            if dtype.kind not in "iu" or fortran_order:
+                _refuse(f"{dtype} {'Fortran-order ' if fortran_order else ''}data where integer codes belong")
+            held, declared = os.fstat(f.fileno()).st_size - f.tell(), math.prod(shape) * dtype.itemsize
+            if declared != held:
+                _refuse(f"a header declaring {declared:,} bytes of codes over {held:,}")
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:  # missing, not .npy, a header whose shape the file cannot hold
+    except (OSError, ValueError, EOFError, TypeError) as err:  # missing, empty, not .npy, a header numpy cannot parse
         raise ValueError(f"cannot read code shard {path}: {err}") from None
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _refuse(what: str):
+    raise ValueError(f"it holds {what}")
 
 
 def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:

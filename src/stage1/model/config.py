@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..base.atomic import read_json, write_json
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE
-from .encoders import encoder_class
+from .encoders import encoder_options
 
 # This file is REPO_ROOT/src/stage1/model/config.py.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -38,8 +38,11 @@ class EncoderConfig(ConfigSection):
     params: dict = field(default_factory=dict)  # extra arguments of the encoder class, e.g. {"normalize": False}
 
     def check(self):
-        encoder_class(self.cls)
+        options = encoder_options(self.cls)
         self.require(bool(self.path), "path", "a Hub id or a local directory")
+        for name, value in self.params.items():
+            self.require(name in options and type(value).__name__ == options[name], "params",
+                         f"options of {self.cls}: {', '.join(f'{k} ({t})' for k, t in options.items())}")
         self.require(self.input_size is None or 0 < self.input_size <= MAX_IMAGE_SIDE, "input_size",
                      f"null or from 1 to {MAX_IMAGE_SIDE}")
 

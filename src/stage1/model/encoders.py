@@ -7,6 +7,7 @@ holding `config.json` + weights. A config names an encoder by string through `EN
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -300,6 +301,12 @@ def encoder_class(name: str) -> type[FrozenEncoder]:
     if name not in ENCODERS:
         raise ValueError(f"Unknown encoder_cls '{name}': encoder.cls must be one of {sorted(ENCODERS)}")
     return ENCODERS[name]
+
+
+def encoder_options(name: str) -> dict[str, str]:
+    """The keyword options (encoder.params) of the encoder class `name`, and their types' names."""
+    parameters = inspect.signature(encoder_class(name).__init__).parameters
+    return {key: str(p.annotation) for key, p in parameters.items() if key not in ("self", "path")}
 
 
 def build_encoder(encoder_cls: str, path: str, **params) -> FrozenEncoder:

@@ -41,6 +41,8 @@ ENCODER_SUBDIR = "encoder"
 RANGE_TOLERANCE = 1e-3  # interpolation overshoot of a few 1e-4 is not a user error
 COMPILE_OPTIONS: dict = {}  # torch.compile's own defaults (inductor); the tests trace with {"backend": "eager"}
 DEFAULT_GRID_IMAGE = 224  # with encoder.input_size None, the decoder's position grid is sized for 224 px
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what saved float weights may be
+MIN_LATENT_STD = 1e-6  # RAE's stats hold sqrt(var + 1e-5) >= 3e-3
 
 
 # ---- layouts: only the public methods convert ------------------------------------------------------------------
@@ -92,6 +94,11 @@ class VQRAE(nn.Module):
         if tuple(mean.shape) not in allowed or mean.shape != std.shape:
             raise ValueError(f"latent statistics of shape {tuple(mean.shape)} / {tuple(std.shape)} do not fit this "
                              f"model: expected one of {allowed} (per channel, or per position of its grid)")
+        mean, std = mean.float(), std.float()
+        # A std of 0 (or NaN) makes every latent Inf / NaN, and every image one code.
+        if not (mean.isfinite().all() and std.isfinite().all() and (std >= MIN_LATENT_STD).all()):
+            raise ValueError(f"latent statistics must be finite with std >= {MIN_LATENT_STD}: "
+                             f"mean in [{mean.min():.3g}, {mean.max():.3g}], std in [{std.min():.3g}, {std.max():.3g}]")
         self.register_buffer("latent_mean", mean.float())
         self.register_buffer("latent_std", std.float())
 
@@ -326,9 +333,9 @@ class VQRAE(nn.Module):
             )
         # An integer codebook or NaN weights would load silently and tokenize every image to code 0.
         wrong_type = [f"{k}: {state[k].dtype} for {expected[k].dtype}" for k in sorted(state)
-                      if state[k].is_floating_point() != expected[k].is_floating_point()
+                      if (state[k].dtype in FLOAT_DTYPES) != expected[k].is_floating_point()
                       or (not expected[k].is_floating_point() and state[k].dtype != expected[k].dtype)]
-        not_finite = [k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+        not_finite = [k for k in sorted(state) if state[k].dtype in FLOAT_DTYPES and not state[k].isfinite().all()]
         if wrong_type or not_finite:
             raise ValueError(f"weights in {weights_file} are damaged: wrong dtypes {wrong_type[:5]}, NaN or Inf in "
                              f"{not_finite[:5]}")
