@@ -6,6 +6,17 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-based tests (tests/test_fuzz.py). "ci", the default: a few derandomized examples per property, so every
+# run tries the same ones, quickly, and no example database is written. "thorough": 1000 random examples per
+# property, with the database (.hypothesis/, which hypothesis gitignores itself); pick it with
+# `pytest --hypothesis-profile=thorough` or HYPOTHESIS_PROFILE=thorough.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import build_tiny_encoders  # noqa: E402

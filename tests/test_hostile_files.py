@@ -4,6 +4,7 @@ before it is checked."""
 
 import io
 import json
+import re
 import struct
 import tarfile
 import zipfile
@@ -318,3 +319,22 @@ def test_latent_stats_and_rae_decoders_must_be_finite(tmp_path):
     torch.save({"decoder_embed.weight": torch.tensor([[1.0, float("nan")]])}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"must be finite floating-point tensors; \['decoder_embed.weight'\]"):
         read_rae_decoder(str(tmp_path / "model.pt"))
+
+
+def test_codes_outside_the_codebook_are_refused_before_anything_is_decoded(model_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png_bytes(i, size=IMAGE_SIZE))
+    tokens = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", str(images), "--out", str(tokens), "--shard-size", "2",
+                          "--index-dtype", "int32"]) == 0
+    shard = tokens / "shard-00001.npy"  # the second shard: vqrae-decode would have written the first's images
+    codes = np.load(shard)
+    codes[0, 0, 0] = 64  # the codebook has 64 codes
+    np.save(shard, codes)
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(tmp_path / "out"),
+                        "--batch-size", "1"]) == 2
+    assert re.search(r"shard-00001.npy holds codes from \d+ to 64, outside the manifest.s codebook of 64",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

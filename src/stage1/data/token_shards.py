@@ -7,8 +7,8 @@ and reading them back (vqrae-decode, the token exports).
     OUT/tokenize_run.json  what the shards were made with (vqrae-tokenize resumes only the same tokenization)
 
 A manifest is an exchanged file: `read_manifest` checks every field's type, every entry, and every entry against
-the shard it names (inside the folder, its row present, the shard's layout the manifest's) before anything is
-read from the shards or written elsewhere.
+the shard it names (inside the folder, its row present, the shard's layout the manifest's, its codes inside the
+codebook) before anything is read from the shards or written elsewhere.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def read_manifest(folder: str) -> Manifest:
         if shard.shape[1:] != row_shape or str(shard.dtype) != manifest.dtype:
             raise ValueError(f"{name} holds {shard.dtype} rows of shape {list(shard.shape[1:])}, the manifest says "
                              f"{manifest.dtype} rows of {list(row_shape)}")
+        if shard.size and not 0 <= shard.min() <= shard.max() < manifest.codebook_size:  # one pass over the map
+            raise ValueError(f"{name} holds codes from {shard.min()} to {shard.max()}, outside the manifest's "
+                             f"codebook of {manifest.codebook_size}")
         rows[name] = shard.shape[0]
     beyond = [e for e in manifest.images if e["row"] >= rows[e["shard"]]]
     if beyond:
