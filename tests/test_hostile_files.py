@@ -338,3 +338,20 @@ def test_codes_outside_the_codebook_are_refused_before_anything_is_decoded(model
     assert re.search(r"shard-00001.npy holds codes from \d+ to 64, outside the manifest.s codebook of 64",
                      capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trainer_state_is_read_like_every_torch_file(tmp_path):
+    from stage1.train.checkpoint import STATE_NAME, read_state
+
+    torch.save({"step": 3, "rng": torch.arange(3)}, tmp_path / STATE_NAME)
+    assert read_state(str(tmp_path))["step"] == 3
+    with zipfile.ZipFile(tmp_path / STATE_NAME) as src:
+        entries = {entry.filename: src.read(entry.filename) for entry in src.infolist()}
+    with zipfile.ZipFile(tmp_path / STATE_NAME, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in entries.items():
+            dst.writestr(name, data)
+    with pytest.raises(ValueError, match="trainer state .* holds compressed entries"):
+        read_state(str(tmp_path))
+    torch.save([1, 2], tmp_path / STATE_NAME)
+    with pytest.raises(ValueError, match="is not a trainer state"):
+        read_state(str(tmp_path))

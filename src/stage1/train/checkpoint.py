@@ -6,7 +6,7 @@
         discriminator.safetensors
         train_config.yaml                 the resolved training config
         trainer_state.pt                  optimizer / scheduler / scaler / RNG states, step; read back with
-                                          torch.load(weights_only=True), so it can never run code
+                                          base.tensor_files (weights_only=True), so it can never run code
 
 A crash mid-write leaves only a hidden `.step-*.tmp` directory, which is never taken for a checkpoint.
 `save_training` fills one and `resume_training` reads one back: the model's weights through the reader that
@@ -119,7 +119,12 @@ def remove_stale_temporaries(root: str) -> list[str]:
 
 
 def read_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+    """trainer_state.pt through base.tensor_files: torch.save's zip only, read with weights_only=True."""
+    state = read_tensor_file(os.path.join(directory, STATE_NAME), "trainer state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.path.join(directory, STATE_NAME)} is not a trainer state (expected a dict, got "
+                         f"{type(state).__name__})")
+    return state
 
 
 
