@@ -37,6 +37,9 @@ from .images import UnreadableImageError, read_image
 from .shard_specs import REMOTE, is_tar_source, shard_urls
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+# The field an image file's extension is written as: the names webdataset's to_tuple("jpg", ...) and timm's tar
+# reader ("jpg;png;webp") look for (ImageNet's files end in .JPEG). The bytes stay as they are.
+FIELD_OF_EXTENSION = {"jpeg": "jpg", "jpe": "jpg", "tiff": "tif"}
 TEXT_FIELDS = ("path.txt", "cls")
 MAX_IMAGE_BYTES = 1 << 28  # 256 MiB: an encoded image is read whole; the largest photos are a few tens of MB
 MAX_TEXT_BYTES = 1 << 12  # path.txt and cls: a path, a number
@@ -223,7 +226,7 @@ def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
                     image = f.read()
                 extension = os.path.splitext(path)[1].lower().lstrip(".")
                 key = f"{index:09d}"  # a key with no dot: webdataset splits a member name at its first dot
-                for field, data in ((extension, image), ("path.txt", path.encode()),
+                for field, data in ((FIELD_OF_EXTENSION.get(extension, extension), image), ("path.txt", path.encode()),
                                     ("cls", str(labels[index]).encode())):
                     member = tarfile.TarInfo(f"{key}.{field}")
                     member.size, member.mode = len(data), 0o644
