@@ -30,3 +30,39 @@ def test_make_shards_names_fields_as_webdataset_and_timm_expect(tmp_path):
     assert [(path.decode(), int(cls)) for _, cls, path in samples] == [
         ("n01/a.JPEG", 0), ("n01/b.jpeg", 0), ("n02/c.png", 1), ("n02/d.TIFF", 1)]
     assert all(image == files[path.decode()] for image, _, path in samples)
+
+
+def test_evaluate_reports_how_much_of_the_latent_the_codes_keep(dinov2_dir, tmp_path):
+    """Issue 21, point 7: beside pixels, vqrae-evaluate reports the latent fit on the evaluated images, the relative
+    distortion ||z - z_q||^2 / spread of z and the mean cosine of z and z_q, checked against numpy on the model's
+    own latents."""
+    import json
+
+    import torch
+    from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
+    from torchvision.utils import save_image
+
+    from stage1 import VQRAE
+    from stage1.cli import evaluate
+    from stage1.data.input_pipeline import prepare_image
+
+    torch.manual_seed(0)
+    tiny_vqrae(dinov2_dir, num_embeddings=16).save_pretrained(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(smooth_images(5, size=IMAGE_SIZE, seed=4)):
+        save_image(image, tmp_path / "images" / f"{i}.png")
+    assert evaluate.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "images"),
+                          "--out", str(tmp_path / "eval"), "--batch-size", "2"]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+
+    model = VQRAE.from_pretrained(tmp_path / "model")
+    x = torch.stack([prepare_image(str(tmp_path / "images" / f"{i}.png"), IMAGE_SIZE)[0] for i in range(5)])
+    with torch.no_grad():
+        z = model.encode(x).flatten(2).transpose(1, 2).reshape(-1, model.encoder.hidden_size).double().numpy()
+        codes = model.encode_to_indices(x)
+        z_q = model.quantizer.lookup(codes.reshape(5, -1)).reshape(z.shape).double().numpy()
+    distortion = ((z - z_q) ** 2).sum(1).mean() / ((z - z.mean(0)) ** 2).sum(1).mean()
+    cosine = ((z * z_q).sum(1) / np.linalg.norm(z, axis=1) / np.linalg.norm(z_q, axis=1)).mean()
+    assert distortion > 0 and -1 < cosine < 1  # an untrained codebook: far from the latents
+    assert abs(results["latent_relative_distortion"] - distortion) < 1e-4 * distortion
+    assert abs(results["latent_cosine"] - cosine) < 1e-5

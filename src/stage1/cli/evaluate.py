@@ -108,7 +108,7 @@ class NpzWriter:
 
 
 CODE_METRICS = ("grid_shape", "codebook_size", "codebooks", "codes_used", "codebook_usage", "perplexity",
-                "bits_per_image", "entropy_bits_per_image")
+                "bits_per_image", "entropy_bits_per_image", "latent_relative_distortion", "latent_cosine")
 
 
 class Scores:
@@ -122,9 +122,18 @@ class Scores:
         self.codebook_size, self.codebooks = codebook_size, codebooks
         self.counts = torch.zeros(codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
         self.psnrs, self.lpips_values, self.grid = [], [], None
+        # The latent fit, over every token: sum ||z - z_q||^2, sum z, sum ||z||^2, sum cos(z, z_q), tokens.
+        self.error = self.z_sum = self.z_square = self.cosine = self.tokens = 0.0
 
-    def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor | None) -> None:
-        """codes: None for a continuous model (no code metrics then)."""
+    def update(self, x: torch.Tensor, rec: torch.Tensor, codes: torch.Tensor | None, latents=None) -> None:
+        """codes: None for a continuous model (no code metrics then); latents: (z, z_q) tokens (B, N, C)."""
+        if latents is not None and codes is not None:
+            z, z_q = (t.flatten(0, 1).double().cpu() for t in latents)
+            self.error += (z - z_q).pow(2).sum().item()
+            self.z_sum = self.z_sum + z.sum(0)
+            self.z_square += z.pow(2).sum().item()
+            self.cosine += torch.nn.functional.cosine_similarity(z, z_q, dim=1).sum().item()
+            self.tokens += z.shape[0]
         if codes is not None:
             self.grid = list(codes.shape[1:3])
             offsets = torch.arange(self.codebooks) * self.codebook_size  # each codebook's codes counted apart
@@ -164,6 +173,8 @@ class Scores:
         probs = counts.double() / counts.sum(dim=1, keepdim=True)
         entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum(dim=1)  # per codebook
         tokens = self.grid[0] * self.grid[1]
+        # ||z - z_q||^2 against the spread of z about its mean: the share of the encoder's latent the codes miss.
+        spread = self.z_square / self.tokens - (self.z_sum / self.tokens).pow(2).sum().item()
         return {
             **quality,
             "grid_shape": self.grid,
@@ -174,6 +185,8 @@ class Scores:
             "perplexity": (2.0**entropy_bits).mean().item(),  # per codebook, averaged
             "bits_per_image": tokens * self.codebooks * math.log2(k),
             "entropy_bits_per_image": tokens * entropy_bits.sum().item(),
+            "latent_relative_distortion": self.error / self.tokens / spread,
+            "latent_cosine": self.cosine / self.tokens,
         }
 
 
@@ -193,7 +206,7 @@ def run(args) -> int:
 
     def reconstruct(images: torch.Tensor):  # the model's work on a batch (input_pipeline's step)
         with torch.no_grad(), autocast(device, args.precision):
-            return model.reconstruct(images, output_size=(size, size))
+            return model.reconstruct(images, output_size=(size, size), return_latents=True)
 
     with torch.no_grad():
         count, stream = data_batches(args, size, device, args.limit, crop="adm" if args.protocol == "adm" else "center",
@@ -205,8 +218,8 @@ def run(args) -> int:
             skipped += batch.skipped
             if batch.images is None:
                 continue
-            rec, codes = batch.output
-            scores.update(batch.images, rec.float(), codes)
+            rec, codes, latents = batch.output
+            scores.update(batch.images, rec.float(), codes, latents)
             if arrays is not None:
                 arrays.add(batch.images, rec.float())
         bar.close()
@@ -221,7 +234,8 @@ def run(args) -> int:
     write_json(os.path.join(args.out, "results.json"), results)
     if scores.grid is not None:
         usage_plot(scores.counts, os.path.join(args.out, "code_usage.png"))
-    for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image"):
+    for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image",
+                "latent_relative_distortion", "latent_cosine"):
         value = results[key]
         print(f"{key:16s} {'n/a (see notes in results.json)' if value is None else f'{value:.4f}'}")
     plot = " and code_usage.png" if scores.grid is not None else ""

@@ -230,15 +230,20 @@ class VQRAE(nn.Module):
         return self._decode_tokens(tokens, grid, output_size=output_size)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, output_size=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def reconstruct(self, x: torch.Tensor, output_size=None, return_latents: bool = False):
         """Images in [0, 1] -> (reconstructions in [0, 1], codes): through the codes (as encode_to_indices gives
-        them) when the model has a codebook; through the continuous latent, with codes None, when it has none."""
-        if self.config.quantizer.kind != "none":
-            codes = self.encode_to_indices(x)
-            return self.decode_from_indices(codes, output_size=output_size), codes
+        them, decoded as decode_from_indices does) when the model has a codebook; through the continuous latent,
+        with codes None, when it has none. return_latents: also (z, z_q), the normalised latent tokens (B, N, C) and
+        what the codes make of them (z itself without a codebook)."""
         self.check_images(x)
-        tokens, grid = self.encode_tokens(x)
-        return self._decode_tokens(tokens, grid, output_size=output_size), None
+        z, grid = self.encode_tokens(x)
+        codes, z_q = None, z
+        if self.config.quantizer.kind != "none":
+            suffix = self.quantizer.index_suffix
+            codes = self.quantizer.encode(z).reshape(-1, *grid, *suffix)
+            z_q = self.quantizer.lookup(codes.reshape(codes.shape[0], -1, *suffix).long())
+        x_rec = self._decode_tokens(z_q, grid, output_size=output_size)
+        return (x_rec, codes, (z, z_q)) if return_latents else (x_rec, codes)
 
     # ---- the same path in steps, in encode()'s layout --------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
