@@ -218,6 +218,19 @@ def test_latent_stats_match_a_direct_computation(dinov2_dir, image_dir, tmp_path
     assert torch.allclose(z.var(0, unbiased=False), torch.ones(32), atol=1e-3)
 
 
+def test_latent_stats_of_a_model_are_taken_at_its_size(model_dir, image_dir, tmp_path):
+    """Issue 21: --model takes the model's encoder at the model's encoder.input_size (32 here, not 224), so
+    per-position statistics fit it; the same numbers as --encoder with that size."""
+    by_model, by_encoder = tmp_path / "model.safetensors", tmp_path / "encoder.safetensors"
+    assert latent_stats.main(["--model", model_dir, "--data", image_dir, "--out", str(by_model), "--per-position"]) == 0
+    encoder = VQRAE.from_pretrained(model_dir).config.encoder.path
+    assert latent_stats.main(["--encoder", encoder, "--data", image_dir, "--out", str(by_encoder), "--per-position",
+                              "--image-size", "32"]) == 0
+    stats, reference = load_file(by_model), load_file(by_encoder)
+    assert stats["mean"].shape == (32, 4, 4) and all(torch.equal(stats[k], reference[k]) for k in reference)
+    tiny_vqrae(encoder, normalization_stat_path=str(by_model))  # fits the model's grid
+
+
 def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert tokenize.main(["--model", model_dir, "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2

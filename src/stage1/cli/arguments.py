@@ -209,6 +209,8 @@ computes them) per channel and position.
 
     vqrae-latent-stats --encoder facebook/dinov2-with-registers-base --data /data/train \\
         --out stats.safetensors [--per-position] [--image-size 224] [--limit 10000]
+    vqrae-latent-stats --model results/run/final --data /data/train --out stats.safetensors --per-position
+        (the model's encoder, at the model's encoder.input_size: per-position statistics that fit it)
 
 Streaming and numerically stable (per-batch moments merged with Chan et al.'s parallel update, in float64).
 The output is what VQRAE(normalization_stat_path=...) reads, in the format its name gives: `.safetensors` (`mean`,
@@ -219,15 +221,18 @@ Shapes: [C], or [C, h, w] with --per-position.
 
 def latent_stats_parser() -> argparse.ArgumentParser:
     parser = command_parser("vqrae-latent-stats", LATENT_STATS_HELP)
-    parser.add_argument("--encoder", required=True, help="encoder Hub id or local directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--encoder", help="encoder Hub id or local directory")
+    source.add_argument("--model", help="a vqrae model (folder or Hub id): its encoder, at its encoder.input_size")
     parser.add_argument("--encoder-cls", default="Dinov2withNorm",
                         help="a name of stage1.ENCODERS: Dinov2withNorm, SigLIP2, SigLIP, MAE")
     add_input_args(parser)
     parser.add_argument("--out", required=True, help="file to write: .safetensors, or .pt (RAE's stat.pt format)")
     parser.add_argument("--per-position", action="store_true",
                         help="statistics per channel and token position, [C, h, w], as RAE's stat.pt files hold")
-    parser.add_argument("--image-size", type=image_side, default=224,
-                        help="side the encoder sees (resize + center crop)")
+    parser.add_argument("--image-size", type=image_side, default=None,
+                        help="side the encoder sees (resize + center crop); default: --model's encoder.input_size, "
+                             "else 224")
     parser.add_argument("--limit", type=positive_int, default=None, help="use the first N images (sorted by path)")
     add_runtime_args(parser, batch_size=32)
     return parser

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..base.atomic import atomic_path
 from ..base.precision import autocast
 from ..model.encoders import build_encoder
-from ..model.vqrae import COMPILE_OPTIONS
+from ..model.vqrae import COMPILE_OPTIONS, VQRAE
 from .arguments import launch
 from .common import (
     CLIError,
@@ -17,6 +17,8 @@ from .common import (
     data_batches,
     resolve_device,
 )
+
+DEFAULT_SIZE = 224  # --encoder without --image-size: RAE's encoders' size
 
 
 class RunningMoments:
@@ -51,11 +53,18 @@ def run(args) -> int:
     if not args.out.endswith((".safetensors", ".pt")):
         raise CLIError(f"--out must end in .safetensors or .pt (RAE's stat.pt format), got {args.out}")
     device = resolve_device(args.device)
-    encoder = build_encoder(args.encoder_cls, args.encoder).to(device)
+    if args.model is not None:  # its encoder, at the size it feeds it
+        model = VQRAE.from_pretrained(args.model)
+        encoder, name, encoder_cls = model.encoder, model.config.encoder.path, model.config.encoder.cls
+        size = args.image_size or model.config.encoder.input_size or DEFAULT_SIZE
+    else:
+        encoder, name, encoder_cls = build_encoder(args.encoder_cls, args.encoder), args.encoder, args.encoder_cls
+        size = args.image_size or DEFAULT_SIZE
+    encoder = encoder.to(device)
     if args.compile:
         encoder.model.compile(**COMPILE_OPTIONS)
-    encoder.check_fits("--image-size", args.image_size)
-    side, channels = args.image_size // encoder.patch_size, encoder.hidden_size
+    encoder.check_fits("--image-size", size)
+    side, channels = size // encoder.patch_size, encoder.hidden_size
     # Per position: each image's (N, C) tokens are one sample of N * C values; per channel: each token is one.
     moments = RunningMoments(side * side * channels if args.per_position else channels)
     skipped = 0
@@ -64,7 +73,7 @@ def run(args) -> int:
         with torch.no_grad(), autocast(device, args.precision):
             return encoder(images).float().cpu()
 
-    count, stream = data_batches(args, args.image_size, device, args.limit, step=tokens_of)
+    count, stream = data_batches(args, size, device, args.limit, step=tokens_of)
     bar = tqdm(total=count, desc="latent stats", unit="image")
     images = 0
     for batch in stream:
@@ -81,14 +90,14 @@ def run(args) -> int:
         raise CLIError(f"none of the {images} image(s) of {args.data} could be read")
     shape = (channels, side, side) if args.per_position else (channels,)
     # (N * C) in token order -> [C, h, w]; per channel it is [C] already.
-    mean, var = (m.float().view(-1, channels).T.reshape(shape) for m in (moments.mean, moments.var))
+    mean, var = (m.float().view(-1, channels).T.reshape(shape).contiguous() for m in (moments.mean, moments.var))
     with atomic_path(args.out) as tmp:
         if args.out.endswith(".pt"):
             torch.save({"mean": mean, "var": var}, tmp)
         else:
             save_file({"mean": mean, "var": var, "count": torch.tensor([moments.count])}, tmp,
-                      metadata={"encoder": str(args.encoder), "encoder_cls": args.encoder_cls,
-                                "image_size": str(args.image_size), "images": str(images - skipped)})
+                      metadata={"encoder": str(name), "encoder_cls": encoder_cls,
+                                "image_size": str(size), "images": str(images - skipped)})
     what = "samples of every token position" if args.per_position else "tokens"
     print(f"wrote {args.out}: mean/var of shape {list(shape)} over {moments.count} {what} "
           f"from {images - skipped} image(s)" + (f" ({skipped} unreadable, skipped)" if skipped else ""))
