@@ -4,6 +4,7 @@ import io
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -66,3 +67,25 @@ def test_evaluate_reports_how_much_of_the_latent_the_codes_keep(dinov2_dir, tmp_
     assert distortion > 0 and -1 < cosine < 1  # an untrained codebook: far from the latents
     assert abs(results["latent_relative_distortion"] - distortion) < 1e-4 * distortion
     assert abs(results["latent_cosine"] - cosine) < 1e-5
+
+
+def test_tensorboard_groups_scalars_and_holds_the_config(train_images, tmp_path):
+    """Issue 21, point 6: loss/, codebook/, optim/ and perf/ scalars (the values of metrics.jsonl), the codebook
+    fit's distortion at step 0, and the composed config as text and hparams."""
+    from helpers import run_training, step_logs, train_metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_training(train_images, tmp_path / "r", "train.steps=2", "train.log_every=1")
+    events = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/loss", "loss/recon_loss", "codebook/perplexity", "codebook/codebook_usage", "optim/lr",
+            "optim/grad_norm", "perf/images_per_sec", "codebook/fit_distortion"} <= tags
+    assert not any(tag.startswith("train/") for tag in tags)
+    for step, values in step_logs(tmp_path / "r").items():
+        logged = {e.step: e.value for e in events.Scalars("loss/loss")}
+        assert logged[step] == pytest.approx(values["loss"], rel=1e-6)
+    fit = next(m for m in train_metrics(tmp_path / "r") if m.get("codebook_fit"))
+    assert events.Scalars("codebook/fit_distortion")[0].value == pytest.approx(fit["distortion"], rel=1e-6)
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "  steps: 2\n" in config and "  lr: " in config
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")

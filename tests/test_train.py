@@ -386,7 +386,7 @@ def test_wandb_logging_mirrors_the_metrics_and_resumes_its_run(train_images, tmp
     assert all(r.finished for r in runs) and runs[0].options["config"]["logger"] == "wandb"
     logged = {**runs[0].logged, **runs[1].logged}
     for step, values in step_logs(tmp_path / "r").items():
-        assert logged[step]["train/loss"] == pytest.approx(values["loss"]), step
+        assert logged[step]["loss/loss"] == pytest.approx(values["loss"]), step
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match=r"logger must be tensorboard, or wandb with the wandb package installed"):
         run(train_images, tmp_path / "r2", "logger=wandb")

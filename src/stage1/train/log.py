@@ -1,5 +1,10 @@
 """Training logs on the main rank: metrics.jsonl (one JSON object per line), TensorBoard (tb/) and, with
-logger=wandb, Weights & Biases (one W&B run per results_dir: a resumed training continues it)."""
+logger=wandb, Weights & Biases (one W&B run per results_dir: a resumed training continues it).
+
+TensorBoard and W&B group the scalars: loss/ (every loss term and the GAN's weights), codebook/ (usage,
+perplexity, restarts; the codebook fit's distortion and codes used at step 0), optim/ (lr, grad_norm) and perf/
+(images_per_sec, skipped images, non-finite steps). TensorBoard also holds the composed config, as text and as
+hparams."""
 
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ from ..base.atomic import atomic_path
 METRICS_NAME = "metrics.jsonl"
 WANDB_ID_NAME = "wandb_run_id"  # in results_dir: the W&B run a resumed training goes on logging to
 LOGGERS = ("tensorboard", "wandb")
+GROUP_OF = {
+    "perplexity": "codebook", "codebook_usage": "codebook", "restarted_codes": "codebook",
+    "skipped_ema_update": "codebook", "fit_distortion": "codebook", "fit_codes_used": "codebook",
+    "lr": "optim", "grad_norm": "optim",
+    "images_per_sec": "perf", "skipped_images": "perf", "nonfinite_steps": "perf", "nonfinite": "perf",
+}
+
+
+def scalar_tag(key: str) -> str:
+    """The grouped name of a logged value: loss/ unless GROUP_OF says otherwise."""
+    return f"{GROUP_OF.get(key, 'loss')}/{key}"
 
 
 class MetricsLog:
@@ -21,6 +37,8 @@ class MetricsLog:
         kept = step if step > 0 else -1  # resumed at `step` (a checkpoint is never at 0): keep up to it; fresh: none
         self._truncate(kept)
         self.writer = SummaryWriter(os.path.join(results_dir, "tb"), purge_step=kept + 1)
+        if config is not None and step == 0:
+            _write_config(self.writer, config)
         self.wandb = None if wandb_project is None else _wandb_run(results_dir, wandb_project, config)
 
     def _truncate(self, step: int) -> None:
@@ -40,14 +58,17 @@ class MetricsLog:
             f.writelines(kept)
 
     def write(self, step: int, values: dict, scalars: bool = True) -> None:
-        """One metrics.jsonl line; with `scalars`, each value as a TensorBoard scalar under train/."""
+        """One metrics.jsonl line; with `scalars`, each value as a grouped TensorBoard (and W&B) scalar."""
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if scalars:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-            if self.wandb is not None:
-                self.wandb.log({f"train/{key}": value for key, value in values.items()}, step=step)
+            self.scalars(step, values)
+
+    def scalars(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(scalar_tag(key), value, step)
+        if self.wandb is not None:
+            self.wandb.log({scalar_tag(key): value for key, value in values.items()}, step=step)
 
     def image(self, tag: str, image, step: int) -> None:
         self.writer.add_image(tag, image, step)
@@ -60,6 +81,26 @@ class MetricsLog:
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _write_config(writer, config: dict) -> None:
+    """The composed config in TensorBoard: as YAML text, and flattened (train.lr, ...) as hparams."""
+    import yaml
+    from torch.utils.tensorboard.summary import hparams
+
+    writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=True) + "```", 0)
+    flat = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:  # hparams takes numbers, strings and booleans
+                flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk(config, "")
+    for summary in hparams(flat, {}):
+        writer.file_writer.add_summary(summary)
 
 
 def _wandb_run(results_dir: str, project: str, config: dict | None):

@@ -293,6 +293,7 @@ class Trainer:
                    "codes_used": result.codes_used, "reseeded": result.reseeded}
         if self.log is not None:
             self.log.write(0, summary, scalars=False)
+            self.log.scalars(0, {"fit_distortion": result.distortion, "fit_codes_used": result.codes_used})
             print(f"codebook fit: {len(result.results)} codebook(s) of {self.model.quantizer.num_embeddings} codes "
                   f"from {result.tokens} latent tokens; squared error per token {result.distortion:.4f}; "
                   f"{result.codes_used} codes used")
