@@ -39,7 +39,7 @@ def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypat
     block = re.search(r"```bash\n(# original \| reconstruction.*?)```", text, re.S).group(1)
     commands = command_lines(block)
     assert [name for name, _ in commands] == ["reconstruct", "tokenize", "decode", "evaluate", "fit_codebook",
-                                              "latent_stats"]
+                                              "latent_stats", "latent_stats"]  # --encoder, then --model
     for name, argv in commands:
         capsys.readouterr()
         assert launch(name, argv) == 0, (name, argv, capsys.readouterr().err)
