@@ -89,3 +89,35 @@ def test_tensorboard_groups_scalars_and_holds_the_config(train_images, tmp_path)
     config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "  steps: 2\n" in config and "  lr: " in config
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+
+
+def test_a_model_loads_from_the_hugging_face_cache_offline_at_a_revision(dinov2_dir, tmp_path):
+    """Issue 21, point 3: from_pretrained passes revision / cache_dir / local_files_only to the Hub, so a model in
+    the Hugging Face cache loads with HF_HUB_OFFLINE=1 (as on compute nodes), at the revision asked for."""
+    import shutil
+
+    import torch
+    from helpers import tiny_vqrae
+
+    from stage1 import VQRAE
+
+    torch.manual_seed(0)
+    tiny_vqrae(dinov2_dir).save_pretrained(tmp_path / "model")
+    repo = tmp_path / "cache" / "models--someone--tiny"  # the cache's layout: refs name snapshots
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tmp_path / "model", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    weights = repo / "snapshots" / ("b" * 40) / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    state["quantizer.embedding"] = state["quantizer.embedding"] + 1  # revision b differs
+    save_file(state, weights)
+    main = VQRAE.from_pretrained("someone/tiny", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+    other = VQRAE.from_pretrained("someone/tiny", cache_dir=str(tmp_path / "cache"), revision="b" * 40)
+    original = VQRAE.from_pretrained(tmp_path / "model")
+    assert torch.equal(main.quantizer.embedding, original.quantizer.embedding)
+    assert torch.equal(other.quantizer.embedding, original.quantizer.embedding + 1)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache with the Hub off"):
+        VQRAE.from_pretrained("someone/tiny", cache_dir=str(tmp_path / "cache"), revision="c" * 40)

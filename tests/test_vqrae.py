@@ -276,8 +276,9 @@ def test_broken_checkpoints_give_clear_errors(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such directory, nor a Hub repo id"):
         VQRAE.from_pretrained("results/quickstart/final")
-    with pytest.raises(FileNotFoundError, match=r"no such directory, and the Hub is off \(HF_HUB_OFFLINE=1\)"):
-        VQRAE.from_pretrained("results/final")  # reads as org/name, but the tests run offline
+    with pytest.raises(FileNotFoundError, match=r"no such directory, and not in the Hugging Face cache with the Hub "
+                                                r"off \(HF_HUB_OFFLINE=1\)"):
+        VQRAE.from_pretrained("results/final")  # reads as org/name, but the tests run offline, with no such cache
     model.save_pretrained(tmp_path / "ckpt")
     weights = load_file(tmp_path / "ckpt" / "model.safetensors")
     weights["quantizer.embedding"] = weights["quantizer.embedding"][:10]

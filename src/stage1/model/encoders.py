@@ -29,12 +29,9 @@ class EncoderNotAvailableError(OSError):
 
 
 def may_be_on_hub(path: str) -> bool:
-    """Whether a path that is no local directory is worth asking the Hub for: it reads as an org/name repo id and
-    the Hub is not switched off (HF_HUB_OFFLINE=1). Otherwise the answer is known at once, without retries."""
-    from huggingface_hub import constants
-
-    looks_like_id = not (os.path.isabs(path) or path.startswith(".")) and path.count("/") == 1
-    return looks_like_id and not constants.HF_HUB_OFFLINE
+    """Whether a path that is no local directory is worth asking the Hub (or, with HF_HUB_OFFLINE=1, its local
+    cache, answered at once) for: it reads as an org/name repo id. Otherwise the answer is known at once."""
+    return not (os.path.isabs(path) or path.startswith(".")) and path.count("/") == 1
 
 
 def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
@@ -55,7 +52,7 @@ def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
 
 def load_config(path: str):
     if not os.path.isdir(path) and not may_be_on_hub(path):
-        raise _not_available(path, FileNotFoundError("no such directory, and no Hub lookup to try"))
+        raise _not_available(path, FileNotFoundError("no such directory, and not a Hub id (org/name)"))
     try:
         # A folder's own Python (auto_map) never runs: transformers would ask "run the custom code?" on a terminal.
         return AutoConfig.from_pretrained(path, trust_remote_code=False)

@@ -294,17 +294,21 @@ class VQRAE(nn.Module):
         config.save(os.path.join(directory, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, weights_name: str = WEIGHTS_NAME, **keywords) -> "VQRAE":
+    def from_pretrained(cls, path: str | os.PathLike, weights_name: str = WEIGHTS_NAME, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                        **keywords) -> "VQRAE":
         """Load from a directory written by save_pretrained (or a training checkpoint: weights_name=
         "ema.safetensors" for its EMA weights) or a Hub repo id, in eval mode (call .train() to train it).
         Keywords (VQRAE's flat names) replace config values, e.g. encoder_config_path=<local dir> where the
-        referenced Hub encoder is not available offline."""
+        referenced Hub encoder is not available offline. revision, token, cache_dir and local_files_only go to the
+        Hub as in transformers' from_pretrained (a Hub repo: its cache too, offline with HF_HUB_OFFLINE=1)."""
         path = os.fspath(path)
-        config_file = cls._resolve(path, CONFIG_NAME)
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        config_file = cls._resolve(path, CONFIG_NAME, hub)
         config = VQRAEConfig.load(config_file)
-        weights_file = cls._resolve(path, weights_name)
+        weights_file = cls._resolve(path, weights_name, hub)
         if config.encoder.path == ENCODER_SUBDIR and "encoder_config_path" not in keywords:
-            config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path))
+            config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path, hub))
         config = config.with_keywords(**keywords)
         # Nothing is built from config.json's sizes before its weights are known to be that large.
         needed = config.decoder.parameters_at_least() + (config.quantizer.num_embeddings
@@ -384,31 +388,36 @@ class VQRAE(nn.Module):
         return model
 
     @staticmethod
-    def _encoder_inside(path: str) -> str:
+    def _encoder_inside(path: str, hub: dict) -> str:
         """The encoder saved inside a model (save_encoder=True, vqrae-push): its folder, from the Hub if need be."""
         if os.path.isdir(path):
             return os.path.join(path, ENCODER_SUBDIR)
         from huggingface_hub import snapshot_download
 
         try:
-            return os.path.join(snapshot_download(path, allow_patterns=[f"{ENCODER_SUBDIR}/*"]), ENCODER_SUBDIR)
+            return os.path.join(snapshot_download(path, allow_patterns=[f"{ENCODER_SUBDIR}/*"], **hub), ENCODER_SUBDIR)
         except Exception as err:  # offline without a cached copy, no such repo, ...
             raise FileNotFoundError(f"the encoder inside '{path}' ({ENCODER_SUBDIR}/) could not be fetched "
                                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); download the repo "
                                     f"where there is network and load it from its folder") from err
 
     @staticmethod
-    def _resolve(path: str, name: str) -> str:
+    def _resolve(path: str, name: str, hub: dict) -> str:
         if not os.path.isdir(path) and not may_be_on_hub(path):  # known at once: no Hub retries for a typo
-            hub = "and the Hub is off (HF_HUB_OFFLINE=1)" if path.count("/") == 1 else "nor a Hub repo id (org/name)"
-            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory, {hub}")
+            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory, nor a Hub repo id "
+                                    f"(org/name)")
         try:
-            resolved = cached_file(path, name)
+            resolved = cached_file(path, name, **hub)
         except OSError as err:
             resolved, cause = None, f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         else:
             cause = ""
         if resolved is None or not os.path.isfile(resolved):
+            from huggingface_hub import constants
+
+            if not os.path.isdir(path) and constants.HF_HUB_OFFLINE:
+                raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory, and not in the "
+                                        f"Hugging Face cache with the Hub off (HF_HUB_OFFLINE=1){cause}")
             raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: it has no {name} (a checkpoint is a "
                                     f"directory or Hub repo with {CONFIG_NAME} and its weights){cause}")
         return resolved
