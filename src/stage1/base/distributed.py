@@ -131,19 +131,20 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
 
 
 def sum_over_ranks(value: int, device: torch.device) -> int:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+    """The sum of every rank's `value` (one all-reduce; none in a single process)."""
+    return _int_over_ranks(value, device, "SUM")
 
 
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest of every rank's `value` (one all-reduce; none in a single process)."""
+    return _int_over_ranks(value, device, "MAX")
+
+
+def _int_over_ranks(value: int, device: torch.device, op: str) -> int:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return int(t.item())
 
 

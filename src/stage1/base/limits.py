@@ -9,3 +9,9 @@ shared by several. docs/guarantees.md lists them all.
 
 MAX_IMAGE_SIDE = 8192  # pixels per side of an image a model, a manifest or a command works at
 MAX_CODES = 1 << 20  # codes per codebook (the largest tokenizers use 2^18)
+
+
+def transformer_weights_at_least(layers: int, width: int, mlp_width: int) -> int:
+    """A lower bound on a transformer's weights: each layer's attention (4 width^2) and MLP (2 width mlp_width)
+    matrices. What a config.json's sizes are checked with against the weights file before anything is built."""
+    return layers * (4 * width * width + 2 * width * mlp_width)

@@ -13,7 +13,6 @@ hold `pipe:` commands), not a folder, not `-` (stdin). So a `pipe:` command runs
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 
@@ -53,18 +52,18 @@ def shard_urls(data: str) -> list[str]:
         raise FileNotFoundError(f"tar shard(s) not found: {', '.join(missing[:3])}" +
                                 (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     for url in local:
-        if os.path.isdir(url) or not url.endswith(TAR_SUFFIXES) or not os.path.isfile(url):
+        if not (url.endswith(TAR_SUFFIXES) and os.path.isfile(url)):
             what = "a folder" if os.path.isdir(url) else "not a tar file"
             raise ShardSpecError(f"--data {data!r}: {url!r} is {what}; expected an image folder, or tar shards {USAGE}")
     return urls
 
 
 def _expanded(pattern: str, data: str) -> list[str]:
-    """braceexpand's expansion of one part (bounded before: braceexpand builds a range all at once)."""
+    """braceexpand's expansion of one part (shard_urls bounds it first: braceexpand builds a range all at once)."""
     from braceexpand import braceexpand
 
     try:
-        return list(itertools.islice(braceexpand(pattern), MAX_SHARDS + 1))
+        return list(braceexpand(pattern))
     except ValueError as err:  # UnbalancedBracesError
         raise ShardSpecError(f"--data {data!r}: {err}") from None
 

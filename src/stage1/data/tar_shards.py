@@ -252,9 +252,8 @@ def index_shard(url: str, names: set | None = None) -> list[tuple[str, int, int,
                 if offset + size > end:
                     problem = f"{url}, sample {key}: its image ends past the end of the file (a header that lies)"
                 entries.append((name, offset, size, problem))
-            with open(url, "rb") as file:  # what follows the last member, as read_shard checks it
-                file.seek(tar.offset)
-                _Watched(file, position=tar.offset).check_end(tar)
+            tar.fileobj.seek(tar.offset)  # what follows the last member, as read_shard checks it
+            _Watched(tar.fileobj, position=tar.offset).check_end(tar)
     except DAMAGED as err:
         name, _, _, problem = _damaged(url, len(entries), err)
         entries.append((name, 0, 0, problem))

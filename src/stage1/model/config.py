@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..base.atomic import read_json, write_json
 from ..base.config_section import ConfigError, ConfigSection, choice
-from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE
+from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE, transformer_weights_at_least
 from .encoders import encoder_options
 
 # This file is REPO_ROOT/src/stage1/model/config.py.
@@ -113,8 +113,8 @@ class DecoderConfig(ConfigSection):
     def parameters_at_least(self) -> int:
         """A lower bound on the decoder's parameter count: its layers' attention and MLP matrices and its pixel head
         (so a config.json can be checked against its weights file before anything is built)."""
-        h = self.hidden_size
-        return self.num_hidden_layers * (4 * h * h + 2 * h * self.intermediate_size) + h * 3 * self.patch_size ** 2
+        head = self.hidden_size * 3 * self.patch_size**2
+        return transformer_weights_at_least(self.num_hidden_layers, self.hidden_size, self.intermediate_size) + head
 
 
 def _read_mapping(path: str) -> dict:

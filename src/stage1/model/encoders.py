@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from ..base.atomic import read_json
+from ..base.limits import transformer_weights_at_least
 from ..base.tensor_files import tensor_elements
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +39,7 @@ def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
     where = ("pass --encoder-path DIR to the commands, encoder.path=DIR to training (encoder_config_path=DIR in "
              "Python)")
     cause_text = f"(cause: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a local path, not a Hub org/name id
+    if not may_be_on_hub(path):  # a local path, not a Hub org/name id
         return EncoderNotAvailableError(
             f"Could not load the encoder '{path}': no such directory with config.json and weights (seen from "
             f"{os.getcwd()}). If the encoder lives elsewhere now, {where}. {cause_text}")
@@ -92,7 +93,7 @@ def _check_weights_hold(model_class: type[PreTrainedModel], path: str, overrides
     config = model_class.config_class.from_pretrained(path, **overrides)
     h, i, layers = (int(getattr(config, name, 0) or 0) for name in
                     ("hidden_size", "intermediate_size", "num_hidden_layers"))
-    needed = layers * (4 * h * h + 2 * h * i)
+    needed = transformer_weights_at_least(layers, h, i)
     held = sum(tensor_elements(f, "the encoder's weights") for f in files)
     if needed > held:
         raise ValueError(f"the encoder '{path}': its config.json describes {layers} layers of width {h} (at least "
@@ -102,21 +103,25 @@ def _check_weights_hold(model_class: type[PreTrainedModel], path: str, overrides
 def _safetensors_files(path: str) -> list[str]:
     """The local paths of a checkpoint's safetensors weights (one file or an index's shards), fetched through the
     Hub cache like from_pretrained would; none for a .bin checkpoint."""
-    def find(name: str) -> str | None:
-        return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-
-    single = find("model.safetensors")
+    single = _optional_file(path, "model.safetensors")
     if single is not None:
         return [single]
-    index = find("model.safetensors.index.json")
+    index = _optional_file(path, "model.safetensors.index.json")
     if index is None:
         return []
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) and os.path.basename(name) == name
                                                    for name in weight_map.values()):
         raise ValueError(f"{index} is not a safetensors index (a weight_map of file names in its folder)")
-    return [find(name) or os.path.join(os.path.dirname(index), name) for name in sorted(set(weight_map.values()))]
+    return [_optional_file(path, name) or os.path.join(os.path.dirname(index), name)
+            for name in sorted(set(weight_map.values()))]
+
+
+def _optional_file(path: str, name: str) -> str | None:
+    """A checkpoint's file `name` (its folder, or the Hub through its cache), None when it has none or the Hub
+    cannot be reached."""
+    return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
 
 
 def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -125,12 +130,7 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
     Read as a plain JSON file (local directory or Hub cache) rather than through an image processor,
     which would pull in optional dependencies and, for some classes, network calls.
     """
-    resolved = cached_file(
-        path,
-        "preprocessor_config.json",
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
+    resolved = _optional_file(path, "preprocessor_config.json")
     if resolved is None or not os.path.isfile(resolved):
         return tuple(default_mean), tuple(default_std)
     config = read_json(resolved)

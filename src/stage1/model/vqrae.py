@@ -215,8 +215,7 @@ class VQRAE(nn.Module):
         """Images in [0, 1] -> code indices (B, h, w), long ((B, h, w, L) for residual / grouped quantizers).
         Never updates the codebook."""
         self.check_images(x)
-        tokens, grid = self.encode_tokens(x)
-        return self.quantizer.encode(tokens).reshape(-1, *grid, *self.quantizer.index_suffix)
+        return self._indices(*self.encode_tokens(x))
 
     @torch.no_grad()
     def decode_from_indices(self, indices: torch.Tensor, output_size=None) -> torch.Tensor:
@@ -226,8 +225,16 @@ class VQRAE(nn.Module):
         suffix = self.quantizer.index_suffix
         spatial = indices.shape[1 : indices.dim() - len(suffix)]
         grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
-        tokens = self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
-        return self._decode_tokens(tokens, grid, output_size=output_size)
+        return self._decode_tokens(self._code_tokens(indices), grid, output_size=output_size)
+
+    def _indices(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Normalised latent tokens (B, N, C) -> their codes (B, h, w[, L])."""
+        return self.quantizer.encode(tokens).reshape(-1, *grid, *self.quantizer.index_suffix)
+
+    def _code_tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w[, L]) or (B, h*w[, L]) -> the tokens (B, N, C) they stand for."""
+        suffix = self.quantizer.index_suffix
+        return self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, output_size=None, return_latents: bool = False):
@@ -239,9 +246,8 @@ class VQRAE(nn.Module):
         z, grid = self.encode_tokens(x)
         codes, z_q = None, z
         if self.config.quantizer.kind != "none":
-            suffix = self.quantizer.index_suffix
-            codes = self.quantizer.encode(z).reshape(-1, *grid, *suffix)
-            z_q = self.quantizer.lookup(codes.reshape(codes.shape[0], -1, *suffix).long())
+            codes = self._indices(z, grid)
+            z_q = self._code_tokens(codes)
         x_rec = self._decode_tokens(z_q, grid, output_size=output_size)
         return (x_rec, codes, (z, z_q)) if return_latents else (x_rec, codes)
 
