@@ -19,7 +19,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import build_tiny_encoders  # noqa: E402
+from helpers import build_tiny_encoders, tiny_vqrae  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 
@@ -31,6 +31,15 @@ def tiny_encoders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dinov2_dir(tiny_encoders):
     return tiny_encoders["dinov2"][1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(dinov2_dir, tmp_path_factory):
+    """A tiny VQRAE saved once per test module (seed 0), for the commands and loaders to read."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_vqrae(dinov2_dir).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -63,3 +65,10 @@ def train_metrics(results_dir):
 def step_logs(results_dir):
     """step -> logged scalars (checkpoint lines left out)."""
     return {m["step"]: m for m in train_metrics(results_dir) if "loss" in m}
+
+
+def torchrun(*args: str, timeout: float, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ARGS` offline, one thread per process; its exit and output."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import smooth_images, tiny_vqrae
+from helpers import smooth_images, tiny_vqrae, torchrun
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,15 +19,6 @@ from stage1.cli.common import prepare
 from stage1.data.images import psnr, to_uint8
 
 SIZE = 32  # the tiny model's native size: 4x4 codes of an 8 px patch encoder, painted with 8 px patches
-
-
-@pytest.fixture(scope="module")
-def model_dir(dinov2_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    model = tiny_vqrae(dinov2_dir)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +288,7 @@ def test_console_entry_points_are_installed(command):
 def test_tokenize_on_two_ranks_gives_the_same_bytes(model_dir, image_dir, tmp_path):
     args = ["--model", model_dir, "--data", image_dir, "--shard-size", "2"]
     assert tokenize.main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "stage1.cli.tokenize", *args, "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun("-m", "stage1.cli.tokenize", *args, "--out", str(tmp_path / "two"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "one"))
     assert names == sorted(os.listdir(tmp_path / "two"))

@@ -41,7 +41,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE, tiny_vqrae
+from helpers import IMAGE_SIZE
 from hypothesis import event, given, note
 from hypothesis import strategies as st
 from PIL import Image
@@ -121,14 +121,6 @@ def snapshot(root: str) -> dict[str, str]:
 
 
 # ---- shared fixtures: a tiny model and a real tokenization of three images -------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(dinov2_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fuzz_model") / "tiny"
-    tiny_vqrae(dinov2_dir).save_pretrained(path)
-    return str(path)
-
-
 class Loaded:
     """The tiny model, with a short repr: hypothesis prints every argument of a failing example."""
 

@@ -43,14 +43,6 @@ def write_tar(path, members) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def model_dir(dinov2_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_vqrae(dinov2_dir).save_pretrained(path)
-    return str(path)
-
-
 # ---- shard specs --------------------------------------------------------------------------------------------------
 def test_shard_specs_accept_tars_and_streams_and_refuse_spec_files(tmp_path):
     shards = [write_tar(tmp_path / f"{i}.tar", [("a.png", png_bytes(i))]) for i in range(2)]

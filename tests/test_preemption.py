@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 from helpers import run_training as run
-from helpers import step_logs, train_metrics
+from helpers import step_logs, torchrun, train_metrics
 from safetensors.torch import load_file
 
 from stage1.cli.train import main as train_main
@@ -126,10 +126,8 @@ SIGNAL_ON_RANK_1 = textwrap.dedent(
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(train_images, tmp_path):
     script = tmp_path / "signal_train.py"
     script.write_text(SIGNAL_ON_RANK_1)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "experiment=tiny_test", f"data.path={train_images}", f"results_dir={tmp_path / 'ddp'}", *SHORT]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    result = torchrun(str(script), "experiment=tiny_test", f"data.path={train_images}",
+                      f"results_dir={tmp_path / 'ddp'}", *SHORT, timeout=600, cwd=REPO_ROOT)
     output = result.stdout + result.stderr
     # torchrun reports the first rank to exit (143) and may stop the other before it does: the checkpoint, which
     # needs both ranks in its collectives at the same step, is the proof they agreed.

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from helpers import run_training as run
-from helpers import smooth_images, step_logs, tiny_vqrae
+from helpers import smooth_images, step_logs, tiny_vqrae, torchrun
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
@@ -227,12 +227,9 @@ FAILING_RANK = textwrap.dedent(
 def test_a_failing_rank_brings_the_job_down_with_its_error(train_images, tmp_path):
     script = tmp_path / "failing_train.py"
     script.write_text(FAILING_RANK)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "experiment=tiny_test", f"data.path={train_images}", f"results_dir={tmp_path / 'run'}",
-               "dist_timeout_minutes=1"]
     start = time.time()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    result = torchrun(str(script), "experiment=tiny_test", f"data.path={train_images}",
+                      f"results_dir={tmp_path / 'run'}", "dist_timeout_minutes=1", timeout=300, cwd=REPO_ROOT)
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stdout + result.stderr
     assert time.time() - start < 120  # no hang waiting on the dead rank

@@ -1,13 +1,12 @@
 import json
 import os
-import subprocess
 import sys
 import urllib.error
 
 import pytest
 import torch
 from helpers import run_training as run
-from helpers import step_logs, train_metrics
+from helpers import step_logs, torchrun, train_metrics
 from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
@@ -149,11 +148,9 @@ def test_loss_falls_on_a_small_overfit_run(train_images, tmp_path):
 
 @pytest.mark.slow  # spawns processes (torchrun / mp.spawn / a killed writer)
 def test_two_processes_with_torchrun_keep_identical_codebooks(train_images, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO_ROOT, "scripts", "train_stage1.py"), "experiment=tiny_test",
-               f"data.path={train_images}", f"results_dir={tmp_path / 'ddp'}", "train.steps=6", "train.ckpt_every=3"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun(os.path.join(REPO_ROOT, "scripts", "train_stage1.py"), "experiment=tiny_test",
+                      f"data.path={train_images}", f"results_dir={tmp_path / 'ddp'}", "train.steps=6",
+                      "train.ckpt_every=3", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checks = [m for m in train_metrics(tmp_path / "ddp") if m.get("checkpoint")]
     assert [c["step"] for c in checks] == [3, 6]
