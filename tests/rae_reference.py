@@ -103,22 +103,38 @@ def rae_dinov2(path):
     return lambda x: model(x).last_hidden_state[:, skip:]
 
 
-def rae_forward(encoder, decoder, x, input_size, image_mean, image_std, stats=None, eps=1e-5, noise_tau=0.0):
-    """RAE.forward: bicubic resize without antialias, encoder normalisation, encoder, noise (training), stats
-    normalisation, then decode: de-normalisation, decoder, pixels x std + mean. No clamp."""
+def rae_encode(encoder, x, input_size, image_mean, image_std, stats=None, eps=1e-5, noise_tau=0.0, training=False,
+               reshape_to_2d=True):
+    """RAE.encode: bicubic resize without antialias, encoder normalisation, encoder, noise (training mode: sigma =
+    noise_tau * U(0, 1) per image, drawn before the normal noise), the (B, C, h, w) grid, stats normalisation."""
     if x.shape[-1] != input_size:
         x = nn.functional.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False)
     z = encoder((x - image_mean) / image_std)
-    if noise_tau > 0:
+    if training and noise_tau > 0:
         sigma = noise_tau * torch.rand((z.size(0),) + (1,) * (len(z.shape) - 1))
         z = z + sigma * torch.randn_like(z)
-    b, n, c = z.shape
-    if stats is not None and stats["mean"].dim() == 1:  # [C] stats: RAE with reshape_to_2d=False, on tokens
+    if reshape_to_2d:
+        b, n, c = z.shape
+        z = z.transpose(1, 2).reshape(b, c, int(n**0.5), int(n**0.5))
+    if stats is not None:
         z = (z - stats["mean"]) / torch.sqrt(stats["var"] + eps)
+    return z
+
+
+def rae_decode(decoder, z, image_mean, image_std, stats=None, eps=1e-5, reshape_to_2d=True):
+    """RAE.decode: de-normalisation, tokens, decoder, pixels x std + mean. No clamp."""
+    if stats is not None:
         z = z * torch.sqrt(stats["var"] + eps) + stats["mean"]
-    z = z.transpose(1, 2).reshape(b, c, int(n**0.5), int(n**0.5))
-    if stats is not None and stats["mean"].dim() == 3:
-        z = (z - stats["mean"]) / torch.sqrt(stats["var"] + eps)
-        z = z * torch.sqrt(stats["var"] + eps) + stats["mean"]
-    z = z.reshape(b, c, n).transpose(1, 2)
+    if reshape_to_2d:
+        b, c, h, w = z.shape
+        z = z.reshape(b, c, h * w).transpose(1, 2)
     return decoder(z) * image_std + image_mean
+
+
+def rae_forward(encoder, decoder, x, input_size, image_mean, image_std, stats=None, eps=1e-5, noise_tau=0.0):
+    """RAE.forward: decode(encode(x)); noise_tau > 0 as in training mode. [C] stats as RAE with reshape_to_2d=False
+    applies them (on tokens), [C, h, w] stats on the grid."""
+    flat = stats is not None and stats["mean"].dim() == 1
+    z = rae_encode(encoder, x, input_size, image_mean, image_std, stats, eps, noise_tau, training=noise_tau > 0,
+                   reshape_to_2d=not flat)
+    return rae_decode(decoder, z, image_mean, image_std, stats, eps, reshape_to_2d=not flat)

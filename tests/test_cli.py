@@ -204,7 +204,7 @@ def test_latent_stats_match_a_direct_computation(dinov2_dir, image_dir, tmp_path
     assert torch.allclose(stats["var"].double(), tokens.var(0, unbiased=False), atol=1e-5)
     # The file is what normalization_stat_path reads: latents come out standardised per channel.
     model = tiny_vqrae(dinov2_dir, normalization_stat_path=str(out), reshape_to_2d=False).eval()
-    z = model.encode(images_as_model_sees_them(image_dir, names)).flatten(0, 1)
+    z = model.features(images_as_model_sees_them(image_dir, names)).flatten(0, 1)
     assert torch.allclose(z.mean(0), torch.zeros(32), atol=1e-3)
     assert torch.allclose(z.var(0, unbiased=False), torch.ones(32), atol=1e-3)
 
@@ -708,15 +708,15 @@ def class_tree(tmp_path_factory):
 
 
 def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_tree, tmp_path):
-    """Issue 14: llamagen, jsonl and memmap exports hold each image's codes and ImageFolder class id as the shards
-    do, and those codes decode to the model's own reconstruction of the image."""
+    """Issue 14: jsonl and memmap exports hold each image's codes and ImageFolder class id as the shards do, and
+    those codes decode to the model's own reconstruction of the image (llamagen: tests/test_llamagen.py)."""
     from stage1.cli.arguments import tokenize_parser
     from stage1.data.token_exports import FORMATS
 
     # The light parser spells the formats out (it imports no numpy); they are the exporter's.
     assert tuple(next(a.choices for a in tokenize_parser()._actions if a.dest == "format")) == FORMATS
     out = tmp_path / "tokens"
-    for fmt in FORMATS:  # later runs resume (nothing to do) and export
+    for fmt in ("shards", "jsonl", "memmap"):  # later runs resume (nothing to do) and export
         assert tokenize.main(["--model", model_dir, "--data", class_tree, "--out", str(out), "--format", fmt]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog"] and manifest["views"] == 1
@@ -724,10 +724,6 @@ def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_
     assert names == ["cat/a.png", "cat/b.png", "dog/c.png", "root.png"]
     assert [e["label"] for e in manifest["images"]] == [0, 0, 1, -1]
     shard = np.load(out / "shard-00000.npy")  # (4, 4, 4)
-    for i in range(4):
-        llamagen = np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / f"{i}.npy")
-        assert llamagen.shape == (1, 1, 16) and np.array_equal(llamagen[0, 0], shard[i].reshape(-1))
-        assert np.load(out / "llamagen" / f"imagenet{SIZE}_labels" / f"{i}.npy").tolist() == [[0, 0, 1, -1][i]]
     lines = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert [(d["image"], d["class_id"]) for d in lines] == list(zip(names, [0, 0, 1, -1], strict=True))
     assert all(d["tokens"] == shard[i].reshape(-1).tolist() for i, d in enumerate(lines))
@@ -737,16 +733,15 @@ def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_
     assert json.loads((out / "codes_index.json").read_text())["images"] == names
     model = VQRAE.from_pretrained(model_dir).eval()
     x = images_as_model_sees_them(class_tree, names)
-    exported = torch.from_numpy(np.stack([np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / f"{i}.npy")
-                                          for i in range(4)])[:, 0, 0].reshape(4, 4, 4))
+    exported = torch.tensor([d["tokens"] for d in lines]).reshape(4, 4, 4)
     with torch.no_grad():
         assert torch.equal(model.decode_from_indices(exported), model.decode_from_indices(model.encode_to_indices(x)))
 
 
 def test_augmented_tokenization_codes_every_view(model_dir, class_tree, tmp_path):
     """Issue 14: --augment flip codes each image and its mirror, --augment ten-crop the ten crops of a center crop
-    1.1x the size (LlamaGen's views); the llamagen export holds them as (1, views, h * w) and vqrae-decode paints
-    the first view."""
+    1.1x the size (LlamaGen's views); the jsonl export holds them as [views][h * w] and vqrae-decode paints the
+    first view."""
     from torchvision.transforms import v2
 
     model = VQRAE.from_pretrained(model_dir).eval()
@@ -759,12 +754,12 @@ def test_augmented_tokenization_codes_every_view(model_dir, class_tree, tmp_path
     for augment, views in (("flip", 2), ("ten-crop", 10)):
         out = tmp_path / augment
         argv = ["--model", model_dir, "--data", class_tree, "--out", str(out), "--augment", augment,
-                "--format", "llamagen"]
+                "--format", "jsonl"]
         assert tokenize.main(argv) == 0
         shard = np.load(out / "shard-00000.npy")
         assert shard.shape == (4, views, 4, 4) and np.array_equal(shard, expected[augment].numpy())
-        first = np.load(out / "llamagen" / f"imagenet{SIZE}_codes" / "0.npy")
-        assert first.shape == (1, views, 16) and np.array_equal(first[0], shard[0].reshape(views, 16))
+        first = json.loads((out / "tokens.jsonl").read_text().splitlines()[0])["tokens"]
+        assert first == shard[0].reshape(views, 16).tolist()
     assert decode.main(["--model", model_dir, "--tokens", str(tmp_path / "flip"), "--out", str(tmp_path / "png")]) == 0
     with torch.no_grad():
         painted = model.decode_from_indices(expected["flip"][:1, 0])[0]

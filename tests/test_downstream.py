@@ -59,7 +59,7 @@ def test_evaluate_reports_how_much_of_the_latent_the_codes_keep(dinov2_dir, tmp_
     model = VQRAE.from_pretrained(tmp_path / "model")
     x = torch.stack([prepare_image(str(tmp_path / "images" / f"{i}.png"), IMAGE_SIZE)[0] for i in range(5)])
     with torch.no_grad():
-        z = model.encode(x).flatten(2).transpose(1, 2).reshape(-1, model.encoder.hidden_size).double().numpy()
+        z = model.features(x).flatten(2).transpose(1, 2).reshape(-1, model.encoder.hidden_size).double().numpy()
         codes = model.encode_to_indices(x)
         z_q = model.quantizer.lookup(codes.reshape(5, -1)).reshape(z.shape).double().numpy()
     distortion = ((z - z_q) ** 2).sum(1).mean() / ((z - z.mean(0)) ** 2).sum(1).mean()

@@ -1244,7 +1244,7 @@ def test_a_zero_latent_std_is_refused_or_harmless(model_dir, tmp_path, std):
     except ValueError:
         return
     x = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loaded.encode(x)).all()
+    assert torch.isfinite(loaded.features(x)).all()
 
 
 def test_unknown_encoder_params_are_one_clear_error(model_dir, tokens_dir, tmp_path):

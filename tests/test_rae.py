@@ -232,7 +232,8 @@ def test_rae_presets_are_raes_decoder_configs(tmp_path):
 
 
 def test_training_starts_from_an_rae_decoder(train_images, tmp_path):
-    """init.decoder loads RAE's model.pt into a decoder in RAE's layout before step 0 (lr 1e-12 keeps it there)."""
+    """pretrained_decoder_path loads RAE's model.pt into a decoder in RAE's layout before step 0 (lr 1e-12 keeps it
+    there)."""
     from helpers import run_training
     from safetensors.torch import load_file
 
@@ -241,13 +242,14 @@ def test_training_starts_from_an_rae_decoder(train_images, tmp_path):
     layout = ["decoder.hidden_size=32", "decoder.num_hidden_layers=1", "decoder.intermediate_size=64",
               "decoder.cls_token=true", "decoder.pos_embed=fixed", "decoder.layer_norm_eps=1e-12",
               "decoder.pixel_space=encoder"]
-    summary = run_training(train_images, tmp_path / "run", *layout, f"init.decoder={weights}", "train.steps=1",
-                           "train.lr=1e-12", "train.min_lr=1e-12", "train.report_reconstructions=false")
+    summary = run_training(train_images, tmp_path / "run", *layout, f"pretrained_decoder_path={weights}",
+                           "train.steps=1", "train.lr=1e-12", "train.min_lr=1e-12",
+                           "train.report_reconstructions=false")
     final = load_file(os.path.join(summary["final"], "model.safetensors"))
     expected = decoder_state_from_rae(reference.rae_state_dict())
     assert all(torch.allclose(final[f"decoder.{k}"], v, atol=1e-8) for k, v in expected.items())
     with pytest.raises(ValueError, match="do not fit this decoder"):  # our own layout cannot take RAE's weights
-        run_training(train_images, tmp_path / "bad", f"init.decoder={weights}", "train.steps=1")
+        run_training(train_images, tmp_path / "bad", f"pretrained_decoder_path={weights}", "train.steps=1")
 
 
 def test_latent_stats_writes_raes_stat_pt_per_position(reg_dir, tmp_path):

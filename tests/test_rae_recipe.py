@@ -28,9 +28,9 @@ def test_rae_experiment_is_raes_stage1_config():
 def test_vqrae_experiment_starts_from_an_rae_decoder(tmp_path):
     cfg = load_run_config(["experiment=vqrae_dinov2_b_decxl", "data.path=x"])
     assert cfg.model.quantizer.kind == "single" and cfg.codebook_fit.images > 0
-    assert cfg.model.decoder.cls_token and cfg.init.decoder.endswith("ViTXL_n08/model.pt")
+    assert cfg.model.decoder.cls_token and cfg.model.pretrained_decoder_path.endswith("ViTXL_n08/model.pt")
     # RAE's files are checked before the data folder is scanned or a model built: each missing one is named.
-    files = {"init.decoder": "model.pt", "normalization_stat_path": "stat.pt", "loss.dino_path": "dino.pth"}
+    files = {"pretrained_decoder_path": "model.pt", "normalization_stat_path": "stat.pt", "loss.dino_path": "dino.pth"}
     given = []
     for key, name in files.items():
         with pytest.raises(ValueError, match=f"{key} must be an existing file or null"):

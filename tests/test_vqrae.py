@@ -31,9 +31,10 @@ def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d):
     assert x_rec.shape == x.shape
     assert torch.equal(model.decode_from_indices(indices), x_rec)
     assert torch.equal(model.decode_from_indices(indices.flatten(1)), x_rec)  # (B, N) indices too
-    z_q, _, quantizer_indices = model.quantize(model.encode(x))
+    z_q, _, quantizer_indices = model.quantize(model.features(x))
     assert torch.equal(quantizer_indices.reshape(3, 4, 4), indices)
     assert torch.equal(model.decode(z_q), x_rec)
+    assert torch.equal(model.encode(x), z_q)  # encode: the latent the decoder takes, the codes' vectors
 
 
 def test_layout_options_give_the_same_codes(dinov2_dir):
@@ -42,7 +43,7 @@ def test_layout_options_give_the_same_codes(dinov2_dir):
         torch.manual_seed(0)
         model = tiny_vqrae(dinov2_dir, reshape_to_2d=reshape_to_2d).eval()
         x = smooth_images(2)
-        z = model.encode(x)
+        z = model.features(x)
         assert z.shape == ((2, 32, 4, 4) if reshape_to_2d else (2, 16, 32))
         outputs.append((model.encode_to_indices(x), model(x)))
     for indices, images in outputs[1:]:
@@ -175,12 +176,12 @@ def test_latent_normalisation_from_stats_file(dinov2_dir, tmp_path):
     normed = tiny_vqrae(dinov2_dir, reshape_to_2d=False, normalization_stat_path=str(tmp_path / "stats.safetensors"))
     normed.eval()
     x = smooth_images(2)
-    expected = (plain.encode(x) - mean) / (var + 1e-5).sqrt()  # RAE's epsilon
-    assert torch.allclose(normed.encode(x), expected, atol=1e-5)
+    expected = (plain.features(x) - mean) / (var + 1e-5).sqrt()  # RAE's epsilon
+    assert torch.allclose(normed.features(x), expected, atol=1e-5)
     # The statistics travel with the weights: the reloaded model no longer needs the file.
     normed.save_pretrained(tmp_path / "ckpt")
     os.remove(tmp_path / "stats.safetensors")
-    assert torch.allclose(VQRAE.from_pretrained(tmp_path / "ckpt").encode(x), expected, atol=1e-5)
+    assert torch.allclose(VQRAE.from_pretrained(tmp_path / "ckpt").features(x), expected, atol=1e-5)
     save_file({"mean": mean[:8], "var": var[:8]}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"expected mean and var of shape \[32\] or \[32, h, w\]"):
         tiny_vqrae(dinov2_dir, normalization_stat_path=str(tmp_path / "bad.safetensors"))

@@ -24,6 +24,8 @@ _MODULE_OF = {
     "build_quantizer": "model.quantizer_kinds",
     "nearest_code": "model.search",
     "VQRAE": "model.vqrae",
+    "from_pretrained": "model.vqrae",
+    "RAE": "model.rae_model",
 }
 __all__ = sorted(_MODULE_OF)
 __version__ = "0.1.0"

@@ -4,7 +4,8 @@
         encoder:    EncoderConfig    configs/encoder/*.yaml     which frozen encoder, at which input size
         quantizer:  QuantizerConfig  configs/quantizer/*.yaml   codebook size and EMA rule
         decoder:    DecoderConfig    configs/decoder/*.yaml     ViT decoder sizes
-        noise_tau, normalization_stat_path, reshape_to_2d              `model:` in configs/train.yaml
+        noise_tau, normalization_stat_path, normalization_eps, pretrained_decoder_path, reshape_to_2d
+                                                                `model:` in configs/train.yaml
 
 Field names are the hydra keys, one to one, so a value has one name from the command line to the module that
 uses it (`quantizer.decay=0.95` is `config.quantizer.decay` is `VectorQuantizer.decay`). Every value is checked
@@ -15,6 +16,7 @@ once, here, when a config is made (stage1.base.config_section: types first, then
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..base.atomic import read_json, write_json
@@ -133,6 +135,10 @@ def _read_mapping(path: str) -> dict:
     return values
 
 
+def _is_vit_mae_config(path: str) -> bool:
+    return path.endswith(".json") and "decoder_hidden_size" in _read_mapping(path)  # RAE's, not a DecoderConfig
+
+
 def _decoder_presets() -> dict[str, dict]:
     if not os.path.isdir(DECODER_CONFIG_DIR):
         return {}
@@ -152,19 +158,24 @@ def _preset(name: str) -> dict:
 
 def load_decoder_config(source: str | dict | DecoderConfig | None, **overrides) -> DecoderConfig:
     """A DecoderConfig from a preset name, a .json/.yaml path, a dict, or None (vit_b); overrides win. A dict or
-    file that gives only some sizes takes the others from vit_b."""
+    file that gives only some sizes takes the others from vit_b. RAE's decoder configs (a ViT-MAE config.json, or
+    the directory holding one, as RAE's configs/decoder/ViTXL) give RAE's decoder, in RAE's layout."""
     if isinstance(source, DecoderConfig):
         values = source.to_dict()
     elif isinstance(source, dict):
         values = {**_preset("vit_b"), **source}
     elif source is None or source in DECODER_PRESETS:
         values = _preset(source or "vit_b")
+    elif os.path.isdir(source) or (os.path.isfile(source) and _is_vit_mae_config(source)):
+        from .rae import rae_decoder_config  # stage1.model.rae imports this module
+
+        values = rae_decoder_config(source).to_dict()
     elif os.path.isfile(source):
         values = {**_preset("vit_b"), **_read_mapping(source)}
     else:
         raise ValueError(
-            f"decoder config '{source}' is neither a preset ({', '.join(DECODER_PRESETS)}) nor an existing "
-            f".json/.yaml file"
+            f"decoder config '{source}' is neither a preset ({', '.join(DECODER_PRESETS)}), nor an existing "
+            f".json/.yaml file, nor a directory holding RAE's ViT-MAE config.json"
         )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DecoderConfig.from_dict(values)
@@ -188,7 +199,13 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),
+    "eps": (None, "normalization_eps"),
+    "pretrained_decoder_path": (None, "pretrained_decoder_path"),
 }
+# The keys RAE's encoder classes take their checkpoint under (Dinov2withNorm: dinov2_path; SigLIP2wNorm and MAEwNorm:
+# model_name): the same checkpoint as encoder_config_path, which RAE reads the image mean / std from.
+RAE_ENCODER_PATH_KEYS = ("dinov2_path", "model_name")
+RAE_UNUSED_ENCODER_PARAMS = ("num_tokens",)  # SigLIP2wNorm stores it and never reads it
 SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig}
 
 
@@ -199,11 +216,16 @@ class VQRAEConfig(ConfigSection):
     decoder: DecoderConfig = field(default_factory=lambda: load_decoder_config("vit_b"))
     noise_tau: float = 0.0  # RAE's latent noise: sigma ~ U(0, noise_tau) per image, on the raw latent, in training
     normalization_stat_path: str | None = None  # latent mean/var, [C] or [C, h, w] (safetensors or RAE's stat.pt);
-    # saved into the weights
+    # read when the model is built, then saved in its weights (as std = sqrt(var + normalization_eps))
+    normalization_eps: float = 1e-5  # RAE's eps
+    # RAE's released decoder weights (model.pt, or safetensors) for a decoder in RAE's layout (decoder=rae_vit_*, or
+    # RAE's decoder config directory): loaded when the model is built, then saved in its weights
+    pretrained_decoder_path: str | None = None
     reshape_to_2d: bool = True  # encode() returns (B, C, h, w); False: (B, N, C) tokens
 
     def check(self):
         self.require(self.noise_tau >= 0, "noise_tau", ">= 0")
+        self.require(self.normalization_eps >= 0, "normalization_eps", ">= 0")
 
     def save(self, path: str) -> None:
         write_json(path, self.to_dict())
@@ -224,6 +246,8 @@ class VQRAEConfig(ConfigSection):
         sections = {name: getattr(self, name).to_dict() for name in SECTIONS}
         if "decoder_config_path" in keywords:
             sections["decoder"] = load_decoder_config(keywords["decoder_config_path"]).to_dict()
+        if "encoder_params" in keywords:
+            keywords = {**keywords, **_from_rae_encoder_params(keywords)}
         top = {}
         for keyword, value in keywords.items():
             if keyword == "decoder_config_path" or (keyword == "decoder_patch_size" and value is None):
@@ -235,3 +259,20 @@ class VQRAEConfig(ConfigSection):
     @classmethod
     def from_kwargs(cls, **keywords) -> "VQRAEConfig":
         return cls().with_keywords(**keywords)
+
+
+def _from_rae_encoder_params(keywords: dict) -> dict:
+    """RAE's encoder_params hold the encoder's checkpoint too (dinov2_path, model_name): it becomes
+    encoder_config_path, the one path of the encoder here (weights, config and image mean / std)."""
+    params = keywords["encoder_params"]
+    if not isinstance(params, Mapping):  # a dict, or OmegaConf's DictConfig (RAE's instantiate_from_config)
+        return {}  # EncoderConfig names the expected type
+    paths = {key: params[key] for key in RAE_ENCODER_PATH_KEYS if key in params}
+    given = keywords.get("encoder_config_path")
+    named = set(paths.values()) | ({given} if given is not None else set())
+    if len(named) > 1:
+        raise ConfigError(f"encoder_config_path and encoder_params {paths} name different checkpoints "
+                          f"{sorted(map(str, named))}; RAE reads its weights from the one and its image mean / std "
+                          f"from the other, vqrae both from one: give the same path")
+    rest = {k: v for k, v in params.items() if k not in RAE_ENCODER_PATH_KEYS + RAE_UNUSED_ENCODER_PARAMS}
+    return {"encoder_params": rest, **({"encoder_config_path": named.pop()} if named else {})}

@@ -3,7 +3,7 @@
 Two formats are read: safetensors (what `vqrae-latent-stats` writes) and RAE's `stat.pt` (a torch file, read with
 `weights_only=True`, so nothing in it is unpickled beyond tensors). Either holds `mean` and `var` (ours may hold
 `std` instead), each of shape [C] (per channel) or [C, h, w] (per channel and position, as RAE computes them).
-The latent is normalised as RAE does: (z - mean) / sqrt(var + 1e-5).
+The latent is normalised as RAE does: (z - mean) / sqrt(var + eps), eps 1e-5 unless given.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..base.tensor_files import read_tensor_file
 STATS_EPS = 1e-5  # RAE's
 
 
-def read_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def read_latent_stats(path: str, channels: int, eps: float = STATS_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std for tokens (B, N, C): shape (C,) per channel, or (h * w, C) per position (raster order)."""
     stats = read_tensor_file(path, "normalization_stat_path")
     if not isinstance(stats, dict) or "mean" not in stats or not ({"var", "std"} & set(stats)):
@@ -29,7 +29,7 @@ def read_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Ten
                          f"encoder's {channels} channels, got {shapes}")
     if not (mean.is_floating_point() and spread.is_floating_point()):
         raise ValueError(f"{path}: mean and var must be floating-point tensors, got {mean.dtype} / {spread.dtype}")
-    std = spread.float() if "std" in stats else (spread.float() + STATS_EPS).sqrt()
+    std = spread.float() if "std" in stats else (spread.float() + eps).sqrt()
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
         raise ValueError(f"{path}: mean and var must be finite and var >= 0 (std > 0); NaN, Inf or a negative "
                          f"variance would normalise every latent to NaN")

@@ -35,9 +35,9 @@ QKV = re.compile(r"decoder_layers\.(\d+)\.attention\.attention\.(query|key|value
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "decoder.")  # DDP, torch.compile, a whole RAE model's state dict
 
 
-def rae_decoder_config(path: str, patch_size: int) -> DecoderConfig:
+def rae_decoder_config(path: str, patch_size: int = 16) -> DecoderConfig:
     """RAE's decoder config (a ViT-MAE config.json, or its directory) -> the DecoderConfig of the same decoder.
-    RAE takes the patch size from its stage-1 YAML (`decoder_patch_size`), not from this file."""
+    RAE takes the patch size from its stage-1 YAML (`decoder_patch_size`, 16 by default), not from this file."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"RAE decoder config '{path}' is neither a config.json nor a directory holding one "

@@ -2,8 +2,8 @@
 
     image [0, 1] --encoder--> tokens (B, N, C) --quantizer--> codes (B, N) / z_q (B, N, C) --decoder--> image [0, 1]
 
-Latents stay tokens from the encoder to the decoder; only the public methods speak grids: `encode` returns
-(B, C, h, w) when config.reshape_to_2d (the default), and indices are (B, h, w).
+Latents stay tokens from the encoder to the decoder; only the public methods speak grids: `features` and `encode`
+return (B, C, h, w) when config.reshape_to_2d (the default), and indices are (B, h, w).
 
 Sizes. The encoder sees images resized to `encoder.input_size` (None: as given, which must then be a multiple of
 its patch size), so its grid is h = input_size / encoder patch. The decoder paints h * decoder.patch_size pixels
@@ -34,6 +34,7 @@ from .decoder import ViTDecoder
 from .encoders import build_encoder, may_be_on_hub
 from .latent_stats import read_latent_stats
 from .quantizer_kinds import build_quantizer
+from .rae import load_rae_decoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,6 +55,13 @@ def grid_to_tokens(z: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, h*w, C) -> (B, C, h, w)."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+
+
+def add_latent_noise(latent: torch.Tensor, noise_tau: float) -> torch.Tensor:
+    """RAE's latent noise on a raw latent: sigma ~ U(0, noise_tau) per image, times N(0, 1) on every value (RAE's two
+    draws, in its order, so a seed gives RAE's noise)."""
+    sigma = noise_tau * torch.rand((latent.shape[0],) + (1,) * (latent.dim() - 1), device=latent.device)
+    return latent + sigma.to(latent.dtype) * torch.randn_like(latent)
 
 
 def square_grid(n: int) -> tuple[int, int]:
@@ -79,12 +87,14 @@ class VQRAE(nn.Module):
         if encoder.input_size is not None:
             self.encoder.check_fits("encoder_input_size", encoder.input_size)
         channels = self.encoder.hidden_size
-        self.set_latent_stats(*(read_latent_stats(config.normalization_stat_path, channels)
-                                if config.normalization_stat_path is not None else
+        stats_file, eps = config.normalization_stat_path, config.normalization_eps
+        self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps) if stats_file is not None else
                                 (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
         grid = self.grid_size or DEFAULT_GRID_IMAGE // self.encoder.patch_size
         self.decoder = ViTDecoder(channels, config.decoder, grid_size=grid)
+        if config.pretrained_decoder_path is not None:
+            load_rae_decoder(self.decoder, config.pretrained_decoder_path)
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The latent normalisation, (C,) per channel or (h * w, C) per position (for the encoder's own grid).
@@ -132,7 +142,7 @@ class VQRAE(nn.Module):
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; e.g. use x.float() / 255")
         if self.config.encoder.input_size is None:
             self.encoder.check_fits("image size", *x.shape[-2:], hint=" (or set encoder_input_size to resize)")
-        if values:
+        if values and not torch.compiler.is_compiling():  # a host sync, and a graph break in torch.compile(encode)
             lo, hi = (float(v) for v in torch.aminmax(x.detach()))
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):  # also catches NaN
                 raise ValueError(f"expected finite pixel values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
@@ -179,9 +189,7 @@ class VQRAE(nn.Module):
         """Normalised latent tokens -> images in [0, 1] (clamped unless asked not to)."""
         latent = self.denormalize(tokens)
         if noise_tau > 0:
-            # RAE's latent noise, on the raw latent: sigma ~ U(0, noise_tau) per image.
-            sigma = torch.rand(latent.shape[0], 1, 1, device=latent.device) * noise_tau
-            latent = latent + sigma.to(latent.dtype) * torch.randn_like(latent)
+            latent = add_latent_noise(latent, noise_tau)
         x = self.decoder(latent, grid)
         if self.config.decoder.pixel_space == "encoder":
             x = x * self.encoder.image_std.to(x.dtype) + self.encoder.image_mean.to(x.dtype)
@@ -251,16 +259,30 @@ class VQRAE(nn.Module):
         x_rec = self._decode_tokens(z_q, grid, output_size=output_size)
         return (x_rec, codes, (z, z_q)) if return_latents else (x_rec, codes)
 
-    # ---- the same path in steps, in encode()'s layout --------------------------------------------------------
+    # ---- the same path in steps, as grids (B, C, h, w), or tokens (B, N, C) with reshape_to_2d=False -----------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the encoder's normalised features: what the codebook quantizes."""
+        self.check_images(x)
+        return self._layout(*self.encode_tokens(x))
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> normalised latents (B, C, h, w), or (B, N, C) with reshape_to_2d=False."""
+        """Images in [0, 1] -> the normalised latent the decoder takes, RAE's `encode`: the codes' vectors (the
+        codebook never moves here), or the features themselves without a codebook; in training mode with RAE's
+        noise (noise_tau) on the raw latent. What RAE's stage 2 trains a diffusion model on."""
         self.check_images(x)
         tokens, grid = self.encode_tokens(x)
+        if self.config.quantizer.kind != "none":
+            tokens = self._code_tokens(self._indices(tokens, grid))
+        if self.training and self.config.noise_tau > 0:
+            tokens = self.normalize(add_latent_noise(self.denormalize(tokens), self.config.noise_tau))
+        return self._layout(tokens, grid)
+
+    def _layout(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return tokens_to_grid(tokens, grid) if self.config.reshape_to_2d else tokens
 
     def quantize(self, z: torch.Tensor):
-        """Latents from encode() -> (z_q, losses, indices): z_q in z's layout, indices (B, h, w) or (B, N)
-        (with a last axis of L codes for residual / grouped quantizers)."""
+        """Features from features() -> (z_q, losses, indices): z_q in z's layout, indices (B, h, w) or (B, N)
+        (with a last axis of L codes for residual / grouped quantizers). In training mode the codebook learns."""
         if z.dim() != 4:
             return self.quantizer(z)
         tokens, grid = grid_to_tokens(z)
@@ -283,7 +305,8 @@ class VQRAE(nn.Module):
         Training checkpoints are written by this same method, so every checkpoint loads with from_pretrained."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        config = dataclasses.replace(self.config, normalization_stat_path=None)  # the stats travel in the weights
+        # The latent statistics and RAE's decoder weights it was built from travel in the weights.
+        config = dataclasses.replace(self.config, normalization_stat_path=None, pretrained_decoder_path=None)
         if save_encoder:
             self.encoder.model.save_pretrained(os.path.join(directory, ENCODER_SUBDIR))
             write_json(
@@ -323,9 +346,14 @@ class VQRAE(nn.Module):
         if needed > held:
             raise ValueError(f"{config_file} describes a decoder and codebook of at least {needed:,} numbers, but "
                              f"{weights_file} holds {held:,}: they are not one model's config and weights")
-        model = cls(config)
+        model = cls.from_config(config)
         model.load_weights(weights_file)
         return model.eval()  # as every from_pretrained: the codebook moves only when the caller trains
+
+    @classmethod
+    def from_config(cls, config: VQRAEConfig) -> "VQRAE":
+        """A model built from a whole config (from_pretrained's way in; subclasses with other constructors)."""
+        return cls(config)
 
     def load_weights(self, weights_file: str) -> None:
         """The trainable weights of a save_pretrained file, in place: every one of them, each of its shape, nothing
@@ -381,17 +409,12 @@ class VQRAE(nn.Module):
         config (a ViT-MAE config.json or its directory) and the latent statistics it was trained with (`stat.pt`),
         as RAE's stage-1 YAML names them. Keywords are VQRAE's (encoder_cls, encoder_config_path, ...); by default
         RAE's: DINOv2-B with registers at 224 px, and no codebook (quantizer_kind="none"), so the model is RAE.
-        Give num_embeddings (and quantizer_kind for residual / grouped) to put a codebook in front of the decoder."""
-        from .rae import load_rae_decoder, rae_decoder_config
-
-        kind = keywords.pop("quantizer_kind", "single" if "num_embeddings" in keywords else "none")
-        keywords = {"encoder_config_path": "facebook/dinov2-with-registers-base", **keywords}
-        config = VQRAEConfig.from_kwargs(quantizer_kind=kind, normalization_stat_path=normalization_stat_path,
-                                         **keywords)
-        config.decoder = rae_decoder_config(decoder_config_path, decoder_patch_size)
-        model = cls(config)
-        load_rae_decoder(model.decoder, decoder_path)
-        return model
+        Give num_embeddings (and quantizer_kind for residual / grouped) to put a codebook in front of the decoder.
+        (The same as VQRAE(pretrained_decoder_path=..., ...) with RAE's keywords, or stage1.RAE.)"""
+        keywords.setdefault("quantizer_kind", "single" if "num_embeddings" in keywords else "none")
+        keywords.setdefault("encoder_config_path", "facebook/dinov2-with-registers-base")
+        return cls(pretrained_decoder_path=decoder_path, decoder_config_path=decoder_config_path,
+                   normalization_stat_path=normalization_stat_path, decoder_patch_size=decoder_patch_size, **keywords)
 
     @staticmethod
     def _encoder_inside(path: str, hub: dict) -> str:
@@ -427,3 +450,9 @@ class VQRAE(nn.Module):
             raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: it has no {name} (a checkpoint is a "
                                     f"directory or Hub repo with {CONFIG_NAME} and its weights){cause}")
         return resolved
+
+
+def from_pretrained(path: str | os.PathLike, **options) -> VQRAE:
+    """VQRAE.from_pretrained as a module-level function, for configs that name a callable by its dotted path: RAE's
+    stage 2 with `target: stage1.from_pretrained` and `params: {path: results/run/final}`."""
+    return VQRAE.from_pretrained(path, **options)

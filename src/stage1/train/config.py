@@ -1,8 +1,9 @@
 """A training run's configuration: typed sections, composed by hydra from `configs/`, checked once.
 
     RunConfig                                       the hydra tree (configs/train.yaml and its groups)
-        model: VQRAEConfig                          encoder/ quantizer/ decoder/ groups, noise_tau and
-                                                    normalization_stat_path at the top level (as in config.json)
+        model: VQRAEConfig                          encoder/ quantizer/ decoder/ groups, noise_tau,
+                                                    normalization_stat_path, normalization_eps and
+                                                    pretrained_decoder_path at the top level (as in config.json)
         loss: LossConfig                            loss/
         data: DataConfig                            data/
         codebook_fit: CodebookFitConfig             codebook_fit:
@@ -35,7 +36,8 @@ from .losses import LossConfig
 OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
 __all__ = ["CONFIG_DIR", "REPO_ROOT", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
            "check_files", "compose_tree", "load_run_config", "run_config"]
-MODEL_KEYS = ("encoder", "quantizer", "decoder", "noise_tau", "normalization_stat_path")  # the model in the tree
+MODEL_KEYS = ("encoder", "quantizer", "decoder", "noise_tau", "normalization_stat_path", "normalization_eps",
+              "pretrained_decoder_path")  # the model in the tree
 
 
 @dataclass
@@ -118,7 +120,6 @@ class InitConfig(ConfigSection):
     """Where weights start from (a resumed run takes its checkpoint's instead)."""
 
     section = "init"
-    decoder: str | None = None  # RAE's released decoder weights (model.pt, or safetensors), for decoder=rae_vit_*
     tiny_encoder: dict | None = None  # a stand-in encoder's recipe (stage1.model.tiny): built at encoder.path first
 
 
@@ -171,8 +172,8 @@ def run_config(tree: DictConfig | dict) -> RunConfig:
     values = dict(tree)
     model = {k: values.pop(k) for k in MODEL_KEYS if k in values}
     if "model" in values:
-        raise ConfigError("unknown config key 'model': the model's values are encoder.*, quantizer.*, decoder.*, "
-                          "noise_tau and normalization_stat_path")
+        raise ConfigError(f"unknown config key 'model': the model's values are {', '.join(MODEL_KEYS)} (encoder, "
+                          f"quantizer and decoder with their keys)")
     return RunConfig.from_dict({**values, "model": model})
 
 
@@ -192,7 +193,8 @@ def load_run_config(overrides: list[str] | None = None, config_dir: str = CONFIG
 
 def check_files(run: RunConfig) -> None:
     """The files a run reads exist: checked before the data folder is scanned."""
-    files = {"init.decoder": run.init.decoder, "normalization_stat_path": run.model.normalization_stat_path}
+    files = {"pretrained_decoder_path": run.model.pretrained_decoder_path,
+             "normalization_stat_path": run.model.normalization_stat_path}
     if run.loss.disc == "dino" and run.loss.disc_weight > 0:
         files["loss.dino_path"] = run.loss.dino_path
     for key, path in files.items():

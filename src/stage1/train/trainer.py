@@ -33,7 +33,6 @@ from ..base.precision import autocast, resolve_precision
 from ..base.preemption import StopSignals
 from ..data.datasets import ImageDataset, build_transform
 from ..data.tar_shards import spread_images, training_dataset, training_loader
-from ..model.rae import load_rae_decoder
 from ..model.tiny import write_stand_in_encoder
 from ..model.vqrae import VQRAE
 from . import outputs
@@ -100,8 +99,6 @@ class Trainer:
         # resumed run rebuilds what checkpoints do not hold (a random LPIPS backbone) identically.
         torch.manual_seed(cfg.seed)
         self.model = VQRAE(cfg.model)
-        if cfg.init.decoder is not None:
-            load_rae_decoder(self.model.decoder, cfg.init.decoder)
         self.model.to(self.device)
         self.model.decoder.gradient_checkpointing = cfg.train.grad_checkpointing
         self.loss = VQRAELoss(cfg.loss).to(self.device)
