@@ -96,6 +96,23 @@ def test_rae_noise_in_training_mode_is_raes(rae_release):
         assert torch.equal(rae.eval().encode(x), rae.encode(x))  # and none in eval mode
 
 
+def test_rae_takes_raes_own_checkpoints(rae_release):
+    """`ckpt:` in RAE's stage-2 YAML: instantiate_from_config loads RAE's stage-1 training checkpoint (its EMA model's
+    state dict: the frozen encoder's tensors and RAE's decoder names) with load_state_dict(strict=True)."""
+    rae = build(rae_release, pretrained_decoder_path=None).eval()  # a decoder of random weights
+    trained = randomize(ReferenceDecoder(WIDTH, 48, 2, 4, 96, patch_size=8, num_patches=GRID * GRID), seed=9).eval()
+    state = {f"decoder.{k}": v for k, v in trained.rae_state_dict().items()}
+    state["encoder.encoder.embeddings.cls_token"] = torch.zeros(1, 1, WIDTH)  # RAE's frozen encoder, left out
+    rae.load_state_dict(state, strict=True)
+    latents = torch.randn(2, WIDTH, GRID, GRID, generator=torch.Generator().manual_seed(2))
+    stats = rae_release["stats"]
+    with torch.no_grad():
+        expected = rae_decode(trained, latents, MEAN, STD, stats, eps=EPS)
+        assert (rae.decode(latents) - expected).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="Missing key"):
+        rae.load_state_dict({k: v for k, v in state.items() if "decoder_pred" not in k}, strict=True)
+
+
 def test_rae_encode_compiles_as_raes_train_py_does(rae_release):
     rae = build(rae_release).eval()
     x = smooth_images(2, size=INPUT, seed=8)

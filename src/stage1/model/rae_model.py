@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import VQRAEConfig
+from .rae import decoder_state_from_rae
 from .vqrae import VQRAE
 
 
@@ -47,6 +48,14 @@ class RAE(VQRAE):
         model = cls.__new__(cls)
         VQRAE.__init__(model, config)  # RAE's constructor takes RAE's keywords, not a config
         return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also RAE's own state dicts (its stage-1 training's checkpoints: `ckpt:` in RAE's stage-2 YAML, whose
+        instantiate_from_config loads them here): their decoder is mapped onto this one (stage1.model.rae), their
+        encoder left out (frozen: loaded from encoder_config_path)."""
+        if any(key.startswith("decoder.decoder_") for key in state_dict):
+            return self.decoder.load_state_dict(decoder_state_from_rae(dict(state_dict)), strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def decode(self, z: torch.Tensor, output_size=None, clamp: bool = False) -> torch.Tensor:
         """Normalised latents -> images, not clamped (RAE's scripts clamp what they save)."""
