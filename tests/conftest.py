@@ -54,3 +54,19 @@ def train_images(tmp_path_factory):
         os.makedirs(root / f"class{i % 2}", exist_ok=True)
         save_image(image, root / f"class{i % 2}" / f"{i}.png")
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory):
+    """An ImageFolder tree (two classes) and one image in the root, which has no class."""
+    import numpy as np
+    from helpers import smooth_images
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tree")
+    pixels = (smooth_images(4, size=40, seed=9).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    for (folder, name), image in zip([("cat", "a.png"), ("cat", "b.png"), ("dog", "c.png"), (".", "root.png")],
+                                     pixels, strict=True):
+        (root / folder).mkdir(exist_ok=True)
+        Image.fromarray(image).save(root / folder / name)
+    return str(root)

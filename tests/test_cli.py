@@ -636,7 +636,7 @@ def test_8bit_images_resize_as_uint8_within_the_stated_tolerance_of_a_float_resi
 
 
 def test_jpegs_decode_to_pillows_pixels_turned_as_their_exif_says(tmp_path, monkeypatch):
-    """Issue 13: JPEGs are decoded by torchvision (libjpeg-turbo, no PIL copies); every kind gives Pillow's own pixels
+    """Issue 13: JPEGs are decoded by TorchCodec (libjpeg-turbo, no PIL copies); every kind gives Pillow's own pixels
     exactly, each EXIF orientation turns them as ImageOps.exif_transpose does (and the note says so only then), and
     a truncated one is an UnreadableImageError with a clean reason."""
     from PIL import ImageOps
@@ -693,18 +693,6 @@ def test_compile_flag_gives_the_same_codes_and_attention_runs_on_sdpa(model_dir,
     compiled = VQRAE.from_pretrained(model_dir).compile_parts()
     assert compiled.decoder._compiled_call_impl is not None  # compiled in place ...
     assert sorted(compiled.state_dict()) == sorted(model.state_dict())  # ... under the same tensor names
-
-
-@pytest.fixture(scope="module")
-def class_tree(tmp_path_factory):
-    """An ImageFolder tree (two classes) and one image in the root, which has no class."""
-    root = tmp_path_factory.mktemp("tree")
-    pixels = (smooth_images(4, size=40, seed=9).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-    for (folder, name), image in zip([("cat", "a.png"), ("cat", "b.png"), ("dog", "c.png"), (".", "root.png")],
-                                     pixels, strict=True):
-        (root / folder).mkdir(exist_ok=True)
-        Image.fromarray(image).save(root / folder / name)
-    return str(root)
 
 
 def test_token_exports_read_back_to_the_codes_and_class_labels(model_dir, class_tree, tmp_path):
@@ -866,6 +854,44 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     bad = ["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "bad"), "--samples", "no-such.png"]
     assert push.main(bad) == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # checked before the model is written there
+
+
+def test_push_card_metadata_is_the_hubs(model_dir, tiny_encoders, tmp_path):
+    """Issue 21: the card's metadata is huggingface_hub's (ModelCard reads it back): the encoder's license (its card's,
+    else its family's: MAE's weights are CC-BY-NC), the encoder as base_model when it is a Hub id, the datasets, and
+    the evaluation as model-index results with results.json's values."""
+    from huggingface_hub import ModelCard
+
+    from stage1.cli import push
+
+    results = {"psnr": 21.5, "ssim": 0.61, "rfid": 3.25, "codebook_usage": 0.9, "latent_cosine": 0.8,
+               "lpips": None, "num_images": 8, "image_size": 32}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    argv = ["--model", model_dir, "--repo", "someone/tiny", "--results", str(tmp_path / "results.json"),
+            "--datasets", "ILSVRC/imagenet-1k", "--stage", str(tmp_path / "staged")]
+    assert push.main(argv) == 0
+    data = ModelCard.load(tmp_path / "staged" / "README.md").data
+    assert (data.license, data.library_name, data.pipeline_tag) == ("apache-2.0", "vqrae", "image-feature-extraction")
+    assert data.datasets == ["ILSVRC/imagenet-1k"] and data.base_model is None  # a local encoder: no Hub id
+    scores = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert scores == {k: v for k, v in results.items() if k in ("psnr", "ssim", "rfid", "codebook_usage",
+                                                                 "latent_cosine")}
+    assert {r.dataset_type for r in data.eval_results} == {"ILSVRC/imagenet-1k"}
+    # An MAE encoder: its family's non-commercial license, unless --license says otherwise; an encoder's own card wins.
+    mae = tiny_vqrae(tiny_encoders["mae"][1], encoder_cls="MAE")
+    mae.save_pretrained(tmp_path / "mae")
+    assert push.main(["--model", str(tmp_path / "mae"), "--repo", "a/b", "--stage", str(tmp_path / "s1")]) == 0
+    assert ModelCard.load(tmp_path / "s1" / "README.md").data.license == "cc-by-nc-4.0"
+    assert push.main(["--model", str(tmp_path / "mae"), "--repo", "a/b", "--stage", str(tmp_path / "s2"),
+                      "--license", "other", "--base-model", "facebook/vit-mae-base"]) == 0
+    data = ModelCard.load(tmp_path / "s2" / "README.md").data
+    assert (data.license, data.base_model, data.eval_results) == ("other", "facebook/vit-mae-base", None)
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoders["mae"][1], encoder)
+    (encoder / "README.md").write_text("---\nlicense: mit\n---\n# an MAE of one's own\n")
+    assert push.main(["--model", str(tmp_path / "mae"), "--repo", "a/b", "--stage", str(tmp_path / "s3"),
+                      "--encoder-path", str(encoder)]) == 0
+    assert ModelCard.load(tmp_path / "s3" / "README.md").data.license == "mit"
 
 
 def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree, tmp_path, capsys):

@@ -121,3 +121,38 @@ def test_a_model_loads_from_the_hugging_face_cache_offline_at_a_revision(dinov2_
     assert torch.equal(other.quantizer.embedding, original.quantizer.embedding + 1)
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache with the Hub off"):
         VQRAE.from_pretrained("someone/tiny", cache_dir=str(tmp_path / "cache"), revision="c" * 40)
+
+
+def test_plain_tars_of_class_folders_take_their_classes_from_member_paths(model_dir, class_tree, tmp_path):
+    """Issue 21, point 4: `tar cf` of an ImageFolder tree (no cls fields) gives each image its ImageFolder class
+    from its member path, across shards (the sorted top-level folders of all of them), as the folder itself does;
+    shards that carry cls keep theirs."""
+    import json
+    import tarfile
+
+    from stage1.cli import make_shards, tokenize
+
+    # Two plain tars, the classes split between them (dog only in the second), one image at the top level.
+    members = [("cat/a.png", "one"), ("cat/b.png", "one"), ("dog/c.png", "two"), ("root.png", "two")]
+    for tar_name in ("one", "two"):
+        with tarfile.open(tmp_path / f"{tar_name}.tar", "w") as tar:
+            for member, where in members:
+                if where == tar_name:
+                    tar.add(os.path.join(class_tree, member), arcname=member)
+    spec = str(tmp_path / "{one,two}.tar")
+    for data, out in ((class_tree, "folder"), (spec, "tars")):
+        assert tokenize.main(["--model", model_dir, "--data", data, "--out", str(tmp_path / out)]) == 0
+    folder, tars = (json.loads((tmp_path / out / "manifest.json").read_text()) for out in ("folder", "tars"))
+    assert tars["classes"] == folder["classes"] == ["cat", "dog"]
+    assert [(e["path"], e["label"]) for e in tars["images"]] == [("cat/a.png", 0), ("cat/b.png", 0),
+                                                                 ("dog/c.png", 1), ("root.png", -1)]
+    assert [e["label"] for e in folder["images"]] == [0, 0, 1, -1]
+    codes = [np.concatenate([np.load(tmp_path / out / f"shard-0000{i}.npy") for i in range(n)])
+             for out, n in (("folder", 1), ("tars", 2))]
+    assert np.array_equal(*codes)
+    # Shards with cls fields (vqrae-make-shards') say their classes themselves: ids, no names.
+    assert make_shards.main(["--data", class_tree, "--out", str(tmp_path / "wds")]) == 0
+    assert tokenize.main(["--model", model_dir, "--data", str(tmp_path / "wds" / "000000.tar"),
+                          "--out", str(tmp_path / "wds_tokens")]) == 0
+    manifest = json.loads((tmp_path / "wds_tokens" / "manifest.json").read_text())
+    assert manifest["classes"] is None and [e["label"] for e in manifest["images"]] == [0, 0, 1, -1]

@@ -49,6 +49,30 @@ def test_final_layernorm_has_no_affine_so_tokens_are_normalised(encoders, name):
     assert torch.allclose(tokens.var(-1, unbiased=False), torch.ones(()), atol=1e-2)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_saved_encoder_is_the_whole_checkpoint(encoders, tiny_encoders, name, tmp_path):
+    """save_pretrained gives back what was loaded, the final LayerNorm's dropped affine included: transformers loads
+    it with no weight missing (no "newly initialized" report), and it is the same encoder with the affine (normalize
+    false) and without."""
+    cls, tiny = tiny_encoders[name]
+    model = type(encoders[name].model).from_pretrained(tiny)  # the tiny checkpoint with a final affine that shows
+    norm = getattr(model, "post_layernorm" if hasattr(model, "post_layernorm") else "layernorm")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    source = str(tmp_path / "source")
+    model.save_pretrained(source)
+    encoder = build_encoder(cls, source)
+    encoder.save_pretrained(str(tmp_path / "saved"))
+    _, info = type(encoder.model).from_pretrained(str(tmp_path / "saved"), output_loading_info=True)
+    assert not info["missing_keys"]
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(build_encoder(cls, str(tmp_path / "saved"))(x), encoder(x))
+    with_affine = build_encoder(cls, source, normalize=False)(x)
+    assert torch.equal(build_encoder(cls, str(tmp_path / "saved"), normalize=False)(x), with_affine)
+    assert not torch.allclose(with_affine, encoder(x), atol=1e-3)  # the affine is there, and not the identity
+
+
 def test_input_normalisation_read_from_preprocessor_config(encoders):
     encoder = encoders["dinov2"]
     assert encoder.image_mean.flatten().tolist() == pytest.approx(CUSTOM_MEAN)

@@ -10,6 +10,7 @@ _MODULE_OF = {
     "ENCODERS": "model.encoders",
     "EncoderNotAvailableError": "model.encoders",
     "FrozenEncoder": "model.encoders",
+    "LlamaGenTokenizer": "model.llamagen",
     "build_encoder": "model.encoders",
     "prepare_image": "data.input_pipeline",
     "DECODER_PRESETS": "model.config",

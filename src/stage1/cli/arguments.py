@@ -141,6 +141,9 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-range", type=at_least_one, default=1.1,
                         help="with --augment ten-crop (LlamaGen's 1.1): the crops are cut from a center crop that "
                              "much larger")
+    parser.add_argument("--protocol", default="vqrae", choices=("vqrae", "adm"),
+                        help="vqrae: the commands' resize and center crop; adm: ADM's center_crop_arr, as LlamaGen's "
+                             "extract_codes_c2i.py crops (its codes exactly)")
     add_runtime_args(parser, batch_size=32)
     return parser
 
@@ -290,6 +293,14 @@ def push_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", default=None, help="an image for the card, e.g. training's reconstructions.png")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--stage", default=None, help="write what would be uploaded to this folder, upload nothing")
+    parser.add_argument("--license", default=None,
+                        help="the card's license (default: the frozen encoder's, e.g. cc-by-nc-4.0 for MAE)")
+    parser.add_argument("--base-model", default=None,
+                        help="the encoder's Hub id for the card (default: encoder_config_path when it is one)")
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="ID",
+                        help="Hub ids of the training data, e.g. ILSVRC/imagenet-1k")
+    parser.add_argument("--eval-dataset", default=None, metavar="ID",
+                        help="Hub id of the evaluated set, for the card's model-index (default: the first --datasets)")
     return parser
 
 

@@ -87,9 +87,10 @@ def data_batches(args, size: int, device: torch.device, limit: int | None = None
 
 def tar_batches(args, url: str, size: int, device: torch.device, local_processes: int = 1, crop: str = "center",
                 limit: int | None = None, step: Callable[[torch.Tensor], Any] | None = None,
-                ) -> tuple[list[TarSample], Iterator[ImageBatch]]:
-    """One tar shard's samples (its first `limit`) and their batches of --batch-size (with `step`'s outputs)."""
-    samples = read_shard(url)[:limit]
+                classes: list[str] | None = None) -> tuple[list[TarSample], Iterator[ImageBatch]]:
+    """One tar shard's samples (its first `limit`, labelled by `classes` when they come from member paths) and their
+    batches of --batch-size (with `step`'s outputs)."""
+    samples = read_shard(url, classes)[:limit]
     return samples, read_batches(args, list(batches([sample.name for sample in samples], args.batch_size)), size,
                                  device, local_processes, crop, SampleImages(samples), step)
 

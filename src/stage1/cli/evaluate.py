@@ -14,6 +14,7 @@ from ..base.atomic import atomic_path, write_json
 from ..base.precision import autocast
 from ..base.tensor_files import read_tensor_file
 from ..data.images import psnr, to_uint8
+from ..data.input_pipeline import PROTOCOL_CROPS, PROTOCOLS
 from ..train.losses import build_lpips
 from .arguments import launch
 from .common import (
@@ -66,12 +67,6 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
         image.save(tmp, format="png")
 
 
-PROTOCOLS = {
-    "vqrae": "shorter side resized (antialiased bicubic) to image_size, central square "
-             "(stage1.data.images.resize_center_crop)",
-    "adm": "ADM's center_crop_arr: box-filter halvings while the shorter side is >= 2x image_size, PIL bicubic to "
-           "image_size, central square (stage1.data.images.adm_center_crop)",
-}
 
 
 class NpzWriter:
@@ -209,7 +204,7 @@ def run(args) -> int:
             return model.reconstruct(images, output_size=(size, size), return_latents=True)
 
     with torch.no_grad():
-        count, stream = data_batches(args, size, device, args.limit, crop="adm" if args.protocol == "adm" else "center",
+        count, stream = data_batches(args, size, device, args.limit, crop=PROTOCOL_CROPS[args.protocol],
                                      step=reconstruct)
         arrays = NpzWriter(args.out) if args.save_npz else None
         bar = tqdm(total=count, desc="evaluate", unit="image")

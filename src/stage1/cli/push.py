@@ -9,13 +9,15 @@ from .common import check_output
 
 def run(args) -> int:
     keywords = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
+    metadata = dict(license_=args.license, base_model=args.base_model, datasets=args.datasets,
+                    eval_dataset=args.eval_dataset)
     if args.stage is not None:
         check_output(args.stage, folder=True)
-        stage_model(args.model, args.repo, args.stage, args.results, args.samples, **keywords)
+        stage_model(args.model, args.repo, args.stage, args.results, args.samples, metadata, **keywords)
         print(f"staged the upload of {args.model} for {args.repo} in {args.stage} (nothing sent)")
         return 0
     url = push_to_hub(args.model, args.repo, private=args.private, results=args.results, samples=args.samples,
-                      **keywords)
+                      metadata=metadata, **keywords)
     print(f"pushed {args.model} to https://huggingface.co/{args.repo} ({url}); load it with "
           f'VQRAE.from_pretrained("{args.repo}")')
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -16,9 +17,10 @@ from ..base import distributed
 from ..base.atomic import read_json, write_json
 from ..base.precision import autocast
 from ..data.datasets import class_labels, find_images
-from ..data.input_pipeline import PREPROCESSING
+from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
-from ..data.token_exports import export_tokens
+from ..data.tar_shards import folder_classes
+from ..data.token_exports import check_llamagen_labels, export_tokens, llamagen_advice, llamagen_arguments
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -109,6 +111,11 @@ def run(args) -> int:
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
+        if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
+            grid = (model.grid_side(size),) * 2
+            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix))
+            if isinstance(source, FolderInput):
+                check_llamagen_labels(source.labels)
         run_record = {
             "model": str(args.model),
             "codebook_size": model.quantizer.num_embeddings,
@@ -116,6 +123,7 @@ def run(args) -> int:
             "index_dtype": args.index_dtype,
             **source.record(),
             "preprocessing": PREPROCESSING,
+            **({"protocol": PROTOCOLS[args.protocol]} if args.protocol != "vqrae" else {}),
             "augment": args.augment if args.augment != "ten-crop" else f"ten-crop of {read_size}",
             "codes_fingerprint": codes_fingerprint(model),
         }
@@ -149,6 +157,8 @@ def run(args) -> int:
                   f"{len(manifest.skipped)} unreadable image(s) skipped; manifest: "
                   f"{os.path.join(args.out, MANIFEST)}" + (f"; {args.format} export: {exported}"
                                                            if args.format != "shards" else ""))
+            if args.format == "llamagen":
+                print(llamagen_advice(manifest, args.out))
     finally:
         distributed.teardown()
     return 0
@@ -175,7 +185,7 @@ class FolderInput:
     def shard_streams(self, todo, args, size, device, local_processes, step):
         chunks = {i: list(batches(self.paths[self._span(i)], args.batch_size)) for i in todo}
         stream = read_batches(args, [chunk for i in todo for chunk in chunks[i]], size, device, local_processes,
-                              step=step)
+                              crop=PROTOCOL_CROPS[args.protocol], step=step)
         for i in todo:
             yield i, self.paths[self._span(i)], self.labels[self._span(i)], itertools.islice(stream, len(chunks[i]))
         stream.close()  # the readers end and the model's threads are given back
@@ -183,13 +193,13 @@ class FolderInput:
 
 class TarInput:
     """Webdataset tar shards (stage1/data/tar_shards.py): shard i of the codes is tar shard i, read when its turn comes,
-    so a resumed run skips finished tars without opening them; class ids from each sample's `cls`."""
-
-    classes = None  # a tar holds class ids, not class names
+    so a resumed run skips finished tars without opening them; class ids from each sample's `cls`, or for plain tars
+    of class folders from their member paths (then `classes` names them, as ImageFolder's)."""
 
     def __init__(self, spec: str):
         self.urls = shard_urls(spec)
         self.num_shards = len(self.urls)
+        self.classes = folder_classes(self.urls)
 
     def record(self) -> dict:
         local = [os.path.getsize(url) if os.path.isfile(url) else None for url in self.urls]
@@ -201,7 +211,8 @@ class TarInput:
 
     def shard_streams(self, todo, args, size, device, local_processes, step):
         for i in todo:
-            samples, stream = tar_batches(args, self.urls[i], size, device, local_processes, step=step)
+            samples, stream = tar_batches(args, self.urls[i], size, device, local_processes,
+                                          crop=PROTOCOL_CROPS[args.protocol], step=step, classes=self.classes)
             yield i, [sample.name for sample in samples], [sample.label for sample in samples], stream
 
 

@@ -29,6 +29,14 @@ PREPROCESSING = "decode (EXIF upright, RGB), shorter side bicubic antialiased (8
 MAX_AUTO_WORKERS = 8  # decoding beyond this rarely keeps up with a GPU better; --num-workers says more
 READERS = ("auto", "processes", "threads")  # image_batches' readers
 CROPS = ("center", "adm")  # resize_center_crop, or ADM's center_crop_arr (images.adm_center_crop)
+# The commands' --protocol: its crop, and what a results file says of it.
+PROTOCOL_CROPS = {"vqrae": "center", "adm": "adm"}
+PROTOCOLS = {
+    "vqrae": "shorter side resized (antialiased bicubic) to image_size, central square "
+             "(stage1.data.images.resize_center_crop)",
+    "adm": "ADM's center_crop_arr: box-filter halvings while the shorter side is >= 2x image_size, PIL bicubic to "
+           "image_size, central square (stage1.data.images.adm_center_crop)",
+}
 
 
 def prepare_image(path: str, size: int, crop: str = "center", data: bytes | None = None) -> tuple[torch.Tensor, str]:

@@ -3,8 +3,10 @@ from an image folder.
 
 A shard is a tar of samples; a sample is the consecutive files of one key (webdataset's rule: the member name up to
 the first dot of its base name): its image (`jpg`, `png`, `webp`, ...), and as our converter writes them,
-`path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class id). Which specs `--data`
-may give is shard_specs.py's. Images keep their encoded bytes: nothing is re-encoded.
+`path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class id). A plain tar of class
+folders (`tar cf train.tar n01440764/ ...`: no cls anywhere) has its classes in its member paths: ImageFolder's, the
+sorted top-level folders over all shards (`folder_classes`). Which specs `--data` may give is shard_specs.py's.
+Images keep their encoded bytes: nothing is re-encoded.
 
 A shard is a file from other people, read here and nowhere else: only the fields used are read, each after its
 size is checked (MAX_IMAGE_BYTES, MAX_TEXT_BYTES); a bad sample (a file over its limit, a `cls` that is not an
@@ -51,7 +53,7 @@ DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, Valu
 class TarSample:
     name: str  # path.txt, else the key with its image field's extension
     data: bytes | None  # the encoded image; None when the sample has none or has a problem
-    label: int  # cls, else -1
+    label: int  # cls, else its class folder's index in the shards' folder_classes, else -1
     problem: str | None = None  # why the sample cannot be used, naming its tar and key
 
     def image(self) -> bytes:
@@ -83,17 +85,22 @@ def decode(data: bytes):
     return read_image(io.BytesIO(data))[0]
 
 
-def read_shard(url: str) -> list[TarSample]:
-    """Every sample of one shard (a local file or a stream), in the tar's order."""
+def read_shard(url: str, classes: list[str] | None = None) -> list[TarSample]:
+    """Every sample of one shard (a local file or a stream), in the tar's order; `classes` (folder_classes) label the
+    samples of a plain tar of class folders."""
     from webdataset.gopen import gopen
 
     samples, names = [], set()
+    class_of = {name: index for index, name in enumerate(classes or ())}
     try:
         with gopen(url, "rb") as stream:
             watched = _Watched(stream)
             with tarfile.open(fileobj=watched, mode="r|*") as tar:
                 for key, files in _sample_files(tar, by_position=False):
-                    samples.append(TarSample(*_sample(url, key, files, names)))
+                    sample = TarSample(*_sample(url, key, files, names))
+                    if "cls" not in files and class_folder(key) in class_of:
+                        sample.label = class_of[class_folder(key)]
+                    samples.append(sample)
                 watched.check_end(tar)
     except DAMAGED as err:
         samples.append(TarSample(*_damaged(url, len(samples), err)))
@@ -165,6 +172,32 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
                 raise tarfile.ReadError(f"unexpected end of data in {member.name}")
     if key is not None:
         yield key, files
+
+
+def class_folder(key: str) -> str | None:
+    """The top-level folder of a sample's member path (ImageFolder's class), None for a sample at the top."""
+    folder, slash, _ = key.partition("/")
+    return _printable(folder) if slash and folder not in ("", ".") else None
+
+
+def folder_classes(urls: list[str]) -> list[str] | None:
+    """ImageFolder's classes of local tar shards none of whose samples has a cls: the sorted top-level folders of
+    their member paths, from their headers (image bytes are skipped, not read). None when a sample has a cls (the
+    shards say their classes themselves), when no sample is in a folder, or for streams (read once, not twice)."""
+    if not all(os.path.isfile(url) for url in urls):
+        return None
+    folders = set()
+    for url in urls:
+        try:
+            with tarfile.open(url, "r:*") as tar:
+                for key, files in _sample_files(tar, by_position=True):
+                    if "cls" in files:
+                        return None
+                    folders.add(class_folder(key))
+        except DAMAGED:
+            continue  # reading the shard lists the damage; the folders before it count
+    folders.discard(None)
+    return sorted(folders) or None
 
 
 def _sample(url: str, key: str, files: dict, names: set) -> tuple[str, object, int, str | None]:

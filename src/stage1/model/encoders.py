@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-from ..base.atomic import read_json
+from ..base.atomic import read_json, write_json
 from ..base.limits import transformer_weights_at_least
 from ..base.tensor_files import tensor_elements
 
@@ -139,10 +139,13 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _drop_layernorm_affine(norm: nn.LayerNorm) -> nn.LayerNorm:
-    # RAE: the final LayerNorm without its learned scale/shift, so every token is normalised to zero mean
-    # and unit variance per channel. This keeps latent scales comparable across encoders and codebooks.
-    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+def _drop_layernorm_affine(model: PreTrainedModel, name: str) -> dict[str, torch.Tensor]:
+    """RAE: the final LayerNorm `name` without its learned scale/shift, so every token is normalised to zero mean
+    and unit variance per channel (latent scales comparable across encoders and codebooks). Returns the dropped
+    weights, which a saved copy of the checkpoint keeps."""
+    norm = getattr(model, name)
+    setattr(model, name, nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False))
+    return {f"{name}.{key}": value.detach() for key, value in norm.state_dict().items()}
 
 
 class FrozenEncoder(nn.Module):
@@ -155,13 +158,16 @@ class FrozenEncoder(nn.Module):
     default_mean = IMAGENET_MEAN
     default_std = IMAGENET_STD
 
-    def __init__(self, model: PreTrainedModel, path: str, patch_size: int, hidden_size: int, missing: list[str]):
+    def __init__(self, model: PreTrainedModel, path: str, patch_size: int, hidden_size: int, missing: list[str],
+                 dropped: dict[str, torch.Tensor]):
         random = sorted(set(missing) & set(model.state_dict()))  # the final LayerNorm's affine may be dropped
         if random:
             raise ValueError(f"the encoder '{path}' lacks {len(random)} weight(s) its config.json needs "
                              f"({random[:3]}): they would be random, not pretrained")
         super().__init__()
         self.model = model
+        # Not the module's state (the frozen encoder is loaded from its checkpoint): what save_pretrained gives back.
+        self.dropped_weights = {name: value for name, value in dropped.items() if name not in missing}
         self.path = path
         self.patch_size = int(patch_size)
         self.hidden_size = int(hidden_size)
@@ -178,6 +184,14 @@ class FrozenEncoder(nn.Module):
 
     def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def save_pretrained(self, folder: str) -> None:
+        """The checkpoint as it was loaded, complete (the dropped LayerNorm affine too, so that it loads with no
+        weight missing), with its image mean / std in preprocessor_config.json."""
+        state = {**self.model.state_dict(), **self.dropped_weights}
+        self.model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
+        write_json(os.path.join(folder, "preprocessor_config.json"),
+                   {"image_mean": self.image_mean.flatten().tolist(), "image_std": self.image_std.flatten().tolist()})
 
     def check_fits(self, what: str, *sides: int, hint: str = "") -> None:
         """The one rule for every size this encoder sees: a whole number of patches per side."""
@@ -206,10 +220,9 @@ class Dinov2withNorm(FrozenEncoder):
                 f"got model_type='{config.model_type}' at '{path}'"
             )
         model, missing = load_pretrained(classes[config.model_type], path)
-        if normalize:
-            model.layernorm = _drop_layernorm_affine(model.layernorm)
+        dropped = _drop_layernorm_affine(model, "layernorm") if normalize else {}
         self.num_prefix_tokens = 1 + getattr(config, "num_register_tokens", 0)
-        super().__init__(model, path, config.patch_size, config.hidden_size, missing)
+        super().__init__(model, path, config.patch_size, config.hidden_size, missing, dropped)
 
     def patch_tokens(self, pixel_values):
         return self.model(pixel_values=pixel_values).last_hidden_state[:, self.num_prefix_tokens :]
@@ -242,9 +255,8 @@ class SigLIP2(FrozenEncoder):
             )
         # The attention-pooling head only makes the pooled output, which a tokenizer never uses.
         model, missing = load_pretrained(model_class, path, vision_use_head=False)
-        if normalize:
-            model.post_layernorm = _drop_layernorm_affine(model.post_layernorm)
-        super().__init__(model, path, vision_config.patch_size, vision_config.hidden_size, missing)
+        dropped = _drop_layernorm_affine(model, "post_layernorm") if normalize else {}
+        super().__init__(model, path, vision_config.patch_size, vision_config.hidden_size, missing, dropped)
 
     def patch_tokens(self, pixel_values):
         if not self.naflex:
@@ -269,9 +281,8 @@ class MAE(FrozenEncoder):
         if config.model_type != "vit_mae":
             raise ValueError(f"MAE expects a ViT-MAE checkpoint, got model_type='{config.model_type}' at '{path}'")
         model, missing = load_pretrained(ViTMAEModel, path, mask_ratio=0.0)
-        if normalize:
-            model.layernorm = _drop_layernorm_affine(model.layernorm)
-        super().__init__(model, path, config.patch_size, config.hidden_size, missing)
+        dropped = _drop_layernorm_affine(model, "layernorm") if normalize else {}
+        super().__init__(model, path, config.patch_size, config.hidden_size, missing, dropped)
 
     def patch_tokens(self, pixel_values):
         b, _, height, width = pixel_values.shape

@@ -3,7 +3,9 @@ which nobody else could reach) and a model card, so that VQRAE.from_pretrained("
 
 The card is generated from the model's config (encoder, codebook, decoder), the training run when the model
 folder came from one (steps, from the run's train_config.yaml), an evaluation (vqrae-evaluate's results.json) and a
-sample grid (e.g. training's reconstructions.png).
+sample grid (e.g. training's reconstructions.png). Its metadata is huggingface_hub's ModelCardData: the encoder as
+base_model, the training datasets, the evaluation as model-index results, and the encoder's license (the published
+folder holds, or depends on, its weights; MAE's are CC-BY-NC) unless one is given.
 """
 
 from __future__ import annotations
@@ -20,12 +22,68 @@ from ..base.atomic import atomic_path, read_json
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
 METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid", "rFID"),
-           ("codebook_usage", "codebook usage"), ("perplexity", "perplexity"), ("bits_per_image", "bits per image"))
+           ("codebook_usage", "codebook usage"), ("perplexity", "perplexity"), ("bits_per_image", "bits per image"),
+           ("latent_relative_distortion", "latent distortion ||z - z_q||^2 / var(z)"),
+           ("latent_cosine", "latent cosine(z, z_q)"))
+PIPELINE_TAG = "image-feature-extraction"  # images -> tokens; the Hub has no tokenizer task
+# The released weights of each encoder family (their Hub cards): the fallback when an encoder's card is not at hand.
+FAMILY_LICENSES = {"Dinov2withNorm": "apache-2.0", "SigLIP2": "apache-2.0", "MAE": "cc-by-nc-4.0"}
+
+
+def encoder_license(model) -> str:
+    """The license of the model's encoder: its own card's (README.md in its folder or the Hub cache), else its
+    family's released weights'."""
+    from huggingface_hub import ModelCard
+
+    from .encoders import _optional_file
+
+    card = _optional_file(model.config.encoder.path, CARD_NAME)
+    if card is not None and os.path.isfile(card):
+        try:
+            license_ = ModelCard.load(card, ignore_metadata_errors=True).data.license
+        except Exception:  # a card of someone else's that does not parse: the family's
+            license_ = None
+        if isinstance(license_, str) and license_:
+            return license_
+    return FAMILY_LICENSES[type(model.encoder).__name__]
+
+
+def encoder_hub_id(model) -> str | None:
+    """The encoder's Hub id when the model names it by one (a local folder says nothing of where it came from)."""
+    from .encoders import may_be_on_hub
+
+    path = model.config.encoder.path
+    return path if not os.path.isdir(path) and may_be_on_hub(path) else None
+
+
+def card_data(model, repo_id: str, results: dict | None, license_: str | None = None, base_model: str | None = None,
+              datasets: list[str] | None = None, eval_dataset: str | None = None):
+    """The card's metadata: ModelCardData, with the evaluation as model-index results when its dataset has a Hub
+    id (eval_dataset, else the first of datasets)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    eval_dataset = eval_dataset or (datasets[0] if datasets else None)
+    evaluations = None
+    if results and eval_dataset:
+        evaluations = [EvalResult(task_type="image-to-image", task_name="Image reconstruction",
+                                  dataset_type=eval_dataset, dataset_name=eval_dataset,
+                                  dataset_split=results.get("split"), metric_type=key, metric_name=label,
+                                  metric_value=results[key])
+                       for key, label in METRICS if _is_number(results.get(key))]
+    return ModelCardData(library_name="vqrae", license=license_ or encoder_license(model),
+                         base_model=base_model or encoder_hub_id(model), pipeline_tag=PIPELINE_TAG,
+                         datasets=list(datasets) if datasets else None, eval_results=evaluations or None,
+                         model_name=repo_id.split("/")[-1], tags=["image-tokenizer", "vector-quantization", "vqrae"])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def model_card(model, repo_id: str, results: dict | None = None, training: dict | None = None,
-               samples: str | None = None) -> str:
-    """The README.md of a published model: YAML metadata, what it is, how to load it, and what was measured."""
+               samples: str | None = None, **metadata) -> str:
+    """The README.md of a published model: YAML metadata (card_data's `metadata`: license, base_model, datasets,
+    eval_dataset), what it is, how to load it, and what was measured."""
     c = model.config
     q, d = c.quantizer, c.decoder
     per_token = math.prod(model.quantizer.index_suffix) if q.kind != "none" else 0
@@ -45,9 +103,8 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
             ("decoder", f"ViT, {d.num_hidden_layers} layers of width {d.hidden_size}, patch {d.patch_size}")]
     if training:
         rows.append(("training", f"{training['steps']} steps of {training['batch_size']} images per rank"))
-    metadata = yaml.safe_dump({"library_name": "vqrae", "license": "mit",
-                               "tags": ["image-tokenizer", "vector-quantization", "vqrae"]}, sort_keys=False)
-    lines = ["---", metadata.strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
+    data = card_data(model, repo_id, results, **metadata)
+    lines = ["---", data.to_yaml().strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
              "An image tokenizer made with vqrae, on the design of RAE (github.com/bytetriper/RAE): a frozen "
              "encoder's patch features, snapped to a learned codebook, painted back by a ViT decoder.", "",
              "| part | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows), "",
@@ -58,11 +115,13 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
         lines += ["## Evaluation", "", f"`{results.get('data', '?')}`: {results.get('num_images', '?')} images at "
                   f"{results.get('image_size', '?')} px; crop: {results.get('protocol', 'not recorded')}.", "",
                   "| metric | value |", "| --- | --- |"]
-        lines += [f"| {label} | {results[key]:.4g} |" for key, label in METRICS
-                  if isinstance(results.get(key), (int, float))]
+        lines += [f"| {label} | {results[key]:.4g} |" for key, label in METRICS if _is_number(results.get(key))]
         lines.append("")
     if samples:
         lines += ["## Samples", "", f"![originals above reconstructions]({samples})", ""]
+    lines += ["## License", "", f"`{data.license}`: " + ("given when the model was published." if
+              metadata.get("license_") else f"the frozen encoder's (`{c.encoder.path}`), whose weights this model "
+              f"holds or loads; the decoder and codebook were trained with vqrae (MIT)."), ""]
     return "\n".join(lines)
 
 
@@ -85,9 +144,9 @@ def training_summary(model_dir: str) -> dict | None:
 
 
 def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None = None,
-                samples: str | None = None, **load_keywords) -> None:
-    """Everything to upload, in `folder`: the model (its encoder inside when that is a local folder), the card and
-    the sample grid."""
+                samples: str | None = None, metadata: dict | None = None, **load_keywords) -> None:
+    """Everything to upload, in `folder`: the model (its encoder inside when that is a local folder), the card (with
+    `metadata`, model_card's) and the sample grid."""
     from .vqrae import VQRAE
 
     # The small inputs are checked first: nothing is written for a bad one.
@@ -102,20 +161,21 @@ def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None =
         with atomic_path(os.path.join(folder, SAMPLES_NAME)) as tmp:
             shutil.copyfile(samples, tmp)
     card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
-                      SAMPLES_NAME if samples else None)
+                      SAMPLES_NAME if samples else None, **(metadata or {}))
     with atomic_path(os.path.join(folder, CARD_NAME)) as tmp, open(tmp, "w") as f:
         f.write(card)
 
 
 def push_to_hub(model_dir: str, repo_id: str, private: bool = False, results: str | None = None,
-                samples: str | None = None, token: str | None = None, **load_keywords) -> str:
+                samples: str | None = None, token: str | None = None, metadata: dict | None = None,
+                **load_keywords) -> str:
     """Create (or reuse) the Hub model repo `repo_id` and upload the staged model to it; returns the commit URL."""
     from huggingface_hub import HfApi
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"the Hub repo must be 'user/name' or 'org/name', got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="vqrae-push-") as folder:
-        stage_model(model_dir, repo_id, folder, results, samples, **load_keywords)
+        stage_model(model_dir, repo_id, folder, results, samples, metadata, **load_keywords)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="vqrae-push")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import cached_file
 
-from ..base.atomic import atomic_path, write_json
+from ..base.atomic import atomic_path
 from ..base.tensor_files import read_tensor_file, tensor_elements
 from .config import VQRAEConfig
 from .decoder import ViTDecoder
@@ -308,12 +308,7 @@ class VQRAE(nn.Module):
         # The latent statistics and RAE's decoder weights it was built from travel in the weights.
         config = dataclasses.replace(self.config, normalization_stat_path=None, pretrained_decoder_path=None)
         if save_encoder:
-            self.encoder.model.save_pretrained(os.path.join(directory, ENCODER_SUBDIR))
-            write_json(
-                os.path.join(directory, ENCODER_SUBDIR, "preprocessor_config.json"),
-                {"image_mean": self.encoder.image_mean.flatten().tolist(),
-                 "image_std": self.encoder.image_std.flatten().tolist()},
-            )
+            self.encoder.save_pretrained(os.path.join(directory, ENCODER_SUBDIR))
             config.encoder = dataclasses.replace(config.encoder, path=ENCODER_SUBDIR)
         elif os.path.isdir(config.encoder.path):  # a local encoder: found from any working directory
             config.encoder = dataclasses.replace(config.encoder, path=os.path.abspath(config.encoder.path))
