@@ -31,6 +31,18 @@ def test_make_shards_names_fields_as_webdataset_and_timm_expect(tmp_path):
     assert [(path.decode(), int(cls)) for _, cls, path in samples] == [
         ("n01/a.JPEG", 0), ("n01/b.jpeg", 0), ("n02/c.png", 1), ("n02/d.TIFF", 1)]
     assert all(image == files[path.decode()] for image, _, path in samples)
+    jpegs = wds.WebDataset(str(tmp_path / "shards" / "000000.tar"), shardshuffle=False, empty_check=False)
+    assert [int(cls) for _, cls in jpegs.select(lambda sample: "jpg" in sample).to_tuple("jpg", "cls")] == [0, 0]
+    # timm's webdataset reader (create_dataset("wds/...")), its default fields: jpg;png;webp and cls.
+    from timm.data import create_dataset
+
+    dataset = create_dataset("wds/shards", root=str(tmp_path / "shards"), split="{000000..000000}.tar|4",
+                             is_training=False, batch_size=1)
+    read = [(np.asarray(image), target) for image, target in dataset]
+    expected = [(np.asarray(Image.open(io.BytesIO(files[name])).convert("RGB")), label)
+                for name, label in (("n01/a.JPEG", 0), ("n01/b.jpeg", 0), ("n02/c.png", 1))]  # no tif in timm's list
+    assert len(read) == 3 and all(np.array_equal(a, b) and t == u for (a, t), (b, u) in zip(read, expected,
+                                                                                          strict=True))
 
 
 def test_evaluate_reports_how_much_of_the_latent_the_codes_keep(dinov2_dir, tmp_path):
