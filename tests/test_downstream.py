@@ -168,3 +168,23 @@ def test_plain_tars_of_class_folders_take_their_classes_from_member_paths(model_
                           "--out", str(tmp_path / "wds_tokens")]) == 0
     manifest = json.loads((tmp_path / "wds_tokens" / "manifest.json").read_text())
     assert manifest["classes"] is None and [e["label"] for e in manifest["images"]] == [0, 0, 1, -1]
+
+
+@pytest.mark.parametrize("prefix, members, classes, labels", [
+    ("./", ["cat/a.png", "dog/c.png", "top.png"], ["cat", "dog"], [0, 1, -1]),  # tar cf x.tar -C train .
+    ("train/", ["cat/a.png", "cat/b.png", "dog/c.png"], ["cat", "dog"], [0, 0, 1]),  # tar cf x.tar train/
+    ("", ["cat/a.png", "cat/b.png"], ["cat"], [0, 0]),  # one class folder: that folder is the class
+    ("", ["a/cat/x.png", "b/dog/y.png"], ["a", "b"], [0, 1]),  # the folders right below the common root
+])
+def test_tar_classes_are_imagefolders_below_the_common_root(class_tree, tmp_path, prefix, members, classes, labels):
+    import tarfile
+
+    from stage1.data.tar_shards import folder_classes, read_shard
+
+    source = os.path.join(class_tree, "cat", "a.png")
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        for member in members:
+            tar.add(source, arcname=prefix + member)
+    found = folder_classes([str(tmp_path / "x.tar")])
+    assert found.names == classes and found.unlabelled == labels.count(-1)
+    assert [sample.label for sample in read_shard(str(tmp_path / "x.tar"), found)] == labels

@@ -6,6 +6,7 @@ codes, next-code prediction; the dataset reads the files as LlamaGen's dataset/i
 import os
 import re
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -86,6 +87,7 @@ def test_llamagen_export_trains_a_gpt_whose_samples_decode(llamagen_model, label
     printed = capsys.readouterr().out
     assert (f"--code-path {out / 'llamagen'} --image-size 256 --downsample-size 16 --vocab-size {K} --num-classes 2"
             in printed and "hardcodes ImageNet's 1281167 files" in printed)
+    assert "codes of 128 px crops, LlamaGen's extract_codes_c2i.py crops at 256" in printed
     items = load_like_llamagen(str(out / "llamagen"), 256)
     assert [tuple(codes.shape) for codes, _ in items] == [(1, 1, GRID * GRID)] * 3  # un-augmented: one view
     assert [labels.tolist() for _, labels in items] == [[0], [0], [1]]
@@ -135,7 +137,8 @@ def test_tokenizer_encodes_as_llamagens_vq_model(llamagen_model):
     assert indices.shape == (2 * GRID * GRID,) and torch.equal(indices.reshape(2, GRID, GRID), expected)
     assert losses == (None, None, None, 0)
     with torch.no_grad():
-        assert torch.equal(quant, model.eval().encode(x))  # the codes' vectors
+        vectors = model.quantizer.lookup(expected.flatten(1))  # the codes' vectors, as a (B, C, h, w) grid
+        assert torch.equal(quant, vectors.transpose(1, 2).reshape(2, -1, GRID, GRID))
         assert torch.equal(tokenizer.decode(quant), model.decode_from_indices(expected) * 2 - 1)
         assert torch.equal(tokenizer(x * 2 - 1)[0], tokenizer.decode(quant))
     assert not tokenizer.train().model.training  # the codebook never moves
@@ -161,8 +164,11 @@ def test_what_llamagen_cannot_take_is_refused_before_any_work(llamagen_model, mo
     tree = tmp_path / "tree"
     shutil.copytree(labelled_tree, tree)
     shutil.copy(os.path.join(labelled_tree, "dog", "c.png"), tree / "loose.png")  # outside the class folders: -1
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:  # a plain tar of the same tree: known from its headers
+        tar.add(tree, arcname=".")
     cases = [
         (["--model", llamagen_model, "--data", str(tree)], r"1 image\(s\) have no class \(label -1"),
+        (["--model", llamagen_model, "--data", str(tmp_path / "plain.tar")], r"1 image\(s\) have no class"),
         (["--model", model_dir, "--data", labelled_tree], r"side \[16, 24, 28, 32, 48, 56, 64\].*gives 4x4"),
     ]
     for i, (args, message) in enumerate(cases):

@@ -15,6 +15,7 @@ from rae_reference import ReferenceDecoder, rae_decode, rae_dinov2, rae_encode, 
 from stage1.base.config_section import ConfigError
 from stage1.model.encoders import IMAGENET_MEAN, IMAGENET_STD
 from stage1.model.tiny import save_tiny_encoder
+from stage1.train.codebook_fit import fit_codebook
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 WIDTH, GRID, INPUT, EPS = 32, 4, 32, 1e-3  # an eps other than RAE's default, to see it used
@@ -111,6 +112,12 @@ def test_rae_takes_raes_own_checkpoints(rae_release):
         assert (rae.decode(latents) - expected).abs().max().item() <= 1e-5
     with pytest.raises(RuntimeError, match="Missing key"):
         rae.load_state_dict({k: v for k, v in state.items() if "decoder_pred" not in k}, strict=True)
+    fresh = build(rae_release, pretrained_decoder_path=None).eval()
+    fresh.load_state_dict({f"module.{k}": v for k, v in state.items()})  # saved from a DDP-wrapped model
+    with torch.no_grad():
+        assert torch.equal(fresh.decode(latents), rae.decode(latents))
+    with pytest.raises(TypeError, match="RAE takes RAE's files in its own constructor"):
+        type(rae).from_rae(rae_release["weights"], rae_release["decoder_config"])
 
 
 def test_rae_encode_compiles_as_raes_train_py_does(rae_release):
@@ -122,14 +129,25 @@ def test_rae_encode_compiles_as_raes_train_py_does(rae_release):
         assert torch.allclose(rae.encode(x), expected, atol=1e-6)
 
 
-def test_vqrae_target_trains_stage_2_on_the_codes(rae_release):
-    """`target: stage1.VQRAE` with num_embeddings: encode gives the codes' vectors and never moves the codebook, and
-    decode takes them (or a diffusion model's samples) as RAE's decode does, clamped to images."""
+def test_vqrae_target_trains_stage_2_on_the_codes(rae_release, tmp_path):
+    """VQRAE with RAE's keywords and a codebook, fitted (here: training's first-batch start) and saved, then
+    `target: stage1.from_pretrained` in a stage-2 YAML: encode gives the codes' vectors and never moves the
+    codebook, decode takes them (or a diffusion model's samples) as RAE's decode does, clamped to images. An unfitted
+    codebook is refused."""
     from stage1 import VQRAE
 
     model = build(rae_release, target="stage1.VQRAE", num_embeddings=16)
     assert type(model) is VQRAE and model.config.normalization_eps == EPS
-    x = smooth_images(3, size=INPUT, seed=9)
+    x = smooth_images(4, size=INPUT, seed=9)
+    with pytest.raises(ValueError, match="never fitted or trained.*stage1.from_pretrained"):
+        model.eval().encode(x)
+    # What vqrae-fit-codebook does: k-means of the model's latents (here of these images), the EMA started there.
+    fit_codebook(model, [model.encode_tokens(smooth_images(8, size=INPUT, seed=s))[0] for s in range(2)],
+                 tokens_per_image=GRID * GRID, iters=5, tokens_per_update=64, show_progress=False)
+    model.save_pretrained(tmp_path / "fitted")
+    config = {"target": "stage1.from_pretrained",
+              "params": {"path": str(tmp_path / "fitted"), "encoder_config_path": rae_release["encoder"]}}
+    model = instantiate_from_config(OmegaConf.create(config))
     codebook = model.quantizer.codebook.clone()
     with torch.no_grad():
         z = model.train().encode(x)  # train mode, as a stage-2 loop that never calls eval() would leave it
@@ -153,13 +171,7 @@ def test_rae_saves_and_loads_as_an_rae(rae_release, tmp_path):
     build(rae_release, target="stage1.VQRAE", num_embeddings=16).save_pretrained(tmp_path / "vq")
     with pytest.raises(ValueError, match="an RAE has no codebook.*VQRAE.from_pretrained"):
         RAE.from_pretrained(tmp_path / "vq")
-    # A trained VQRAE in a stage-2 YAML: `target: stage1.from_pretrained`.
-    config = {"target": "stage1.from_pretrained",
-              "params": {"path": str(tmp_path / "vq"), "encoder_config_path": rae_release["encoder"]}}
-    vq = instantiate_from_config(config)
-    with torch.no_grad():
-        assert type(vq) is VQRAE and torch.equal(vq.encode(x), vq.quantizer.lookup(vq.encode_to_indices(x).flatten(1))
-                                                 .transpose(1, 2).reshape(2, WIDTH, GRID, GRID))
+    assert type(VQRAE.from_pretrained(tmp_path / "vq")) is VQRAE
 
 
 def test_raes_encoder_params_for_each_encoder(tiny_encoders, tmp_path):
@@ -175,6 +187,8 @@ def test_raes_encoder_params_for_each_encoder(tiny_encoders, tmp_path):
     rae = RAE(encoder_cls="SigLIP2wNorm", encoder_config_path=siglip,
               encoder_params={"model_name": siglip, "num_tokens": 16}, **common)
     assert rae.config.encoder.path == siglip
+    assert RAE(encoder_cls="MAEwNorm", encoder_config_path=mae + "/", encoder_params={"model_name": mae},
+               **common).config.encoder.path == mae + "/"  # one folder, spelt two ways
     with pytest.raises(ConfigError, match="name different checkpoints"):
         RAE(encoder_cls="MAEwNorm", encoder_config_path=siglip, encoder_params={"model_name": mae}, **common)
     with pytest.raises(ConfigError, match="encoder.params"):

@@ -34,7 +34,10 @@ def test_index_round_trip_equals_forward(dinov2_dir, reshape_to_2d):
     z_q, _, quantizer_indices = model.quantize(model.features(x))
     assert torch.equal(quantizer_indices.reshape(3, 4, 4), indices)
     assert torch.equal(model.decode(z_q), x_rec)
-    assert torch.equal(model.encode(x), z_q)  # encode: the latent the decoder takes, the codes' vectors
+    with pytest.raises(ValueError, match="codebook was never fitted or trained"):
+        model.encode(x)  # the latent the decoder takes: not the vectors of a random codebook
+    model.quantizer.initialized.fill_(True)  # taken as fitted
+    assert torch.equal(model.encode(x), z_q)  # the codes' vectors
 
 
 def test_layout_options_give_the_same_codes(dinov2_dir):

@@ -11,7 +11,7 @@ from ..data.datasets import find_images
 from ..data.images import UnreadableImageError
 from ..data.input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
 from ..data.shard_specs import is_tar_source, shard_urls
-from ..data.tar_shards import SampleImages, TarSample, read_shard
+from ..data.tar_shards import FolderClasses, SampleImages, TarSample, read_shard
 from ..model.vqrae import VQRAE
 from .arguments import CLIError
 
@@ -87,7 +87,7 @@ def data_batches(args, size: int, device: torch.device, limit: int | None = None
 
 def tar_batches(args, url: str, size: int, device: torch.device, local_processes: int = 1, crop: str = "center",
                 limit: int | None = None, step: Callable[[torch.Tensor], Any] | None = None,
-                classes: list[str] | None = None) -> tuple[list[TarSample], Iterator[ImageBatch]]:
+                classes: FolderClasses | None = None) -> tuple[list[TarSample], Iterator[ImageBatch]]:
     """One tar shard's samples (its first `limit`, labelled by `classes` when they come from member paths) and their
     batches of --batch-size (with `step`'s outputs)."""
     samples = read_shard(url, classes)[:limit]

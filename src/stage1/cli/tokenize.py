@@ -116,6 +116,8 @@ def run(args) -> int:
             llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix))
             if isinstance(source, FolderInput):
                 check_llamagen_labels(source.labels)
+            elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers
+                check_llamagen_labels([-1] * source.folders.unlabelled)
         run_record = {
             "model": str(args.model),
             "codebook_size": model.quantizer.num_embeddings,
@@ -199,7 +201,8 @@ class TarInput:
     def __init__(self, spec: str):
         self.urls = shard_urls(spec)
         self.num_shards = len(self.urls)
-        self.classes = folder_classes(self.urls)
+        self.folders = folder_classes(self.urls)
+        self.classes = self.folders.names if self.folders else None
 
     def record(self) -> dict:
         local = [os.path.getsize(url) if os.path.isfile(url) else None for url in self.urls]
@@ -212,7 +215,7 @@ class TarInput:
     def shard_streams(self, todo, args, size, device, local_processes, step):
         for i in todo:
             samples, stream = tar_batches(args, self.urls[i], size, device, local_processes,
-                                          crop=PROTOCOL_CROPS[args.protocol], step=step, classes=self.classes)
+                                          crop=PROTOCOL_CROPS[args.protocol], step=step, classes=self.folders)
             yield i, [sample.name for sample in samples], [sample.label for sample in samples], stream
 
 

@@ -10,7 +10,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import v2
 from torchvision.utils import save_image
 
@@ -24,6 +23,19 @@ _JPEG_EXTRAS = 1 << 24  # bytes a JPEG may hold beside its scans (EXIF, thumbnai
 # Pixels an image may have once its shorter side is resized (256 MB as 8-bit RGB): a 1 x 100000 image is small, but
 # at 256 px on its shorter side it would be 25.6 billion.
 MAX_RESIZED_PIXELS = 1 << 26
+
+
+def _tensor_jpeg_decoder():
+    """TorchCodec's decode_jpeg, torchvision's decoders' successor; None where it does not load (it needs torch >=
+    2.11), and then Pillow decodes JPEGs as every other image."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError):  # not installed, or its compiled library does not fit this torch
+        return None
+    return decode_jpeg
+
+
+decode_jpeg = _tensor_jpeg_decoder()
 
 
 class UnreadableImageError(ValueError):
@@ -52,7 +64,7 @@ def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
 def _decode(source) -> tuple[torch.Tensor, str]:
     with _opened(source) as file, Image.open(file) as image:  # the header: format, mode, size, EXIF; bomb-checked
         # A file far larger than its pixels (junk after the image) goes to Pillow, which reads only what it decodes.
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and (
+        if decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L") and (
                 _length(file) <= 3 * image.width * image.height + _JPEG_EXTRAS):
             # Most images: libjpeg-turbo through TorchCodec (torchvision's decoders' successor), the same pixels as
             # Pillow's decode (tested) without its three copies (PIL image, numpy array, tensor). 1.3x faster here.

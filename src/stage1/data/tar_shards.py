@@ -5,8 +5,8 @@ A shard is a tar of samples; a sample is the consecutive files of one key (webda
 the first dot of its base name): its image (`jpg`, `png`, `webp`, ...), and as our converter writes them,
 `path.txt` (the image's path in the folder it came from) and `cls` (its ImageFolder class id). A plain tar of class
 folders (`tar cf train.tar n01440764/ ...`: no cls anywhere) has its classes in its member paths: ImageFolder's, the
-sorted top-level folders over all shards (`folder_classes`). Which specs `--data` may give is shard_specs.py's.
-Images keep their encoded bytes: nothing is re-encoded.
+sorted folders below the samples' common root over all shards (`folder_classes`). Which specs `--data` may give is
+shard_specs.py's. Images keep their encoded bytes: nothing is re-encoded.
 
 A shard is a file from other people, read here and nowhere else: only the fields used are read, each after its
 size is checked (MAX_IMAGE_BYTES, MAX_TEXT_BYTES); a bad sample (a file over its limit, a `cls` that is not an
@@ -53,7 +53,7 @@ DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, Valu
 class TarSample:
     name: str  # path.txt, else the key with its image field's extension
     data: bytes | None  # the encoded image; None when the sample has none or has a problem
-    label: int  # cls, else its class folder's index in the shards' folder_classes, else -1
+    label: int  # cls, else its class folder's id (FolderClasses), else -1
     problem: str | None = None  # why the sample cannot be used, naming its tar and key
 
     def image(self) -> bytes:
@@ -85,21 +85,20 @@ def decode(data: bytes):
     return read_image(io.BytesIO(data))[0]
 
 
-def read_shard(url: str, classes: list[str] | None = None) -> list[TarSample]:
+def read_shard(url: str, classes: FolderClasses | None = None) -> list[TarSample]:
     """Every sample of one shard (a local file or a stream), in the tar's order; `classes` (folder_classes) label the
     samples of a plain tar of class folders."""
     from webdataset.gopen import gopen
 
     samples, names = [], set()
-    class_of = {name: index for index, name in enumerate(classes or ())}
     try:
         with gopen(url, "rb") as stream:
             watched = _Watched(stream)
             with tarfile.open(fileobj=watched, mode="r|*") as tar:
                 for key, files in _sample_files(tar, by_position=False):
                     sample = TarSample(*_sample(url, key, files, names))
-                    if "cls" not in files and class_folder(key) in class_of:
-                        sample.label = class_of[class_folder(key)]
+                    if "cls" not in files and classes is not None:
+                        sample.label = classes.label(key)
                     samples.append(sample)
                 watched.check_end(tar)
     except DAMAGED as err:
@@ -174,30 +173,51 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
         yield key, files
 
 
-def class_folder(key: str) -> str | None:
-    """The top-level folder of a sample's member path (ImageFolder's class), None for a sample at the top."""
-    folder, slash, _ = key.partition("/")
-    return _printable(folder) if slash and folder not in ("", ".") else None
+def _folders(key: str) -> tuple[str, ...]:
+    """The folders of a sample's member path, "./" and empty parts dropped (`tar cf x.tar -C train .`)."""
+    return tuple(_printable(part) for part in key.split("/")[:-1] if part not in ("", "."))
 
 
-def folder_classes(urls: list[str]) -> list[str] | None:
-    """ImageFolder's classes of local tar shards none of whose samples has a cls: the sorted top-level folders of
-    their member paths, from their headers (image bytes are skipped, not read). None when a sample has a cls (the
-    shards say their classes themselves), when no sample is in a folder, or for streams (read once, not twice)."""
+@dataclass
+class FolderClasses:
+    """ImageFolder's classes of plain tars: the folders right below the samples' common root, sorted; a sample
+    directly in the root has none (-1)."""
+
+    root: tuple[str, ...]
+    names: list[str]
+    unlabelled: int  # samples directly in the root
+
+    def label(self, key: str) -> int:
+        folders = _folders(key)
+        if folders[: len(self.root)] != self.root or len(folders) == len(self.root):
+            return -1
+        return self.names.index(folders[len(self.root)]) if folders[len(self.root)] in self.names else -1
+
+
+def folder_classes(urls: list[str]) -> FolderClasses | None:
+    """The classes of local tar shards none of whose samples has a cls, from their member paths (headers only: image
+    bytes are skipped, not read): the folders below the common root of all samples (`tar cf x.tar train/` has
+    train/ as its root), or that root itself when every sample is in it (one class). None when a sample has a cls
+    (the shards say their classes themselves), when no sample is in a folder, or for streams (read once, not twice)."""
     if not all(os.path.isfile(url) for url in urls):
         return None
-    folders = set()
+    paths = []
     for url in urls:
         try:
             with tarfile.open(url, "r:*") as tar:
                 for key, files in _sample_files(tar, by_position=True):
                     if "cls" in files:
                         return None
-                    folders.add(class_folder(key))
+                    paths.append(_folders(key))
         except DAMAGED:
-            continue  # reading the shard lists the damage; the folders before it count
-    folders.discard(None)
-    return sorted(folders) or None
+            continue  # reading the shard lists the damage; the samples before it count
+    if not any(paths):
+        return None
+    root = tuple(os.path.commonprefix(paths))  # element-wise: the folders all samples share
+    if all(len(folders) == len(root) for folders in paths):
+        root = root[:-1]  # every sample in one folder: that folder is the one class
+    names = sorted({folders[len(root)] for folders in paths if len(folders) > len(root)})
+    return FolderClasses(root, names, sum(len(folders) == len(root) for folders in paths))
 
 
 def _sample(url: str, key: str, files: dict, names: set) -> tuple[str, object, int, str | None]:

@@ -62,6 +62,10 @@ def llamagen_advice(manifest: Manifest, out: str) -> str:
     advice = (f"LlamaGen: train_c2i.py --code-path {arguments['code_path']} --image-size {arguments['image_size']} "
               f"--downsample-size {arguments['downsample_size']} --vocab-size {manifest.codebook_size} "
               f"--num-classes {classes}")
+    if manifest.image_size != arguments["image_size"]:
+        advice += (f"; these are codes of {manifest.image_size} px crops, LlamaGen's extract_codes_c2i.py crops at "
+                   f"{arguments['image_size']} (its codes exactly: --image-size {arguments['image_size']} "
+                   f"--protocol adm)")
     if manifest.num_images != IMAGENET_TRAIN_IMAGES:
         advice += (f"; its dataset/imagenet.py hardcodes ImageNet's {IMAGENET_TRAIN_IMAGES} files: for these "
                    f"{manifest.num_images}, use the commented sorted(os.listdir(...)) lines there instead")

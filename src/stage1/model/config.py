@@ -4,8 +4,9 @@
         encoder:    EncoderConfig    configs/encoder/*.yaml     which frozen encoder, at which input size
         quantizer:  QuantizerConfig  configs/quantizer/*.yaml   codebook size and EMA rule
         decoder:    DecoderConfig    configs/decoder/*.yaml     ViT decoder sizes
-        noise_tau, normalization_stat_path, normalization_eps, pretrained_decoder_path, reshape_to_2d
-                                                                `model:` in configs/train.yaml
+        noise_tau, normalization_stat_path, normalization_eps, pretrained_decoder_path
+                                                                the top level of configs/train.yaml
+        reshape_to_2d                                           the layout of encode() (Python only)
 
 Field names are the hydra keys, one to one, so a value has one name from the command line to the module that
 uses it (`quantizer.decay=0.95` is `config.quantizer.decay` is `VectorQuantizer.decay`). Every value is checked
@@ -270,9 +271,10 @@ def _from_rae_encoder_params(keywords: dict) -> dict:
     paths = {key: params[key] for key in RAE_ENCODER_PATH_KEYS if key in params}
     given = keywords.get("encoder_config_path")
     named = set(paths.values()) | ({given} if given is not None else set())
-    if len(named) > 1:
+    if len({os.path.normpath(str(path)) for path in named}) > 1:  # "enc" and "enc/" are one folder
         raise ConfigError(f"encoder_config_path and encoder_params {paths} name different checkpoints "
                           f"{sorted(map(str, named))}; RAE reads its weights from the one and its image mean / std "
                           f"from the other, vqrae both from one: give the same path")
     rest = {k: v for k, v in params.items() if k not in RAE_ENCODER_PATH_KEYS + RAE_UNUSED_ENCODER_PARAMS}
-    return {"encoder_params": rest, **({"encoder_config_path": named.pop()} if named else {})}
+    path = given if given is not None else next(iter(paths.values()), None)
+    return {"encoder_params": rest, **({"encoder_config_path": path} if path is not None else {})}

@@ -4,8 +4,8 @@ which nobody else could reach) and a model card, so that VQRAE.from_pretrained("
 The card is generated from the model's config (encoder, codebook, decoder), the training run when the model
 folder came from one (steps, from the run's train_config.yaml), an evaluation (vqrae-evaluate's results.json) and a
 sample grid (e.g. training's reconstructions.png). Its metadata is huggingface_hub's ModelCardData: the encoder as
-base_model, the training datasets, the evaluation as model-index results, and the encoder's license (the published
-folder holds, or depends on, its weights; MAE's are CC-BY-NC) unless one is given.
+base_model, the training datasets, the evaluation as model-index results, and the license of the encoder family's
+weights (the published folder holds, or depends on, them; MAE's are CC-BY-NC) unless one is given.
 """
 
 from __future__ import annotations
@@ -26,26 +26,14 @@ METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid",
            ("latent_relative_distortion", "latent distortion ||z - z_q||^2 / var(z)"),
            ("latent_cosine", "latent cosine(z, z_q)"))
 PIPELINE_TAG = "image-feature-extraction"  # images -> tokens; the Hub has no tokenizer task
-# The released weights of each encoder family (their Hub cards): the fallback when an encoder's card is not at hand.
+# The license of each encoder family's released weights (MAE: facebookresearch/mae's LICENSE, CC-BY-NC 4.0).
 FAMILY_LICENSES = {"Dinov2withNorm": "apache-2.0", "SigLIP2": "apache-2.0", "MAE": "cc-by-nc-4.0"}
 
 
 def encoder_license(model) -> str:
-    """The license of the model's encoder: its own card's (README.md in its folder or the Hub cache), else its
-    family's released weights'."""
-    from huggingface_hub import ModelCard
-
-    from .encoders import _optional_file
-
-    card = _optional_file(model.config.encoder.path, CARD_NAME)
-    if card is not None and os.path.isfile(card):
-        try:
-            license_ = ModelCard.load(card, ignore_metadata_errors=True).data.license
-        except Exception:  # a card of someone else's that does not parse: the family's
-            license_ = None
-        if isinstance(license_, str) and license_:
-            return license_
-    return FAMILY_LICENSES[type(model.encoder).__name__]
+    """The license of the weights of the model's encoder family (a Hub card may say otherwise: MAE's says apache-2.0
+    while its weights are released CC-BY-NC; the family's is the one a card can rely on offline and online)."""
+    return FAMILY_LICENSES.get(type(model.encoder).__name__, "other")
 
 
 def encoder_hub_id(model) -> str | None:

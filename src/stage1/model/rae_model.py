@@ -3,10 +3,12 @@ src/stage1/rae.py) on this package, with RAE's constructor, defaults and methods
 YAML configs (`target: stage1.RAE`) run on this package in place of RAE's `src/stage1/`.
 
 It is a VQRAE without a codebook: RAE's encoders, resize, latent statistics, noise and decoder are what VQRAE
-does with quantizer.kind none (parity with RAE's own code: tests/test_rae.py). RAE's keywords differ from VQRAE's
-in three defaults (noise_tau 0.8, RAE's decoder config) and in two behaviours, which RAE's scripts rely on:
-`decode` does not clamp, and `forward` is decode(encode(x)) at the decoder's size. `target: stage1.VQRAE` in the
-same YAML, with num_embeddings added, trains stage 2 on the codes' vectors instead.
+does with quantizer.kind none (parity with RAE's own code: tests/test_rae.py, tests/test_rae_stage2.py). RAE differs
+from VQRAE in its defaults (noise_tau 0.8; decoder_config_path "vit_mae-base", which names no file here and none in
+RAE unless such a folder exists: give RAE's configs/decoder/ViTXL or a preset) and in two behaviours, which RAE's
+scripts rely on: `decode` does not clamp, and `forward` is decode(encode(x)) at the decoder's size. A VQRAE whose
+codebook was fitted or trained (`target: stage1.from_pretrained` in the same YAML) gives stage 2 the codes' vectors
+instead.
 """
 
 from __future__ import annotations
@@ -49,11 +51,16 @@ class RAE(VQRAE):
         VQRAE.__init__(model, config)  # RAE's constructor takes RAE's keywords, not a config
         return model
 
+    @classmethod
+    def from_rae(cls, *args, **keywords):
+        raise TypeError("RAE takes RAE's files in its own constructor: RAE(pretrained_decoder_path=..., "
+                        "decoder_config_path=..., normalization_stat_path=..., ...); from_rae is VQRAE's")
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also RAE's own state dicts (its stage-1 training's checkpoints: `ckpt:` in RAE's stage-2 YAML, whose
         instantiate_from_config loads them here): their decoder is mapped onto this one (stage1.model.rae), their
         encoder left out (frozen: loaded from encoder_config_path)."""
-        if any(key.startswith("decoder.decoder_") for key in state_dict):
+        if any("decoder.decoder_" in key for key in state_dict):  # also under DDP's or torch.compile's prefixes
             return self.decoder.load_state_dict(decoder_state_from_rae(dict(state_dict)), strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

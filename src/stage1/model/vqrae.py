@@ -268,10 +268,15 @@ class VQRAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the normalised latent the decoder takes, RAE's `encode`: the codes' vectors (the
         codebook never moves here), or the features themselves without a codebook; in training mode with RAE's
-        noise (noise_tau) on the raw latent. What RAE's stage 2 trains a diffusion model on."""
+        noise (noise_tau) on the raw latent. What RAE's stage 2 trains a diffusion model on: a codebook that was never
+        fitted or trained is refused (its codes would be random vectors)."""
         self.check_images(x)
         tokens, grid = self.encode_tokens(x)
         if self.config.quantizer.kind != "none":
+            if not all(bool(flag) for name, flag in self.quantizer.named_buffers() if name.endswith("initialized")):
+                raise ValueError("this model's codebook was never fitted or trained: encode would give the vectors of "
+                                 "a random codebook. Fit it (vqrae-fit-codebook) or train the model, then load the "
+                                 "folder (VQRAE.from_pretrained; target: stage1.from_pretrained in RAE's stage 2)")
             tokens = self._code_tokens(self._indices(tokens, grid))
         if self.training and self.config.noise_tau > 0:
             tokens = self.normalize(add_latent_noise(self.denormalize(tokens), self.config.noise_tau))
@@ -398,8 +403,8 @@ class VQRAE(nn.Module):
         return self
 
     @classmethod
-    def from_rae(cls, decoder_path: str, decoder_config_path: str, normalization_stat_path: str | None = None,
-                 decoder_patch_size: int = 16, **keywords) -> "VQRAE":
+    def from_rae(cls, pretrained_decoder_path: str, decoder_config_path: str,
+                 normalization_stat_path: str | None = None, decoder_patch_size: int = 16, **keywords) -> "VQRAE":
         """A model around one of RAE's released decoders: its weights (`model.pt`, or safetensors), its decoder
         config (a ViT-MAE config.json or its directory) and the latent statistics it was trained with (`stat.pt`),
         as RAE's stage-1 YAML names them. Keywords are VQRAE's (encoder_cls, encoder_config_path, ...); by default
@@ -408,7 +413,7 @@ class VQRAE(nn.Module):
         (The same as VQRAE(pretrained_decoder_path=..., ...) with RAE's keywords, or stage1.RAE.)"""
         keywords.setdefault("quantizer_kind", "single" if "num_embeddings" in keywords else "none")
         keywords.setdefault("encoder_config_path", "facebook/dinov2-with-registers-base")
-        return cls(pretrained_decoder_path=decoder_path, decoder_config_path=decoder_config_path,
+        return cls(pretrained_decoder_path=pretrained_decoder_path, decoder_config_path=decoder_config_path,
                    normalization_stat_path=normalization_stat_path, decoder_patch_size=decoder_patch_size, **keywords)
 
     @staticmethod
