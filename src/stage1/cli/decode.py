@@ -42,7 +42,7 @@ def check_model_fits(model, manifest: Manifest) -> None:
 def run(args) -> int:
     check_output(args.out, folder=True)
     manifest = read_manifest(args.tokens)
-    model = load_model(args, needs_codes=True)
+    model = load_model(args, needs_codes=True, code_grids=True)
     check_model_fits(model, manifest)
     device = next(model.decoder.parameters()).device
     size = manifest.image_size

@@ -187,7 +187,7 @@ class Scores:
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    model = load_model(args)
+    model = load_model(args, code_grids=True)
     device = next(model.decoder.parameters()).device
     size = model_image_size(model, args.image_size)
     notes = {}

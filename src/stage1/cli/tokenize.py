@@ -107,7 +107,7 @@ def run(args) -> int:
     info = distributed.setup(args.device)
     try:
         device = info.device
-        model = load_model(args, device, needs_codes=True)
+        model = load_model(args, device, needs_codes=True, code_grids=True)
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size

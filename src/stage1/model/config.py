@@ -16,6 +16,7 @@ once, here, when a config is made (stage1.base.config_section: types first, then
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,11 +58,15 @@ MAX_DECODER_PARAMETERS = 10**10  # 40 GB in float32; RAE's largest decoder (ViT-
 @dataclass
 class QuantizerConfig(ConfigSection):
     section = "quantizer"
-    # one codebook; `depth` levels on residuals; `groups` of channels; none: no codebook (continuous: VQRAE is RAE)
-    kind: str = choice("single", "residual", "grouped", "none")
+    # one codebook; `depth` levels on residuals; `groups` of channels; multiscale: VAR's residual scales on the grid
+    # (stage1.model.multiscale); none: no codebook (continuous: VQRAE is RAE)
+    kind: str = choice("single", "residual", "grouped", "multiscale", "none")
     num_embeddings: int = 8192  # codes per codebook
     depth: int = 1  # residual: codebooks applied in turn, each to what the ones before it left
     groups: int = 1  # grouped: the channels split into this many groups, each with its own codebook
+    # multiscale: the sides of the scales' maps, increasing, the last the grid's (VAR's, for a 16 x 16 grid)
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    shared_codebook: bool = True  # multiscale: one codebook for every scale (VAR's), or one per scale
     cosine: bool = False  # l2-normalised features and codes (single, grouped)
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
@@ -74,8 +79,11 @@ class QuantizerConfig(ConfigSection):
         for name, kind in (("depth", "residual"), ("groups", "grouped")):
             self.require(getattr(self, name) >= 1 and (getattr(self, name) == 1 or self.kind == kind), name,
                          f"a positive integer, and 1 unless quantizer.kind is '{kind}' (kind is {self.kind!r})")
-        self.require(not (self.cosine and self.kind == "residual"), "cosine",
-                     "false with kind 'residual' (residuals of unit codes are not unit vectors)")
+        self.require(not (self.cosine and self.kind in ("residual", "multiscale")), "cosine",
+                     f"false with kind {self.kind!r} (residuals of unit codes are not unit vectors)")
+        self.require(len(self.scales) >= 1 and all(0 < a < b for a, b in itertools.pairwise(self.scales))
+                     and 0 < self.scales[0] and self.scales[-1] <= MAX_IMAGE_SIDE and len(self.scales) <= MAX_LEVELS,
+                     "scales", f"increasing positive sides, at most {MAX_LEVELS} of them, the last the grid's side")
         self.require_positive("epsilon")
         self.require_at_most(MAX_CODES, "num_embeddings")
         self.require_at_most(MAX_LEVELS, "depth", "groups")
@@ -197,6 +205,8 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "vq_decay": ("quantizer", "decay"),
     "vq_epsilon": ("quantizer", "epsilon"),
     "restart_window": ("quantizer", "restart_window"),
+    "scales": ("quantizer", "scales"),
+    "shared_codebook": ("quantizer", "shared_codebook"),
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),

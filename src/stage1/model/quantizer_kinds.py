@@ -5,6 +5,7 @@
                quantizes z - (q_1 + ... + q_{l-1})
     grouped    channels split into `groups` equal    indices (..., groups) product of per-group codes
                slices, each with its own codebook
+    multiscale VAR's residual scales on the grid       indices (B, L)        stage1.model.multiscale
     none       no codebook: the latent passes as it is  no indices          continuous (VQRAE is then RAE)
 
 Each level is a VectorQuantizer with its own EMA statistics, restarts and first-batch initialisation, so every
@@ -25,7 +26,7 @@ from .config import QuantizerConfig
 from .quantizer import VectorQuantizer
 
 
-def _level(config: QuantizerConfig, embedding_dim: int) -> VectorQuantizer:
+def single_codebook(config: QuantizerConfig, embedding_dim: int) -> VectorQuantizer:
     """One single-codebook level with the kind's options."""
     return VectorQuantizer(dataclasses.replace(config, kind="single", depth=1, groups=1), embedding_dim)
 
@@ -49,7 +50,7 @@ def combine_losses(levels: list[dict], commitment: torch.Tensor, commitment_cost
 class ResidualQuantizer(nn.Module):
     def __init__(self, config: QuantizerConfig, embedding_dim: int):
         super().__init__()
-        self.levels = nn.ModuleList(_level(config, embedding_dim) for _ in range(config.depth))
+        self.levels = nn.ModuleList(single_codebook(config, embedding_dim) for _ in range(config.depth))
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
         self.index_suffix = (config.depth,)
@@ -99,7 +100,7 @@ class GroupedQuantizer(nn.Module):
         if embedding_dim % config.groups:
             raise ValueError(f"quantizer.groups ({config.groups}) must divide the latent channels ({embedding_dim})")
         width = embedding_dim // config.groups
-        self.levels = nn.ModuleList(_level(config, width) for _ in range(config.groups))
+        self.levels = nn.ModuleList(single_codebook(config, width) for _ in range(config.groups))
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
         self.index_suffix = (config.groups,)
@@ -158,6 +159,10 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> nn.Module:
         return ResidualQuantizer(config, embedding_dim)
     if config.kind == "grouped":
         return GroupedQuantizer(config, embedding_dim)
+    if config.kind == "multiscale":
+        from .multiscale import MultiScaleQuantizer  # it builds on this module
+
+        return MultiScaleQuantizer(config, embedding_dim)
     return VectorQuantizer(config, embedding_dim)
 
 

@@ -91,6 +91,14 @@ class VQRAE(nn.Module):
         self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps) if stats_file is not None else
                                 (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
+        if self.multiscale and self.grid_size != self.quantizer.side:
+            from .multiscale import default_scales
+
+            grid = self.grid_size or "no fixed"
+            raise ValueError(f"quantizer.scales end at {self.quantizer.side}, but the encoder's grid side is {grid} "
+                             f"(encoder.input_size {encoder.input_size} / patch {self.encoder.patch_size}): the last "
+                             f"scale must be the grid's side, e.g. quantizer.scales="
+                             f"{default_scales(self.grid_size or self.quantizer.side)}")
         grid = self.grid_size or DEFAULT_GRID_IMAGE // self.encoder.patch_size
         self.decoder = ViTDecoder(channels, config.decoder, grid_size=grid)
         if config.pretrained_decoder_path is not None:
@@ -111,6 +119,11 @@ class VQRAE(nn.Module):
                              f"mean in [{mean.min():.3g}, {mean.max():.3g}], std in [{std.min():.3g}, {std.max():.3g}]")
         self.register_buffer("latent_mean", mean.float())
         self.register_buffer("latent_std", std.float())
+
+    @property
+    def multiscale(self) -> bool:
+        """Codes of VAR's scales (stage1.model.multiscale): lists of per-scale maps, or flat (B, L), not grids."""
+        return self.config.quantizer.kind == "multiscale"
 
     @property
     def grid_size(self) -> int | None:
@@ -147,13 +160,21 @@ class VQRAE(nn.Module):
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):  # also catches NaN
                 raise ValueError(f"expected finite pixel values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
-    def _check_indices(self, indices) -> None:
+    def _checked_indices(self, indices) -> torch.Tensor:
+        """Indices as decode_from_indices takes them, checked; multi-scale ones as flat (B, L')."""
         k, suffix = self.quantizer.num_embeddings, self.quantizer.index_suffix
+        if self.multiscale and isinstance(indices, (list, tuple)):
+            indices = self._flat_scales(indices)
         if not isinstance(indices, torch.Tensor):
             raise ValueError(f"expected indices as a torch.Tensor, got {type(indices).__name__}")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise ValueError(f"expected integer indices (torch.long), got dtype {indices.dtype}")
-        if indices.dim() - len(suffix) not in (2, 3) or tuple(indices.shape[indices.dim() - len(suffix):]) != suffix:
+        if self.multiscale:
+            if indices.dim() != 2:
+                raise ValueError(f"expected multi-scale indices as VAR's flat (B, L) or a list of the scales' maps "
+                                 f"[(B, 1, 1), (B, 2, 2), ...], got shape {tuple(indices.shape)}")
+            self.quantizer.scales_in(indices.shape[1])  # a prefix of whole scales
+        elif indices.dim() - len(suffix) not in (2, 3) or tuple(indices.shape[indices.dim() - len(suffix):]) != suffix:
             codes = "".join(f", {n}" for n in suffix)
             raise ValueError(f"expected indices of shape (B, h, w{codes}) or (B, h*w{codes}), got shape "
                              f"{tuple(indices.shape)}")
@@ -162,6 +183,17 @@ class VQRAE(nn.Module):
         lo, hi = (int(v) for v in torch.aminmax(indices.long()))  # uint16 etc. have no min() kernel
         if lo < 0 or hi >= k:
             raise ValueError(f"indices must lie in [0, {k - 1}] (codebook size {k}), got values in [{lo}, {hi}]")
+        return indices
+
+    def _flat_scales(self, maps) -> torch.Tensor:
+        """[(B, 1, 1), (B, 2, 2), ...]: the maps of the first scales -> VAR's flat (B, L')."""
+        sides = self.quantizer.scales[: len(maps)]
+        shapes = [tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__ for m in maps]
+        batch = shapes[0][0] if maps and isinstance(shapes[0], tuple) and len(shapes[0]) == 3 else None
+        if not maps or len(maps) > len(self.quantizer.scales) or shapes != [(batch, s, s) for s in sides]:
+            raise ValueError(f"expected the code maps of the first scales of {list(self.quantizer.scales)}, "
+                             f"[(B, 1, 1), (B, 2, 2), ...] as tensors, got {shapes}")
+        return torch.cat([m.reshape(batch, -1) for m in maps], dim=1)
 
     # ---- the data path, in tokens ----------------------------------------------------------------------------
     def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -219,28 +251,38 @@ class VQRAE(nn.Module):
         return x_rec, {"recon_loss": recon, **vq_losses, "loss": recon + vq_losses["vq_loss"]}
 
     @torch.no_grad()
-    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> code indices (B, h, w), long ((B, h, w, L) for residual / grouped quantizers).
+    def encode_to_indices(self, x: torch.Tensor, flat: bool = False):
+        """Images in [0, 1] -> code indices (B, h, w), long ((B, h, w, L) for residual / grouped quantizers); flat:
+        (B, h * w[, L]). Multi-scale: the scales' maps [(B, 1, 1), (B, 2, 2), ..., (B, h, w)], or VAR's flat (B, L).
         Never updates the codebook."""
         self.check_images(x)
-        return self._indices(*self.encode_tokens(x))
+        codes = self._indices(*self.encode_tokens(x))
+        if self.multiscale:
+            return codes if flat else self.quantizer.split(codes)
+        return codes.flatten(1, 2) if flat else codes
 
     @torch.no_grad()
-    def decode_from_indices(self, indices: torch.Tensor, output_size=None) -> torch.Tensor:
+    def decode_from_indices(self, indices, output_size=None) -> torch.Tensor:
         """Code indices (B, h, w) or (B, h*w) -> images in [0, 1]; residual / grouped quantizers: (B, h, w, L) or
-        (B, h*w, L)."""
-        self._check_indices(indices)
-        suffix = self.quantizer.index_suffix
-        spatial = indices.shape[1 : indices.dim() - len(suffix)]
-        grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
+        (B, h*w, L). Multi-scale: the maps of the first k scales, or VAR's flat (B, L') of them: the first k alone
+        give a coarse-to-fine preview."""
+        indices = self._checked_indices(indices)
+        if self.multiscale:
+            grid = (self.quantizer.side,) * 2
+        else:
+            spatial = indices.shape[1 : indices.dim() - len(self.quantizer.index_suffix)]
+            grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
         return self._decode_tokens(self._code_tokens(indices), grid, output_size=output_size)
 
     def _indices(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Normalised latent tokens (B, N, C) -> their codes (B, h, w[, L])."""
-        return self.quantizer.encode(tokens).reshape(-1, *grid, *self.quantizer.index_suffix)
+        """Normalised latent tokens (B, N, C) -> their codes (B, h, w[, L]); multi-scale: (B, L)."""
+        codes = self.quantizer.encode(tokens)
+        return codes if self.multiscale else codes.reshape(-1, *grid, *self.quantizer.index_suffix)
 
     def _code_tokens(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w[, L]) or (B, h*w[, L]) -> the tokens (B, N, C) they stand for."""
+        """Codes (B, h, w[, L]) or (B, h*w[, L]); multi-scale (B, L') -> the tokens (B, N, C) they stand for."""
+        if self.multiscale:
+            return self.quantizer.lookup(indices.long())
         suffix = self.quantizer.index_suffix
         return self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
 
@@ -292,7 +334,9 @@ class VQRAE(nn.Module):
             return self.quantizer(z)
         tokens, grid = grid_to_tokens(z)
         z_q, losses, indices = self.quantizer(tokens)
-        return tokens_to_grid(z_q, grid), losses, indices.reshape(-1, *grid, *self.quantizer.index_suffix)
+        if not self.multiscale:
+            indices = indices.reshape(-1, *grid, *self.quantizer.index_suffix)
+        return tokens_to_grid(z_q, grid), losses, indices
 
     def decode(self, z_q: torch.Tensor, output_size=None, clamp: bool = True) -> torch.Tensor:
         """Quantized latents (B, C, h, w) or (B, N, C) -> images (B, 3, h*p, w*p), or `output_size`."""

@@ -27,10 +27,16 @@ def encode_batches(model, batches: Iterable[torch.Tensor], precision_context=Non
 
 @torch.no_grad()
 def sample_latents(token_batches: Iterable[torch.Tensor], tokens_per_image: int, generator: torch.Generator,
-                   show_progress: bool = True) -> torch.Tensor:
-    """Up to `tokens_per_image` random tokens of each image's (N, D) latents."""
+                   show_progress: bool = True, whole_grids: bool = False) -> torch.Tensor:
+    """Up to `tokens_per_image` random tokens of each image's (N, D) latents. whole_grids (a quantizer that fits on
+    grids, stage1.model.multiscale): every token of a random share tokens_per_image / N of the images instead, the
+    same number of tokens in all, grid after grid."""
     rows = []
     for tokens in tqdm(token_batches, desc="latents for the codebook fit", unit="batch", disable=not show_progress):
+        if whole_grids:
+            kept = torch.rand(tokens.shape[0], generator=generator) < tokens_per_image / tokens.shape[1]
+            rows.append(tokens.float()[kept.to(tokens.device)].flatten(0, 1))
+            continue
         take = min(tokens_per_image, tokens.shape[1])
         picks = torch.rand(tokens.shape[:2], generator=generator).argsort(dim=1)[:, :take].to(tokens.device)
         rows.append(tokens.float().gather(1, picks.unsqueeze(-1).expand(-1, -1, tokens.shape[2])).flatten(0, 1))
@@ -49,14 +55,18 @@ class CodebookFit:
 @torch.no_grad()
 def quantizer_distortion(quantizer, latents: torch.Tensor, rows: int = 65536) -> float:
     """Squared error per token (summed over channels, averaged over tokens) of `quantizer` on latents (M, D),
-    over all ranks, without updating it."""
+    over all ranks, without updating it (latents of whole grids, one after the other, for a quantizer that fits
+    on grids)."""
     was_training = quantizer.training
     quantizer.eval()
+    grid = quantizer.side**2 if getattr(quantizer, "whole_grids", False) else 1
+    rows = max(grid, rows // grid * grid)
     try:
         spent = torch.zeros(1, dtype=torch.float64, device=latents.device)
         for start in range(0, latents.shape[0], rows):
             chunk = latents[start : start + rows]
-            spent += quantizer(chunk.unsqueeze(0))[1]["commitment_loss"].double() * chunk.numel()
+            batch = chunk.reshape(-1, grid, chunk.shape[1]) if grid > 1 else chunk.unsqueeze(0)
+            spent += quantizer(batch)[1]["commitment_loss"].double() * chunk.numel()
     finally:
         quantizer.train(was_training)
     count = torch.tensor([float(latents.shape[0])], dtype=torch.float64, device=latents.device)
@@ -76,7 +86,8 @@ def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image:
     was_training = model.training
     model.eval()
     try:
-        latents = sample_latents(token_batches, tokens_per_image, generator, show_progress)
+        latents = sample_latents(token_batches, tokens_per_image, generator, show_progress,
+                                 whole_grids=getattr(model.quantizer, "whole_grids", False))
     finally:
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)

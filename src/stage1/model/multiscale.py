@@ -1,0 +1,195 @@
+"""Multi-scale residual quantization (VAR's tokenizer scheme, FoundationVision/VAR models/quant.py) on frozen features:
+the codes of next-scale prediction.
+
+At scales s_1 < ... < s_K = S, the grid's side, the residual feature map is area-downsampled to s_k x s_k,
+quantized, upsampled back to S x S (bicubic, as VAR; the last scale is not resampled) and subtracted; the decoder
+sees the sum of the K upsampled maps. VAR's scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 give 680 codes per 16 x 16 grid.
+
+    f = features (B, C, S, S);  rest = f;  f_hat = 0
+    for s in scales:  r = area(rest, s);  q = codes of r;  h = bicubic(q, S);  f_hat += h;  rest -= h
+
+Codebooks: one shared by every scale (quantizer.shared_codebook, VAR's), or one per scale. Each is an EMA
+VectorQuantizer, so exact fp32 search, fp32 statistics, restarts and identical codebooks on every rank hold as for
+the other kinds. A shared codebook takes one EMA update per step, over the residuals of every scale. Without an
+offline fit the codebooks start on the first batches: a shared one on the area-downsampled features of every
+scale, a per-scale one on its scale's residuals once the scales before it have started.
+
+Indices: VAR's flat layout (B, L), each scale's s x s map in raster order after the coarser ones; any prefix of
+whole scales decodes (a coarse-to-fine preview).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantizerConfig
+from .kmeans import KMeansResult
+from .quantizer_kinds import combine_losses, single_codebook
+
+FIT_ROUNDS = 2  # a shared codebook's offline fit: on the scales' features, then once more on the residuals it leaves
+
+
+def area(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, C, side, side), averages of the cells (VAR's area downsampling); the same map at S."""
+    return maps if maps.shape[-1] == side else F.interpolate(maps, size=(side, side), mode="area")
+
+
+def bicubic(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, s, s) -> (B, C, side, side), VAR's upsampling; the same map at side."""
+    return maps if maps.shape[-1] == side else F.interpolate(maps, size=(side, side), mode="bicubic")
+
+
+def to_maps(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, side * side, C) raster tokens -> (B, C, side, side)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def to_tokens(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, s, s) -> (B, s * s, C) in raster order."""
+    return maps.flatten(2).transpose(1, 2)
+
+
+class MultiScaleQuantizer(nn.Module):
+    index_suffix: tuple[int, ...] = ()  # indices are (B, L): no grid, no codebook axis
+    whole_grids = True  # fits on whole grids of tokens (stage1.train.codebook_fit), not on tokens drawn from them
+
+    def __init__(self, config: QuantizerConfig, embedding_dim: int):
+        super().__init__()
+        self.scales = tuple(config.scales)
+        self.levels = nn.ModuleList(single_codebook(config, embedding_dim)
+                                    for _ in range(1 if config.shared_codebook else len(self.scales)))
+        self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
+        self.commitment_cost = config.commitment_cost
+        self.lengths = [side * side for side in self.scales]  # codes per scale
+        self.side = self.scales[-1]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.levels) == 1
+
+    @property
+    def length(self) -> int:
+        """Codes per image, L (680 for VAR's scales)."""
+        return sum(self.lengths)
+
+    def codebook(self, k: int):
+        """The codebook (a VectorQuantizer) of scale k."""
+        return self.levels[0 if self.shared else k]
+
+    def split(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Flat (B, L') indices of the first scales -> their maps [(B, 1, 1), (B, 2, 2), ...]; L' must end a scale."""
+        scales = self.scales_in(indices.shape[-1])
+        parts = indices.split(self.lengths[:scales], dim=-1)
+        return [part.reshape(*indices.shape[:-1], side, side) for part, side in zip(parts, self.scales, strict=False)]
+
+    def scales_in(self, length: int) -> int:
+        """How many scales `length` flat codes hold: a prefix of whole scales, or ValueError."""
+        ends = [sum(self.lengths[: k + 1]) for k in range(len(self.scales))]
+        if length not in ends:
+            raise ValueError(f"{length} codes are not whole scales of {list(self.scales)}: a prefix has "
+                             f"{', '.join(map(str, ends))} codes")
+        return ends.index(length) + 1
+
+    def _maps(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 3 or z.shape[1] != self.side * self.side or z.shape[2] != self.embedding_dim:
+            raise ValueError(f"the multi-scale quantizer takes grids of {self.side} x {self.side} tokens of "
+                             f"{self.embedding_dim} channels (B, {self.side * self.side}, {self.embedding_dim}), "
+                             f"got shape {tuple(z.shape)}: its last scale must be the grid's side")
+        return to_maps(z.float(), self.side)
+
+    # ---- training: EMA updates, losses ------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor):
+        """(B, S * S, C) tokens -> (z_q: the sum of the scales' upsampled codes, straight-through; losses; (B, L))."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            rest = self._maps(z.detach())
+            total = torch.zeros_like(rest)
+            level_losses, indices, residuals = [], [], []
+            for k, side in enumerate(self.scales):
+                r = to_tokens(area(rest, side))
+                level = self.codebook(k)
+                if self.shared:  # one EMA update below, over every scale's residuals
+                    idx = level.encode(r)
+                    q = level.lookup(idx) if bool(level.initialized) else torch.zeros_like(r)
+                    residuals.append(r)
+                else:
+                    level.gathers = k == 0 or bool(self.levels[k - 1].initialized)
+                    q, losses, idx = level(r)
+                    level_losses.append(losses)
+                h = bicubic(to_maps(q.detach().float(), side), self.side)
+                total, rest = total + h, rest - h
+                indices.append(idx)
+            if self.shared:
+                level_losses.append(self.levels[0](torch.cat(residuals, dim=1))[1])
+            total = to_tokens(total)
+            commitment = F.mse_loss(z.float(), total)
+            z_q = total + (z.float() - z.float().detach())  # forward: exactly the sum; gradient: identity
+        return z_q.to(z.dtype), combine_losses(level_losses, commitment, self.commitment_cost), torch.cat(indices, 1)
+
+    # ---- codes ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, S * S, C) tokens -> (B, L) codes, never updating a codebook."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            rest, indices = self._maps(z), []
+            for k, side in enumerate(self.scales):
+                idx = self.codebook(k).encode(to_tokens(area(rest, side)))
+                rest = rest - bicubic(to_maps(self.codebook(k).lookup(idx), side), self.side)
+                indices.append(idx)
+        return torch.cat(indices, 1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, L') codes of the first scales -> (B, S * S, C): the sum of their upsampled vectors."""
+        total = None
+        for k, (maps, side) in enumerate(zip(self.split(indices), self.scales, strict=False)):
+            h = bicubic(to_maps(self.codebook(k).lookup(maps.flatten(1)), side), self.side)
+            total = h if total is None else total + h
+        return to_tokens(total)
+
+    # ---- offline fit ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list[KMeansResult]:
+        """k-means on whole grids: `samples` (M, C) are M / (S * S) grids of tokens, one after the other
+        (codebook_fit keeps whole grids for this kind). Per-scale codebooks are fitted scale by scale, each on the
+        residuals the fitted scales before it leave; a shared one on every scale's area-downsampled features, then
+        (FIT_ROUNDS) refitted on the residuals of every scale it leaves. Cluster sizes are in hits per update of
+        `tokens_per_update` tokens of the grid, i.e. tokens_per_update * L / (S * S) codes for a shared codebook."""
+        n = self.side * self.side
+        if samples.dim() != 2 or samples.shape[0] % n:
+            raise ValueError(f"the multi-scale fit takes whole grids of {n} tokens, got {tuple(samples.shape)}")
+        maps = to_maps(samples.float().reshape(-1, n, self.embedding_dim), self.side)
+        per_update = tokens_per_update / n  # grids per update
+        if not self.shared:
+            rest, results = maps, []
+            for k, (side, level) in enumerate(zip(self.scales, self.levels, strict=True)):
+                r = to_tokens(area(rest, side))  # (grids, side * side, C)
+                if r.shape[0] * side * side < self.num_embeddings:  # coarse scales: one token per grid at 1 x 1
+                    raise ValueError(f"the multi-scale fit has {r.shape[0] * side * side} tokens at scale {side}x"
+                                     f"{side} for the {self.num_embeddings} codes of its own codebook: fit whole "
+                                     f"grids of at least {-(-self.num_embeddings // (side * side))} images "
+                                     f"(codebook_fit.images), or share one codebook (quantizer.shared_codebook=true)")
+                results += level.fit(r.reshape(-1, self.embedding_dim), iters, per_update * side * side, seed + k)
+                rest = rest - bicubic(to_maps(level.lookup(level.encode(r)), side), self.side)
+            return results
+        level, residuals = self.levels[0], [to_tokens(area(maps, side)) for side in self.scales]
+        for round_ in range(FIT_ROUNDS):
+            if round_:  # the residuals the codebook of the round before leaves
+                rest, residuals = maps, []
+                for side in self.scales:
+                    residuals.append(to_tokens(area(rest, side)))
+                    rest = rest - bicubic(to_maps(level.lookup(level.encode(residuals[-1])), side), self.side)
+            results = level.fit(torch.cat(residuals, 1).reshape(-1, self.embedding_dim), iters,
+                                per_update * self.length, seed + round_)
+        return results
+
+
+def default_scales(side: int) -> list[int]:
+    """VAR's schedule for a 16 x 16 grid (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), scaled to another side."""
+    var = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    return sorted({max(1, min(side, math.ceil(s * side / 16))) for s in var} | {side})
+
+
+__all__ = ["MultiScaleQuantizer", "area", "bicubic", "default_scales"]

@@ -1,0 +1,219 @@
+"""quantizer.kind=multiscale (issue 22): VAR's residual scales on frozen features. Values against an independent
+reference of VAR's f_to_idxBl_or_fhat (FoundationVision/VAR models/quant.py, without phi), exact index round trips,
+prefix decoding, the EMA rule on a shared codebook, the offline fit on whole grids, identical codebooks on two ranks,
+and training."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import smooth_images, tiny_vqrae
+
+from stage1 import VQRAE, QuantizerConfig, build_quantizer
+from stage1.model.kmeans import fit_kmeans
+
+pytestmark = pytest.mark.filterwarnings("ignore:VectorQuantizer. the codebook has not started")
+SCALES, D, K = (1, 2, 3, 5), 6, 16  # a 5 x 5 grid: 1 + 4 + 9 + 25 = 39 codes
+
+
+def var_reference(f, codebooks, scales):
+    """VAR's f_to_idxBl_or_fhat on maps f (B, C, S, S) with codebooks[k] (K, C) for scale k: per-scale indices
+    (B, s * s) and f_hat after each scale."""
+    rest, f_hat, indices, partial = f.clone(), torch.zeros_like(f), [], []
+    side = f.shape[-1]
+    for k, s in enumerate(scales):
+        z = F.interpolate(rest, size=(s, s), mode="area") if s != side else rest
+        z = z.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        idx = torch.cdist(z.double(), codebooks[k].double()).argmin(1)
+        h = codebooks[k][idx].reshape(f.shape[0], s, s, -1).permute(0, 3, 1, 2)
+        h = F.interpolate(h, size=(side, side), mode="bicubic") if s != side else h
+        f_hat, rest = f_hat + h, rest - h
+        indices.append(idx.reshape(f.shape[0], s * s))
+        partial.append(f_hat.clone())
+    return indices, partial
+
+
+def quantizer(shared=True, k=K, scales=SCALES, seed=0):
+    """A multi-scale quantizer whose codebooks are set on random data (started, as after a fit)."""
+    q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=k, scales=scales, shared_codebook=shared),
+                        D)
+    g = torch.Generator().manual_seed(seed)
+    for level in q.levels:
+        level.set_codebook(torch.randn(k, D, generator=g), torch.ones(k))
+    return q.eval()
+
+
+def grids(b=3, side=5, seed=1):
+    return torch.randn(b, side * side, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_codes_and_values_are_vars(shared):
+    q = quantizer(shared)
+    z = grids()
+    maps = z.transpose(1, 2).reshape(3, D, 5, 5)
+    indices, partial = var_reference(maps, [q.codebook(k).embedding for k in range(len(SCALES))], SCALES)
+    codes = q.encode(z)
+    assert codes.shape == (3, 39) and torch.equal(codes, torch.cat(indices, 1))
+    z_q, losses, forward_codes = q(z)
+    assert torch.equal(forward_codes, codes)
+    expected = partial[-1].flatten(2).transpose(1, 2)
+    assert (z_q - expected).abs().max().item() <= 1e-5 and torch.equal(q.lookup(codes), z_q)
+    assert losses["commitment_loss"].item() == pytest.approx(F.mse_loss(z, expected).item(), rel=1e-5)
+    # Any prefix of whole scales decodes to VAR's f_hat after those scales; the maps split and join back.
+    for k in range(1, len(SCALES) + 1):
+        prefix = codes[:, : sum(s * s for s in SCALES[:k])]
+        assert (q.lookup(prefix) - partial[k - 1].flatten(2).transpose(1, 2)).abs().max().item() <= 1e-5
+    maps = q.split(codes)
+    assert [tuple(m.shape) for m in maps] == [(3, s, s) for s in SCALES]
+    assert torch.equal(torch.cat([m.flatten(1) for m in maps], 1), codes)
+    with pytest.raises(ValueError, match="not whole scales"):
+        q.lookup(codes[:, :6])
+    if not shared:  # a codebook of its own at 1 x 1 has one token per grid to fit on
+        with pytest.raises(ValueError, match="4 tokens at scale 1x1 for the 16 codes.*at least 16 images"):
+            q.fit(grids(b=4).reshape(-1, D), iters=2, tokens_per_update=1.0)
+    # Straight through: the gradient reaches z as the identity.
+    z.requires_grad_(True)
+    q(z)[0].sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_a_shared_codebook_takes_one_ema_update_over_every_scale():
+    """N_k <- decay N_k + (1 - decay) n_k and m_k <- decay m_k + (1 - decay) sum z_i over the residuals of all
+    scales of the step (the codes found before the update), e_k = m_k / N'_k (Laplace smoothed)."""
+    q = quantizer(shared=True).train()
+    level = q.levels[0]
+    level.restart_window = 0.0
+    z = grids(seed=4)
+    before = {name: getattr(level, name).clone() for name in ("ema_cluster_size", "ema_embed_sum")}
+    rest, residuals, codes = z.transpose(1, 2).reshape(3, D, 5, 5), [], []
+    for s in SCALES:  # the residuals with the codebook before the update
+        r = F.interpolate(rest, size=(s, s), mode="area") if s != 5 else rest
+        r = r.flatten(2).transpose(1, 2).reshape(-1, D)
+        idx = torch.cdist(r, level.embedding).argmin(1)
+        h = level.embedding[idx].reshape(3, s, s, D).permute(0, 3, 1, 2)
+        rest = rest - (F.interpolate(h, size=(5, 5), mode="bicubic") if s != 5 else h)
+        residuals.append(r)
+        codes.append(idx)
+    r, idx = torch.cat(residuals), torch.cat(codes)
+    q(z)
+    counts = torch.bincount(idx, minlength=K).float()
+    decay = level.decay
+    size = before["ema_cluster_size"] * decay + (1 - decay) * counts
+    sums = before["ema_embed_sum"] * decay + (1 - decay) * torch.zeros(K, D).index_add_(0, idx, r)
+    assert torch.allclose(level.ema_cluster_size, size, atol=1e-6)
+    assert torch.allclose(level.ema_embed_sum, sums, atol=1e-5)
+    n = size.sum()
+    assert torch.allclose(level.embedding, sums / ((size + level.epsilon) / (n + K * level.epsilon) * n).unsqueeze(1),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_offline_fit_is_k_means_of_each_scales_residuals(shared):
+    """Per-scale codebooks: scale k's is k-means of the residuals the fitted scales before it leave. Shared: k-means
+    of every scale's residuals under the codebook of a first fit on the scales' features."""
+    q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=8, scales=SCALES, shared_codebook=shared),
+                        D)
+    samples = grids(b=40, seed=7).reshape(-1, D)
+    q.fit(samples, iters=5, tokens_per_update=100.0, seed=3)
+    assert all(bool(level.initialized) for level in q.levels)
+    maps = samples.reshape(40, 25, D).transpose(1, 2).reshape(40, D, 5, 5)
+
+    def residuals(codebooks):
+        rest, out = maps, []
+        for k, s in enumerate(SCALES):
+            r = F.interpolate(rest, size=(s, s), mode="area") if s != 5 else rest
+            out.append(r.flatten(2).transpose(1, 2))  # (grids, s * s, D)
+            if k < len(codebooks):
+                idx = torch.cdist(out[-1].reshape(-1, D), codebooks[k]).argmin(1)
+                h = codebooks[k][idx].reshape(40, s, s, D).permute(0, 3, 1, 2)
+                rest = rest - (F.interpolate(h, size=(5, 5), mode="bicubic") if s != 5 else h)
+        return out
+
+    if shared:
+        first = fit_kmeans(torch.cat(residuals([]), 1).reshape(-1, D), 8, iters=5, seed=3).centroids  # grid by grid
+        second = torch.cat(residuals([first] * len(SCALES)), 1).reshape(-1, D)
+        expected = fit_kmeans(second, 8, iters=5, seed=4).centroids
+        assert torch.allclose(q.levels[0].embedding, expected, atol=1e-5)
+        assert q.levels[0].ema_cluster_size.sum().item() == pytest.approx(100.0 / 25 * 39, rel=1e-4)  # hits/update
+    else:
+        fitted = [level.embedding for level in q.levels]
+        for k, level in enumerate(q.levels):
+            expected = fit_kmeans(residuals(fitted[:k])[k].reshape(-1, D), 8, iters=5, seed=3 + k).centroids
+            assert torch.allclose(level.embedding, expected, atol=1e-5), k
+
+
+def test_model_codes_round_trip_and_decode_from_any_prefix(dinov2_dir):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=[1, 2, 4], num_embeddings=16).eval()
+    for level in model.quantizer.levels:
+        level.initialized.fill_(True)
+    x = smooth_images(2)
+    maps = model.encode_to_indices(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
+    flat = model.encode_to_indices(x, flat=True)
+    assert flat.shape == (2, 21) and torch.equal(torch.cat([m.flatten(1) for m in maps], 1), flat)
+    whole = model.decode_from_indices(maps)
+    assert torch.equal(whole, model(x)) and torch.equal(whole, model.decode_from_indices(flat))
+    with torch.no_grad():
+        z_q, _, codes = model.quantize(model.features(x))
+        assert torch.equal(codes, flat) and torch.equal(model.decode(z_q), whole)
+        assert torch.equal(model.encode(x), z_q)
+    coarse = model.decode_from_indices(maps[:2])  # scales 1 and 2: a preview
+    assert coarse.shape == whole.shape and not torch.equal(coarse, whole)
+    assert torch.equal(coarse, model.decode_from_indices(flat[:, :5]))
+    for bad, message in (([maps[1]], "first scales"), (flat[:, :3], "not whole scales"),
+                         (flat.float(), "integer"), ([m + 16 for m in maps], r"\[0, 15\]")):
+        with pytest.raises(ValueError, match=message):
+            model.decode_from_indices(bad)
+    with pytest.raises(ValueError, match=r"last scale must be the grid's side, e.g. quantizer.scales=\[1, 2, 3, 4\]"):
+        tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", num_embeddings=16)  # VAR's 16 on a 4 x 4 grid
+
+
+def _train_rank(rank, world, init_file, out_dir, shared, data):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # different draws per rank: gathered pools must make them agree
+    q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=8, scales=SCALES, shared_codebook=shared,
+                                        restart_window=1.0), D).train()
+    for step_data in data:
+        q(step_data.chunk(world)[rank])
+    torch.save(q.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns processes
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_ranks_keep_every_codebook_identical(tmp_path, shared):
+    torch.manual_seed(0)
+    data = [torch.randn(32, 25, D) + 2 * i for i in range(6)]  # drifting data: restarts fire
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), shared, data), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(bool(v) for k, v in rank0.items() if k.endswith("initialized"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+@pytest.mark.parametrize("shared, codes", [("true", 64), ("false", 8)])  # per scale: 8 images give 8 tokens at 1x1
+def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, shared, codes):
+    from helpers import run_training, train_metrics
+
+    summary = run_training(train_images, tmp_path / "run", "quantizer.kind=multiscale", "quantizer.scales=[1,2,4]",
+                           f"quantizer.shared_codebook={shared}", f"quantizer.num_embeddings={codes}",
+                           "train.steps=2", "train.sample_every=null")
+    fit = [m for m in train_metrics(tmp_path / "run") if m.get("codebook_fit")]
+    assert fit and fit[0]["codes_used"] > 0
+    model = VQRAE.from_pretrained(summary["final"])
+    maps = model.encode_to_indices(smooth_images(2))
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
+    # The commands that keep codes as grids refuse it in one line, before any work; reconstruct paints it.
+    from stage1.cli import evaluate, reconstruct, tokenize
+
+    image = os.path.join(train_images, "class0", "0.png")
+    assert reconstruct.main(["--model", summary["final"], "--image", image, "--out", str(tmp_path / "r.png")]) == 0
+    for command, argv in ((tokenize, ["--out", str(tmp_path / "t")]), (evaluate, ["--out", str(tmp_path / "e")])):
+        assert command.main(["--model", summary["final"], "--data", train_images, *argv]) == 2
+        assert not os.path.exists(argv[1])
