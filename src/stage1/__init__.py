@@ -25,6 +25,7 @@ _MODULE_OF = {
     "build_quantizer": "model.quantizer_kinds",
     "nearest_code": "model.search",
     "VQRAE": "model.vqrae",
+    "VARTokenizer": "model.var",
     "from_pretrained": "model.vqrae",
     "RAE": "model.rae_model",
 }

@@ -1,0 +1,128 @@
+"""VAR's tokenizer interface on a multi-scale VQRAE, so that VAR's trainer and sampler (FoundationVision/VAR:
+trainer.py, models/var.py) use a vqrae tokenizer in place of its VQVAE:
+
+    vae_local = VARTokenizer.from_pretrained("ckpt/")    # instead of VQVAE(...) and its load_state_dict
+
+VQVAE's side (images in [-1, 1]): Cvae, vocab_size, img_to_idxBl, idxBl_to_img, fhat_to_img,
+img_to_reconstructed_img, and `quantize`, VectorQuantizer2's side: embedding (called on indices, or its .weight),
+v_patch_nums, idxBl_to_var_input (training's teacher forcing) and get_next_autoregressive_input (sampling).
+VAR's f_hat is here the sum of the upsampled code maps in the quantizer's space (the normalised latent), with no
+phi convolution; VAR's embedding is one codebook, so the model's must be shared by the scales.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .multiscale import area, bicubic, to_maps, to_tokens
+from .vqrae import VQRAE
+
+
+class SharedCodebook:
+    """The scales' codebook as VAR's `quantize.embedding`: called on indices, or read as `.weight` (K, Cvae)."""
+
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.quantizer.levels[0].embedding
+
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.weight[indices]
+
+
+class VARQuantizer(nn.Module):
+    """VectorQuantizer2's methods that VAR's trainer and sampler call, on a multi-scale quantizer."""
+
+    def __init__(self, quantizer):
+        super().__init__()
+        self._quantizer = (quantizer,)  # a reference: its buffers stay the model's own
+        self.embedding = SharedCodebook(quantizer)
+        self.v_patch_nums = tuple(quantizer.scales)
+        self.Cvae, self.vocab_size = quantizer.embedding_dim, quantizer.num_embeddings
+        self.prog_si = -1  # VAR's progressive training (which VAR does not support either)
+
+    def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor | None:
+        """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last, f_hat (the sum of the
+        scales so far, upsampled to the grid) area-downsampled to the next scale, raster tokens."""
+        scales, side = self.v_patch_nums, self.v_patch_nums[-1]
+        batch = gt_ms_idx_Bl[0].shape[0]
+        f_hat = torch.zeros(batch, self.Cvae, side, side, device=gt_ms_idx_Bl[0].device)
+        inputs = []
+        for k in range(len(scales) - 1):
+            f_hat = f_hat + bicubic(to_maps(self.embedding(gt_ms_idx_Bl[k]).float(), scales[k]), side)
+            inputs.append(to_tokens(area(f_hat, scales[k + 1])))
+        return torch.cat(inputs, dim=1) if inputs else None
+
+    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
+        """Sampling: the codes' vectors of scale si (B, Cvae, s, s) added into f_hat (in place, as VAR), and the next
+        scale's input, f_hat area-downsampled (f_hat itself after the last scale)."""
+        side = self.v_patch_nums[-1]
+        f_hat.add_(bicubic(h_BChw.float(), side))
+        if si == SN - 1:
+            return f_hat, f_hat
+        return f_hat, area(f_hat, self.v_patch_nums[si + 1])
+
+
+class VARTokenizer(nn.Module):
+    """A multi-scale VQRAE behind VAR's VQVAE methods (images in [-1, 1])."""
+
+    def __init__(self, model: VQRAE):
+        super().__init__()
+        if not model.multiscale or not model.quantizer.shared:
+            raise ValueError(f"VAR's tokenizer interface needs multi-scale codes with one codebook for the scales "
+                             f"(quantizer.kind multiscale, shared_codebook true); this model's quantizer is "
+                             f"{model.config.quantizer.kind!r}"
+                             + (" with a codebook per scale" if model.multiscale else ""))
+        self.model = model.eval()
+        self.quantize = VARQuantizer(model.quantizer)
+        self.Cvae, self.vocab_size = self.quantize.Cvae, self.quantize.vocab_size
+        self.V = self.vocab_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **options) -> "VARTokenizer":
+        """A vqrae folder or Hub repo (VQRAE.from_pretrained's options), in eval mode."""
+        return cls(VQRAE.from_pretrained(path, **options))
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # a tokenizer here: its codebook never moves
+
+    def _check_scales(self, v_patch_nums) -> None:
+        if v_patch_nums is not None and tuple(v_patch_nums) != self.quantize.v_patch_nums:
+            raise ValueError(f"this tokenizer's scales are {list(self.quantize.v_patch_nums)}, not "
+                             f"{list(v_patch_nums)}")
+
+    @torch.no_grad()
+    def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums=None) -> list[torch.Tensor]:
+        """Images in [-1, 1] -> each scale's codes (B, s * s), coarsest first."""
+        self._check_scales(v_patch_nums)
+        return [maps.flatten(1) for maps in self.model.encode_to_indices((inp_img_no_grad + 1) / 2)]
+
+    @torch.no_grad()
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cvae, S, S) -> images in [-1, 1]."""
+        return self.model.decode(f_hat) * 2 - 1
+
+    @torch.no_grad()
+    def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor], same_shape: bool, last_one: bool = False):
+        """The first scales' codes -> images in [-1, 1] after each of them (a coarse-to-fine list), or after all
+        (last_one). same_shape=False (VAR's experimental decoding at each scale's own size) is not supported: the
+        decoder paints from the whole grid."""
+        if not same_shape:
+            raise ValueError("same_shape=False decodes each scale at its own size, which this decoder cannot: its "
+                             "input is the whole grid (VAR marks that path experimental)")
+        flat = torch.cat([idx.reshape(idx.shape[0], -1) for idx in ms_idx_Bl], dim=1)
+        lengths = [s * s for s in self.quantize.v_patch_nums[: len(ms_idx_Bl)]]
+        ends = [sum(lengths[: k + 1]) for k in range(len(lengths))]
+        if last_one:
+            return self.model.decode_from_indices(flat) * 2 - 1
+        return [self.model.decode_from_indices(flat[:, :end]) * 2 - 1 for end in ends]
+
+    @torch.no_grad()
+    def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums=None, last_one: bool = False):
+        """Images in [-1, 1] -> their reconstructions after each scale (or after all), in [-1, 1]."""
+        return self.idxBl_to_img(self.img_to_idxBl(x, v_patch_nums), same_shape=True, last_one=last_one)

@@ -1,0 +1,129 @@
+"""VAR's tokenizer interface (issue 22, point 3): VARTokenizer gives VQVAE's and VectorQuantizer2's methods with VAR's
+shapes and semantics (FoundationVision/VAR models/vqvae.py, models/quant.py). A tiny next-scale transformer of our own,
+with VAR's shapes (class token as the first scale's input, teacher forcing from idxBl_to_var_input, block-causal
+attention over scales), trains on the codes and samples scale by scale through get_next_autoregressive_input."""
+
+import pytest
+import torch
+from helpers import smooth_images, tiny_vqrae
+from torch import nn
+
+from stage1 import VARTokenizer
+from stage1.train.codebook_fit import fit_codebook
+
+SCALES, K = (1, 2, 4), 16  # the tiny encoder's 4 x 4 grid: 1 + 4 + 16 = 21 codes
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dinov2_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=list(SCALES), num_embeddings=K)
+    batches = [model.encode_tokens(smooth_images(8, seed=s))[0] for s in range(4)]
+    fit_codebook(model, batches, tokens_per_image=16, iters=5, tokens_per_update=128, show_progress=False)
+    path = tmp_path_factory.mktemp("var") / "model"
+    model.save_pretrained(path)
+    return VARTokenizer.from_pretrained(path)
+
+
+class TinyVAR(nn.Module):
+    """VAR's next-scale model in shape: the first scale's input is the class embedding (pos_start), later scales'
+    are word_embed(teacher-forcing / sampled inputs), plus position and level embeddings; each token attends to its
+    own and earlier scales; logits over the codebook for every token."""
+
+    def __init__(self, cvae, vocab, num_classes, scales, width=32):
+        super().__init__()
+        self.scales, self.L = scales, sum(s * s for s in scales)
+        self.classes = nn.Embedding(num_classes, width)
+        self.word_embed = nn.Linear(cvae, width)
+        self.positions = nn.Parameter(torch.randn(1, self.L, width) * 0.02)
+        levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)])
+        self.register_buffer("levels", levels)
+        self.lvl_embed = nn.Embedding(len(scales), width)
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, labels, x_wo_first_l):  # (B,), (B, t - 1, Cvae) -> logits (B, t, V), t a prefix of scales
+        first = self.classes(labels)[:, None]
+        x = torch.cat([first, self.word_embed(x_wo_first_l)], 1) if x_wo_first_l is not None else first
+        t = x.shape[1]
+        x = x + self.positions[:, :t] + self.lvl_embed(self.levels[:t])
+        mask = torch.where(self.levels[:t, None] >= self.levels[None, :t], 0.0, float("-inf"))
+        return self.head(self.blocks(x, mask=mask))
+
+
+def test_vars_interface_shapes_and_values(tokenizer):
+    x = smooth_images(2, seed=11) * 2 - 1  # VAR's images are in [-1, 1]
+    idx = tokenizer.img_to_idxBl(x)
+    assert [tuple(i.shape) for i in idx] == [(2, s * s) for s in SCALES] and idx[0].dtype == torch.long
+    assert tokenizer.Cvae == 32 and tokenizer.vocab_size == K and tokenizer.quantize.v_patch_nums == SCALES
+    model = tokenizer.model
+    assert all(torch.equal(a.flatten(1), b) for a, b in zip(model.encode_to_indices((x + 1) / 2), idx, strict=True))
+    # Teacher forcing: f_hat after each scale but the last, area-downsampled to the next: (B, L - 1, Cvae).
+    var_input = tokenizer.quantize.idxBl_to_var_input(idx)
+    assert var_input.shape == (2, 21 - 1, 32) and var_input.dtype == torch.float32
+    f_hat = torch.zeros(2, 32, 4, 4)
+    for si, s in enumerate(SCALES):
+        h = tokenizer.quantize.embedding(idx[si]).transpose(1, 2).reshape(2, 32, s, s)
+        f_hat, next_map = tokenizer.quantize.get_next_autoregressive_input(si, len(SCALES), f_hat, h)
+        if si < len(SCALES) - 1:
+            start = sum(t * t for t in SCALES[1 : si + 1])
+            expected = var_input[:, start : start + SCALES[si + 1] ** 2]
+            assert torch.allclose(next_map.flatten(2).transpose(1, 2), expected, atol=1e-6)
+    flat = torch.cat(idx, 1)
+    with torch.no_grad():
+        lookup = model.quantizer.lookup(flat).transpose(1, 2).reshape(2, 32, 4, 4)
+    assert torch.allclose(f_hat, lookup, atol=1e-6)  # f_hat: the sum of the upsampled scales
+    images = tokenizer.fhat_to_img(f_hat)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert torch.allclose(images, model.decode_from_indices(flat) * 2 - 1, atol=1e-5)
+    previews = tokenizer.idxBl_to_img(idx, same_shape=True)
+    assert len(previews) == 3 and torch.equal(previews[-1], tokenizer.idxBl_to_img(idx, True, last_one=True))
+    assert torch.equal(previews[0], model.decode_from_indices(idx[0]) * 2 - 1)  # the 1 x 1 scale alone
+    with pytest.raises(ValueError, match="same_shape=False"):
+        tokenizer.idxBl_to_img(idx, same_shape=False)
+
+
+def test_a_tiny_var_trains_with_teacher_forcing_and_samples_scale_by_scale(tokenizer):
+    """trainer.py's step (img_to_idxBl, idxBl_to_var_input, cross-entropy on the concatenated codes), then
+    autoregressive_infer_cfg's loop (greedy, no guidance): the overfitted model's samples are the training codes,
+    and f_hat decodes to the images the codes decode to."""
+    images = smooth_images(2, seed=12) * 2 - 1
+    labels = torch.tensor([0, 1])
+    gt_idx = tokenizer.img_to_idxBl(images)
+    targets = torch.cat(gt_idx, 1)
+    var_input = tokenizer.quantize.idxBl_to_var_input(gt_idx)
+    torch.manual_seed(0)
+    var = TinyVAR(tokenizer.Cvae, tokenizer.vocab_size, 2, SCALES)
+    optimizer = torch.optim.AdamW(var.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(var(labels, var_input).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+    # Sampling, scale by scale: the next scale's input comes from get_next_autoregressive_input.
+    f_hat, inputs, sampled = torch.zeros(2, tokenizer.Cvae, 4, 4), None, []
+    with torch.no_grad():
+        for si, s in enumerate(SCALES):
+            logits = var(labels, inputs)[:, -s * s :]
+            idx = logits.argmax(-1)
+            sampled.append(idx)
+            h = tokenizer.quantize.embedding(idx).transpose(1, 2).reshape(2, tokenizer.Cvae, s, s)
+            f_hat, next_map = tokenizer.quantize.get_next_autoregressive_input(si, len(SCALES), f_hat, h)
+            if si < len(SCALES) - 1:
+                step = next_map.flatten(2).transpose(1, 2)
+                inputs = step if inputs is None else torch.cat([inputs, step], 1)
+    assert torch.equal(torch.cat(sampled, 1), targets)
+    decoded = tokenizer.fhat_to_img(f_hat).add(1).mul(0.5)  # VAR de-normalises to [0, 1]
+    assert torch.allclose(decoded, tokenizer.model.decode_from_indices(targets), atol=1e-5)
+
+
+def test_the_adapter_needs_a_shared_multiscale_codebook(dinov2_dir):
+    with pytest.raises(ValueError, match="multi-scale codes with one codebook"):
+        VARTokenizer(tiny_vqrae(dinov2_dir))
+    with pytest.raises(ValueError, match="with a codebook per scale"):
+        VARTokenizer(tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=[1, 2, 4], shared_codebook=False))
