@@ -40,6 +40,7 @@ def quantizer(shared=True, k=K, scales=SCALES, seed=0):
     """A multi-scale quantizer whose codebooks are set on random data (started, as after a fit)."""
     q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=k, scales=scales, shared_codebook=shared),
                         D)
+    assert q.shared == shared
     g = torch.Generator().manual_seed(seed)
     for level in q.levels:
         level.set_codebook(torch.randn(k, D, generator=g), torch.ones(k))
@@ -217,3 +218,16 @@ def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, sha
     for command, argv in ((tokenize, ["--out", str(tmp_path / "t")]), (evaluate, ["--out", str(tmp_path / "e")])):
         assert command.main(["--model", summary["final"], "--data", train_images, *argv]) == 2
         assert not os.path.exists(argv[1])
+
+
+def test_the_multiscale_experiment_composes():
+    """experiment=vqrae_ms_dinov2_b_decxl: RAE's recipe with VAR's scales, a codebook per scale of VAR's 4096 codes,
+    and a fit whose whole grids (images x tokens_per_image / 256 of them) can fit the 1 x 1 scale."""
+    from stage1.train.config import load_run_config
+
+    cfg = load_run_config(["experiment=vqrae_ms_dinov2_b_decxl", "data.path=x"])
+    q = cfg.model.quantizer
+    assert (q.kind, q.scales, q.shared_codebook, q.num_embeddings) == ("multiscale", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                                                                       False, 4096)
+    assert cfg.model.encoder.input_size // 14 == q.scales[-1] and cfg.model.pretrained_decoder_path is not None
+    assert cfg.codebook_fit.images * cfg.codebook_fit.tokens_per_image / 256 >= q.num_embeddings

@@ -14,10 +14,11 @@ from stage1.train.codebook_fit import fit_codebook
 SCALES, K = (1, 2, 4), 16  # the tiny encoder's 4 x 4 grid: 1 + 4 + 16 = 21 codes
 
 
-@pytest.fixture(scope="module")
-def tokenizer(dinov2_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["per-scale", "shared"])
+def tokenizer(dinov2_dir, tmp_path_factory, request):
     torch.manual_seed(0)
-    model = tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=list(SCALES), num_embeddings=K)
+    model = tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=list(SCALES), num_embeddings=K,
+                       shared_codebook=request.param)
     batches = [model.encode_tokens(smooth_images(8, seed=s))[0] for s in range(4)]
     fit_codebook(model, batches, tokens_per_image=16, iters=5, tokens_per_update=128, show_progress=False)
     path = tmp_path_factory.mktemp("var") / "model"
@@ -122,8 +123,16 @@ def test_a_tiny_var_trains_with_teacher_forcing_and_samples_scale_by_scale(token
     assert torch.allclose(decoded, tokenizer.model.decode_from_indices(targets), atol=1e-5)
 
 
-def test_the_adapter_needs_a_shared_multiscale_codebook(dinov2_dir):
-    with pytest.raises(ValueError, match="multi-scale codes with one codebook"):
+def test_the_adapter_needs_multiscale_codes_and_tells_the_scale_by_length(tokenizer, dinov2_dir):
+    with pytest.raises(ValueError, match="needs multi-scale codes"):
         VARTokenizer(tiny_vqrae(dinov2_dir))
-    with pytest.raises(ValueError, match="with a codebook per scale"):
-        VARTokenizer(tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=[1, 2, 4], shared_codebook=False))
+    quantizer = tokenizer.model.quantizer
+    codes = torch.tensor([[3, 1, 4, 1]])  # four codes: the 2 x 2 scale's
+    assert torch.equal(tokenizer.quantize.embedding(codes), quantizer.codebook(1).lookup(codes))
+    with pytest.raises(ValueError, match=r"one scale's codes \(B, s \* s\)"):
+        tokenizer.quantize.embedding(torch.zeros(1, 3, dtype=torch.long))
+    if quantizer.shared:
+        assert tokenizer.quantize.embedding.weight is quantizer.levels[0].embedding
+    else:
+        with pytest.raises(ValueError, match="more_smooth"):
+            _ = tokenizer.quantize.embedding.weight

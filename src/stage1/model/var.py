@@ -7,7 +7,8 @@ VQVAE's side (images in [-1, 1]): Cvae, vocab_size, img_to_idxBl, idxBl_to_img, 
 img_to_reconstructed_img, and `quantize`, VectorQuantizer2's side: embedding (called on indices, or its .weight),
 v_patch_nums, idxBl_to_var_input (training's teacher forcing) and get_next_autoregressive_input (sampling).
 VAR's f_hat is here the sum of the upsampled code maps in the quantizer's space (the normalised latent), with no
-phi convolution; VAR's embedding is one codebook, so the model's must be shared by the scales.
+phi convolution. VAR calls `quantize.embedding(idx_Bl)` on one scale's codes at a time, so with a codebook per scale
+the scale is told by their length (s * s); `.weight` (VAR's smoothed sampling, more_smooth=True) needs one codebook.
 """
 
 from __future__ import annotations
@@ -21,18 +22,26 @@ from .multiscale import area, bicubic, to_maps, to_tokens
 from .vqrae import VQRAE
 
 
-class SharedCodebook:
-    """The scales' codebook as VAR's `quantize.embedding`: called on indices, or read as `.weight` (K, Cvae)."""
+class ScaleCodebooks:
+    """The scales' codebooks as VAR's `quantize.embedding`: called on one scale's indices (B, s * s), the scale told
+    by their length; `.weight` (K, Cvae) when one codebook serves every scale."""
 
     def __init__(self, quantizer):
         self.quantizer = quantizer
 
     @property
     def weight(self) -> torch.Tensor:
+        if not self.quantizer.shared:
+            raise ValueError("quantize.embedding.weight is one codebook for every scale, and this model has one per "
+                             "scale: sample without VAR's more_smooth (its gumbel mix of the codebook)")
         return self.quantizer.levels[0].embedding
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.weight[indices]
+        lengths = self.quantizer.lengths
+        if indices.shape[-1] not in lengths:
+            raise ValueError(f"VAR's embedding takes one scale's codes (B, s * s) with s in "
+                             f"{list(self.quantizer.scales)}, got shape {tuple(indices.shape)}")
+        return self.quantizer.codebook(lengths.index(indices.shape[-1])).lookup(indices)
 
 
 class VARQuantizer(nn.Module):
@@ -41,7 +50,7 @@ class VARQuantizer(nn.Module):
     def __init__(self, quantizer):
         super().__init__()
         self._quantizer = (quantizer,)  # a reference: its buffers stay the model's own
-        self.embedding = SharedCodebook(quantizer)
+        self.embedding = ScaleCodebooks(quantizer)
         self.v_patch_nums = tuple(quantizer.scales)
         self.Cvae, self.vocab_size = quantizer.embedding_dim, quantizer.num_embeddings
         self.prog_si = -1  # VAR's progressive training (which VAR does not support either)
@@ -73,11 +82,9 @@ class VARTokenizer(nn.Module):
 
     def __init__(self, model: VQRAE):
         super().__init__()
-        if not model.multiscale or not model.quantizer.shared:
-            raise ValueError(f"VAR's tokenizer interface needs multi-scale codes with one codebook for the scales "
-                             f"(quantizer.kind multiscale, shared_codebook true); this model's quantizer is "
-                             f"{model.config.quantizer.kind!r}"
-                             + (" with a codebook per scale" if model.multiscale else ""))
+        if not model.multiscale:
+            raise ValueError(f"VAR's tokenizer interface needs multi-scale codes (quantizer.kind multiscale); this "
+                             f"model's quantizer is {model.config.quantizer.kind!r}")
         self.model = model.eval()
         self.quantize = VARQuantizer(model.quantizer)
         self.Cvae, self.vocab_size = self.quantize.Cvae, self.quantize.vocab_size

@@ -1,0 +1,139 @@
+"""Multi-scale tokens against single and residual codebooks at the same K, on feature maps with real spatial structure.
+
+Source: 16 x 16 grids of LayerNormed p x p x 3 patches (D = 3 p^2; p = 4: D = 48) of the bundled photos. Each photo is
+cut into 16p-pixel tiles, every fourth one held out; the training tiles are taken in their 8 flips and rotations,
+so the per-scale codebooks have grids enough to fit their 1 x 1 scale. Every method is fitted offline (exact Lloyd,
+--iters iterations) on the training grids and scored on the held-out grids:
+    single        one codebook: k-means of the tokens (256 codes per grid)
+    residual d    greedy residual k-means, d levels (256 d codes)
+    ms shared     quantizer.kind=multiscale, VAR's scales, one codebook for every scale (its offline fit)
+    ms per-scale  the same with a codebook per scale
+Reported: relative distortion mean ||z - q(z)||^2 / mean ||z - mean z||^2 on the held-out grids, codes and bits per
+grid, codes used; the coarse-to-fine curve of the multi-scale quantizers (distortion after each scale); and the
+issue's targets with whether they hold (multi-scale at 680 codes below single at 256 and residual 2 at 512; where it
+stands against residual 3 at 768).
+
+    python benchmarks/multiscale_quality.py                 # K = 256 and 1024, p = 4
+    python benchmarks/multiscale_quality.py --quick         # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from common import machine, print_table
+
+from stage1.data.images import load_image
+from stage1.model.config import QuantizerConfig
+from stage1.model.quantizer_kinds import build_quantizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def photo_grids(patch: int, side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) grids (G, side * side, 3 patch^2) of LayerNormed patches; train in 8 flips / rotations."""
+    tile = side * patch
+    train, held = [], []
+    for path in sorted(glob.glob(os.path.join(REPO, "assets", "*.jpg"))):
+        image = load_image(path)[0]
+        tiles = image.unfold(1, tile, tile).unfold(2, tile, tile).flatten(1, 2).movedim(1, 0)  # (T, 3, tile, tile)
+        keep = torch.arange(len(tiles)) % 4 != 3
+        turned = [torch.rot90(t, k, (2, 3)) for t in (tiles[keep], tiles[keep].flip(3)) for k in range(4)]
+        train.append(torch.cat(turned))
+        held.append(tiles[~keep])
+    dim = 3 * patch * patch
+
+    def grids(tiles):
+        rows = F.unfold(tiles, patch, stride=patch).transpose(1, 2)  # (T, side * side, 3 p^2), raster order
+        return F.layer_norm(rows, (dim,))
+
+    return grids(torch.cat(train)), grids(torch.cat(held))
+
+
+def relative(z: torch.Tensor, q: torch.Tensor) -> float:
+    z, q = z.reshape(-1, z.shape[-1]).double(), q.reshape(-1, q.shape[-1]).double()
+    return ((z - q).pow(2).sum(1).mean() / (z - z.mean(0)).pow(2).sum(1).mean()).item()
+
+
+def run(kind: dict, k: int, train: torch.Tensor, held: torch.Tensor, args) -> tuple[dict, list[float]]:
+    """Fit offline, score on the held-out grids; the curve after each scale for the multi-scale kinds."""
+    torch.manual_seed(args.seed)
+    q = build_quantizer(QuantizerConfig(num_embeddings=k, **kind), train.shape[-1]).eval()
+    start = time.perf_counter()
+    q.fit(train.reshape(-1, train.shape[-1]), args.iters, tokens_per_update=float(train.shape[1]), seed=args.seed)
+    seconds = time.perf_counter() - start
+    multiscale = kind.get("kind") == "multiscale"
+    with torch.no_grad():
+        codes = q.encode(held)
+        recon = q.lookup(codes)
+        curve = []
+        if multiscale:
+            ends = [sum(s * s for s in q.scales[: i + 1]) for i in range(len(q.scales))]
+            curve = [relative(held, q.lookup(codes[:, :end])) for end in ends]
+    per_grid = codes[0].numel()
+    used = len(torch.unique(codes)) if multiscale or kind.get("kind") != "residual" else \
+        sum(len(torch.unique(codes[..., level])) for level in range(codes.shape[-1]))
+    return {"distortion": relative(held, recon), "codes": per_grid, "bits": per_grid * math.log2(k),
+            "used": used, "seconds": seconds}, curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k", default="256,1024", help="codebook sizes, comma-separated")
+    parser.add_argument("--patch", type=int, default=4, help="patch side p: tokens of 3 p^2 values")
+    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations of every fit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: K = 64, 5 iterations, a few grids")
+    args = parser.parse_args()
+    if args.quick:
+        args.k, args.iters = "64", 5
+    train, held = photo_grids(args.patch)
+    if args.quick:
+        train, held = train[:128], held[:16]
+    print(f"{machine()}\n{train.shape[0]} training grids (8 flips / rotations of {train.shape[0] // 8} tiles), "
+          f"{held.shape[0]} held-out grids of 16 x 16 tokens, D = {train.shape[-1]}, {args.iters} Lloyd iterations")
+    methods = {
+        "single": dict(),
+        "residual 2": dict(kind="residual", depth=2),
+        "residual 3": dict(kind="residual", depth=3),
+        "residual 4": dict(kind="residual", depth=4),
+        "ms shared": dict(kind="multiscale", scales=VAR_SCALES, shared_codebook=True),
+        "ms per-scale": dict(kind="multiscale", scales=VAR_SCALES, shared_codebook=False),
+    }
+    for k in (int(v) for v in args.k.split(",")):
+        rows, curves, results = [], {}, {}
+        for name, kind in methods.items():
+            if kind.get("shared_codebook") is False and train.shape[0] < k:
+                rows.append([name, "-", "-", "-", "-", f"needs {k} grids at 1x1, has {train.shape[0]}"])
+                continue
+            result, curve = run(kind, k, train, held, args)
+            results[name] = result
+            if curve:
+                curves[name] = curve
+            rows.append([name, f"{result['distortion']:.4f}", str(result["codes"]), f"{result['bits']:.0f}",
+                         str(result["used"]), f"{result['seconds']:.1f}"])
+        print_table(f"K = {k}: held-out relative distortion", ["method", "distortion", "codes / grid",
+                                                                "bits / grid", "codes used", "fit s"], rows)
+        if curves:
+            print_table(f"K = {k}: coarse to fine, distortion after each scale",
+                        ["scale", *curves], [[f"{s}x{s}", *(f"{curves[n][i]:.4f}" for n in curves)]
+                                             for i, s in enumerate(VAR_SCALES)])
+        best = min((results[n]["distortion"], n) for n in ("ms shared", "ms per-scale") if n in results)
+        targets = [
+            (f"{best[1]} (680 codes) < single (256)", best[0] < results["single"]["distortion"]),
+            (f"{best[1]} (680 codes) < residual 2 (512)", best[0] < results["residual 2"]["distortion"]),
+            (f"{best[1]} (680 codes) vs residual 3 (768): ratio {best[0] / results['residual 3']['distortion']:.3f}",
+             best[0] < results["residual 3"]["distortion"]),
+        ]
+        print_table(f"K = {k}: targets", ["target", "holds"], [[t, "yes" if ok else "no"] for t, ok in targets])
+
+
+if __name__ == "__main__":
+    main()
