@@ -3,6 +3,7 @@ reference of VAR's f_to_idxBl_or_fhat (FoundationVision/VAR models/quant.py, wit
 prefix decoding, the EMA rule on a shared codebook, the offline fit on whole grids, identical codebooks on two ranks,
 and training."""
 
+import math
 import os
 
 import pytest
@@ -210,14 +211,38 @@ def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, sha
     model = VQRAE.from_pretrained(summary["final"])
     maps = model.encode_to_indices(smooth_images(2))
     assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
-    # The commands that keep codes as grids refuse it in one line, before any work; reconstruct paints it.
-    from stage1.cli import evaluate, reconstruct, tokenize
+    # The commands carry the scales: shards and exports hold VAR's flat codes, the manifest their scales.
+    import json
 
-    image = os.path.join(train_images, "class0", "0.png")
-    assert reconstruct.main(["--model", summary["final"], "--image", image, "--out", str(tmp_path / "r.png")]) == 0
-    for command, argv in ((tokenize, ["--out", str(tmp_path / "t")]), (evaluate, ["--out", str(tmp_path / "e")])):
-        assert command.main(["--model", summary["final"], "--data", train_images, *argv]) == 2
-        assert not os.path.exists(argv[1])
+    import numpy as np
+
+    from stage1.cli import decode, evaluate, tokenize
+
+    out = tmp_path / "tokens"
+    for fmt in ("shards", "jsonl", "memmap"):
+        assert tokenize.main(["--model", summary["final"], "--data", train_images, "--out", str(out),
+                              "--format", fmt]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["scales"], manifest["index_shape"], manifest["grid_shape"]) == ([1, 2, 4], [21], [4, 4])
+    shard = np.load(out / "shard-00000.npy")
+    names = [e["path"] for e in manifest["images"]]
+    from stage1.data.input_pipeline import prepare_image
+
+    x = torch.stack([prepare_image(os.path.join(train_images, name), 32)[0] for name in names])
+    assert np.array_equal(shard, model.encode_to_indices(x, flat=True).numpy())
+    line = json.loads((out / "tokens.jsonl").read_text().splitlines()[0])
+    assert line["tokens"] == shard[0].tolist() and np.array_equal(np.load(out / "codes.npy"), shard)
+    assert json.loads((out / "codes_index.json").read_text())["scales"] == [1, 2, 4]
+    assert tokenize.main(["--model", summary["final"], "--data", train_images, "--out", str(tmp_path / "lg"),
+                          "--format", "llamagen"]) == 2  # LlamaGen's GPT has no scales
+    assert decode.main(["--model", summary["final"], "--tokens", str(out), "--out", str(tmp_path / "png")]) == 0
+    assert evaluate.main(["--model", summary["final"], "--data", train_images, "--out", str(tmp_path / "e")]) == 0
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["scales"] == [1, 2, 4] and results["bits_per_image"] == 21 * math.log2(codes)
+    assert results["codebooks"] == (1 if shared == "true" else 3)
+    counted = len({(0 if shared == "true" else k, int(c)) for k, part in
+                   enumerate(np.split(shard, [1, 5], axis=1)) for c in np.unique(part)})
+    assert results["codes_used"] == counted
 
 
 def test_the_multiscale_experiment_composes():

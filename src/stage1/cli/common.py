@@ -24,20 +24,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(args, device: torch.device | None = None, needs_codes: bool = False,
-               code_grids: bool = False) -> VQRAE:
+def load_model(args, device: torch.device | None = None, needs_codes: bool = False) -> VQRAE:
     """The model of --model (and --encoder-path); `needs_codes`: a command that has nothing to do without a codebook
-    refuses a continuous model (quantizer.kind=none) here, before it writes anything; `code_grids`: one that stores,
-    reads or counts codes as grids refuses multi-scale ones, which are lists of scales."""
+    refuses a continuous model (quantizer.kind=none) here, before it writes anything."""
     overrides = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
     model = VQRAE.from_pretrained(args.model, **overrides)
     if needs_codes and model.config.quantizer.kind == "none":
         raise CLIError(f"{args.model} is a continuous model (quantizer.kind=none): it has no codes; vqrae-evaluate "
                        f"and vqrae-reconstruct work with it")
-    if code_grids and model.multiscale:
-        raise CLIError(f"{args.model} has multi-scale codes (quantizer.kind=multiscale), which token shards, exports "
-                       f"and the code metrics do not hold yet: use VQRAE.encode_to_indices / decode_from_indices "
-                       f"(lists of scales); vqrae-reconstruct and vqrae-fit-codebook work with it")
     model = model.to(device or resolve_device(args.device)).eval()
     return model.compile_parts() if args.compile else model
 

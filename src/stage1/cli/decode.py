@@ -32,6 +32,10 @@ def check_model_fits(model, manifest: Manifest) -> None:
     if grid is not None and manifest.grid_shape != grid:
         raise CLIError(f"the shards hold {list(manifest.grid_shape)} code grids, the model makes {list(grid)}: "
                        f"decode with the model that made them ({manifest.model})")
+    scales = list(model.quantizer.scales) if model.multiscale else None
+    if manifest.scales != scales:
+        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {scales}: decode with "
+                       f"the model that made them ({manifest.model})")
     codes = manifest.index_shape[2:]
     if codes != list(model.quantizer.index_suffix):
         raise CLIError(f"the shards hold {codes or [1]} code(s) per token, the model's quantizer makes "
@@ -42,7 +46,7 @@ def check_model_fits(model, manifest: Manifest) -> None:
 def run(args) -> int:
     check_output(args.out, folder=True)
     manifest = read_manifest(args.tokens)
-    model = load_model(args, needs_codes=True, code_grids=True)
+    model = load_model(args, needs_codes=True)
     check_model_fits(model, manifest)
     device = next(model.decoder.parameters()).device
     size = manifest.image_size

@@ -109,13 +109,17 @@ CODE_METRICS = ("grid_shape", "codebook_size", "codebooks", "codes_used", "codeb
 class Scores:
     """Running reconstruction metrics and code counts over the evaluated images."""
 
-    def __init__(self, codebook_size: int, codebooks: int, device: torch.device, lpips, fid):
+    def __init__(self, codebook_size: int, codebooks: torch.Tensor, device: torch.device, lpips, fid, layout=None):
+        """codebooks: the codebook of each code of an image's flattened codes (P,); layout: what results.json says
+        of their shape (grid_shape, and scales for multi-scale codes)."""
         from torchmetrics.image import StructuralSimilarityIndexMeasure
 
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
         self.lpips, self.fid = lpips, fid
-        self.codebook_size, self.codebooks = codebook_size, codebooks
-        self.counts = torch.zeros(codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
+        self.codebook_size, self.codebook_of = codebook_size, codebooks
+        self.codebooks = int(codebooks.max()) + 1
+        self.counts = torch.zeros(self.codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
+        self.layout = layout
         self.psnrs, self.lpips_values, self.grid = [], [], None
         # The latent fit, over every token: sum ||z - z_q||^2, sum z, sum ||z||^2, sum cos(z, z_q), tokens.
         self.error = self.z_sum = self.z_square = self.cosine = self.tokens = 0.0
@@ -130,9 +134,9 @@ class Scores:
             self.cosine += torch.nn.functional.cosine_similarity(z, z_q, dim=1).sum().item()
             self.tokens += z.shape[0]
         if codes is not None:
-            self.grid = list(codes.shape[1:3])
-            offsets = torch.arange(self.codebooks) * self.codebook_size  # each codebook's codes counted apart
-            per_codebook = codes.cpu().reshape(-1, self.codebooks) + offsets
+            self.grid = self.layout
+            offsets = self.codebook_of * self.codebook_size  # each codebook's codes counted apart
+            per_codebook = codes.cpu().reshape(codes.shape[0], -1) + offsets
             self.counts += torch.bincount(per_codebook.flatten(), minlength=self.counts.numel())
         self.psnrs.append(psnr(rec, x).cpu())
         self.ssim.update(rec, x)
@@ -167,27 +171,37 @@ class Scores:
         counts, k = self.counts.view(self.codebooks, -1), self.codebook_size
         probs = counts.double() / counts.sum(dim=1, keepdim=True)
         entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum(dim=1)  # per codebook
-        tokens = self.grid[0] * self.grid[1]
+        codes_of = torch.bincount(self.codebook_of, minlength=self.codebooks).double()  # an image's codes per codebook
         # ||z - z_q||^2 against the spread of z about its mean: the share of the encoder's latent the codes miss.
         spread = self.z_square / self.tokens - (self.z_sum / self.tokens).pow(2).sum().item()
         return {
             **quality,
-            "grid_shape": self.grid,
+            **self.grid,
             "codebook_size": k,
             "codebooks": self.codebooks,
             "codes_used": int((counts > 0).sum()),
             "codebook_usage": (counts > 0).double().mean().item(),
             "perplexity": (2.0**entropy_bits).mean().item(),  # per codebook, averaged
-            "bits_per_image": tokens * self.codebooks * math.log2(k),
-            "entropy_bits_per_image": tokens * entropy_bits.sum().item(),
+            "bits_per_image": len(self.codebook_of) * math.log2(k),
+            "entropy_bits_per_image": (codes_of * entropy_bits).sum().item(),
             "latent_relative_distortion": self.error / self.tokens / spread,
             "latent_cosine": self.cosine / self.tokens,
         }
 
 
+def code_layout(model, size: int) -> tuple[torch.Tensor, dict]:
+    """The codebook of each of an image's codes, flattened as reconstruct() gives them, and their layout."""
+    if model.multiscale:
+        q = model.quantizer
+        codebooks = torch.cat([torch.full((side * side,), 0 if q.shared else k) for k, side in enumerate(q.scales)])
+        return codebooks, {"grid_shape": [q.side, q.side], "scales": list(q.scales)}
+    side, per_token = model.grid_side(size), math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
+    return torch.arange(per_token).repeat(side * side), {"grid_shape": [side, side]}
+
+
 def run(args) -> int:
     check_output(args.out, folder=True)
-    model = load_model(args, code_grids=True)
+    model = load_model(args)
     device = next(model.decoder.parameters()).device
     size = model_image_size(model, args.image_size)
     notes = {}
@@ -196,8 +210,8 @@ def run(args) -> int:
         lpips = build_lpips(args.lpips_net).to(device)
     except RuntimeError as err:
         lpips, notes["lpips"] = None, str(err)
-    codebooks = math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
-    scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid), []
+    codebooks, layout = code_layout(model, size)
+    scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid, layout), []
 
     def reconstruct(images: torch.Tensor):  # the model's work on a batch (input_pipeline's step)
         with torch.no_grad(), autocast(device, args.precision):

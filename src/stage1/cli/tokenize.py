@@ -20,7 +20,13 @@ from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
 from ..data.tar_shards import folder_classes
-from ..data.token_exports import check_llamagen_labels, export_tokens, llamagen_advice, llamagen_arguments
+from ..data.token_exports import (
+    MULTISCALE_LLAMAGEN,
+    check_llamagen_labels,
+    export_tokens,
+    llamagen_advice,
+    llamagen_arguments,
+)
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -80,7 +86,7 @@ def codes_of_views(model, args, size: int):
     def step(images: torch.Tensor) -> torch.Tensor:
         views = views_of(images, args.augment, size)
         with torch.no_grad(), autocast(images.device, args.precision):
-            grids = model.encode_to_indices(views.flatten(0, 1)).cpu()
+            grids = model.encode_to_indices(views.flatten(0, 1), flat=model.multiscale).cpu()
         return grids.view(views.shape[0], views.shape[1], *grids.shape[1:])
 
     return step
@@ -95,7 +101,7 @@ def tokenize_shard(model, stream, size, args) -> tuple[np.ndarray, list[str], li
         if batch.images is not None:
             codes.append(batch.output)
     views = VIEWS[args.augment]
-    empty = (0, views, *(model.grid_side(size),) * 2, *model.quantizer.index_suffix)
+    empty = (0, views, *model.code_shape(size))
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
     array = array[:, 0] if views == 1 else array
     return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
@@ -107,11 +113,13 @@ def run(args) -> int:
     info = distributed.setup(args.device)
     try:
         device = info.device
-        model = load_model(args, device, needs_codes=True, code_grids=True)
+        model = load_model(args, device, needs_codes=True)
         size = model_image_size(model, args.image_size)
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
+            if model.multiscale:
+                raise CLIError(MULTISCALE_LLAMAGEN)
             grid = (model.grid_side(size),) * 2
             llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix))
             if isinstance(source, FolderInput):
@@ -152,10 +160,13 @@ def run(args) -> int:
         if info.is_main:
             manifest = assemble_manifest(args.out, source.num_shards, dict(
                 model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
-                views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size))
+                views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size,
+                scales=list(model.quantizer.scales) if model.multiscale else None))
             exported = export_tokens(args.format, args.out, manifest)
-            print(f"tokenized {manifest.num_images} image(s) into {source.num_shards} shard(s) of "
-                  f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes ({manifest.dtype}); "
+            layout = (f"{manifest.index_shape[0]} multi-scale codes (scales {manifest.scales})" if manifest.scales
+                      else f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes")
+            print(f"tokenized {manifest.num_images} image(s) into {source.num_shards} shard(s) of {layout} "
+                  f"({manifest.dtype}); "
                   f"{len(manifest.skipped)} unreadable image(s) skipped; manifest: "
                   f"{os.path.join(args.out, MANIFEST)}" + (f"; {args.format} export: {exported}"
                                                            if args.format != "shards" else ""))

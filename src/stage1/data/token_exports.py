@@ -10,7 +10,9 @@
             row-major code grid as a flat list (a list per view when augmented).
   memmap    OUT/codes.npy, one array (N[, views], h, w[, L]) to open with np.load(mmap_mode="r"), OUT/labels.npy
             (N,) int64 and OUT/codes_index.json (the image of each row).
-Residual / grouped codes keep their last axis L in every layout. Class ids are ImageFolder's (sorted top-level
+Residual / grouped codes keep their last axis L in every layout. Multi-scale codes are VAR's flat (L,) per view
+(jsonl's tokens, memmap's last axis; codes_index.json and the manifest give the `scales` they split into);
+LlamaGen's layout is refused for them. Class ids are ImageFolder's (sorted top-level
 folders; -1 for an image in the root folder). Every file is written atomically; rerunning rewrites the export.
 """
 
@@ -25,6 +27,8 @@ from ..base.atomic import atomic_path, write_json, write_npy
 from .token_shards import Manifest, read_codes
 
 FORMATS = ("shards", "llamagen", "jsonl", "memmap")
+MULTISCALE_LLAMAGEN = ("LlamaGen's GPT predicts one code per grid position; multi-scale codes are VAR's next-scale "
+                       "tokens (stage1.VARTokenizer): use --format shards, jsonl or memmap")
 # LlamaGen's c2i trainer and samplers: --image-size and --downsample-size choices (its GPT has (S / D)^2 positions).
 LLAMAGEN_IMAGE_SIZES = (256, 384, 448, 512)
 LLAMAGEN_DOWNSAMPLE_SIZES = (16, 8)  # its default first
@@ -95,6 +99,8 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
     codes, labels = read_codes(tokens, manifest)
     views, per_token = manifest.views, int(np.prod(manifest.index_shape[2:], dtype=np.int64))
     if fmt == "llamagen":
+        if manifest.scales:
+            raise ValueError(MULTISCALE_LLAMAGEN)
         arguments = llamagen_arguments(tokens, manifest.grid_shape, manifest.image_size, views, per_token)
         check_llamagen_labels(labels)
         root, size = arguments["code_path"], arguments["image_size"]
@@ -122,5 +128,5 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
         del array
     write_npy(os.path.join(tokens, "labels.npy"), labels)
     write_json(os.path.join(tokens, "codes_index.json"), {"images": [e["path"] for e in manifest.images],
-                                                          "classes": manifest.classes})
+                                                          "classes": manifest.classes, "scales": manifest.scales})
     return path

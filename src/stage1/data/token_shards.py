@@ -1,7 +1,8 @@
 """vqrae-tokenize's output folder, one owner: the code shards, their listings, the manifest that ties them together,
 and reading them back (vqrae-decode, the token exports).
 
-    OUT/shard-00000.npy    codes of the shard's readable images: (n, h, w[, L]), or (n, views, h, w[, L])
+    OUT/shard-00000.npy    codes of the shard's readable images: (n, h, w[, L]), or (n, views, h, w[, L]);
+                           multi-scale: VAR's flat (n[, views], L), the manifest's `scales` saying how they split
     OUT/shard-00000.json   {"images", "labels", "skipped"} of that shard; written last, so it marks the shard done
     OUT/manifest.json      the Manifest below: every image's shard and row, the model, the code layout
     OUT/tokenize_run.json  what the shards were made with (vqrae-tokenize resumes only the same tokenization)
@@ -65,14 +66,23 @@ class Manifest(ConfigSection):
     num_shards: int
     images: list[dict]  # {"path", "shard", "row", "label"} per image, in shard order
     skipped: list[dict]  # {"path", "reason"} per unreadable image
+    scales: list[int] | None = None  # multi-scale codes: the scales' sides (index_shape is [L], their codes' count)
 
     def check(self):
         self.require_positive("views")
         self.require_at_most(MAX_CODES, "codebook_size")
         self.require_at_most(MAX_IMAGE_SIDE, "image_size")
-        self.require(len(self.index_shape) in (2, 3) and all(_is_int(n) and n > 0 for n in self.index_shape)
-                     and list(self.grid_shape) == self.index_shape[:2], "index_shape",
-                     f"the grid {list(self.grid_shape)} and at most one codes-per-token axis, positive integers")
+        if self.scales is not None:
+            sides = self.scales
+            self.require(bool(sides) and all(_is_int(s) and 0 < s <= MAX_IMAGE_SIDE for s in sides)
+                         and sides == sorted(set(sides)) and list(self.grid_shape) == [sides[-1]] * 2
+                         and self.index_shape == [sum(s * s for s in sides)], "scales",
+                         f"increasing sides, the last the grid's {list(self.grid_shape)}, whose codes are "
+                         f"index_shape {self.index_shape}")
+        else:
+            self.require(len(self.index_shape) in (2, 3) and all(_is_int(n) and n > 0 for n in self.index_shape)
+                         and list(self.grid_shape) == self.index_shape[:2], "index_shape",
+                         f"the grid {list(self.grid_shape)} and at most one codes-per-token axis, positive integers")
         self.require(self.num_images == len(self.images), "num_images", f"the number of images ({len(self.images)})")
         self.require(self.dtype in ("uint8", "uint16", "int16", "int32", "int64"), "dtype", "an integer type")
         for entry in self.images:
@@ -152,7 +162,9 @@ def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:
         images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label}
                    for row, (p, label) in enumerate(zip(listing["images"], listing["labels"], strict=True))]
         skipped += listing["skipped"]
-    manifest = Manifest(**fields, grid_shape=tuple(index_shape[:2]), index_shape=index_shape, dtype=dtype,
+    scales = fields.get("scales")
+    grid = (scales[-1],) * 2 if scales else tuple(index_shape[:2])
+    manifest = Manifest(**fields, grid_shape=grid, index_shape=index_shape, dtype=dtype,
                         num_images=len(images), num_shards=num_shards, images=images, skipped=skipped)
     write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
     return manifest

@@ -131,6 +131,13 @@ class VQRAE(nn.Module):
         size = self.config.encoder.input_size
         return None if size is None else size // self.encoder.patch_size
 
+    def code_shape(self, image_size: int) -> tuple[int, ...]:
+        """One image's codes as encode_to_indices(flat=False) stacks them for square images of `image_size` pixels:
+        (h, w[, L]); multi-scale: VAR's flat (L,)."""
+        if self.multiscale:
+            return (self.quantizer.length,)
+        return (self.grid_side(image_size),) * 2 + tuple(self.quantizer.index_suffix)
+
     def grid_side(self, image_size: int) -> int:
         """Codes per side for square images of `image_size` pixels (resized to encoder.input_size if set)."""
         return self.grid_size or image_size // self.encoder.patch_size
