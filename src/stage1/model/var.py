@@ -33,7 +33,8 @@ class ScaleCodebooks:
     def weight(self) -> torch.Tensor:
         if not self.quantizer.shared:
             raise ValueError("quantize.embedding.weight is one codebook for every scale, and this model has one per "
-                             "scale: sample without VAR's more_smooth (its gumbel mix of the codebook)")
+                             "scale: sample without VAR's more_smooth (its gumbel mix of the codebook); VAR leaves "
+                             "its kv-cache on after this error (for b in var.blocks: b.attn.kv_caching(False))")
         return self.quantizer.levels[0].embedding
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
