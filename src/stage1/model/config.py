@@ -66,8 +66,8 @@ class QuantizerConfig(ConfigSection):
     groups: int = 1  # grouped: the channels split into this many groups, each with its own codebook
     # multiscale: the sides of the scales' maps, increasing, the last the grid's (VAR's, for a 16 x 16 grid)
     scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    # multiscale: one codebook per scale, or one shared by every scale (VAR's); per scale is the better on frozen
-    # features (benchmarks/multiscale_quality.py: a shared codebook's greedy fit overshoots the small coarse residuals)
+    # multiscale: one codebook per scale, or one shared by every scale (VAR's, with a code pinned at zero); per scale
+    # measures the better (benchmarks/multiscale_quality.py)
     shared_codebook: bool = False
     cosine: bool = False  # l2-normalised features and codes (single, grouped)
     commitment_cost: float = 0.25

@@ -8,9 +8,13 @@ sees the sum of the K upsampled maps. VAR's scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 
     f = features (B, C, S, S);  rest = f;  f_hat = 0
     for s in scales:  r = area(rest, s);  q = codes of r;  h = bicubic(q, S);  f_hat += h;  rest -= h
 
-Codebooks: one shared by every scale (quantizer.shared_codebook, VAR's), or one per scale. Each is an EMA
+Codebooks: one per scale, or one shared by every scale (quantizer.shared_codebook, VAR's). Each is an EMA
 VectorQuantizer, so exact fp32 search, fp32 statistics, restarts and identical codebooks on every rank hold as for
-the other kinds. A shared codebook takes one EMA update per step, over the residuals of every scale. Without an
+the other kinds. A shared codebook takes one EMA update per step, over the residuals of every scale, and its code 0
+is pinned at the zero vector: the coarse scales' residuals are small beside the codes the fine ones need, and
+without a code near zero each greedy step adds more error than it removes (the distortion grew with every
+scale and diverged over fit rounds: benchmarks/multiscale_quality.py). A codebook per scale has its own near-zero
+codes. Without an
 offline fit the codebooks start on the first batches: a shared one on the area-downsampled features of every
 scale, a per-scale one on its scale's residuals once the scales before it have started.
 
@@ -123,11 +127,29 @@ class MultiScaleQuantizer(nn.Module):
                 total, rest = total + h, rest - h
                 indices.append(idx)
             if self.shared:
+                started = bool(self.levels[0].initialized)
                 level_losses.append(self.levels[0](torch.cat(residuals, dim=1))[1])
+                if self.training:  # the codebook moved (a start on the first batches is a fit)
+                    self._pin_zero(fitted=not started)
             total = to_tokens(total)
             commitment = F.mse_loss(z.float(), total)
             z_q = total + (z.float() - z.float().detach())  # forward: exactly the sum; gradient: identity
         return z_q.to(z.dtype), combine_losses(level_losses, commitment, self.commitment_cost), torch.cat(indices, 1)
+
+    @torch.no_grad()
+    def _pin_zero(self, fitted: bool = False) -> None:
+        """A shared codebook's code 0 back at zero after its EMA update or restarts (its hits still count); after a
+        fit, the code nearest zero becomes code 0 first, so that no fitted code is lost to the pin."""
+        level = self.levels[0]
+        if not bool(level.initialized):
+            return
+        if fitted:
+            nearest = int(level.embedding.norm(dim=1).argmin())
+            for name in ("embedding", "ema_embed_sum", "ema_cluster_size", "tokens_since_hit"):
+                rows = getattr(level, name)
+                rows[[0, nearest]] = rows[[nearest, 0]].clone()
+        level.embedding[0] = 0
+        level.ema_embed_sum[0] = 0
 
     # ---- codes ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,6 +205,7 @@ class MultiScaleQuantizer(nn.Module):
                     rest = rest - bicubic(to_maps(level.lookup(level.encode(residuals[-1])), side), self.side)
             results = level.fit(torch.cat(residuals, 1).reshape(-1, self.embedding_dim), iters,
                                 per_update * self.length, seed + round_)
+            self._pin_zero(fitted=True)
         return results
 
 
