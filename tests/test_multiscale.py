@@ -246,6 +246,13 @@ def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, sha
     assert tokenize.main(["--model", summary["final"], "--data", train_images, "--out", str(tmp_path / "lg"),
                           "--format", "llamagen"]) == 2  # LlamaGen's GPT has no scales
     assert decode.main(["--model", summary["final"], "--tokens", str(out), "--out", str(tmp_path / "png")]) == 0
+    # A manifest is an exchanged file: scales that do not make its codes, or not the model's, are one error.
+    original = (out / "manifest.json").read_text()
+    for scales in ([1, 2, 3], [2, 1, 4], [1, 4]):
+        (out / "manifest.json").write_text(json.dumps({**manifest, "scales": scales}))
+        assert decode.main(["--model", summary["final"], "--tokens", str(out), "--out", str(tmp_path / "bad")]) == 2
+    (out / "manifest.json").write_text(original)
+    assert not (tmp_path / "bad").exists()
     assert evaluate.main(["--model", summary["final"], "--data", train_images, "--out", str(tmp_path / "e")]) == 0
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["scales"] == [1, 2, 4] and results["bits_per_image"] == 21 * math.log2(codes)
