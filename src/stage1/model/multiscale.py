@@ -152,16 +152,26 @@ class MultiScaleQuantizer(nn.Module):
         level.ema_embed_sum[0] = 0
 
     # ---- codes ------------------------------------------------------------------------------------------------
+    def _subtract_codes(self, rest: torch.Tensor, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One greedy step: the codes of scale k's residual tokens r (B, s * s, C), and rest (B, C, S, S) without
+        their upsampled vectors."""
+        idx = self.codebook(k).encode(r)
+        return idx, rest - bicubic(to_maps(self.codebook(k).lookup(idx), self.scales[k]), self.side)
+
+    def _greedy(self, maps: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every scale's residual tokens (B, s * s, C) and codes (B, s * s) under the codebooks as they are."""
+        rest, residuals, indices = maps, [], []
+        for k, side in enumerate(self.scales):
+            residuals.append(to_tokens(area(rest, side)))
+            idx, rest = self._subtract_codes(rest, k, residuals[-1])
+            indices.append(idx)
+        return residuals, indices
+
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, S * S, C) tokens -> (B, L) codes, never updating a codebook."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            rest, indices = self._maps(z), []
-            for k, side in enumerate(self.scales):
-                idx = self.codebook(k).encode(to_tokens(area(rest, side)))
-                rest = rest - bicubic(to_maps(self.codebook(k).lookup(idx), side), self.side)
-                indices.append(idx)
-        return torch.cat(indices, 1)
+            return torch.cat(self._greedy(self._maps(z))[1], 1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, L') codes of the first scales -> (B, S * S, C): the sum of their upsampled vectors."""
@@ -194,15 +204,12 @@ class MultiScaleQuantizer(nn.Module):
                                      f"grids of at least {-(-self.num_embeddings // (side * side))} images "
                                      f"(codebook_fit.images), or share one codebook (quantizer.shared_codebook=true)")
                 results += level.fit(r.reshape(-1, self.embedding_dim), iters, per_update * side * side, seed + k)
-                rest = rest - bicubic(to_maps(level.lookup(level.encode(r)), side), self.side)
+                _, rest = self._subtract_codes(rest, k, r)
             return results
         level, residuals = self.levels[0], [to_tokens(area(maps, side)) for side in self.scales]
         for round_ in range(FIT_ROUNDS):
             if round_:  # the residuals the codebook of the round before leaves
-                rest, residuals = maps, []
-                for side in self.scales:
-                    residuals.append(to_tokens(area(rest, side)))
-                    rest = rest - bicubic(to_maps(level.lookup(level.encode(residuals[-1])), side), self.side)
+                residuals = self._greedy(maps)[0]
             results = level.fit(torch.cat(residuals, 1).reshape(-1, self.embedding_dim), iters,
                                 per_update * self.length, seed + round_)
             self._pin_zero(fitted=True)

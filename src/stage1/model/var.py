@@ -123,12 +123,10 @@ class VARTokenizer(nn.Module):
         if not same_shape:
             raise ValueError("same_shape=False decodes each scale at its own size, which this decoder cannot: its "
                              "input is the whole grid (VAR marks that path experimental)")
-        flat = torch.cat([idx.reshape(idx.shape[0], -1) for idx in ms_idx_Bl], dim=1)
-        lengths = [s * s for s in self.quantize.v_patch_nums[: len(ms_idx_Bl)]]
-        ends = [sum(lengths[: k + 1]) for k in range(len(lengths))]
-        if last_one:
-            return self.model.decode_from_indices(flat) * 2 - 1
-        return [self.model.decode_from_indices(flat[:, :end]) * 2 - 1 for end in ends]
+        flats = [idx.reshape(idx.shape[0], -1) for idx in ms_idx_Bl]
+        prefixes = [flats] if last_one else [flats[: k + 1] for k in range(len(flats))]
+        images = [self.model.decode_from_indices(torch.cat(prefix, dim=1)) * 2 - 1 for prefix in prefixes]
+        return images[0] if last_one else images
 
     @torch.no_grad()
     def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums=None, last_one: bool = False):
