@@ -20,13 +20,7 @@ from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
 from ..data.tar_shards import folder_classes
-from ..data.token_exports import (
-    MULTISCALE_LLAMAGEN,
-    check_llamagen_labels,
-    export_tokens,
-    llamagen_advice,
-    llamagen_arguments,
-)
+from ..data.token_exports import check_llamagen_labels, export_tokens, llamagen_advice, llamagen_arguments
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -118,10 +112,9 @@ def run(args) -> int:
         index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
-            if model.multiscale:
-                raise CLIError(MULTISCALE_LLAMAGEN)
             grid = (model.grid_side(size),) * 2
-            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix))
+            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix),
+                               list(model.quantizer.scales) if model.multiscale else None)
             if isinstance(source, FolderInput):
                 check_llamagen_labels(source.labels)
             elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers

@@ -34,10 +34,13 @@ LLAMAGEN_IMAGE_SIZES = (256, 384, 448, 512)
 LLAMAGEN_DOWNSAMPLE_SIZES = (16, 8)  # its default first
 
 
-def llamagen_arguments(out: str, grid_shape, image_size: int, views: int, per_token: int) -> dict:
+def llamagen_arguments(out: str, grid_shape, image_size: int, views: int, per_token: int,
+                       scales: list[int] | None = None) -> dict:
     """LlamaGen's --code-path, --image-size and --downsample-size for an export of this grid, or one ValueError
     saying why LlamaGen cannot take it. Of two sizes with the same grid, the tokenized size, else downsample 16."""
     h, w = grid_shape
+    if scales:
+        raise ValueError(MULTISCALE_LLAMAGEN)
     if per_token > 1:
         raise ValueError(f"LlamaGen's GPT predicts one code per position; these codes have {per_token} per position "
                          f"(a residual / grouped codebook): use --format jsonl, memmap or shards")
@@ -59,8 +62,8 @@ IMAGENET_TRAIN_IMAGES = 1281167  # LlamaGen's CustomDataset's hardcoded length
 
 def llamagen_advice(manifest: Manifest, out: str) -> str:
     """The flags of LlamaGen's train_c2i.py for this export, and what else its trainer needs."""
-    per_token = int(np.prod(manifest.index_shape[2:], dtype=np.int64))
-    arguments = llamagen_arguments(out, manifest.grid_shape, manifest.image_size, manifest.views, per_token)
+    arguments = llamagen_arguments(out, manifest.grid_shape, manifest.image_size, manifest.views,
+                                   _codes_per_token(manifest), manifest.scales)
     labels = [entry.get("label", -1) for entry in manifest.images]
     classes = len(manifest.classes) if manifest.classes else max(labels, default=-1) + 1
     advice = (f"LlamaGen: train_c2i.py --code-path {arguments['code_path']} --image-size {arguments['image_size']} "
@@ -85,6 +88,11 @@ def check_llamagen_labels(labels) -> None:
                          f"take: put every image in a class folder, or use --format jsonl / memmap / shards")
 
 
+def _codes_per_token(manifest: Manifest) -> int:
+    """L of residual / grouped codes (their last axis), 1 otherwise."""
+    return int(np.prod(manifest.index_shape[2:], dtype=np.int64))
+
+
 def flat_views(code: np.ndarray, views: int, per_token: int) -> np.ndarray:
     """One image's codes as (views, h * w[, L]): each view's grid in row-major order."""
     return code.reshape(views, -1, per_token) if per_token > 1 else code.reshape(views, -1)
@@ -97,11 +105,10 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
     if fmt == "shards":
         return os.path.join(tokens, "manifest.json")
     codes, labels = read_codes(tokens, manifest)
-    views, per_token = manifest.views, int(np.prod(manifest.index_shape[2:], dtype=np.int64))
+    views, per_token = manifest.views, _codes_per_token(manifest)
     if fmt == "llamagen":
-        if manifest.scales:
-            raise ValueError(MULTISCALE_LLAMAGEN)
-        arguments = llamagen_arguments(tokens, manifest.grid_shape, manifest.image_size, views, per_token)
+        arguments = llamagen_arguments(tokens, manifest.grid_shape, manifest.image_size, views, per_token,
+                                       manifest.scales)
         check_llamagen_labels(labels)
         root, size = arguments["code_path"], arguments["image_size"]
         code_dir, label_dir = (os.path.join(root, f"imagenet{size}_{kind}") for kind in ("codes", "labels"))
