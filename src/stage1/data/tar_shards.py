@@ -187,11 +187,14 @@ class FolderClasses:
     names: list[str]
     unlabelled: int  # samples directly in the root
 
+    def __post_init__(self):
+        self._ids = {name: i for i, name in enumerate(self.names)}  # a label per sample: no list search
+
     def label(self, key: str) -> int:
         folders = _folders(key)
         if folders[: len(self.root)] != self.root or len(folders) == len(self.root):
             return -1
-        return self.names.index(folders[len(self.root)]) if folders[len(self.root)] in self.names else -1
+        return self._ids.get(folders[len(self.root)], -1)
 
 
 def folder_classes(urls: list[str]) -> FolderClasses | None:
