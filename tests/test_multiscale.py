@@ -1,11 +1,12 @@
 """quantizer.kind=multiscale (issue 22): VAR's residual scales on frozen features. Values against an independent
-reference of VAR's f_to_idxBl_or_fhat (FoundationVision/VAR models/quant.py, without phi), exact index round trips,
-prefix decoding, the EMA rule on a shared codebook, the offline fit on whole grids, identical codebooks on two ranks,
-and training."""
+reference of VAR's f_to_idxBl_or_fhat (FoundationVision/VAR models/quant.py, with and without phi), exact index
+round trips, prefix decoding, the EMA rule on a shared codebook, the offline fit on whole grids, identical codebooks on
+two ranks, and training (phi's included: by gradient, in the EMA copy, resumed exactly)."""
 
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,9 +21,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:VectorQuantizer. the codebook ha
 SCALES, D, K = (1, 2, 3, 5), 6, 16  # a 5 x 5 grid: 1 + 4 + 9 + 25 = 39 codes
 
 
-def var_reference(f, codebooks, scales):
-    """VAR's f_to_idxBl_or_fhat on maps f (B, C, S, S) with codebooks[k] (K, C) for scale k: per-scale indices
-    (B, s * s) and f_hat after each scale."""
+def var_phi_index(convs, k, scales):
+    """VAR's PhiPartiallyShared / PhiNonShared: scale k of `scales` at k / (scales - 1) takes the conv of the
+    nearest of `convs` ticks."""
+    ticks = np.linspace(1 / 3 / convs, 1 - 1 / 3 / convs, convs) if convs == 4 else \
+        np.linspace(1 / 2 / convs, 1 - 1 / 2 / convs, convs)
+    return np.argmin(np.abs(ticks - k / (scales - 1))).item()
+
+
+def var_phi(convs, k, scales):
+    """VAR's Phi (quant_resi 0.5) of scale k: h -> 0.5 h + 0.5 conv3x3(h)."""
+    conv = convs[var_phi_index(len(convs), k, len(scales))]
+    return lambda h: h * 0.5 + F.conv2d(h, conv.weight, conv.bias, padding=1) * 0.5
+
+
+def var_reference(f, codebooks, scales, convs=None):
+    """VAR's f_to_idxBl_or_fhat on maps f (B, C, S, S) with codebooks[k] (K, C) for scale k (and phi's `convs`):
+    per-scale indices (B, s * s) and f_hat after each scale."""
     rest, f_hat, indices, partial = f.clone(), torch.zeros_like(f), [], []
     side = f.shape[-1]
     for k, s in enumerate(scales):
@@ -31,20 +46,26 @@ def var_reference(f, codebooks, scales):
         idx = torch.cdist(z.double(), codebooks[k].double()).argmin(1)
         h = codebooks[k][idx].reshape(f.shape[0], s, s, -1).permute(0, 3, 1, 2)
         h = F.interpolate(h, size=(side, side), mode="bicubic") if s != side else h
+        h = var_phi(convs, k, scales)(h) if convs else h
         f_hat, rest = f_hat + h, rest - h
         indices.append(idx.reshape(f.shape[0], s * s))
         partial.append(f_hat.clone())
     return indices, partial
 
 
-def quantizer(shared=True, k=K, scales=SCALES, seed=0):
-    """A multi-scale quantizer whose codebooks are set on random data (started, as after a fit)."""
-    q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=k, scales=scales, shared_codebook=shared),
-                        D)
+def quantizer(shared=True, k=K, scales=SCALES, seed=0, phi=0):
+    """A multi-scale quantizer whose codebooks are set on random data (started, as after a fit), and its phi
+    convolutions (if any) random, as after training."""
+    q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=k, scales=scales, shared_codebook=shared,
+                                        phi=phi), D)
     assert q.shared == shared
     g = torch.Generator().manual_seed(seed)
     for level in q.levels:
         level.set_codebook(torch.randn(k, D, generator=g), torch.ones(k))
+    with torch.no_grad():
+        for conv in q.phi or []:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.2)
     return q.eval()
 
 
@@ -52,12 +73,12 @@ def grids(b=3, side=5, seed=1):
     return torch.randn(b, side * side, D, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_codes_and_values_are_vars(shared):
-    q = quantizer(shared)
+@pytest.mark.parametrize("shared, phi", [(True, 0), (False, 0), (True, 2), (False, 4)])
+def test_codes_and_values_are_vars(shared, phi):
+    q = quantizer(shared, phi=phi)
     z = grids()
     maps = z.transpose(1, 2).reshape(3, D, 5, 5)
-    indices, partial = var_reference(maps, [q.codebook(k).embedding for k in range(len(SCALES))], SCALES)
+    indices, partial = var_reference(maps, [q.codebook(k).embedding for k in range(len(SCALES))], SCALES, q.phi)
     codes = q.encode(z)
     assert codes.shape == (3, 39) and torch.equal(codes, torch.cat(indices, 1))
     z_q, losses, forward_codes = q(z)
@@ -81,6 +102,44 @@ def test_codes_and_values_are_vars(shared):
     z.requires_grad_(True)
     q(z)[0].sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_phi_serves_the_scales_as_vars_and_starts_as_the_identity():
+    from stage1.model.multiscale import phi_of_scales
+
+    for n, count in ((10, 4), (4, 4), (13, 4), (10, 1), (10, 10), (7, 3)):
+        assert phi_of_scales(n, count) == [var_phi_index(count, k, n) for k in range(n)], (n, count)
+    assert phi_of_scales(10, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]  # VAR's own ties (2/9 from 1/12 and 13/36)
+    # A fresh phi changes no code and no value: offline fits and a run's start are those of the plain scheme.
+    plain, fresh = quantizer(phi=0), build_quantizer(
+        QuantizerConfig(kind="multiscale", num_embeddings=K, scales=SCALES, shared_codebook=True, phi=2), D).eval()
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    z = grids(seed=5)
+    assert torch.equal(fresh.encode(z), plain.encode(z)) and torch.equal(fresh(z)[0], plain(z)[0])
+
+
+def test_phi_learns_by_gradient_and_the_codes_follow_it():
+    """Phi's weights take the commitment term's gradient (the codebooks none: EMA only); a few steps of it on fixed
+    codebooks bring f_hat nearer the features, and encode() then follows the trained phi (VAR's reference)."""
+    q = quantizer(shared=False, phi=2)
+    for conv in q.phi:  # from the identity, as a run starts
+        conv.load_state_dict(build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=K, scales=SCALES,
+                                                             phi=1), D).phi[0].state_dict())
+    z = grids(b=16, seed=6)
+    optimizer = torch.optim.Adam(q.phi.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        losses = q(z)[1]
+        optimizer.zero_grad()
+        losses["vq_loss"].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.phi.parameters())
+        assert all(not p.requires_grad for p in q.levels.parameters())
+        optimizer.step()
+        first = first if first is not None else losses["commitment_loss"].item()
+    assert q(z)[1]["commitment_loss"].item() < 0.9 * first
+    maps = z.transpose(1, 2).reshape(16, D, 5, 5)
+    indices, _ = var_reference(maps, [level.embedding for level in q.levels], SCALES, q.phi)
+    assert torch.equal(q.encode(z), torch.cat(indices, 1))
 
 
 def test_a_shared_codebook_takes_one_ema_update_over_every_scale():
@@ -260,6 +319,34 @@ def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, sha
     counted = len({(0 if shared == "true" else k, int(c)) for k, part in
                    enumerate(np.split(shard, [1, 5], axis=1)) for c in np.unique(part)})
     assert results["codes_used"] == counted
+
+
+def test_phi_trains_with_the_decoder_its_ema_copy_is_exported_and_a_run_resumes_exactly(train_images, tmp_path):
+    from helpers import run_training, step_logs
+    from safetensors.torch import load_file
+
+    args = ("quantizer.kind=multiscale", "quantizer.scales=[1,2,4]", "quantizer.shared_codebook=true",
+            "quantizer.num_embeddings=16", "quantizer.phi=2", "train.steps=4", "train.ckpt_every=2",
+            "train.sample_every=null", "train.report_reconstructions=false")
+    run_training(train_images, tmp_path / "whole", *args)
+    assert run_training(train_images, tmp_path / "split", *args, "train.stop_at=2")["step"] == 2
+    assert run_training(train_images, tmp_path / "split", *args)["step"] == 4
+    whole, split = step_logs(tmp_path / "whole"), step_logs(tmp_path / "split")
+    for step in range(1, 5):
+        assert split[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-5, abs=1e-8), step
+    last = tmp_path / "whole" / "checkpoints" / "step-0000004"
+    live, ema = load_file(last / "model.safetensors"), load_file(last / "ema.safetensors")
+    final = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    channels = live["quantizer.phi.0.weight"].shape[0]
+    identity = build_quantizer(QuantizerConfig(kind="multiscale", scales=(1, 2, 4), phi=1), channels).phi[0].weight
+    for conv in ("quantizer.phi.0", "quantizer.phi.1"):
+        weight = f"{conv}.weight"
+        assert not torch.allclose(live[weight], identity, atol=1e-4)  # it learned
+        assert not torch.equal(live[weight], ema[weight]) and torch.equal(final[weight], ema[weight])  # EMA'd
+        assert torch.allclose(resumed[weight], final[weight], rtol=1e-5, atol=1e-7)
+    model = VQRAE.from_pretrained(tmp_path / "whole" / "final")  # codes through the trained phi
+    assert torch.equal(model.quantizer.phi[1].weight, final["quantizer.phi.1.weight"])
 
 
 def test_the_multiscale_experiment_composes():

@@ -14,11 +14,16 @@ from stage1.train.codebook_fit import fit_codebook
 SCALES, K = (1, 2, 4), 16  # the tiny encoder's 4 x 4 grid: 1 + 4 + 16 = 21 codes
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["per-scale", "shared"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 0), (False, 2)], ids=["per-scale", "shared", "phi"])
 def tokenizer(dinov2_dir, tmp_path_factory, request):
     torch.manual_seed(0)
+    shared, phi = request.param
     model = tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", scales=list(SCALES), num_embeddings=K,
-                       shared_codebook=request.param)
+                       shared_codebook=shared, phi=phi)
+    with torch.no_grad():  # phi as after training, away from its identity start: every path must apply it
+        for conv in model.quantizer.phi or []:
+            conv.weight.add_(torch.randn_like(conv.weight) * 0.1)
+            conv.bias.add_(torch.randn_like(conv.bias) * 0.1)
     batches = [model.encode_tokens(smooth_images(8, seed=s))[0] for s in range(4)]
     fit_codebook(model, batches, tokens_per_image=16, iters=5, tokens_per_update=128, show_progress=False)
     path = tmp_path_factory.mktemp("var") / "model"

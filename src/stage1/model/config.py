@@ -69,6 +69,9 @@ class QuantizerConfig(ConfigSection):
     # multiscale: one codebook per scale, or one shared by every scale (VAR's, with a code pinned at zero); per scale
     # measures the better (benchmarks/multiscale_quality.py)
     shared_codebook: bool = False
+    # multiscale: VAR's phi, this many 3x3 convolutions refining the scales' upsampled maps, trained with the decoder
+    # (VAR: 4, each serving the scales nearest its place; len(scales): one per scale); 0: none
+    phi: int = 0
     cosine: bool = False  # l2-normalised features and codes (single, grouped)
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
@@ -86,6 +89,8 @@ class QuantizerConfig(ConfigSection):
         self.require(len(self.scales) >= 1 and all(0 < a < b for a, b in itertools.pairwise(self.scales))
                      and 0 < self.scales[0] and self.scales[-1] <= MAX_IMAGE_SIDE and len(self.scales) <= MAX_LEVELS,
                      "scales", f"increasing positive sides, at most {MAX_LEVELS} of them, the last the grid's side")
+        self.require(0 <= self.phi <= len(self.scales) and (self.phi == 0 or self.kind == "multiscale"), "phi",
+                     f"0, or with kind 'multiscale' at most one per scale ({len(self.scales)}) (kind is {self.kind!r})")
         self.require_positive("epsilon")
         self.require_at_most(MAX_CODES, "num_embeddings")
         self.require_at_most(MAX_LEVELS, "depth", "groups")
@@ -209,6 +214,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "restart_window": ("quantizer", "restart_window"),
     "scales": ("quantizer", "scales"),
     "shared_codebook": ("quantizer", "shared_codebook"),
+    "phi": ("quantizer", "phi"),
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),

@@ -6,7 +6,13 @@ quantized, upsampled back to S x S (bicubic, as VAR; the last scale is not resam
 sees the sum of the K upsampled maps. VAR's scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 give 680 codes per 16 x 16 grid.
 
     f = features (B, C, S, S);  rest = f;  f_hat = 0
-    for s in scales:  r = area(rest, s);  q = codes of r;  h = bicubic(q, S);  f_hat += h;  rest -= h
+    for s in scales:  r = area(rest, s);  q = codes of r;  h = phi(bicubic(q, S));  f_hat += h;  rest -= h
+
+phi (quantizer.phi convolutions, optional): VAR's refinement of each upsampled map, h -> (1 - 0.5) h + 0.5 conv(h)
+with a 3x3 convolution, trained by gradient with the decoder (the decoder's loss, and the commitment term
+||f - f_hat||^2 that reaches it); with 4 convolutions (VAR's) each serves the scales nearest its place in the
+schedule. Ours start as the identity, so a fresh phi changes no code and no value and the offline fits hold; VAR's
+start random, as its whole tokenizer is trained from scratch.
 
 Codebooks: one per scale, or one shared by every scale (quantizer.shared_codebook, VAR's). Each is an EMA
 VectorQuantizer, so exact fp32 search, fp32 statistics, restarts and identical codebooks on every rank hold as for
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +42,7 @@ from .kmeans import KMeansResult
 from .quantizer_kinds import combine_losses, single_codebook
 
 FIT_ROUNDS = 2  # a shared codebook's offline fit: on the scales' features, then once more on the residuals it leaves
+PHI_RATIO = 0.5  # VAR's quant_resi: phi(h) = (1 - ratio) h + ratio conv(h)
 
 
 def area(maps: torch.Tensor, side: int) -> torch.Tensor:
@@ -57,6 +65,30 @@ def to_tokens(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)
 
 
+class Phi(nn.Conv2d):
+    """VAR's phi (models/quant.py Phi): h -> (1 - PHI_RATIO) h + PHI_RATIO conv3x3(h), starting as the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, kernel_size=3, padding=1)
+        with torch.no_grad():  # a centred delta kernel and no bias: conv(h) = h
+            self.weight.zero_()
+            self.weight[range(channels), range(channels), 1, 1] = 1.0
+            self.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * (1 - PHI_RATIO) + super().forward(h) * PHI_RATIO
+
+
+def phi_of_scales(scales: int, convs: int) -> list[int]:
+    """Which of `convs` phi convolutions serves each of `scales` scales: VAR's PhiPartiallyShared, scale k at
+    k / (scales - 1) in [0, 1] taking the convolution whose tick is nearest (1: all share one; scales: one each).
+    numpy's linspace and argmin as VAR's, whose float ties (VAR's 10 scales: 2/9 is as near 1/12 as 13/36) they
+    break."""
+    ticks = np.linspace(1 / 3 / convs, 1 - 1 / 3 / convs, convs) if convs == 4 else \
+        np.linspace(1 / 2 / convs, 1 - 1 / 2 / convs, convs)
+    return [int(np.argmin(np.abs(ticks - k / max(scales - 1, 1)))) for k in range(scales)]
+
+
 class MultiScaleQuantizer(nn.Module):
     index_suffix: tuple[int, ...] = ()  # indices are (B, L): no grid, no codebook axis
     whole_grids = True  # fits on whole grids of tokens (stage1.train.codebook_fit), not on tokens drawn from them
@@ -70,6 +102,8 @@ class MultiScaleQuantizer(nn.Module):
         self.commitment_cost = config.commitment_cost
         self.lengths = [side * side for side in self.scales]  # codes per scale
         self.side = self.scales[-1]
+        self.phi = nn.ModuleList(Phi(embedding_dim) for _ in range(config.phi)) if config.phi else None
+        self.phi_index = phi_of_scales(len(self.scales), config.phi) if config.phi else None
 
     @property
     def shared(self) -> bool:
@@ -98,6 +132,11 @@ class MultiScaleQuantizer(nn.Module):
                              f"{', '.join(map(str, ends))} codes")
         return ends.index(length) + 1
 
+    def upsample(self, k: int, maps: torch.Tensor) -> torch.Tensor:
+        """Scale k's code vectors (B, C, s, s) as they add into f_hat (B, C, S, S): bicubic to the grid, then phi."""
+        h = bicubic(maps, self.side)
+        return h if self.phi is None else self.phi[self.phi_index[k]](h)
+
     def _maps(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 3 or z.shape[1] != self.side * self.side or z.shape[2] != self.embedding_dim:
             raise ValueError(f"the multi-scale quantizer takes grids of {self.side} x {self.side} tokens of "
@@ -123,8 +162,8 @@ class MultiScaleQuantizer(nn.Module):
                     level.gathers = k == 0 or bool(self.levels[k - 1].initialized)
                     q, losses, idx = level(r)
                     level_losses.append(losses)
-                h = bicubic(to_maps(q.detach().float(), side), self.side)
-                total, rest = total + h, rest - h
+                h = self.upsample(k, to_maps(q.detach().float(), side))  # phi's gradient flows from here
+                total, rest = total + h, rest - h.detach()
                 indices.append(idx)
             if self.shared:
                 started = bool(self.levels[0].initialized)
@@ -156,7 +195,7 @@ class MultiScaleQuantizer(nn.Module):
         """One greedy step: the codes of scale k's residual tokens r (B, s * s, C), and rest (B, C, S, S) without
         their upsampled vectors."""
         idx = self.codebook(k).encode(r)
-        return idx, rest - bicubic(to_maps(self.codebook(k).lookup(idx), self.scales[k]), self.side)
+        return idx, rest - self.upsample(k, to_maps(self.codebook(k).lookup(idx), self.scales[k]))
 
     def _greedy(self, maps: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every scale's residual tokens (B, s * s, C) and codes (B, s * s) under the codebooks as they are."""
@@ -177,7 +216,7 @@ class MultiScaleQuantizer(nn.Module):
         """(B, L') codes of the first scales -> (B, S * S, C): the sum of their upsampled vectors."""
         total = None
         for k, (maps, side) in enumerate(zip(self.split(indices), self.scales, strict=False)):
-            h = bicubic(to_maps(self.codebook(k).lookup(maps.flatten(1)), side), self.side)
+            h = self.upsample(k, to_maps(self.codebook(k).lookup(maps.flatten(1)), side))
             total = h if total is None else total + h
         return to_tokens(total)
 

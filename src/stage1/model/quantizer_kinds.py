@@ -28,7 +28,7 @@ from .quantizer import VectorQuantizer
 
 def single_codebook(config: QuantizerConfig, embedding_dim: int) -> VectorQuantizer:
     """One single-codebook level with the kind's options."""
-    return VectorQuantizer(dataclasses.replace(config, kind="single", depth=1, groups=1), embedding_dim)
+    return VectorQuantizer(dataclasses.replace(config, kind="single", depth=1, groups=1, phi=0), embedding_dim)
 
 
 def combine_losses(levels: list[dict], commitment: torch.Tensor, commitment_cost: float) -> dict:

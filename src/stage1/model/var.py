@@ -6,9 +6,10 @@ trainer.py, models/var.py) use a vqrae tokenizer in place of its VQVAE:
 VQVAE's side (images in [-1, 1]): Cvae, vocab_size, img_to_idxBl, idxBl_to_img, fhat_to_img,
 img_to_reconstructed_img, and `quantize`, VectorQuantizer2's side: embedding (called on indices, or its .weight),
 v_patch_nums, idxBl_to_var_input (training's teacher forcing) and get_next_autoregressive_input (sampling).
-VAR's f_hat is here the sum of the upsampled code maps in the quantizer's space (the normalised latent), with no
-phi convolution. VAR calls `quantize.embedding(idx_Bl)` on one scale's codes at a time, so with a codebook per scale
-the scale is told by their length (s * s); `.weight` (VAR's smoothed sampling, more_smooth=True) needs one codebook.
+VAR's f_hat is here the sum of the upsampled code maps in the quantizer's space (the normalised latent), each
+refined by the model's phi convolutions where it has them (quantizer.phi), as VAR's. VAR calls
+`quantize.embedding(idx_Bl)` on one scale's codes at a time, so with a codebook per scale the scale is told by their
+length (s * s); `.weight` (VAR's smoothed sampling, more_smooth=True) needs one codebook.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from .multiscale import area, bicubic, to_maps, to_tokens
+from .multiscale import area, to_maps, to_tokens
 from .vqrae import VQRAE
 
 
@@ -56,23 +57,24 @@ class VARQuantizer(nn.Module):
         self.Cvae, self.vocab_size = quantizer.embedding_dim, quantizer.num_embeddings
         self.prog_si = -1  # VAR's progressive training (which VAR does not support either)
 
+    @torch.no_grad()  # the tokenizer is frozen: no graph into phi
     def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor | None:
         """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last, f_hat (the sum of the
         scales so far, upsampled to the grid) area-downsampled to the next scale, raster tokens."""
-        scales, side = self.v_patch_nums, self.v_patch_nums[-1]
+        scales, side, quantizer = self.v_patch_nums, self.v_patch_nums[-1], self._quantizer[0]
         batch = gt_ms_idx_Bl[0].shape[0]
         f_hat = torch.zeros(batch, self.Cvae, side, side, device=gt_ms_idx_Bl[0].device)
         inputs = []
         for k in range(len(scales) - 1):
-            f_hat = f_hat + bicubic(to_maps(self.embedding(gt_ms_idx_Bl[k]).float(), scales[k]), side)
+            f_hat = f_hat + quantizer.upsample(k, to_maps(self.embedding(gt_ms_idx_Bl[k]).float(), scales[k]))
             inputs.append(to_tokens(area(f_hat, scales[k + 1])))
         return torch.cat(inputs, dim=1) if inputs else None
 
+    @torch.no_grad()  # the tokenizer is frozen: no graph into phi
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
-        """Sampling: the codes' vectors of scale si (B, Cvae, s, s) added into f_hat (in place, as VAR), and the next
-        scale's input, f_hat area-downsampled (f_hat itself after the last scale)."""
-        side = self.v_patch_nums[-1]
-        f_hat.add_(bicubic(h_BChw.float(), side))
+        """Sampling: the codes' vectors of scale si (B, Cvae, s, s), upsampled (and refined by phi), added into f_hat
+        (in place, as VAR), and the next scale's input, f_hat area-downsampled (f_hat itself after the last scale)."""
+        f_hat.add_(self._quantizer[0].upsample(si, h_BChw.float()))
         if si == SN - 1:
             return f_hat, f_hat
         return f_hat, area(f_hat, self.v_patch_nums[si + 1])
