@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import smooth_images, tiny_vqrae
 
 from stage1 import VQRAE, QuantizerConfig, build_quantizer
+from stage1.base.config_section import ConfigError
 from stage1.model.kmeans import fit_kmeans
 
 pytestmark = pytest.mark.filterwarnings("ignore:VectorQuantizer. the codebook has not started")
@@ -86,6 +87,15 @@ def test_codes_and_values_are_vars(shared, phi):
     expected = partial[-1].flatten(2).transpose(1, 2)
     assert (z_q - expected).abs().max().item() <= 1e-5 and torch.equal(q.lookup(codes), z_q)
     assert losses["commitment_loss"].item() == pytest.approx(F.mse_loss(z, expected).item(), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # decode paths run under the caller's autocast: phi stays fp32
+        assert torch.equal(q.lookup(codes), z_q)
+    if phi:  # VAR's: the mean over scales of each prefix's f_hat against the features, in vq_loss
+        phi_loss = torch.stack([F.mse_loss(f_hat, maps) for f_hat in partial]).mean()
+        assert losses["phi_loss"].item() == pytest.approx(phi_loss.item(), rel=1e-5)
+        assert losses["vq_loss"].item() == pytest.approx(0.25 * losses["commitment_loss"].item() + phi_loss.item(),
+                                                         rel=1e-5)
+    else:
+        assert "phi_loss" not in losses
     # Any prefix of whole scales decodes to VAR's f_hat after those scales; the maps split and join back.
     for k in range(1, len(SCALES) + 1):
         prefix = codes[:, : sum(s * s for s in SCALES[:k])]
@@ -119,26 +129,41 @@ def test_phi_serves_the_scales_as_vars_and_starts_as_the_identity():
 
 
 def test_phi_learns_by_gradient_and_the_codes_follow_it():
-    """Phi's weights take the commitment term's gradient (the codebooks none: EMA only); a few steps of it on fixed
-    codebooks bring f_hat nearer the features, and encode() then follows the trained phi (VAR's reference)."""
+    """Phi's gradients are VAR's: the decoder's (through z_q) and phi_loss's equal autograd through VAR's reference;
+    the commitment term has none (VAR's uses f_hat.data). A few steps of vq_loss on fixed codebooks bring f_hat
+    nearer the features, and encode() then follows the trained phi."""
     q = quantizer(shared=False, phi=2)
+    z = grids(b=16, seed=6)
+    maps = z.transpose(1, 2).reshape(16, D, 5, 5)
+    codebooks = [level.embedding for level in q.levels]
+    weights = list(q.phi.parameters())
+    z_q, losses, _ = q(z)
+    _, partial = var_reference(maps, codebooks, SCALES, q.phi)
+    probe = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(8))  # a decoder's upstream gradient
+    expected_phi_loss = torch.stack([F.mse_loss(f_hat, maps) for f_hat in partial]).mean()
+    for ours, reference in (((z_q * probe).sum(), (partial[-1].flatten(2).transpose(1, 2) * probe).sum()),
+                            (losses["phi_loss"], expected_phi_loss)):
+        pairs = zip(torch.autograd.grad(ours, weights, retain_graph=True),
+                    torch.autograd.grad(reference, weights, retain_graph=True), strict=True)
+        for a, b in pairs:
+            assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not losses["commitment_loss"].requires_grad
+    with pytest.raises(ConfigError, match=r"for 10 scales: \[1, 2, 3, 4, 5, 6, 7, 8, 10\], got 9"):
+        QuantizerConfig(kind="multiscale", phi=9)  # VAR's rule would leave one convolution idle: DDP stops on it
+
     for conv in q.phi:  # from the identity, as a run starts
         conv.load_state_dict(build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=K, scales=SCALES,
                                                              phi=1), D).phi[0].state_dict())
-    z = grids(b=16, seed=6)
-    optimizer = torch.optim.Adam(q.phi.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(weights, lr=1e-2)
     first = None
     for _ in range(30):
         losses = q(z)[1]
         optimizer.zero_grad()
         losses["vq_loss"].backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.phi.parameters())
-        assert all(not p.requires_grad for p in q.levels.parameters())
         optimizer.step()
         first = first if first is not None else losses["commitment_loss"].item()
     assert q(z)[1]["commitment_loss"].item() < 0.9 * first
-    maps = z.transpose(1, 2).reshape(16, D, 5, 5)
-    indices, _ = var_reference(maps, [level.embedding for level in q.levels], SCALES, q.phi)
+    indices, _ = var_reference(maps, codebooks, SCALES, q.phi)
     assert torch.equal(q.encode(z), torch.cat(indices, 1))
 
 
@@ -321,7 +346,9 @@ def test_training_fits_and_trains_a_multiscale_model(train_images, tmp_path, sha
     assert results["codes_used"] == counted
 
 
-def test_phi_trains_with_the_decoder_its_ema_copy_is_exported_and_a_run_resumes_exactly(train_images, tmp_path):
+def test_phi_trains_with_the_decoder_and_a_run_resumes_exactly(train_images, tmp_path):
+    """Phi moves with the decoder's optimizer; as codes-side state it is saved live in both weight files (the EMA
+    copy is the decoder's alone: an averaged phi would not match the codebooks that followed the live one)."""
     from helpers import run_training, step_logs
     from safetensors.torch import load_file
 
@@ -338,12 +365,15 @@ def test_phi_trains_with_the_decoder_its_ema_copy_is_exported_and_a_run_resumes_
     live, ema = load_file(last / "model.safetensors"), load_file(last / "ema.safetensors")
     final = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert any(not torch.equal(live[k], ema[k]) for k in live if k.startswith("decoder."))  # the EMA is there
+    groups = torch.load(last / "trainer_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups][1:] == [4] and groups[1]["weight_decay"] == 0.0  # phi: no decay
     channels = live["quantizer.phi.0.weight"].shape[0]
     identity = build_quantizer(QuantizerConfig(kind="multiscale", scales=(1, 2, 4), phi=1), channels).phi[0].weight
     for conv in ("quantizer.phi.0", "quantizer.phi.1"):
         weight = f"{conv}.weight"
         assert not torch.allclose(live[weight], identity, atol=1e-4)  # it learned
-        assert not torch.equal(live[weight], ema[weight]) and torch.equal(final[weight], ema[weight])  # EMA'd
+        assert torch.equal(live[weight], ema[weight]) and torch.equal(final[weight], live[weight])
         assert torch.allclose(resumed[weight], final[weight], rtol=1e-5, atol=1e-7)
     model = VQRAE.from_pretrained(tmp_path / "whole" / "final")  # codes through the trained phi
     assert torch.equal(model.quantizer.phi[1].weight, final["quantizer.phi.1.weight"])

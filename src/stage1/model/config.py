@@ -91,6 +91,12 @@ class QuantizerConfig(ConfigSection):
                      "scales", f"increasing positive sides, at most {MAX_LEVELS} of them, the last the grid's side")
         self.require(0 <= self.phi <= len(self.scales) and (self.phi == 0 or self.kind == "multiscale"), "phi",
                      f"0, or with kind 'multiscale' at most one per scale ({len(self.scales)}) (kind is {self.kind!r})")
+        if self.phi:  # VAR's rule gives each scale the convolution of the nearest tick: some counts leave one idle
+            from .multiscale import phi_of_scales  # (an idle parameter stops DDP)
+
+            serving = [n for n in range(1, len(self.scales) + 1) if len(set(phi_of_scales(len(self.scales), n))) == n]
+            self.require(self.phi in serving, "phi", f"a count whose every convolution serves a scale under VAR's "
+                         f"rule; for {len(self.scales)} scales: {serving}")
         self.require_positive("epsilon")
         self.require_at_most(MAX_CODES, "num_embeddings")
         self.require_at_most(MAX_LEVELS, "depth", "groups")

@@ -9,10 +9,11 @@ sees the sum of the K upsampled maps. VAR's scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 
     for s in scales:  r = area(rest, s);  q = codes of r;  h = phi(bicubic(q, S));  f_hat += h;  rest -= h
 
 phi (quantizer.phi convolutions, optional): VAR's refinement of each upsampled map, h -> (1 - 0.5) h + 0.5 conv(h)
-with a 3x3 convolution, trained by gradient with the decoder (the decoder's loss, and the commitment term
-||f - f_hat||^2 that reaches it); with 4 convolutions (VAR's) each serves the scales nearest its place in the
-schedule. Ours start as the identity, so a fresh phi changes no code and no value and the offline fits hold; VAR's
-start random, as its whole tokenizer is trained from scratch.
+with a 3x3 convolution, trained by gradient with the decoder: the decoder's loss, and VAR's phi_loss (in vq_loss),
+the mean over scales k of ||f_hat after scale k - f||^2, which keeps every prefix near the features; with 4
+convolutions (VAR's) each serves the scales nearest its place in the schedule. Phi is codes-side state, like the
+codebooks: the decoder's EMA copy never averages it. Ours start as the identity, so a fresh phi changes no code and
+no value and the offline fits hold; VAR's start random, as its whole tokenizer is trained from scratch.
 
 Codebooks: one per scale, or one shared by every scale (quantizer.shared_codebook, VAR's). Each is an EMA
 VectorQuantizer, so exact fp32 search, fp32 statistics, restarts and identical codebooks on every rank hold as for
@@ -31,6 +32,7 @@ whole scales decodes (a coarse-to-fine preview).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -65,8 +67,26 @@ def to_tokens(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)
 
 
+@contextmanager
+def full_fp32(device: torch.device):
+    """fp32 arithmetic for phi as for the rest of the quantizer: no autocast, and no TF32 in cuDNN's convolutions
+    (PyTorch allows it there by default), so that codes and values do not depend on the GPU or the caller's
+    precision."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
 class Phi(nn.Conv2d):
-    """VAR's phi (models/quant.py Phi): h -> (1 - PHI_RATIO) h + PHI_RATIO conv3x3(h), starting as the identity."""
+    """VAR's phi (models/quant.py Phi): h -> (1 - PHI_RATIO) h + PHI_RATIO conv3x3(h), starting as the identity.
+    Its bias, VAR's, is a constant map added at every scale, so with phi a shared codebook's pinned code 0 adds
+    0.5 bias rather than nothing."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, kernel_size=3, padding=1)
@@ -76,7 +96,9 @@ class Phi(nn.Conv2d):
             self.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h * (1 - PHI_RATIO) + super().forward(h) * PHI_RATIO
+        with full_fp32(h.device):
+            h = h.float()
+            return h * (1 - PHI_RATIO) + super().forward(h) * PHI_RATIO
 
 
 def phi_of_scales(scales: int, convs: int) -> list[int]:
@@ -148,9 +170,9 @@ class MultiScaleQuantizer(nn.Module):
     def forward(self, z: torch.Tensor):
         """(B, S * S, C) tokens -> (z_q: the sum of the scales' upsampled codes, straight-through; losses; (B, L))."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            rest = self._maps(z.detach())
+            features = rest = self._maps(z.detach())
             total = torch.zeros_like(rest)
-            level_losses, indices, residuals = [], [], []
+            level_losses, indices, residuals, prefix_errors = [], [], [], []
             for k, side in enumerate(self.scales):
                 r = to_tokens(area(rest, side))
                 level = self.codebook(k)
@@ -165,15 +187,21 @@ class MultiScaleQuantizer(nn.Module):
                 h = self.upsample(k, to_maps(q.detach().float(), side))  # phi's gradient flows from here
                 total, rest = total + h, rest - h.detach()
                 indices.append(idx)
+                if self.phi is not None:
+                    prefix_errors.append(F.mse_loss(total, features))
             if self.shared:
                 started = bool(self.levels[0].initialized)
                 level_losses.append(self.levels[0](torch.cat(residuals, dim=1))[1])
                 if self.training:  # the codebook moved (a start on the first batches is a fit)
                     self._pin_zero(fitted=not started)
             total = to_tokens(total)
-            commitment = F.mse_loss(z.float(), total)
+            commitment = F.mse_loss(z.float(), total.detach())  # phi learns from phi_loss and the decoder (VAR's)
             z_q = total + (z.float() - z.float().detach())  # forward: exactly the sum; gradient: identity
-        return z_q.to(z.dtype), combine_losses(level_losses, commitment, self.commitment_cost), torch.cat(indices, 1)
+            losses = combine_losses(level_losses, commitment, self.commitment_cost)
+            if self.phi is not None:  # VAR's term for phi: every prefix's f_hat near the features
+                losses["phi_loss"] = torch.stack(prefix_errors).mean()
+                losses["vq_loss"] = losses["vq_loss"] + losses["phi_loss"]
+        return z_q.to(z.dtype), losses, torch.cat(indices, 1)
 
     @torch.no_grad()
     def _pin_zero(self, fitted: bool = False) -> None:

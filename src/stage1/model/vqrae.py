@@ -435,29 +435,25 @@ class VQRAE(nn.Module):
                              f"{not_finite[:5]}")
         self.load_state_dict(state, strict=False)
 
-    def trained_parts(self) -> nn.ModuleDict:
-        """What training moves by gradient, as one module (the optimizer, clipping and the EMA copy take it whole):
-        the decoder, and a multi-scale quantizer's phi convolutions where it has them."""
-        parts = nn.ModuleDict({"decoder": self.decoder})
-        if getattr(self.quantizer, "phi", None) is not None:
-            parts["phi"] = self.quantizer.phi
-        return parts
+    def trained_parameter_groups(self) -> list[dict]:
+        """What training moves by gradient, as optimizer groups: the decoder's weights, and a multi-scale quantizer's
+        phi convolutions where it has them, without weight decay (it would pull phi from the identity towards 0.5 h).
+        Phi is codes-side state like the codebooks: never averaged into the decoder's EMA copy, whose codes come from
+        the live codebooks and phi."""
+        groups = [{"params": list(self.decoder.parameters())}]
+        phi = getattr(self.quantizer, "phi", None)
+        if phi is not None:
+            groups.append({"params": list(phi.parameters()), "weight_decay": 0.0})
+        return groups
 
     @contextmanager
-    def trained_swapped(self, parts: nn.ModuleDict):
-        """The model with other trained parts (as trained_parts() gives them: training's EMA copy) for a while:
-        samples, checkpoints, the export."""
-        original = self.trained_parts()
-        self._set_trained_parts(parts)
+    def decoder_swapped(self, decoder: nn.Module):
+        """The model with another decoder for a while (training's EMA copy: samples, checkpoints, the export)."""
+        original, self.decoder = self.decoder, decoder
         try:
             yield self
         finally:
-            self._set_trained_parts(original)
-
-    def _set_trained_parts(self, parts: nn.ModuleDict) -> None:
-        self.decoder = parts["decoder"]
-        if "phi" in parts:
-            self.quantizer.phi = parts["phi"]
+            self.decoder = original
 
     def compile_parts(self, **options) -> "VQRAE":
         """torch.compile the frozen encoder's and the decoder's forward, in place (nn.Module.compile: the state dict

@@ -2,7 +2,7 @@
 
     checkpoints/step-000500/
         config.json, model.safetensors    the VQRAE (raw decoder weights), written by VQRAE.save_pretrained
-        ema.safetensors                   the same keys with the EMA decoder (and phi) weights
+        ema.safetensors                   the same keys with the EMA decoder weights (same writer)
         discriminator.safetensors
         train_config.yaml                 the resolved training config
         trainer_state.pt                  optimizer / scheduler / scaler / RNG states, step; read back with
@@ -137,12 +137,11 @@ def checkpoint_files(ema: bool, discriminator: bool) -> list[str]:
 
 def save_training(directory: str, model, ema, discriminator, stateful: dict, state: dict, config_tree: dict) -> None:
     """Fill a checkpoint directory: the model as save_pretrained writes it (so it loads with from_pretrained), the
-    EMA copy of the trained parts (decoder, phi), the discriminator, the run's config, and `state` (counters, RNG)
-    with the state_dict() of
+    EMA decoder's copy, the discriminator, the run's config, and `state` (counters, RNG) with the state_dict() of
     each of `stateful` (optimizers, schedulers, scaler; None where the run has none)."""
     model.save_pretrained(directory)
     if ema is not None:
-        with model.trained_swapped(ema.module):
+        with model.decoder_swapped(ema.module):
             model.save_pretrained(directory, weights_name=EMA_WEIGHTS_NAME)
     if discriminator is not None:
         weights = {k: v.detach().contiguous().cpu() for k, v in discriminator.state_dict().items()}
@@ -168,7 +167,7 @@ def resume_training(directory: str, model, ema, discriminator, stateful: dict) -
         print(f"resume: the model's config differs from the checkpoint's in {', '.join(differ)}; going on with "
               f"this run's values")
     if ema is not None:
-        with model.trained_swapped(ema.module):
+        with model.decoder_swapped(ema.module):
             model.load_weights(os.path.join(directory, EMA_WEIGHTS_NAME))
     if discriminator is not None:
         discriminator.load_state_dict(read_tensor_file(os.path.join(directory, DISCRIMINATOR_NAME),

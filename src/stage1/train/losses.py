@@ -2,7 +2,7 @@
 
     generator      recon_weight * L1|L2(x_rec, x)                          from step 0
                  + lpips_weight * LPIPS(x_rec, x)                          from loss.lpips_start
-                 + vq_loss (the quantizer's commitment term)
+                 + vq_loss (the quantizer's commitment term; with phi, VAR's phi_loss)
                  + disc_weight * adaptive_weight * -D(x_rec)               from loss.disc_start
     discriminator  hinge(D(x), D(x_rec.detach()))                          from loss.disc_update_start (or
                                                                            disc_start)

@@ -28,30 +28,29 @@ def sample_images(dataset, count: int, image_size: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def reconstruct(model: VQRAE, parts: torch.nn.ModuleDict, images: torch.Tensor, precision: str) -> torch.Tensor:
-    """The model's reconstructions in eval mode with trained `parts` (VQRAE.trained_parts), the model left in the
-    mode it was in."""
+def reconstruct(model: VQRAE, decoder: torch.nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """The model's reconstructions in eval mode with `decoder`, the model left in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        with model.trained_swapped(parts), autocast(images.device, precision):
+        with model.decoder_swapped(decoder), autocast(images.device, precision):
             return model(images).float()
     finally:
         model.train(was_training)
 
 
-def save_samples(model: VQRAE, parts: torch.nn.ModuleDict, images: torch.Tensor, precision: str, results_dir: str,
+def save_samples(model: VQRAE, decoder: torch.nn.Module, images: torch.Tensor, precision: str, results_dir: str,
                  step: int) -> torch.Tensor:
     """samples/step-N.png: the images above their reconstructions; returns the grid (for the logger)."""
-    grid = make_grid(torch.cat([images, reconstruct(model, parts, images, precision)]).cpu(), nrow=len(images),
+    grid = make_grid(torch.cat([images, reconstruct(model, decoder, images, precision)]).cpu(), nrow=len(images),
                      padding=2)
     save_png(grid, os.path.join(results_dir, "samples", f"step-{step:07d}.png"))
     return grid
 
 
-def export_final(model: VQRAE, parts: torch.nn.ModuleDict, final: str) -> None:
-    """results_dir/final: the model to use (the given trained parts' weights), loadable with VQRAE.from_pretrained."""
-    with model.trained_swapped(parts):
+def export_final(model: VQRAE, decoder: torch.nn.Module, final: str) -> None:
+    """results_dir/final: the model to use (the given decoder's weights), loadable with VQRAE.from_pretrained."""
+    with model.decoder_swapped(decoder):
         model.save_pretrained(final)
 
 

@@ -6,8 +6,8 @@ One optimizer step (Trainer._train_step):
         x_rec, quantizer_losses = model(x)            frozen encoder -> EMA quantizer -> decoder
         total = VQRAELoss.generator_loss(...)         recon + LPIPS + vq + adaptive-weighted GAN term
         backward(total / grad_accum)                  DDP syncs gradients on the last micro-batch only
-    clip, step the optimizer of the trained parts, the decoder and a multi-scale quantizer's phi (skipped on every
-    rank if any rank saw NaN/Inf), update their EMA copy
+    clip, step the optimizer of the decoder (and a multi-scale quantizer's phi; skipped on every rank if any rank
+    saw NaN/Inf), update the EMA decoder
     from loss.disc_update_start (default loss.disc_start): the same for the discriminator on (x, x_rec.detach())
 
 Preemption: SIGTERM or SIGUSR1 during the loop finishes the step in progress, checkpoints it and returns with
@@ -125,9 +125,10 @@ class Trainer:
         self.model_ddp = distributed.wrap_ddp(self.model, self.device)
         self.disc_ddp = distributed.wrap_ddp(disc, self.device) if disc is not None else None
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for the whole update
-        self.trained = self.model.trained_parts()  # the decoder (and phi): what the gradient moves
+        groups = self.model.trained_parameter_groups()  # the decoder (and phi)
+        self.trained = [p for group in groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(
-            self.trained.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
+            groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused
         )
         schedule = warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -141,7 +142,7 @@ class Trainer:
                 self.disc_optimizer, schedule if c.disc_schedule == "cosine" else lambda step: 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = (
-            AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
+            AveragedModel(self.model.decoder, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
             if t.ema_decay is not None
             else None
         )
@@ -180,9 +181,9 @@ class Trainer:
         return logs, pairs
 
     def _generator_update(self, logs: dict) -> bool:
-        """Clip and step the trained parts' optimizer unless the loss or gradient is not finite on some rank."""
+        """Clip and step the decoder's (and phi's) optimizer unless the loss or gradient is not finite on some rank."""
         self.scaler.unscale_(self.optimizer)
-        logs["grad_norm"] = clip_grad_norm_(self.trained.parameters(), self.cfg.train.grad_clip or math.inf)
+        logs["grad_norm"] = clip_grad_norm_(self.trained, self.cfg.train.grad_clip or math.inf)
         finite = distributed.all_ranks_true(torch.isfinite(logs["loss"]) & torch.isfinite(logs["grad_norm"]))
         logs["nonfinite"] = torch.tensor(float(not finite))
         if finite:
@@ -192,7 +193,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the schedule follows steps taken, skipped or not
         if finite and self.ema is not None:
-            self.ema.update_parameters(self.trained)
+            self.ema.update_parameters(self.model.decoder)
         return finite
 
     def _discriminator_update(self, pairs: list, logs: dict) -> None:
@@ -242,7 +243,7 @@ class Trainer:
                                     refresh=False)
                     window_start, window_images = time.time(), 0
                 if self.info.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == stop):
-                    grid = outputs.save_samples(self.model, self._eval_parts, fixed, self.precision,
+                    grid = outputs.save_samples(self.model, self._eval_decoder, fixed, self.precision,
                                                 self.results_dir, self.step)
                     self.log.image("samples", grid, self.step)
                 # A signal may reach some ranks only, or reach them in different steps: all ranks stop after the
@@ -262,7 +263,7 @@ class Trainer:
         elif self.step == t.steps:
             summary["final"] = os.path.join(self.results_dir, "final")
             if self.info.is_main:
-                outputs.export_final(self.model, self._eval_parts, summary["final"])
+                outputs.export_final(self.model, self._eval_decoder, summary["final"])
                 if t.report_reconstructions:
                     outputs.report_reconstructions(summary["final"], names, fixed, self.results_dir)
         distributed.barrier()
@@ -375,6 +376,6 @@ class Trainer:
             torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
 
     @property
-    def _eval_parts(self) -> torch.nn.ModuleDict:
-        """The trained parts that samples and the final model use: the EMA copy when there is one."""
-        return self.ema.module if self.ema is not None else self.trained
+    def _eval_decoder(self) -> torch.nn.Module:
+        """The decoder that samples and the final model use: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.model.decoder
