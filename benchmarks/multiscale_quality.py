@@ -8,10 +8,17 @@ so the per-scale codebooks have grids enough to fit their 1 x 1 scale. Every met
     residual d    greedy residual k-means, d levels (256 d codes)
     ms shared     quantizer.kind=multiscale, VAR's scales, one codebook for every scale (its offline fit)
     ms per-scale  the same with a codebook per scale
+    ms ... + phi  the same with VAR's phi (4 convolutions, from the identity): --phi-rounds rounds of --phi-steps Adam
+                  steps on training's vq_loss (commitment + VAR's phi_loss) of the training grids (codes found under
+                  the current phi, codebooks fixed), each followed by a refit of the codebooks under the trained phi.
+                  In training, phi learns from the decoder's loss as well; this measures what it can do for the
+                  features alone (benchmarks/phi_training.py: with the decoder).
 Reported: relative distortion mean ||z - q(z)||^2 / mean ||z - mean z||^2 on the held-out grids, codes and bits per
-grid, codes used; the coarse-to-fine curve of the multi-scale quantizers (distortion after each scale); and the
-issue's targets with whether they hold (multi-scale at 680 codes below single at 256 and residual 2 at 512; where it
-stands against residual 3 at 768).
+grid, codes used; the coarse-to-fine curve of the multi-scale quantizers (distortion after each scale), beside the
+same scheme without quantization ("exact": each scale's area-downsampled residual kept as it is), the floor no
+codebook of the coarse scales can beat: how much of the features' variance the coarse scales can carry at all; and
+the issue's targets with whether they hold (multi-scale at 680 codes below single at 256 and residual 2 at 512;
+where it stands against residual 3 at 768).
 
     python benchmarks/multiscale_quality.py                 # K = 256 and 1024, p = 4
     python benchmarks/multiscale_quality.py --quick         # smoke run
@@ -37,6 +44,7 @@ from common import machine, print_table
 
 from stage1.data.images import load_image
 from stage1.model.config import QuantizerConfig
+from stage1.model.multiscale import area, bicubic, to_maps, to_tokens
 from stage1.model.quantizer_kinds import build_quantizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,17 +90,46 @@ def encoder_grids(encoder_path: str, data: str, images: int, device: str) -> tup
     return grids[~held], grids[held]
 
 
+def exact_curve(grids: torch.Tensor, scales: tuple[int, ...]) -> list[float]:
+    """VAR's scheme with every scale's residual kept exactly (no codes): the distortion after each scale."""
+    side = scales[-1]
+    maps = to_maps(grids.float(), side)
+    rest, curve = maps, []
+    for s in scales:
+        rest = rest - bicubic(area(rest, s), side)
+        curve.append(relative(grids, to_tokens(maps - rest)))
+    return curve
+
+
 def relative(z: torch.Tensor, q: torch.Tensor) -> float:
     z, q = z.reshape(-1, z.shape[-1]).double(), q.reshape(-1, q.shape[-1]).double()
     return ((z - q).pow(2).sum(1).mean() / (z - z.mean(0)).pow(2).sum(1).mean()).item()
 
 
+def train_phi(q, train: torch.Tensor, args) -> None:
+    """Phi by gradient on the quantizer's vq_loss (commitment and phi_loss) of random batches of training grids, the
+    codebooks fixed (eval mode: no EMA update)."""
+    optimizer = torch.optim.Adam(q.phi.parameters(), lr=args.phi_lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.phi_steps):
+        batch = train[torch.randint(len(train), (64,), generator=generator).to(train.device)]
+        loss = q(batch)[1]["vq_loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
 def run(kind: dict, k: int, train: torch.Tensor, held: torch.Tensor, args) -> tuple[dict, list[float]]:
-    """Fit offline, score on the held-out grids; the curve after each scale for the multi-scale kinds."""
+    """Fit offline (and train phi, refitting after each round), score on the held-out grids; the curve after each
+    scale for the multi-scale kinds."""
     torch.manual_seed(args.seed)
-    q = build_quantizer(QuantizerConfig(num_embeddings=k, **kind), train.shape[-1]).eval()
+    q = build_quantizer(QuantizerConfig(num_embeddings=k, **kind), train.shape[-1]).to(train.device).eval()
     start = time.perf_counter()
-    q.fit(train.reshape(-1, train.shape[-1]), args.iters, tokens_per_update=float(train.shape[1]), seed=args.seed)
+    samples = train.reshape(-1, train.shape[-1])
+    q.fit(samples, args.iters, tokens_per_update=float(train.shape[1]), seed=args.seed)
+    for round_ in range(args.phi_rounds if kind.get("phi") else 0):
+        train_phi(q, train, args)
+        q.fit(samples, args.iters, tokens_per_update=float(train.shape[1]), seed=args.seed + 1 + round_)
     seconds = time.perf_counter() - start
     multiscale = kind.get("kind") == "multiscale"
     with torch.no_grad():
@@ -119,10 +156,13 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="a DINOv2 checkpoint (Hub id or folder): its features")
     parser.add_argument("--data", default=None, help="with --encoder: an image folder")
     parser.add_argument("--images", type=int, default=4000, help="with --encoder: images of --data used")
+    parser.add_argument("--phi-rounds", type=int, default=2, help="+ phi: rounds of phi training and refit")
+    parser.add_argument("--phi-steps", type=int, default=200, help="+ phi: Adam steps per round")
+    parser.add_argument("--phi-lr", type=float, default=1e-3, help="+ phi: Adam's learning rate")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.quick:
-        args.k, args.iters = "64", 5
+        args.k, args.iters, args.phi_steps, args.phi_rounds = "64", 5, 5, 1
     if args.encoder:
         if not args.data:
             raise SystemExit("--encoder needs --data, a folder of images")
@@ -133,6 +173,7 @@ def main() -> None:
         source = f"photo patches (8 flips / rotations of {train.shape[0] // 8} training tiles)"
     if args.quick:
         train, held = train[:128], held[:16]
+    train, held = train.to(args.device), held.to(args.device)
     side = int(round(train.shape[1] ** 0.5))
     print(f"{machine()}\n{source}: {train.shape[0]} training and {held.shape[0]} held-out grids of {side} x {side} "
           f"tokens, D = {train.shape[-1]}, {args.iters} Lloyd iterations")
@@ -144,6 +185,8 @@ def main() -> None:
         "residual 4": dict(kind="residual", depth=4),
         "ms shared": dict(kind="multiscale", scales=scales, shared_codebook=True),
         "ms per-scale": dict(kind="multiscale", scales=scales, shared_codebook=False),
+        "ms shared + phi": dict(kind="multiscale", scales=scales, shared_codebook=True, phi=min(4, len(scales))),
+        "ms per-scale + phi": dict(kind="multiscale", scales=scales, shared_codebook=False, phi=min(4, len(scales))),
     }
     for k in (int(v) for v in args.k.split(",")):
         rows, curves, results = [], {}, {}
@@ -160,10 +203,11 @@ def main() -> None:
         print_table(f"K = {k}: held-out relative distortion", ["method", "distortion", "codes / grid",
                                                                 "bits / grid", "codes used", "fit s"], rows)
         if curves:
+            curves["exact (no codes)"] = exact_curve(held, scales)
             print_table(f"K = {k}: coarse to fine, distortion after each scale",
                         ["scale", *curves], [[f"{s}x{s}", *(f"{curves[n][i]:.4f}" for n in curves)]
                                              for i, s in enumerate(scales)])
-        best = min((results[n]["distortion"], n) for n in ("ms shared", "ms per-scale") if n in results)
+        best = min((results[n]["distortion"], n) for n in results if n.startswith("ms "))
         ms, label = best[0], f"{best[1]} ({results[best[1]]['codes']} codes)"
         versus = {name: f"{label} < {name} ({results[name]['codes']})"
                   for name in ("single", "residual 2", "residual 3")}

@@ -381,12 +381,13 @@ def test_phi_trains_with_the_decoder_and_a_run_resumes_exactly(train_images, tmp
 
 def test_the_multiscale_experiment_composes():
     """experiment=vqrae_ms_dinov2_b_decxl: RAE's recipe with VAR's scales, a codebook per scale of VAR's 4096 codes,
-    and a fit whose whole grids (images x tokens_per_image / 256 of them) can fit the 1 x 1 scale."""
+    VAR's 4 phi convolutions, and a fit whose whole grids (images x tokens_per_image / 256 of them) can fit the 1 x 1
+    scale."""
     from stage1.train.config import load_run_config
 
     cfg = load_run_config(["experiment=vqrae_ms_dinov2_b_decxl", "data.path=x"])
     q = cfg.model.quantizer
-    assert (q.kind, q.scales, q.shared_codebook, q.num_embeddings) == ("multiscale", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-                                                                       False, 4096)
+    assert (q.kind, q.scales, q.shared_codebook, q.num_embeddings, q.phi) == (
+        "multiscale", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), False, 4096, 4)
     assert cfg.model.encoder.input_size // 14 == q.scales[-1] and cfg.model.pretrained_decoder_path is not None
     assert cfg.codebook_fit.images * cfg.codebook_fit.tokens_per_image / 256 >= q.num_embeddings

@@ -13,7 +13,8 @@ with a 3x3 convolution, trained by gradient with the decoder: the decoder's loss
 the mean over scales k of ||f_hat after scale k - f||^2, which keeps every prefix near the features; with 4
 convolutions (VAR's) each serves the scales nearest its place in the schedule. Phi is codes-side state, like the
 codebooks: the decoder's EMA copy never averages it. Ours start as the identity, so a fresh phi changes no code and
-no value and the offline fits hold; VAR's start random, as its whole tokenizer is trained from scratch.
+no value (in fp32; on CUDA up to cuDNN's TF32 rounding, see Phi) and the offline fits hold; VAR's start random,
+as its whole tokenizer is trained from scratch.
 
 Codebooks: one per scale, or one shared by every scale (quantizer.shared_codebook, VAR's). Each is an EMA
 VectorQuantizer, so exact fp32 search, fp32 statistics, restarts and identical codebooks on every rank hold as for
@@ -32,7 +33,6 @@ whole scales decodes (a coarse-to-fine preview).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -67,22 +67,6 @@ def to_tokens(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)
 
 
-@contextmanager
-def full_fp32(device: torch.device):
-    """fp32 arithmetic for phi as for the rest of the quantizer: no autocast, and no TF32 in cuDNN's convolutions
-    (PyTorch allows it there by default), so that codes and values do not depend on the GPU or the caller's
-    precision."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        if device.type != "cuda":
-            yield
-            return
-        saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = saved
-
-
 class Phi(nn.Conv2d):
     """VAR's phi (models/quant.py Phi): h -> (1 - PHI_RATIO) h + PHI_RATIO conv3x3(h), starting as the identity.
     Its bias, VAR's, is a constant map added at every scale, so with phi a shared codebook's pinned code 0 adds
@@ -96,7 +80,10 @@ class Phi(nn.Conv2d):
             self.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        with full_fp32(h.device):
+        # fp32 as the rest of the quantizer, whatever the caller's autocast (decoding runs under bf16). On CUDA,
+        # cuDNN may use TF32 here, PyTorch's default and VAR's: torch.backends.cudnn.allow_tf32 = False for full
+        # fp32, without tensor cores (a C x C x 3 x 3 convolution on the whole grid per scale and image).
+        with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
             return h * (1 - PHI_RATIO) + super().forward(h) * PHI_RATIO
 
