@@ -269,28 +269,39 @@ def test_model_codes_round_trip_and_decode_from_any_prefix(dinov2_dir):
         tiny_vqrae(dinov2_dir, quantizer_kind="multiscale", num_embeddings=16)  # VAR's 16 on a 4 x 4 grid
 
 
-def _train_rank(rank, world, init_file, out_dir, shared, data):
+def _train_rank(rank, world, init_file, out_dir, shared, phi, data):
+    from stage1.base.distributed import wrap_ddp
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # different draws per rank: gathered pools must make them agree
     q = build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=8, scales=SCALES, shared_codebook=shared,
-                                        restart_window=1.0), D).train()
+                                        restart_window=1.0, phi=phi), D).train()
+    model = wrap_ddp(q, torch.device("cpu")) if phi else q  # phi learns as in training: DDP averages its gradients
+    optimizer = torch.optim.SGD(q.parameters(), lr=0.05) if phi else None
     for step_data in data:
-        q(step_data.chunk(world)[rank])
+        losses = model(step_data.chunk(world)[rank])[1]
+        if optimizer is not None:
+            optimizer.zero_grad()
+            losses["vq_loss"].backward()
+            optimizer.step()
     torch.save(q.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("shared", [True, False])
-def test_two_ranks_keep_every_codebook_identical(tmp_path, shared):
+@pytest.mark.parametrize("shared, phi", [(True, 0), (False, 0), (False, 2)])
+def test_two_ranks_keep_every_codebook_identical(tmp_path, shared, phi):
     torch.manual_seed(0)
     data = [torch.randn(32, 25, D) + 2 * i for i in range(6)]  # drifting data: restarts fire
-    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), shared, data), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), shared, phi, data), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(bool(v) for k, v in rank0.items() if k.endswith("initialized"))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+    if phi:  # it learned (from the identity), the same on both ranks
+        identity = build_quantizer(QuantizerConfig(kind="multiscale", scales=SCALES, phi=1), D).phi[0].weight
+        assert not torch.allclose(rank0["phi.1.weight"], identity, atol=1e-4)
 
 
 @pytest.mark.parametrize("shared, codes", [("true", 64), ("false", 8)])  # per scale: 8 images give 8 tokens at 1x1
