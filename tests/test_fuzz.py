@@ -362,8 +362,7 @@ def test_tar_shards_read_hostile_tars_into_samples_or_listed_problems(recipe):
                 except UnreadableImageError as err:
                     assert str(err) and path in str(err)
         finally:
-            for descriptor in index._files.values():  # TarIndex keeps one open per shard, for its readers
-                os.close(descriptor)
+            index.close()
         with pytest.raises(ValueError, match="compressed"):
             tar_shards.index_shard(path + ".gz")
 

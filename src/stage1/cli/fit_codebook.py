@@ -66,6 +66,8 @@ def run(args) -> int:
                   f"latent tokens of {len(order)} images: squared error per token {result.distortion:.4f}, "
                   f"{result.codes_used} codes used; wrote {args.out}")
     finally:
+        if contents is not None:
+            contents.close()
         distributed.teardown()
     return 0
 

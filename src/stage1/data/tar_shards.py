@@ -26,6 +26,7 @@ import shutil
 import tarfile
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ FIELD_OF_EXTENSION = {"jpeg": "jpg", "jpe": "jpg", "tiff": "tif"}
 TEXT_FIELDS = ("path.txt", "cls")
 MAX_IMAGE_BYTES = 1 << 28  # 256 MiB: an encoded image is read whole; the largest photos are a few tens of MB
 MAX_TEXT_BYTES = 1 << 12  # path.txt and cls: a path, a number
+MAX_OPEN_SHARDS = 64  # descriptors a TarIndex keeps open (per process: each DataLoader worker has its own)
 # What a broken tar raises on the way: tarfile's own errors, a short read, a bad gzip / bz2 / xz stream, a bad header.
 DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
@@ -319,7 +321,9 @@ def index_shard(url: str, names: set | None = None) -> list[tuple[str, int, int,
 class TarIndex(Mapping):
     """The images of local tar shards by name: name -> encoded bytes, read by position (pread: no shared file
     position, so forked DataLoader workers may read one descriptor at once), or UnreadableImageError for a sample
-    with a problem. Built from the tar headers."""
+    with a problem. Built from the tar headers. At most MAX_OPEN_SHARDS descriptors stay open, the least recently
+    read closed first: a shuffled epoch over ImageNet's ~1300 shards would otherwise pass the usual limit of 1024
+    open files in every DataLoader worker."""
 
     def __init__(self, urls: list[str]):
         remote = [url for url in urls if url.startswith(REMOTE)]
@@ -331,15 +335,24 @@ class TarIndex(Mapping):
             for name, offset, size, problem in index_shard(url, names):
                 self.where[name] = (url, offset, size, problem)
         self.names = list(self.where)
-        self._files: dict[str, int] = {}
+        self._files: OrderedDict[str, int] = OrderedDict()  # url -> descriptor, the most recently read last
 
     def __getitem__(self, name: str) -> bytes:
         url, offset, size, problem = self.where[name]
         if problem is not None:
             raise UnreadableImageError(problem)
-        if url not in self._files:
+        if url in self._files:
+            self._files.move_to_end(url)
+        else:
+            while len(self._files) >= MAX_OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
             self._files[url] = os.open(url, os.O_RDONLY)
         return os.pread(self._files[url], size, offset)
+
+    def close(self) -> None:
+        """Close the open shards (reading again reopens them)."""
+        while self._files:
+            os.close(self._files.popitem()[1])
 
     def __iter__(self):
         return iter(self.names)
