@@ -46,3 +46,12 @@ def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypat
     assert os.path.isfile("rec.png") and os.path.isfile("tokens/manifest.json") and len(os.listdir("decoded")) == 6
     assert os.path.isfile("eval/results.json") and os.path.isfile("fitted/model.safetensors")
     assert os.path.isfile("stats.safetensors")
+
+
+def test_the_keyword_table_lists_every_keyword_vqrae_takes():
+    """VQRAE(**keywords)'s documented API: each flat name of stage1.model.config.KEYWORDS is in the README's table."""
+    from stage1.model.config import KEYWORDS
+
+    text = readme()
+    table = text[text.index("| keyword | config field |"):].split("\n\n", 1)[0]
+    assert not [name for name in (*KEYWORDS, "decoder_config_path") if f"`{name}`" not in table]
