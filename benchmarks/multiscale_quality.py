@@ -137,8 +137,7 @@ def run(kind: dict, k: int, train: torch.Tensor, held: torch.Tensor, args) -> tu
         recon = q.lookup(codes)
         curve = []
         if multiscale:
-            ends = [sum(s * s for s in q.scales[: i + 1]) for i in range(len(q.scales))]
-            curve = [relative(held, q.lookup(codes[:, :end])) for end in ends]
+            curve = [relative(held, q.lookup(codes[:, :end])) for end in q.ends]
     per_grid = codes[0].numel()
     used = len(torch.unique(codes)) if multiscale or kind.get("kind") != "residual" else \
         sum(len(torch.unique(codes[..., level])) for level in range(codes.shape[-1]))

@@ -17,6 +17,7 @@ from helpers import smooth_images, tiny_vqrae
 from stage1 import VQRAE, QuantizerConfig, build_quantizer
 from stage1.base.config_section import ConfigError
 from stage1.model.kmeans import fit_kmeans
+from stage1.model.multiscale import Phi
 
 pytestmark = pytest.mark.filterwarnings("ignore:VectorQuantizer. the codebook has not started")
 SCALES, D, K = (1, 2, 3, 5), 6, 16  # a 5 x 5 grid: 1 + 4 + 9 + 25 = 39 codes
@@ -152,8 +153,7 @@ def test_phi_learns_by_gradient_and_the_codes_follow_it():
         QuantizerConfig(kind="multiscale", phi=9)  # VAR's rule would leave one convolution idle: DDP stops on it
 
     for conv in q.phi:  # from the identity, as a run starts
-        conv.load_state_dict(build_quantizer(QuantizerConfig(kind="multiscale", num_embeddings=K, scales=SCALES,
-                                                             phi=1), D).phi[0].state_dict())
+        conv.load_state_dict(Phi(D).state_dict())
     optimizer = torch.optim.Adam(weights, lr=1e-2)
     first = None
     for _ in range(30):
@@ -300,7 +300,7 @@ def test_two_ranks_keep_every_codebook_identical(tmp_path, shared, phi):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     if phi:  # it learned (from the identity), the same on both ranks
-        identity = build_quantizer(QuantizerConfig(kind="multiscale", scales=SCALES, phi=1), D).phi[0].weight
+        identity = Phi(D).weight
         assert not torch.allclose(rank0["phi.1.weight"], identity, atol=1e-4)
 
 
@@ -380,7 +380,7 @@ def test_phi_trains_with_the_decoder_and_a_run_resumes_exactly(train_images, tmp
     groups = torch.load(last / "trainer_state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [len(g["params"]) for g in groups][1:] == [4] and groups[1]["weight_decay"] == 0.0  # phi: no decay
     channels = live["quantizer.phi.0.weight"].shape[0]
-    identity = build_quantizer(QuantizerConfig(kind="multiscale", scales=(1, 2, 4), phi=1), channels).phi[0].weight
+    identity = Phi(channels).weight
     for conv in ("quantizer.phi.0", "quantizer.phi.1"):
         weight = f"{conv}.weight"
         assert not torch.allclose(live[weight], identity, atol=1e-4)  # it learned

@@ -32,10 +32,9 @@ def check_model_fits(model, manifest: Manifest) -> None:
     if grid is not None and manifest.grid_shape != grid:
         raise CLIError(f"the shards hold {list(manifest.grid_shape)} code grids, the model makes {list(grid)}: "
                        f"decode with the model that made them ({manifest.model})")
-    scales = list(model.quantizer.scales) if model.multiscale else None
-    if manifest.scales != scales:
-        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {scales}: decode with "
-                       f"the model that made them ({manifest.model})")
+    if manifest.scales != model.code_scales:
+        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {model.code_scales}: "
+                       f"decode with the model that made them ({manifest.model})")
     codes = manifest.index_shape[2:]
     if codes != list(model.quantizer.index_suffix):
         raise CLIError(f"the shards hold {codes or [1]} code(s) per token, the model's quantizer makes "

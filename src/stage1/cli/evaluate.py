@@ -67,8 +67,6 @@ def usage_plot(counts: torch.Tensor, path: str, width: int = 800, height: int = 
         image.save(tmp, format="png")
 
 
-
-
 class NpzWriter:
     """Originals and reconstructions as uint8 (N, H, W, 3) arrays, appended to raw files on disk as they come (50k
     images need no 20 GB of memory, and no count in advance), packed at the end into OUT/originals.npz and

@@ -114,7 +114,7 @@ def run(args) -> int:
         if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
             grid = (model.grid_side(size),) * 2
             llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix),
-                               list(model.quantizer.scales) if model.multiscale else None)
+                               model.code_scales)
             if isinstance(source, FolderInput):
                 check_llamagen_labels(source.labels)
             elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers
@@ -154,7 +154,7 @@ def run(args) -> int:
             manifest = assemble_manifest(args.out, source.num_shards, dict(
                 model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
                 views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size,
-                scales=list(model.quantizer.scales) if model.multiscale else None))
+                scales=model.code_scales))
             exported = export_tokens(args.format, args.out, manifest)
             layout = (f"{manifest.index_shape[0]} multi-scale codes (scales {manifest.scales})" if manifest.scales
                       else f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes")

@@ -32,6 +32,7 @@ whole scales decodes (a coarse-to-fine preview).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -110,6 +111,7 @@ class MultiScaleQuantizer(nn.Module):
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
         self.lengths = [side * side for side in self.scales]  # codes per scale
+        self.ends = list(itertools.accumulate(self.lengths))  # flat codes after each scale: where a prefix may end
         self.side = self.scales[-1]
         self.phi = nn.ModuleList(Phi(embedding_dim) for _ in range(config.phi)) if config.phi else None
         self.phi_index = phi_of_scales(len(self.scales), config.phi) if config.phi else None
@@ -135,11 +137,10 @@ class MultiScaleQuantizer(nn.Module):
 
     def scales_in(self, length: int) -> int:
         """How many scales `length` flat codes hold: a prefix of whole scales, or ValueError."""
-        ends = [sum(self.lengths[: k + 1]) for k in range(len(self.scales))]
-        if length not in ends:
+        if length not in self.ends:
             raise ValueError(f"{length} codes are not whole scales of {list(self.scales)}: a prefix has "
-                             f"{', '.join(map(str, ends))} codes")
-        return ends.index(length) + 1
+                             f"{', '.join(map(str, self.ends))} codes")
+        return self.ends.index(length) + 1
 
     def upsample(self, k: int, maps: torch.Tensor) -> torch.Tensor:
         """Scale k's code vectors (B, C, s, s) as they add into f_hat (B, C, S, S): bicubic to the grid, then phi."""

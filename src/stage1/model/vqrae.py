@@ -126,6 +126,11 @@ class VQRAE(nn.Module):
         return self.config.quantizer.kind == "multiscale"
 
     @property
+    def code_scales(self) -> list[int] | None:
+        """The scales' sides of multi-scale codes (what manifests and exports record), None for codes on a grid."""
+        return list(self.quantizer.scales) if self.multiscale else None
+
+    @property
     def grid_size(self) -> int | None:
         """Codes per side for the encoder's input size (None when encoder.input_size is None)."""
         size = self.config.encoder.input_size
