@@ -44,7 +44,7 @@ from common import machine, print_table
 from stage1.data.images import load_image
 from stage1.model.config import QuantizerConfig
 from stage1.model.kmeans import assign, fit_kmeans
-from stage1.model.quantizer_kinds import build_quantizer
+from stage1.model.quantizers import build_quantizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"": dict(), " r2": dict(kind="residual", depth=2), " r4": dict(kind="residual", depth=4),
@@ -138,7 +138,7 @@ def run_ours(kind: dict, k: int, stream, fit_tokens, held_out, args, fit: bool =
     q.train()
     restarts = 0
     for batch in stream:
-        restarts += int(q(batch.to(held_out.device).unsqueeze(0))[1]["restarted_codes"])
+        restarts += int(q(batch.to(held_out.device).unsqueeze(0)).restarted)
     q.eval()
     codes = q.encode(held_out)
     return {**scores(held_out, codes, q.lookup(codes).float(), k), "restarts": restarts}
@@ -156,8 +156,8 @@ def run_peer(kind: dict, k: int, stream, held_out, args) -> dict:
         q(batch.to(held_out.device).unsqueeze(0))
     q.eval()
     with torch.no_grad():
-        recon, codes, _ = q(held_out.unsqueeze(0))
-    return scores(held_out, codes[0], recon[0].float(), k)
+        out = q(held_out.unsqueeze(0))
+    return scores(held_out, out.indices[0], out.z_q[0].float(), k)
 
 
 def targets(k: int, held_per_code: float, r: dict) -> list[list]:

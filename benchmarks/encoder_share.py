@@ -17,8 +17,9 @@ import tempfile
 import torch
 from common import machine, print_table, time_interleaved
 
+from stage1.model.config import QuantizerConfig
 from stage1.model.encoders import build_encoder
-from stage1.model.quantizer import VectorQuantizer
+from stage1.model.quantizers import VectorQuantizer
 
 ENCODER_MACS_PER_TOKEN = 86e6
 
@@ -45,7 +46,8 @@ def main() -> None:
         tokens = encoder(images)
     rows = []
     for k in (int(v) for v in args.codebooks.split(",")):
-        vq = VectorQuantizer(k, tokens.shape[-1], decay=0.99, restart_window=0).to(device).train()
+        config = QuantizerConfig(num_embeddings=k, decay=0.99, restart_window=0)
+        vq = VectorQuantizer(config, tokens.shape[-1]).to(device).train()
         vq.initialized.fill_(True)  # a started codebook: the update itself is timed
 
         def run_encoder():

@@ -44,8 +44,8 @@ from common import machine, print_table
 
 from stage1.data.images import load_image
 from stage1.model.config import QuantizerConfig
-from stage1.model.multiscale import area, bicubic, to_maps, to_tokens
-from stage1.model.quantizer_kinds import build_quantizer
+from stage1.model.quantizers import build_quantizer
+from stage1.model.quantizers.scales import area, bicubic, to_maps, to_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -113,7 +113,7 @@ def train_phi(q, train: torch.Tensor, args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     for _ in range(args.phi_steps):
         batch = train[torch.randint(len(train), (64,), generator=generator).to(train.device)]
-        loss = q(batch)[1]["vq_loss"]
+        loss = q(batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,7 +137,7 @@ def run(kind: dict, k: int, train: torch.Tensor, held: torch.Tensor, args) -> tu
         recon = q.lookup(codes)
         curve = []
         if multiscale:
-            curve = [relative(held, q.lookup(codes[:, :end])) for end in q.ends]
+            curve = [relative(held, q.lookup(codes[:, :end])) for end in q.layout.prefix_ends]
     per_grid = codes[0].numel()
     used = len(torch.unique(codes)) if multiscale or kind.get("kind") != "residual" else \
         sum(len(torch.unique(codes[..., level])) for level in range(codes.shape[-1]))

@@ -23,7 +23,8 @@ import argparse
 import torch
 from common import machine, print_table, time_interleaved
 
-from stage1.model.quantizer import VectorQuantizer
+from stage1.model.config import QuantizerConfig
+from stage1.model.quantizers import VectorQuantizer
 from stage1.model.search import certified_nearest_code, fp32_nearest_code, nearest_code
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -68,7 +69,8 @@ def main() -> None:
     print(f"machine: {machine()}; device {device}, inputs {args.dtype}")
 
     # A started codebook (its random placeholders, marked started) and no restarts: the update itself is timed.
-    ours = VectorQuantizer(k, d, commitment_cost=0.25, decay=0.99, restart_window=0).to(device).train()
+    config = QuantizerConfig(num_embeddings=k, commitment_cost=0.25, decay=0.99, restart_window=0)
+    ours = VectorQuantizer(config, d).to(device).train()
     ours.initialized.fill_(True)
     from vector_quantize_pytorch import VectorQuantize
 

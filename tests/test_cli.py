@@ -325,7 +325,7 @@ def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(mode
                                               "rgb.jpg"])
     with torch.no_grad():
         tokens = original.encode_tokens(x)[0].flatten(0, 1)
-        error = {name: (m.quantizer(tokens.unsqueeze(0))[1]["commitment_loss"]).item()
+        error = {name: (m.quantizer(tokens.unsqueeze(0)).commitment).item()
                  for name, m in [("original", original), ("fitted", fitted)]}
     assert error["fitted"] < 0.5 * error["original"], error
     # Every token of the 4x4 grids went into the fit: its distortion (a squared norm per token) is the fitted

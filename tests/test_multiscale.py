@@ -17,7 +17,7 @@ from helpers import smooth_images, tiny_vqrae
 from stage1 import VQRAE, QuantizerConfig, build_quantizer
 from stage1.base.config_section import ConfigError
 from stage1.model.kmeans import fit_kmeans
-from stage1.model.multiscale import Phi
+from stage1.model.quantizers.multiscale import Phi
 
 pytestmark = pytest.mark.filterwarnings("ignore:VectorQuantizer. the codebook has not started")
 SCALES, D, K = (1, 2, 3, 5), 6, 16  # a 5 x 5 grid: 1 + 4 + 9 + 25 = 39 codes
@@ -83,25 +83,26 @@ def test_codes_and_values_are_vars(shared, phi):
     indices, partial = var_reference(maps, [q.codebook(k).embedding for k in range(len(SCALES))], SCALES, q.phi)
     codes = q.encode(z)
     assert codes.shape == (3, 39) and torch.equal(codes, torch.cat(indices, 1))
-    z_q, losses, forward_codes = q(z)
+    out = q(z)
+    z_q, forward_codes = out.z_q, out.indices
     assert torch.equal(forward_codes, codes)
     expected = partial[-1].flatten(2).transpose(1, 2)
     assert (z_q - expected).abs().max().item() <= 1e-5 and torch.equal(q.lookup(codes), z_q)
-    assert losses["commitment_loss"].item() == pytest.approx(F.mse_loss(z, expected).item(), rel=1e-5)
+    assert out.commitment.item() == pytest.approx(F.mse_loss(z, expected).item(), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # decode paths run under the caller's autocast: phi stays fp32
         assert torch.equal(q.lookup(codes), z_q)
     if phi:  # VAR's: the mean over scales of each prefix's f_hat against the features, in vq_loss
         phi_loss = torch.stack([F.mse_loss(f_hat, maps) for f_hat in partial]).mean()
-        assert losses["phi_loss"].item() == pytest.approx(phi_loss.item(), rel=1e-5)
-        assert losses["vq_loss"].item() == pytest.approx(0.25 * losses["commitment_loss"].item() + phi_loss.item(),
+        assert out.extra["phi_loss"].item() == pytest.approx(phi_loss.item(), rel=1e-5)
+        assert out.loss.item() == pytest.approx(0.25 * out.commitment.item() + phi_loss.item(),
                                                          rel=1e-5)
     else:
-        assert "phi_loss" not in losses
+        assert "phi_loss" not in out.extra
     # Any prefix of whole scales decodes to VAR's f_hat after those scales; the maps split and join back.
     for k in range(1, len(SCALES) + 1):
         prefix = codes[:, : sum(s * s for s in SCALES[:k])]
         assert (q.lookup(prefix) - partial[k - 1].flatten(2).transpose(1, 2)).abs().max().item() <= 1e-5
-    maps = q.split(codes)
+    maps = q.layout.split(codes)
     assert [tuple(m.shape) for m in maps] == [(3, s, s) for s in SCALES]
     assert torch.equal(torch.cat([m.flatten(1) for m in maps], 1), codes)
     with pytest.raises(ValueError, match="not whole scales"):
@@ -111,12 +112,12 @@ def test_codes_and_values_are_vars(shared, phi):
             q.fit(grids(b=4).reshape(-1, D), iters=2, tokens_per_update=1.0)
     # Straight through: the gradient reaches z as the identity.
     z.requires_grad_(True)
-    q(z)[0].sum().backward()
+    q(z).z_q.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))
 
 
 def test_phi_serves_the_scales_as_vars_and_starts_as_the_identity():
-    from stage1.model.multiscale import phi_of_scales
+    from stage1.model.quantizers.scales import phi_of_scales
 
     for n, count in ((10, 4), (4, 4), (13, 4), (10, 1), (10, 10), (7, 3)):
         assert phi_of_scales(n, count) == [var_phi_index(count, k, n) for k in range(n)], (n, count)
@@ -126,7 +127,7 @@ def test_phi_serves_the_scales_as_vars_and_starts_as_the_identity():
         QuantizerConfig(kind="multiscale", num_embeddings=K, scales=SCALES, shared_codebook=True, phi=2), D).eval()
     fresh.load_state_dict(plain.state_dict(), strict=False)
     z = grids(seed=5)
-    assert torch.equal(fresh.encode(z), plain.encode(z)) and torch.equal(fresh(z)[0], plain(z)[0])
+    assert torch.equal(fresh.encode(z), plain.encode(z)) and torch.equal(fresh(z).z_q, plain(z).z_q)
 
 
 def test_phi_learns_by_gradient_and_the_codes_follow_it():
@@ -138,17 +139,18 @@ def test_phi_learns_by_gradient_and_the_codes_follow_it():
     maps = z.transpose(1, 2).reshape(16, D, 5, 5)
     codebooks = [level.embedding for level in q.levels]
     weights = list(q.phi.parameters())
-    z_q, losses, _ = q(z)
+    out = q(z)
+    z_q = out.z_q
     _, partial = var_reference(maps, codebooks, SCALES, q.phi)
     probe = torch.randn(z_q.shape, generator=torch.Generator().manual_seed(8))  # a decoder's upstream gradient
     expected_phi_loss = torch.stack([F.mse_loss(f_hat, maps) for f_hat in partial]).mean()
     for ours, reference in (((z_q * probe).sum(), (partial[-1].flatten(2).transpose(1, 2) * probe).sum()),
-                            (losses["phi_loss"], expected_phi_loss)):
+                            (out.extra["phi_loss"], expected_phi_loss)):
         pairs = zip(torch.autograd.grad(ours, weights, retain_graph=True),
                     torch.autograd.grad(reference, weights, retain_graph=True), strict=True)
         for a, b in pairs:
             assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert not losses["commitment_loss"].requires_grad
+    assert not out.commitment.requires_grad
     with pytest.raises(ConfigError, match=r"for 10 scales: \[1, 2, 3, 4, 5, 6, 7, 8, 10\], got 9"):
         QuantizerConfig(kind="multiscale", phi=9)  # VAR's rule would leave one convolution idle: DDP stops on it
 
@@ -157,12 +159,12 @@ def test_phi_learns_by_gradient_and_the_codes_follow_it():
     optimizer = torch.optim.Adam(weights, lr=1e-2)
     first = None
     for _ in range(30):
-        losses = q(z)[1]
+        out = q(z)
         optimizer.zero_grad()
-        losses["vq_loss"].backward()
+        out.loss.backward()
         optimizer.step()
-        first = first if first is not None else losses["commitment_loss"].item()
-    assert q(z)[1]["commitment_loss"].item() < 0.9 * first
+        first = first if first is not None else out.commitment.item()
+    assert q(z).commitment.item() < 0.9 * first
     indices, _ = var_reference(maps, codebooks, SCALES, q.phi)
     assert torch.equal(q.encode(z), torch.cat(indices, 1))
 
@@ -279,10 +281,10 @@ def _train_rank(rank, world, init_file, out_dir, shared, phi, data):
     model = wrap_ddp(q, torch.device("cpu")) if phi else q  # phi learns as in training: DDP averages its gradients
     optimizer = torch.optim.SGD(q.parameters(), lr=0.05) if phi else None
     for step_data in data:
-        losses = model(step_data.chunk(world)[rank])[1]
+        out = model(step_data.chunk(world)[rank])
         if optimizer is not None:
             optimizer.zero_grad()
-            losses["vq_loss"].backward()
+            out.loss.backward()
             optimizer.step()
     torch.save(q.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -5,7 +5,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stage1 import VectorQuantizer, nearest_code
+from stage1 import QuantizerConfig, VectorQuantizer, nearest_code
+
+
+def single(k: int, d: int, **options) -> VectorQuantizer:
+    """The single codebook of K codes of width d, with the config's other fields as keywords."""
+    return VectorQuantizer(QuantizerConfig(num_embeddings=k, **options), d)
 
 
 def brute_force(z, codebook):
@@ -30,35 +35,39 @@ def test_indices_equal_brute_force_and_chunks_equal_dense():
 
 
 def test_forward_values_and_index_shapes():
-    vq = VectorQuantizer(32, 8).eval()
+    vq = single(32, 8).eval()
     z = torch.randn(2, 15, 8)  # (B, N, D) tokens
-    z_q, losses, idx = vq(z)
+    out = vq(z)
+    z_q, idx = out.z_q, out.indices
     assert idx.shape == (2, 15) and idx.dtype == torch.long
     flat = z.reshape(-1, 8)
     assert torch.equal(idx.flatten(), brute_force(flat, vq.codebook))
     # The forward value is exactly the code vector.
     assert torch.equal(z_q, vq.codebook[idx])
     # Any channels-last layout gives the same codes: (B, h, w, D) grids and flat (M, D) rows.
-    zg_q, _, idx_g = vq(z.reshape(2, 3, 5, 8))
+    out = vq(z.reshape(2, 3, 5, 8))
+    zg_q, idx_g = out.z_q, out.indices
     assert idx_g.shape == (2, 3, 5) and torch.equal(idx_g.flatten(1), idx)
     assert torch.equal(zg_q.reshape(2, 15, 8), z_q)
-    assert torch.equal(vq(flat)[2], idx.flatten())
-    assert losses["commitment_loss"].item() == pytest.approx(((flat - vq.codebook[idx.flatten()]) ** 2).mean().item())
-    assert losses["vq_loss"].item() == pytest.approx(0.25 * losses["commitment_loss"].item())
+    assert torch.equal(vq(flat).indices, idx.flatten())
+    assert out.commitment.item() == pytest.approx(((flat - vq.codebook[idx.flatten()]) ** 2).mean().item())
+    assert out.loss.item() == pytest.approx(0.25 * out.commitment.item())
 
 
 def test_straight_through_gradient_reaches_z_unchanged():
-    vq = VectorQuantizer(16, 4, commitment_cost=0.0).eval()
+    vq = single(16, 4, commitment_cost=0.0).eval()
     z = torch.randn(3, 4, 4, requires_grad=True)
-    z_q, _, _ = vq(z)
+    out = vq(z)
+    z_q = out.z_q
     upstream = torch.randn_like(z_q)
     (z_q * upstream).sum().backward()
     assert torch.equal(z.grad, upstream)
     # With a commitment cost the extra gradient is exactly beta * d/dz mean((z - e)^2).
     vq.commitment_cost = 0.5
     z.grad = None
-    z_q, losses, idx = vq(z)
-    ((z_q * upstream).sum() + losses["vq_loss"]).backward()
+    out = vq(z)
+    z_q, idx = out.z_q, out.indices
+    ((z_q * upstream).sum() + out.loss).backward()
     e = vq.codebook[idx]
     expected = upstream + 0.5 * 2 * (z.detach() - e) / z.numel()
     assert torch.allclose(z.grad, expected, atol=1e-6)
@@ -66,7 +75,7 @@ def test_straight_through_gradient_reaches_z_unchanged():
 
 def test_one_ema_step_matches_the_formula():
     k, d, decay, eps = 6, 3, 0.9, 1e-3
-    vq = VectorQuantizer(k, d, decay=decay, epsilon=eps).train()
+    vq = single(k, d, decay=decay, epsilon=eps).train()
     vq.initialized.fill_(True)  # the state below is the one to update
     g = torch.Generator().manual_seed(1)
     size0 = torch.rand(k, generator=g) + 0.5
@@ -76,7 +85,8 @@ def test_one_ema_step_matches_the_formula():
     vq.embedding.copy_(sum0 / size0.unsqueeze(1))
     codebook0 = vq.embedding.clone()
     z = torch.randn(20, d, generator=g)
-    _, _, idx = vq(z.unsqueeze(0))
+    out = vq(z.unsqueeze(0))
+    idx = out.indices
 
     assign = brute_force(z, codebook0)  # assignment uses the codebook from before the step
     assert torch.equal(idx.flatten(), assign)
@@ -92,7 +102,7 @@ def test_one_ema_step_matches_the_formula():
 
 
 def test_eval_and_encode_never_update_the_codebook():
-    vq = VectorQuantizer(8, 4)
+    vq = single(8, 4)
     before = {k: v.clone() for k, v in vq.state_dict().items()}
     z = torch.randn(2, 36, 4)  # 72 tokens: enough (8 a code) for a training forward to start the codebook
     vq.eval()(z)
@@ -115,7 +125,7 @@ def test_a_code_unused_for_its_window_of_tokens_restarts_on_a_far_token():
     drawn by squared distance to the tokens' codes, the one far-off token of the batch."""
     torch.manual_seed(0)
     codebook = torch.randn(8, 4)
-    vq = trained_on(VectorQuantizer(8, 4, restart_window=18.75, decay=0.9).train(), codebook)
+    vq = trained_on(single(8, 4, restart_window=18.75, decay=0.9).train(), codebook)
     vq.embedding[3] = 1000.0  # far from all data: no token ever picks code 3
     vq.ema_embed_sum[3] = 1000.0 * vq.ema_cluster_size[3]
 
@@ -124,12 +134,13 @@ def test_a_code_unused_for_its_window_of_tokens_restarts_on_a_far_token():
         return vq.embedding[live[torch.randint(7, (n,))]] + 0.01 * torch.randn(n, 4)
 
     for step in range(1, 3):
-        _, losses, _ = vq(near_codes(50).unsqueeze(0))
-        assert losses["restarted_codes"].item() == 0 and vq.tokens_since_hit[3] == 50 * step  # not before 150
+        out = vq(near_codes(50).unsqueeze(0))
+        assert out.restarted.item() == 0 and vq.tokens_since_hit[3] == 50 * step  # not before 150
     far = torch.tensor([[9.0, -9.0, 9.0, -9.0]])
     z = torch.cat([near_codes(49), far]).unsqueeze(0)
-    _, losses, idx = vq(z)
-    assert losses["restarted_codes"].item() == 1
+    out = vq(z)
+    idx = out.indices
+    assert out.restarted.item() == 1
     assert torch.equal(vq.embedding[3], far[0])  # the far token, not one of the 49 others
     # Its EMA state was reset to match, so the next update cannot drag it back to where it was.
     size = idx.numel() / 8
@@ -147,11 +158,11 @@ def test_restarts_leave_codes_that_are_merely_rare_alone():
     centers = torch.randn(16, 8) * 5
     share = torch.ones(16)
     share[:4] = 0.1  # four rare clusters
-    vq = trained_on(VectorQuantizer(16, 8, decay=0.99).train(), centers)
+    vq = trained_on(single(16, 8, decay=0.99).train(), centers)
     restarted = 0
     for _ in range(100):
         which = torch.multinomial(share, 256, replacement=True)
-        restarted += int(vq((centers[which] + 0.1 * torch.randn(256, 8)).unsqueeze(0))[1]["restarted_codes"])
+        restarted += int(vq((centers[which] + 0.1 * torch.randn(256, 8)).unsqueeze(0)).restarted)
     assert restarted == 0 and torch.cdist(centers, vq.codebook).min(dim=1).values.max() < 0.2
 
 
@@ -164,7 +175,7 @@ def test_codes_start_on_the_first_batch_so_none_is_left_behind():
         return clustered(8, centers, noise=0.3, seed=int(torch.randint(1000, (1,)))).unsqueeze(0)
     torch.manual_seed(0)
     # No restarts, which would revive the left-behind codes: the start alone is measured.
-    default, placeholder = (VectorQuantizer(64, 16, restart_window=0).train() for _ in range(2))
+    default, placeholder = (single(64, 16, restart_window=0).train() for _ in range(2))
     placeholder.initialized.fill_(True)  # keep the random placeholders, as an uninitialised codebook would
     for _ in range(20):
         default(batch())
@@ -181,66 +192,69 @@ def test_the_first_batch_start_finds_the_clusters_or_gathers_enough_tokens_first
     z = clustered(50, centers)
     # 200 tokens for 256 codes cannot start them (drawn codes would repeat): the first batches are gathered until
     # they hold 8 tokens per code, with a warning, and the codebook stays as it is until then.
-    gathering = VectorQuantizer(256, 3).train()
+    gathering = single(256, 3).train()
     placeholders = gathering.embedding.clone()
     with pytest.warns(UserWarning, match="the codebook has not started; gathering 2048 tokens"):
-        _, losses, _ = gathering(z.unsqueeze(0))
-    assert not bool(gathering.initialized) and losses["skipped_ema_update"].item() == 1.0
+        out = gathering(z.unsqueeze(0))
+    assert not bool(gathering.initialized) and out.skipped_update.item() == 1.0
     assert torch.equal(gathering.embedding, placeholders)
     for seed in range(1, 11):
         gathering(clustered(50, centers, seed=seed).unsqueeze(0))
     assert bool(gathering.initialized) and not torch.equal(gathering.embedding, placeholders)
-    vq = VectorQuantizer(4, 3).train()
+    vq = single(4, 3).train()
     assert not bool(vq.initialized)
-    _, losses, idx = vq(z.unsqueeze(0))
+    out = vq(z.unsqueeze(0))
     assert bool(vq.initialized)
     # One code per cluster, each at its cluster's mean (up to the EMA step after init).
     distance = torch.cdist(centers, vq.codebook).min(dim=1).values
     assert (distance < 0.1).all()
-    assert losses["codebook_usage"].item() == 1.0
-    assert losses["perplexity"].item() == pytest.approx(4.0, rel=1e-4)
+    assert out.usage.item() == 1.0
+    assert out.perplexity.item() == pytest.approx(4.0, rel=1e-4)
 
 
 def test_usage_metrics():
-    vq = VectorQuantizer(8, 2).eval()
-    _, losses, _ = vq(vq.codebook.clone().unsqueeze(0))  # every code used once
-    assert losses["perplexity"].item() == pytest.approx(8.0, rel=1e-5)
-    assert losses["codebook_usage"].item() == 1.0
-    _, losses, _ = vq(vq.codebook[2].repeat(5, 1).unsqueeze(0))  # one code only
-    assert losses["perplexity"].item() == pytest.approx(1.0, rel=1e-5)
-    assert losses["codebook_usage"].item() == pytest.approx(1 / 8)
+    vq = single(8, 2).eval()
+    out = vq(vq.codebook.clone().unsqueeze(0))  # every code used once
+    assert out.perplexity.item() == pytest.approx(8.0, rel=1e-5)
+    assert out.usage.item() == 1.0
+    out = vq(vq.codebook[2].repeat(5, 1).unsqueeze(0))  # one code only
+    assert out.perplexity.item() == pytest.approx(1.0, rel=1e-5)
+    assert out.usage.item() == pytest.approx(1 / 8)
 
 
 def test_bf16_autocast_gives_the_fp32_indices_and_keeps_fp32_buffers():
     torch.manual_seed(0)
     centers = torch.randn(16, 8) * 4
-    vq = trained_on(VectorQuantizer(16, 8).train(), centers)
+    vq = trained_on(single(16, 8).train(), centers)
     z = clustered(4, centers, noise=0.05).reshape(1, 64, 8)
     reference = vq.encode(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z_q, losses, idx = vq(z)
-        _, _, idx_bf16_input = vq(z.to(torch.bfloat16))
+        out = vq(z)
+        z_q, idx = out.z_q, out.indices
+        out = vq(z.to(torch.bfloat16))
+        idx_bf16_input = out.indices
     assert torch.equal(idx, reference) and torch.equal(idx_bf16_input, reference)
-    assert losses["commitment_loss"].dtype == torch.float32
+    assert out.commitment.dtype == torch.float32
     vq.to(torch.bfloat16)
     assert all(getattr(vq, name).dtype == torch.float32 for name in ("embedding", "ema_cluster_size", "ema_embed_sum"))
-    z_q, _, _ = vq(z.to(torch.bfloat16))
+    out = vq(z.to(torch.bfloat16))
+    z_q = out.z_q
     assert z_q.dtype == torch.bfloat16 and torch.isfinite(vq.codebook).all()
 
 
 def test_bad_feature_shapes_and_arguments():
-    vq = VectorQuantizer(8, 4)
+    vq = single(8, 4)
     # A channels-first grid (B, D, h, w) is not taken for tokens.
     with pytest.raises(ValueError, match=r"expected channels-last features \(\.\.\., 4\).*got shape \(1, 4, 2, 5\)"):
         vq(torch.randn(1, 4, 2, 5))
     with pytest.raises(ValueError, match="got shape"):
         vq(torch.randn(4))
     with pytest.raises(ValueError, match="decay must be in"):
-        VectorQuantizer(8, 4, decay=1.5)
+        single(8, 4, decay=1.5)
     with pytest.raises(ValueError, match="embedding_dim must be a positive integer, got 0"):
-        VectorQuantizer(8, 0)
+        single(8, 0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'decya'"):
-        VectorQuantizer(8, 4, decya=0.9)
+        single(8, 4, decya=0.9)
 
 
 # ---- two processes (gloo): statistics are all-reduced, codebooks stay identical ----------------------------
@@ -254,13 +268,13 @@ MODES = {  # quantizer options, and whether the test starts from a trained codeb
 def _train_rank(rank, world, init_file, out_dir, data, mode):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # different random draws per rank: the gathered pools must fix that
-    vq = VectorQuantizer(16, 4, decay=0.8, **MODES[mode][0]).train()
+    vq = single(16, 4, decay=0.8, **MODES[mode][0]).train()
     state = torch.load(os.path.join(out_dir, "init.pt"), weights_only=True)
     vq.load_state_dict(state)
     restarted = 0
     for step_data in data:
         shard = step_data.chunk(world)[rank]
-        restarted += int(vq(shard.unsqueeze(0))[1]["restarted_codes"])
+        restarted += int(vq(shard.unsqueeze(0)).restarted)
     torch.save({**vq.state_dict(), "restarted": torch.tensor(restarted)}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -271,7 +285,7 @@ def test_two_ranks_keep_identical_codebooks_equal_to_one_process(tmp_path, mode)
     torch.manual_seed(0)
     data = [torch.randn(64, 4) + 3 * i for i in range(4)]  # the data drifts, so some codes die
     options, trained = MODES[mode]
-    reference = VectorQuantizer(16, 4, decay=0.8, **options).train()
+    reference = single(16, 4, decay=0.8, **options).train()
     if trained:
         trained_on(reference, torch.randn(16, 4))
     torch.save(reference.state_dict(), tmp_path / "init.pt")
@@ -311,7 +325,7 @@ def test_search_never_holds_more_than_the_distance_budget(monkeypatch):
 
 
 def test_cached_code_norms_follow_every_codebook_change():
-    vq = VectorQuantizer(32, 4).eval()
+    vq = single(32, 4).eval()
     z = torch.randn(256, 4)
     assert torch.equal(vq.encode(z.unsqueeze(0))[0], brute_force(z, vq.codebook))
     before = vq.codebook.clone()
@@ -328,16 +342,16 @@ def test_cached_code_norms_follow_every_codebook_change():
 
 
 def test_non_finite_features_never_reach_the_codebook():
-    vq = VectorQuantizer(8, 4, restart_window=1.0).train()
+    vq = single(8, 4, restart_window=1.0).train()
     z = torch.randn(1, 64, 4)
     z[0, 3, 1] = float("nan")
     before = {k: v.clone() for k, v in vq.state_dict().items()}
-    _, losses, _ = vq(z)
-    assert losses["skipped_ema_update"].item() == 1.0
+    out = vq(z)
+    assert out.skipped_update.item() == 1.0
     for key, value in vq.state_dict().items():
         assert torch.equal(value, before[key]), key  # not even k-means initialisation ran
     z[0, 3, 1] = float("inf")
     vq(z)
     assert torch.isfinite(vq.codebook).all() and not bool(vq.initialized)
-    _, losses, _ = vq(torch.randn(1, 64, 4))
-    assert losses["skipped_ema_update"].item() == 0.0 and bool(vq.initialized)
+    out = vq(torch.randn(1, 64, 4))
+    assert out.skipped_update.item() == 0.0 and bool(vq.initialized)

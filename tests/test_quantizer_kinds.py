@@ -35,7 +35,8 @@ def trained(kind: str, k=16, d=8, seed=0):
 def test_residual_value_is_the_sum_of_each_levels_code_of_the_residual():
     q = trained("residual")
     z = torch.randn(2, 10, 8)
-    z_q, losses, idx = q(z)
+    out = q(z)
+    z_q, idx = out.z_q, out.indices
     assert isinstance(q, ResidualQuantizer) and idx.shape == (2, 10, 3)
     residual, expected = z.clone(), torch.zeros_like(z)
     for level_index, level in enumerate(q.levels):
@@ -44,13 +45,14 @@ def test_residual_value_is_the_sum_of_each_levels_code_of_the_residual():
         expected += level.embedding[codes]
         residual -= level.embedding[codes]
     assert torch.equal(z_q, expected)
-    assert losses["commitment_loss"].item() == pytest.approx((z - expected).pow(2).mean().item(), rel=1e-5)
+    assert out.commitment.item() == pytest.approx((z - expected).pow(2).mean().item(), rel=1e-5)
 
 
 def test_grouped_value_is_each_groups_code_side_by_side():
     q = trained("grouped")
     z = torch.randn(2, 10, 8)
-    z_q, _, idx = q(z)
+    out = q(z)
+    z_q, idx = out.z_q, out.indices
     assert isinstance(q, GroupedQuantizer) and idx.shape == (2, 10, 4)
     for g, level in enumerate(q.levels):
         part = z[..., 2 * g : 2 * g + 2].reshape(-1, 2)
@@ -62,7 +64,8 @@ def test_grouped_value_is_each_groups_code_side_by_side():
 def test_index_round_trip_is_exact_and_gradients_pass_straight_through(kind):
     q = trained(kind)
     z = torch.randn(3, 7, 8, requires_grad=True)
-    z_q, _, idx = q(z)
+    out = q(z)
+    z_q, idx = out.z_q, out.indices
     assert torch.equal(q.encode(z), idx)
     assert torch.equal(q.lookup(idx), z_q)
     upstream = torch.randn_like(z_q)
@@ -79,9 +82,10 @@ def test_bf16_autocast_gives_the_fp32_indices(kind):
     z = torch.randn(2, 30, 8)
     reference = q.encode(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, losses, idx = q(z)
+        out = q(z)
+        idx = out.indices
         assert torch.equal(q.encode(z), reference)
-    assert torch.equal(idx, reference) and losses["commitment_loss"].dtype == torch.float32
+    assert torch.equal(idx, reference) and out.commitment.dtype == torch.float32
 
 
 def test_depth_lowers_the_error_of_a_fitted_residual_quantizer():
@@ -97,9 +101,11 @@ def test_depth_lowers_the_error_of_a_fitted_residual_quantizer():
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(kind="single", depth=2), "quantizer.depth must be a positive integer, and 1 unless quantizer.kind is"),
-    (dict(kind="residual", groups=2), "quantizer.groups must be a positive integer, and 1 unless"),
-    (dict(kind="residual", depth=2, cosine=True), r"quantizer.cosine must be false with kind 'residual' \(residuals"),
+    (dict(kind="single", depth=2), r"quantizer.depth must be 1 with kind 'single' \(an option of residual\), got 2"),
+    (dict(kind="residual", groups=2), r"quantizer.groups must be 1 with kind 'residual' \(an option of grouped\)"),
+    (dict(kind="residual", depth=2, cosine=True), r"quantizer.cosine must be false with kind 'residual'"),
+    (dict(kind="residual", depth=0), r"quantizer.depth must be > 0, got 0"),
+    (dict(kind="single", scales=[1, 2]), r"quantizer.scales must be \[1, 2, 3, 4, 5, 6, 8, 10, 13, 16\] with kind"),
 ])
 def test_bad_kind_options(values, message):
     with pytest.raises(ValueError, match=message):
@@ -124,7 +130,7 @@ def test_model_indices_carry_a_codebook_axis_and_round_trip(dinov2_dir, kind, tm
     model = kind_model(dinov2_dir, kind)
     x = smooth_images(3)
     indices = model.encode_to_indices(x)
-    codes = model.quantizer.index_suffix[0]
+    codes = model.layout.position_shape[0]
     assert indices.shape == (3, 4, 4, codes)
     assert torch.equal(model.decode_from_indices(indices), model(x))
     assert torch.equal(model.decode_from_indices(indices.flatten(1, 2)), model(x))  # (B, N, L)
@@ -201,4 +207,4 @@ def test_training_with_each_kind(train_images, tmp_path, overrides):
     levels = int(overrides[1].split("=")[1])
     assert fit and fit[0]["codes_used"] > 64 * (levels - 1)  # every codebook fitted
     model = VQRAE.from_pretrained(summary["final"])
-    assert model.quantizer.index_suffix == (levels,)
+    assert model.layout.position_shape == (levels,)

@@ -9,6 +9,7 @@ shared by several. docs/guarantees.md lists them all.
 
 MAX_IMAGE_SIDE = 8192  # pixels per side of an image a model, a manifest or a command works at
 MAX_CODES = 1 << 20  # codes per codebook (the largest tokenizers use 2^18)
+MAX_LEVELS = 256  # codebooks one quantizer may stack (depth), split into (groups) or spread over scales
 
 
 def transformer_weights_at_least(layers: int, width: int, mlp_width: int) -> int:

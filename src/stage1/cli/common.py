@@ -29,7 +29,7 @@ def load_model(args, device: torch.device | None = None, needs_codes: bool = Fal
     refuses a continuous model (quantizer.kind=none) here, before it writes anything."""
     overrides = {"encoder_config_path": args.encoder_path} if args.encoder_path else {}
     model = VQRAE.from_pretrained(args.model, **overrides)
-    if needs_codes and model.config.quantizer.kind == "none":
+    if needs_codes and not model.layout.has_codes:
         raise CLIError(f"{args.model} is a continuous model (quantizer.kind=none): it has no codes; vqrae-evaluate "
                        f"and vqrae-reconstruct work with it")
     model = model.to(device or resolve_device(args.device)).eval()

@@ -24,7 +24,7 @@ def inside(folder: str, relative: str) -> str | None:
 
 
 def check_model_fits(model, manifest: Manifest) -> None:
-    k = model.quantizer.num_embeddings
+    layout, k = model.layout, model.layout.vocab_size
     if manifest.codebook_size != k:
         raise CLIError(f"the shards use a codebook of {manifest.codebook_size} codes, the model has {k}: "
                        f"decode with the model that made them ({manifest.model})")
@@ -32,14 +32,14 @@ def check_model_fits(model, manifest: Manifest) -> None:
     if grid is not None and manifest.grid_shape != grid:
         raise CLIError(f"the shards hold {list(manifest.grid_shape)} code grids, the model makes {list(grid)}: "
                        f"decode with the model that made them ({manifest.model})")
-    if manifest.scales != model.code_scales:
-        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {model.code_scales}: "
+    scales = list(layout.scales) if layout.scales else None
+    if manifest.scales != scales:
+        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {scales}: "
                        f"decode with the model that made them ({manifest.model})")
-    codes = manifest.index_shape[2:]
-    if codes != list(model.quantizer.index_suffix):
+    codes, per_position = manifest.index_shape[2:], list(layout.position_shape)
+    if not scales and codes != per_position:
         raise CLIError(f"the shards hold {codes or [1]} code(s) per token, the model's quantizer makes "
-                       f"{list(model.quantizer.index_suffix) or [1]}: decode with the model that made them "
-                       f"({manifest.model})")
+                       f"{per_position or [1]}: decode with the model that made them ({manifest.model})")
 
 
 def run(args) -> int:

@@ -15,6 +15,7 @@ from ..base.precision import autocast
 from ..base.tensor_files import read_tensor_file
 from ..data.images import psnr, to_uint8
 from ..data.input_pipeline import PROTOCOL_CROPS, PROTOCOLS
+from ..model.quantizers import CodeLayout
 from ..train.losses import build_lpips
 from .arguments import launch
 from .common import (
@@ -107,17 +108,18 @@ CODE_METRICS = ("grid_shape", "codebook_size", "codebooks", "codes_used", "codeb
 class Scores:
     """Running reconstruction metrics and code counts over the evaluated images."""
 
-    def __init__(self, codebook_size: int, codebooks: torch.Tensor, device: torch.device, lpips, fid, layout=None):
-        """codebooks: the codebook of each code of an image's flattened codes (P,); layout: what results.json says
-        of their shape (grid_shape, and scales for multi-scale codes)."""
+    def __init__(self, layout: CodeLayout, side: int, device: torch.device, lpips, fid):
+        """layout: the model's codes (stage1.model.quantizers.CodeLayout), on a side x side grid."""
         from torchmetrics.image import StructuralSimilarityIndexMeasure
 
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
         self.lpips, self.fid = lpips, fid
-        self.codebook_size, self.codebook_of = codebook_size, codebooks
-        self.codebooks = int(codebooks.max()) + 1
-        self.counts = torch.zeros(self.codebooks * codebook_size, dtype=torch.long)  # codebook by codebook
-        self.layout = layout
+        # The codebook of each of an image's flattened codes, each codebook's codes counted apart.
+        self.codebook_size, self.codebook_of = layout.vocab_size, layout.codebook_of(side)
+        self.codebooks = layout.num_codebooks
+        self.counts = torch.zeros(self.codebooks * self.codebook_size, dtype=torch.long)
+        # What results.json says of their shape.
+        self.layout = {"grid_shape": [side, side], **({"scales": list(layout.scales)} if layout.scales else {})}
         self.psnrs, self.lpips_values, self.grid = [], [], None
         # The latent fit, over every token: sum ||z - z_q||^2, sum z, sum ||z||^2, sum cos(z, z_q), tokens.
         self.error = self.z_sum = self.z_square = self.cosine = self.tokens = 0.0
@@ -187,16 +189,6 @@ class Scores:
         }
 
 
-def code_layout(model, size: int) -> tuple[torch.Tensor, dict]:
-    """The codebook of each of an image's codes, flattened as reconstruct() gives them, and their layout."""
-    if model.multiscale:
-        q = model.quantizer
-        codebooks = torch.cat([torch.full((side * side,), 0 if q.shared else k) for k, side in enumerate(q.scales)])
-        return codebooks, {"grid_shape": [q.side, q.side], "scales": list(q.scales)}
-    side, per_token = model.grid_side(size), math.prod(model.quantizer.index_suffix)  # 1 for a single codebook
-    return torch.arange(per_token).repeat(side * side), {"grid_shape": [side, side]}
-
-
 def run(args) -> int:
     check_output(args.out, folder=True)
     model = load_model(args)
@@ -208,8 +200,7 @@ def run(args) -> int:
         lpips = build_lpips(args.lpips_net).to(device)
     except RuntimeError as err:
         lpips, notes["lpips"] = None, str(err)
-    codebooks, layout = code_layout(model, size)
-    scores, skipped = Scores(model.quantizer.num_embeddings, codebooks, device, lpips, fid, layout), []
+    scores, skipped = Scores(model.layout, model.grid_side(size), device, lpips, fid), []
 
     def reconstruct(images: torch.Tensor):  # the model's work on a batch (input_pipeline's step)
         with torch.no_grad(), autocast(device, args.precision):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 
 import numpy as np
@@ -80,7 +79,7 @@ def codes_of_views(model, args, size: int):
     def step(images: torch.Tensor) -> torch.Tensor:
         views = views_of(images, args.augment, size)
         with torch.no_grad(), autocast(images.device, args.precision):
-            grids = model.encode_to_indices(views.flatten(0, 1), flat=model.multiscale).cpu()
+            grids = model.encode_to_indices(views.flatten(0, 1), flat=bool(model.layout.scales)).cpu()
         return grids.view(views.shape[0], views.shape[1], *grids.shape[1:])
 
     return step
@@ -113,8 +112,8 @@ def run(args) -> int:
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
             grid = (model.grid_side(size),) * 2
-            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], math.prod(model.quantizer.index_suffix),
-                               model.code_scales)
+            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], model.layout.codes_per_position,
+                               model.layout.scales)
             if isinstance(source, FolderInput):
                 check_llamagen_labels(source.labels)
             elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers
@@ -154,7 +153,7 @@ def run(args) -> int:
             manifest = assemble_manifest(args.out, source.num_shards, dict(
                 model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
                 views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size,
-                scales=model.code_scales))
+                scales=list(model.layout.scales) if model.layout.scales else None))
             exported = export_tokens(args.format, args.out, manifest)
             layout = (f"{manifest.index_shape[0]} multi-scale codes (scales {manifest.scales})" if manifest.scales
                       else f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes")

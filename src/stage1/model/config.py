@@ -16,7 +16,8 @@ once, here, when a config is made (stage1.base.config_section: types first, then
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from ..base.atomic import read_json, write_json
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE, transformer_weights_at_least
 from .encoders import encoder_options
+from .quantizers import QUANTIZERS
+from .quantizers.scales import VAR_SCALES
 
 # This file is REPO_ROOT/src/stage1/model/config.py.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -51,58 +54,61 @@ class EncoderConfig(ConfigSection):
                      f"null or from 1 to {MAX_IMAGE_SIDE}")
 
 
-MAX_LEVELS = 256  # codebooks one quantizer may stack (depth) or split into (groups)
 MAX_DECODER_PARAMETERS = 10**10  # 40 GB in float32; RAE's largest decoder (ViT-XL) has 0.6e9
 
 
 @dataclass
 class QuantizerConfig(ConfigSection):
+    """The quantizer: its kind (a class of stage1.model.quantizers.QUANTIZERS), the options every codebook kind reads,
+    and each kind's own options. A kind's own options keep their defaults under another kind (refused otherwise, so
+    a value is never silently ignored); the kind checks their values (its check_options)."""
+
     section = "quantizer"
-    # one codebook; `depth` levels on residuals; `groups` of channels; multiscale: VAR's residual scales on the grid
-    # (stage1.model.multiscale); none: no codebook (continuous: VQRAE is RAE)
-    kind: str = choice("single", "residual", "grouped", "multiscale", "none")
+    kind: str = choice(*QUANTIZERS)  # see stage1.model.quantizers
     num_embeddings: int = 8192  # codes per codebook
-    depth: int = 1  # residual: codebooks applied in turn, each to what the ones before it left
-    groups: int = 1  # grouped: the channels split into this many groups, each with its own codebook
-    # multiscale: the sides of the scales' maps, increasing, the last the grid's (VAR's, for a 16 x 16 grid)
-    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    # multiscale: one codebook per scale, or one shared by every scale (VAR's, with a code pinned at zero); per scale
-    # measures the better (benchmarks/multiscale_quality.py)
-    shared_codebook: bool = False
-    # multiscale: VAR's phi, this many 3x3 convolutions refining the scales' upsampled maps, trained with the decoder
-    # (VAR: 4, each serving the scales nearest its place; len(scales): one per scale); 0: none
-    phi: int = 0
-    cosine: bool = False  # l2-normalised features and codes (single, grouped)
     commitment_cost: float = 0.25
     decay: float = 0.99  # EMA decay of the codebook statistics
     epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
     # A code that no token chose in the last restart_window * num_embeddings tokens seen (a code of average share
     # expects restart_window hits in them) restarts on the tokens farthest from their codes; 0: never.
     restart_window: float = 64.0
+    # -- the kinds' own options --
+    cosine: bool = False  # single, grouped: l2-normalised features and codes
+    depth: int = 1  # residual: codebooks applied in turn, each to what the ones before it left
+    groups: int = 1  # grouped: the channels split into this many groups, each with its own codebook
+    # multiscale: the sides of the scales' maps, increasing, the last the grid's (VAR's, for a 16 x 16 grid)
+    scales: tuple[int, ...] = VAR_SCALES
+    # multiscale: one codebook per scale, or one shared by every scale (VAR's, with a code pinned at zero); per scale
+    # measures the better (benchmarks/multiscale_quality.py)
+    shared_codebook: bool = False
+    # multiscale: VAR's phi, this many 3x3 convolutions refining the scales' upsampled maps, trained with the decoder
+    # (VAR: 4, each serving the scales nearest its place; len(scales): one per scale); 0: none
+    phi: int = 0
 
     def check(self):
-        for name, kind in (("depth", "residual"), ("groups", "grouped")):
-            self.require(getattr(self, name) >= 1 and (getattr(self, name) == 1 or self.kind == kind), name,
-                         f"a positive integer, and 1 unless quantizer.kind is '{kind}' (kind is {self.kind!r})")
-        self.require(not (self.cosine and self.kind in ("residual", "multiscale")), "cosine",
-                     f"false with kind {self.kind!r} (residuals of unit codes are not unit vectors)")
-        self.require(len(self.scales) >= 1 and all(0 < a < b for a, b in itertools.pairwise(self.scales))
-                     and 0 < self.scales[0] and self.scales[-1] <= MAX_IMAGE_SIDE and len(self.scales) <= MAX_LEVELS,
-                     "scales", f"increasing positive sides, at most {MAX_LEVELS} of them, the last the grid's side")
-        self.require(0 <= self.phi <= len(self.scales) and (self.phi == 0 or self.kind == "multiscale"), "phi",
-                     f"0, or with kind 'multiscale' at most one per scale ({len(self.scales)}) (kind is {self.kind!r})")
-        if self.phi:  # VAR's rule gives each scale the convolution of the nearest tick: some counts leave one idle
-            from .multiscale import phi_of_scales  # (an idle parameter stops DDP)
-
-            serving = [n for n in range(1, len(self.scales) + 1) if len(set(phi_of_scales(len(self.scales), n))) == n]
-            self.require(self.phi in serving, "phi", f"a count whose every convolution serves a scale under VAR's "
-                         f"rule; for {len(self.scales)} scales: {serving}")
-        self.require_positive("epsilon")
+        self.require_positive("epsilon", "depth", "groups")
         self.require_at_most(MAX_CODES, "num_embeddings")
-        self.require_at_most(MAX_LEVELS, "depth", "groups")
         self.require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)")
         self.require(self.commitment_cost >= 0, "commitment_cost", ">= 0")
         self.require(self.restart_window >= 0, "restart_window", ">= 0 (0: never)")
+        kind = QUANTIZERS[self.kind]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in sorted({option for other in QUANTIZERS.values() for option in other.options} - set(kind.options)):
+            owners = [other.kind for other in QUANTIZERS.values() if name in other.options]
+            self.require(getattr(self, name) == defaults[name], name,
+                         f"{json.dumps(defaults[name])} with kind {self.kind!r} (an option of {', '.join(owners)})")
+        kind.check_options(self)
+
+    def for_kind(self, kind: str, **options) -> "QuantizerConfig":
+        """The same common options for another kind, with that kind's own options at their defaults unless given
+        (a kind made of single codebooks builds each from this)."""
+        own = {f.name: f.default for f in dataclasses.fields(self)
+               if any(f.name in other.options for other in QUANTIZERS.values())}
+        return dataclasses.replace(self, kind=kind, **{**own, **options})
+
+    def weights_at_least(self) -> int:
+        """A lower bound on the numbers the quantizer's saved state holds (checked against a weights file)."""
+        return QUANTIZERS[self.kind].weights_at_least(self)
 
 
 @dataclass

@@ -73,21 +73,18 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
     """The README.md of a published model: YAML metadata (card_data's `metadata`: license, base_model, datasets,
     eval_dataset), what it is, how to load it, and what was measured."""
     c = model.config
-    q, d = c.quantizer, c.decoder
-    per_token = math.prod(model.quantizer.index_suffix) if q.kind != "none" else 0
-    kind = {"none": "none: the continuous latent goes to the decoder (RAE)",
-            "single": f"one EMA codebook of {q.num_embeddings} codes",
-            "residual": f"residual, {per_token} levels of {q.num_embeddings} codes",
-            "grouped": f"grouped, {per_token} codebooks of {q.num_embeddings} codes"}[q.kind]
-    side = model.grid_size
-    if q.kind == "none":
+    d, layout, side = c.decoder, model.layout, model.grid_size
+    bits = f"{layout.bits_per_image(side or 0):.0f} bits"
+    if not layout.has_codes:
         codes = "none"
+    elif layout.scales:
+        codes = f"{layout.codes_per_image(side)} on scales {list(layout.scales)}: {bits}"
     elif side:
-        codes = f"{side}x{side} tokens x {per_token}: {side * side * per_token * math.log2(q.num_embeddings):.0f} bits"
+        codes = f"{side}x{side} tokens x {layout.codes_per_position}: {bits}"
     else:
-        codes = "one per encoder patch"
+        codes = f"{layout.codes_per_position} per encoder patch"
     rows = [("encoder (frozen)", f"`{c.encoder.cls}` from `{c.encoder.path}`, {c.encoder.input_size} px"),
-            ("quantizer", kind + (", cosine" if q.cosine else "")), ("codes per image", codes),
+            ("quantizer", model.quantizer.describe()), ("codes per image", codes),
             ("decoder", f"ViT, {d.num_hidden_layers} layers of width {d.hidden_size}, patch {d.patch_size}")]
     if training:
         rows.append(("training", f"{training['steps']} steps of {training['batch_size']} images per rank"))

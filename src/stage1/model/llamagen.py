@@ -6,7 +6,7 @@ evaluation of its samples) run on a vqrae tokenizer with one change: the VQModel
 
 LlamaGen's VQModel (tokenizer/tokenizer_image/vq_model.py) takes and paints images in [-1, 1], and its
 `decode_code(indices, qzshape)` gets the GPT's codes (B, h * w) with qzshape = [B, codebook_embed_dim, h, w].
-Only a single codebook fits its GPT (one code per position).
+Only a quantizer with one code per grid position fits its GPT (single; not residual, grouped or multi-scale).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class LlamaGenTokenizer(nn.Module):
         """image_size: the side of the images it paints (LlamaGen's --image-size, which its FID evaluation and
         sample grids assume); None: the model's own (grid x decoder patch)."""
         super().__init__()
-        if model.config.quantizer.kind != "single":
-            raise ValueError(f"LlamaGen's GPT predicts one code per position: it needs a single codebook "
-                             f"(quantizer.kind 'single'), this model's is {model.config.quantizer.kind!r}")
+        layout = model.layout
+        if not layout.has_codes or layout.scales or layout.position_shape:
+            raise ValueError(f"LlamaGen's GPT predicts one code per position on a grid; this model's quantizer is "
+                             f"{model.quantizer.describe()}")
         self.model = model.eval()
         self.output_size = None if image_size is None else (image_size, image_size)
         self.codebook_size = model.quantizer.num_embeddings  # LlamaGen's --codebook-size / --vocab-size

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .config import VQRAEConfig
+from .quantizers import NoQuantizer
 from .rae import decoder_state_from_rae
 from .vqrae import VQRAE
 
@@ -35,16 +36,16 @@ class RAE(VQRAE):
                  pretrained_decoder_path: str | None = None, noise_tau: float = 0.8, reshape_to_2d: bool = True,
                  normalization_stat_path: str | None = None, eps: float = 1e-5):
         path = {} if encoder_config_path is None else {"encoder_config_path": encoder_config_path}
-        super().__init__(quantizer_kind="none", encoder_cls=encoder_cls, encoder_input_size=encoder_input_size,
-                         encoder_params=dict(encoder_params or {}), decoder_config_path=decoder_config_path,
-                         decoder_patch_size=decoder_patch_size, pretrained_decoder_path=pretrained_decoder_path,
-                         noise_tau=noise_tau, reshape_to_2d=reshape_to_2d,
-                         normalization_stat_path=normalization_stat_path, eps=eps, **path)
+        super().__init__(quantizer_kind=NoQuantizer.kind, encoder_cls=encoder_cls,
+                         encoder_input_size=encoder_input_size, encoder_params=dict(encoder_params or {}),
+                         decoder_config_path=decoder_config_path, decoder_patch_size=decoder_patch_size,
+                         pretrained_decoder_path=pretrained_decoder_path, noise_tau=noise_tau,
+                         reshape_to_2d=reshape_to_2d, normalization_stat_path=normalization_stat_path, eps=eps, **path)
 
     @classmethod
     def from_config(cls, config: VQRAEConfig) -> "RAE":
         """An RAE from a whole config (RAE.from_pretrained of a folder saved without a codebook)."""
-        if config.quantizer.kind != "none":
+        if config.quantizer.kind != NoQuantizer.kind:
             raise ValueError(f"an RAE has no codebook, but this config has quantizer.kind {config.quantizer.kind!r}: "
                              f"load it with VQRAE.from_pretrained")
         model = cls.__new__(cls)

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from .multiscale import area, to_maps, to_tokens
+from .quantizers.scales import area, to_tokens
 from .vqrae import VQRAE
 
 
@@ -61,14 +61,12 @@ class VARQuantizer(nn.Module):
     def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor | None:
         """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last, f_hat (the sum of the
         scales so far, upsampled to the grid) area-downsampled to the next scale, raster tokens."""
-        scales, side, quantizer = self.v_patch_nums, self.v_patch_nums[-1], self._quantizer[0]
-        batch = gt_ms_idx_Bl[0].shape[0]
-        f_hat = torch.zeros(batch, self.Cvae, side, side, device=gt_ms_idx_Bl[0].device)
-        inputs = []
-        for k in range(len(scales) - 1):
-            f_hat = f_hat + quantizer.upsample(k, to_maps(self.embedding(gt_ms_idx_Bl[k]).float(), scales[k]))
-            inputs.append(to_tokens(area(f_hat, scales[k + 1])))
-        return torch.cat(inputs, dim=1) if inputs else None
+        if len(self.v_patch_nums) == 1:
+            return None
+        codes = torch.cat([idx.reshape(idx.shape[0], -1) for idx in gt_ms_idx_Bl[:-1]], dim=1)
+        f_hats = self._quantizer[0].prefix_sums(codes)
+        return torch.cat([to_tokens(area(f_hat, side)) for f_hat, side in zip(f_hats, self.v_patch_nums[1:],
+                                                                             strict=True)], dim=1)
 
     @torch.no_grad()  # the tokenizer is frozen: no graph into phi
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
@@ -85,9 +83,9 @@ class VARTokenizer(nn.Module):
 
     def __init__(self, model: VQRAE):
         super().__init__()
-        if not model.multiscale:
+        if not model.layout.scales:
             raise ValueError(f"VAR's tokenizer interface needs multi-scale codes (quantizer.kind multiscale); this "
-                             f"model's quantizer is {model.config.quantizer.kind!r}")
+                             f"model's quantizer is {model.quantizer.describe()}")
         self.model = model.eval()
         self.quantize = VARQuantizer(model.quantizer)
         self.Cvae, self.vocab_size = self.quantize.Cvae, self.quantize.vocab_size

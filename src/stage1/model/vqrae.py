@@ -33,7 +33,7 @@ from .config import VQRAEConfig
 from .decoder import ViTDecoder
 from .encoders import build_encoder, may_be_on_hub
 from .latent_stats import read_latent_stats
-from .quantizer_kinds import build_quantizer
+from .quantizers import build_quantizer
 from .rae import load_rae_decoder
 
 CONFIG_NAME = "config.json"
@@ -91,14 +91,11 @@ class VQRAE(nn.Module):
         self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps) if stats_file is not None else
                                 (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
-        if self.multiscale and self.grid_size != self.quantizer.side:
-            from .multiscale import default_scales
-
-            grid = self.grid_size or "no fixed"
-            raise ValueError(f"quantizer.scales end at {self.quantizer.side}, but the encoder's grid side is {grid} "
-                             f"(encoder.input_size {encoder.input_size} / patch {self.encoder.patch_size}): the last "
-                             f"scale must be the grid's side, e.g. quantizer.scales="
-                             f"{default_scales(self.grid_size or self.quantizer.side)}")
+        try:
+            self.quantizer.check_grid(self.grid_size)
+        except ValueError as err:
+            raise ValueError(f"{err} (the grid: encoder.input_size {encoder.input_size} / encoder patch "
+                             f"{self.encoder.patch_size})") from None
         grid = self.grid_size or DEFAULT_GRID_IMAGE // self.encoder.patch_size
         self.decoder = ViTDecoder(channels, config.decoder, grid_size=grid)
         if config.pretrained_decoder_path is not None:
@@ -121,14 +118,9 @@ class VQRAE(nn.Module):
         self.register_buffer("latent_std", std.float())
 
     @property
-    def multiscale(self) -> bool:
-        """Codes of VAR's scales (stage1.model.multiscale): lists of per-scale maps, or flat (B, L), not grids."""
-        return self.config.quantizer.kind == "multiscale"
-
-    @property
-    def code_scales(self) -> list[int] | None:
-        """The scales' sides of multi-scale codes (what manifests and exports record), None for codes on a grid."""
-        return list(self.quantizer.scales) if self.multiscale else None
+    def layout(self):
+        """What its codes are (stage1.model.quantizers.CodeLayout): shape, vocabulary, codebooks, scales."""
+        return self.quantizer.layout
 
     @property
     def grid_size(self) -> int | None:
@@ -139,9 +131,7 @@ class VQRAE(nn.Module):
     def code_shape(self, image_size: int) -> tuple[int, ...]:
         """One image's codes as encode_to_indices(flat=False) stacks them for square images of `image_size` pixels:
         (h, w[, L]); multi-scale: VAR's flat (L,)."""
-        if self.multiscale:
-            return (self.quantizer.length,)
-        return (self.grid_side(image_size),) * 2 + tuple(self.quantizer.index_suffix)
+        return self.layout.image_shape(self.grid_side(image_size))
 
     def grid_side(self, image_size: int) -> int:
         """Codes per side for square images of `image_size` pixels (resized to encoder.input_size if set)."""
@@ -171,41 +161,6 @@ class VQRAE(nn.Module):
             lo, hi = (float(v) for v in torch.aminmax(x.detach()))
             if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):  # also catches NaN
                 raise ValueError(f"expected finite pixel values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-
-    def _checked_indices(self, indices) -> torch.Tensor:
-        """Indices as decode_from_indices takes them, checked; multi-scale ones as flat (B, L')."""
-        k, suffix = self.quantizer.num_embeddings, self.quantizer.index_suffix
-        if self.multiscale and isinstance(indices, (list, tuple)):
-            indices = self._flat_scales(indices)
-        if not isinstance(indices, torch.Tensor):
-            raise ValueError(f"expected indices as a torch.Tensor, got {type(indices).__name__}")
-        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-            raise ValueError(f"expected integer indices (torch.long), got dtype {indices.dtype}")
-        if self.multiscale:
-            if indices.dim() != 2:
-                raise ValueError(f"expected multi-scale indices as VAR's flat (B, L) or a list of the scales' maps "
-                                 f"[(B, 1, 1), (B, 2, 2), ...], got shape {tuple(indices.shape)}")
-            self.quantizer.scales_in(indices.shape[1])  # a prefix of whole scales
-        elif indices.dim() - len(suffix) not in (2, 3) or tuple(indices.shape[indices.dim() - len(suffix):]) != suffix:
-            codes = "".join(f", {n}" for n in suffix)
-            raise ValueError(f"expected indices of shape (B, h, w{codes}) or (B, h*w{codes}), got shape "
-                             f"{tuple(indices.shape)}")
-        if indices.numel() == 0:
-            raise ValueError(f"expected a non-empty batch of indices, got shape {tuple(indices.shape)}")
-        lo, hi = (int(v) for v in torch.aminmax(indices.long()))  # uint16 etc. have no min() kernel
-        if lo < 0 or hi >= k:
-            raise ValueError(f"indices must lie in [0, {k - 1}] (codebook size {k}), got values in [{lo}, {hi}]")
-        return indices
-
-    def _flat_scales(self, maps) -> torch.Tensor:
-        """[(B, 1, 1), (B, 2, 2), ...]: the maps of the first scales -> VAR's flat (B, L')."""
-        sides = self.quantizer.scales[: len(maps)]
-        shapes = [tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__ for m in maps]
-        batch = shapes[0][0] if maps and isinstance(shapes[0], tuple) and len(shapes[0]) == 3 else None
-        if not maps or len(maps) > len(self.quantizer.scales) or shapes != [(batch, s, s) for s in sides]:
-            raise ValueError(f"expected the code maps of the first scales of {list(self.quantizer.scales)}, "
-                             f"[(B, 1, 1), (B, 2, 2), ...] as tensors, got {shapes}")
-        return torch.cat([m.reshape(batch, -1) for m in maps], dim=1)
 
     # ---- the data path, in tokens ----------------------------------------------------------------------------
     def encode_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -251,8 +206,9 @@ class VQRAE(nn.Module):
         convenience for a loop of one's own."""
         self.check_images(x, values=not self.training)  # no host sync per training step
         tokens, grid = self.encode_tokens(x)
-        z_q, vq_losses, _ = self.quantizer(tokens)
-        raw = self._decode_tokens(z_q, grid, output_size=x.shape[-2:], clamp=False,
+        quantized = self.quantizer(tokens)
+        vq_losses = quantized.terms()
+        raw = self._decode_tokens(quantized.z_q, grid, output_size=x.shape[-2:], clamp=False,
                                   noise_tau=self.config.noise_tau if self.training else 0.0)
         x_rec = raw if self.training else raw.clamp(0.0, 1.0)
         if return_quantizer_losses:
@@ -269,8 +225,8 @@ class VQRAE(nn.Module):
         Never updates the codebook."""
         self.check_images(x)
         codes = self._indices(*self.encode_tokens(x))
-        if self.multiscale:
-            return codes if flat else self.quantizer.split(codes)
+        if self.layout.scales:
+            return codes if flat else self.layout.split(codes)
         return codes.flatten(1, 2) if flat else codes
 
     @torch.no_grad()
@@ -278,25 +234,25 @@ class VQRAE(nn.Module):
         """Code indices (B, h, w) or (B, h*w) -> images in [0, 1]; residual / grouped quantizers: (B, h, w, L) or
         (B, h*w, L). Multi-scale: the maps of the first k scales, or VAR's flat (B, L') of them: the first k alone
         give a coarse-to-fine preview."""
-        indices = self._checked_indices(indices)
-        if self.multiscale:
-            grid = (self.quantizer.side,) * 2
+        layout = self.layout
+        indices = layout.check_indices(indices)
+        if layout.scales:
+            grid = (layout.scales[-1],) * 2
         else:
-            spatial = indices.shape[1 : indices.dim() - len(self.quantizer.index_suffix)]
+            spatial = indices.shape[1 : indices.dim() - len(layout.position_shape)]
             grid = tuple(spatial) if len(spatial) == 2 else square_grid(spatial[0])
         return self._decode_tokens(self._code_tokens(indices), grid, output_size=output_size)
 
     def _indices(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Normalised latent tokens (B, N, C) -> their codes (B, h, w[, L]); multi-scale: (B, L)."""
         codes = self.quantizer.encode(tokens)
-        return codes if self.multiscale else codes.reshape(-1, *grid, *self.quantizer.index_suffix)
+        return codes if self.layout.scales else codes.reshape(-1, *grid, *self.layout.position_shape)
 
     def _code_tokens(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w[, L]) or (B, h*w[, L]); multi-scale (B, L') -> the tokens (B, N, C) they stand for."""
-        if self.multiscale:
+        if self.layout.scales:
             return self.quantizer.lookup(indices.long())
-        suffix = self.quantizer.index_suffix
-        return self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *suffix).long())
+        return self.quantizer.lookup(indices.reshape(indices.shape[0], -1, *self.layout.position_shape).long())
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, output_size=None, return_latents: bool = False):
@@ -307,7 +263,7 @@ class VQRAE(nn.Module):
         self.check_images(x)
         z, grid = self.encode_tokens(x)
         codes, z_q = None, z
-        if self.config.quantizer.kind != "none":
+        if self.layout.has_codes:
             codes = self._indices(z, grid)
             z_q = self._code_tokens(codes)
         x_rec = self._decode_tokens(z_q, grid, output_size=output_size)
@@ -326,8 +282,8 @@ class VQRAE(nn.Module):
         fitted or trained is refused (its codes would be random vectors)."""
         self.check_images(x)
         tokens, grid = self.encode_tokens(x)
-        if self.config.quantizer.kind != "none":
-            if not all(bool(flag) for name, flag in self.quantizer.named_buffers() if name.endswith("initialized")):
+        if self.layout.has_codes:
+            if not self.quantizer.started:
                 raise ValueError("this model's codebook was never fitted or trained: encode would give the vectors of "
                                  "a random codebook. Fit it (vqrae-fit-codebook) or train the model, then load the "
                                  "folder (VQRAE.from_pretrained; target: stage1.from_pretrained in RAE's stage 2)")
@@ -343,12 +299,14 @@ class VQRAE(nn.Module):
         """Features from features() -> (z_q, losses, indices): z_q in z's layout, indices (B, h, w) or (B, N)
         (with a last axis of L codes for residual / grouped quantizers). In training mode the codebook learns."""
         if z.dim() != 4:
-            return self.quantizer(z)
+            out = self.quantizer(z)
+            return out.z_q, out.terms(), out.indices
         tokens, grid = grid_to_tokens(z)
-        z_q, losses, indices = self.quantizer(tokens)
-        if not self.multiscale:
-            indices = indices.reshape(-1, *grid, *self.quantizer.index_suffix)
-        return tokens_to_grid(z_q, grid), losses, indices
+        out = self.quantizer(tokens)
+        indices = out.indices
+        if indices is not None and not self.layout.scales:
+            indices = indices.reshape(-1, *grid, *self.layout.position_shape)
+        return tokens_to_grid(out.z_q, grid), out.terms(), indices
 
     def decode(self, z_q: torch.Tensor, output_size=None, clamp: bool = True) -> torch.Tensor:
         """Quantized latents (B, C, h, w) or (B, N, C) -> images (B, 3, h*p, w*p), or `output_size`."""
@@ -396,8 +354,7 @@ class VQRAE(nn.Module):
             config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path, hub))
         config = config.with_keywords(**keywords)
         # Nothing is built from config.json's sizes before its weights are known to be that large.
-        needed = config.decoder.parameters_at_least() + (config.quantizer.num_embeddings
-                                                         if config.quantizer.kind != "none" else 0)
+        needed = config.decoder.parameters_at_least() + config.quantizer.weights_at_least()
         held = tensor_elements(weights_file, "model weights")
         if needed > held:
             raise ValueError(f"{config_file} describes a decoder and codebook of at least {needed:,} numbers, but "
@@ -441,15 +398,10 @@ class VQRAE(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def trained_parameter_groups(self) -> list[dict]:
-        """What training moves by gradient, as optimizer groups: the decoder's weights, and a multi-scale quantizer's
-        phi convolutions where it has them, without weight decay (it would pull phi from the identity towards 0.5 h).
-        Phi is codes-side state like the codebooks: never averaged into the decoder's EMA copy, whose codes come from
-        the live codebooks and phi."""
-        groups = [{"params": list(self.decoder.parameters())}]
-        phi = getattr(self.quantizer, "phi", None)
-        if phi is not None:
-            groups.append({"params": list(phi.parameters()), "weight_decay": 0.0})
-        return groups
+        """What training moves by gradient, as optimizer groups: the decoder's weights, and the quantizer's own
+        (Quantizer.trained_parameters: a multi-scale quantizer's phi). Those are codes-side state like the codebooks:
+        never averaged into the decoder's EMA copy, whose codes come from the live quantizer."""
+        return [{"params": list(self.decoder.parameters())}, *self.quantizer.trained_parameters()]
 
     @contextmanager
     def decoder_swapped(self, decoder: nn.Module):

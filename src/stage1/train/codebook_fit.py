@@ -59,14 +59,14 @@ def quantizer_distortion(quantizer, latents: torch.Tensor, rows: int = 65536) ->
     on grids)."""
     was_training = quantizer.training
     quantizer.eval()
-    grid = quantizer.side**2 if getattr(quantizer, "whole_grids", False) else 1
+    grid = quantizer.layout.scales[-1] ** 2 if quantizer.fits_whole_grids else 1
     rows = max(grid, rows // grid * grid)
     try:
         spent = torch.zeros(1, dtype=torch.float64, device=latents.device)
         for start in range(0, latents.shape[0], rows):
             chunk = latents[start : start + rows]
             batch = chunk.reshape(-1, grid, chunk.shape[1]) if grid > 1 else chunk.unsqueeze(0)
-            spent += quantizer(batch)[1]["commitment_loss"].double() * chunk.numel()
+            spent += quantizer(batch).commitment.double() * chunk.numel()
     finally:
         quantizer.train(was_training)
     count = torch.tensor([float(latents.shape[0])], dtype=torch.float64, device=latents.device)
@@ -87,7 +87,7 @@ def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image:
     model.eval()
     try:
         latents = sample_latents(token_batches, tokens_per_image, generator, show_progress,
-                                 whole_grids=getattr(model.quantizer, "whole_grids", False))
+                                 whole_grids=model.quantizer.fits_whole_grids)
     finally:
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)

@@ -60,7 +60,7 @@ def report_reconstructions(final: str, names: list[str], images: torch.Tensor, r
     model = VQRAE.from_pretrained(final).to(images.device)
     rec = model.reconstruct(images, output_size=images.shape[-2:])[0].float()
     scores = psnr(rec, images)
-    path_name = "codes" if model.config.quantizer.kind != "none" else "latent"
+    path_name = "codes" if model.layout.has_codes else "latent"
     print(f"reconstructions of {len(images)} images by {final} ({path_name} -> pixels):")
     for name, score in zip(names, scores.tolist(), strict=True):
         print(f"  {name:32s} PSNR {score:6.2f} dB")

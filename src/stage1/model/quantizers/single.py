@@ -18,15 +18,18 @@ rank 0 would only cost time (and hide a bug if they ever diverged).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
-from .config import QuantizerConfig
-from .kmeans import LLOYD_ITERS, fit_kmeans
-from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
+from ...base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
+from ..kmeans import LLOYD_ITERS, fit_kmeans
+from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
+from .base import CodeLayout, Quantizer, QuantizerOutput
+
+if TYPE_CHECKING:
+    from ..config import QuantizerConfig
 
 EMA_BUFFERS = ("embedding", "ema_cluster_size", "ema_embed_sum")
 START_TOKENS_PER_CODE = 8  # a start without a fit: k-means of this many tokens per code of the first batches
@@ -43,26 +46,19 @@ def farthest_tokens(flat: torch.Tensor, distances: torch.Tensor, count: int) -> 
     return candidates[order[: min(count, len(order))], :-1].repeat(-(-count // len(order)), 1)[:count]
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour quantizer with an EMA codebook and straight-through gradients.
+class VectorQuantizer(Quantizer):
+    """Nearest-neighbour quantizer with an EMA codebook and straight-through gradients (quantizer.kind single).
 
-    VectorQuantizer(QuantizerConfig(...), D), or VectorQuantizer(K, D, **options) with the config's other fields
-    (commitment_cost, decay, epsilon, ...) as keywords; the values are checked by QuantizerConfig.
-
-    forward(z) takes channels-last features (..., D), e.g. (B, N, D) tokens, and returns (z_q, losses, indices):
-    z_q has z's shape and dtype, indices have z's shape without D (long). The EMA update runs only in training
-    mode.
+    VectorQuantizer(QuantizerConfig(num_embeddings=K, ...), D). forward(z) takes channels-last features (..., D),
+    e.g. (B, N, D) tokens: z_q has z's shape and dtype, indices z's shape without D (long). The EMA update runs only
+    in training mode.
     """
 
-    def __init__(self, config: QuantizerConfig | int, embedding_dim: int, **options):
+    kind = "single"
+    options = ("cosine",)
+
+    def __init__(self, config: QuantizerConfig, embedding_dim: int):
         super().__init__()
-        if not isinstance(config, QuantizerConfig):
-            config = QuantizerConfig(num_embeddings=config, **options)
-        elif options:
-            raise TypeError("pass either a QuantizerConfig or keyword options, not both")
-        if config.kind != "single":
-            raise ValueError(f"VectorQuantizer is the 'single' kind, got quantizer.kind={config.kind!r}")
-        self.index_suffix: tuple[int, ...] = ()  # indices have the features' shape without D: no codebook axis
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.num_embeddings = config.num_embeddings
@@ -83,11 +79,21 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._norms_cache: tuple | None = None
         self._gathered: list[torch.Tensor] = []  # the first batches' tokens, until the codebook can start on them
-        self.gathers = True  # a residual level waits until the level before it has started
 
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding
+
+    @property
+    def layout(self) -> CodeLayout:
+        return CodeLayout(self.num_embeddings)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.initialized)
+
+    def describe(self) -> str:
+        return f"one EMA codebook of {self.num_embeddings} codes" + (", cosine" if self.cosine else "")
 
     def _codebook_sq(self) -> torch.Tensor:
         """Squared code norms, recomputed only when the codebook changed (its version counter moves on every
@@ -132,14 +138,16 @@ class VectorQuantizer(nn.Module):
         """Code vectors for indices of any shape: (B, N) -> (B, N, D)."""
         return self.embedding[indices]
 
-    def forward(self, z: torch.Tensor):
+    def forward(self, z: torch.Tensor, may_start: bool = True) -> QuantizerOutput:
+        """may_start: whether an unfitted codebook may gather these tokens for its start on the first batches (a
+        residual level waits until the level before it has started: its tokens are that level's residuals)."""
         # Distances, losses and EMA statistics in fp32, even inside a bf16 autocast region.
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self._flatten(z)
             # A NaN/Inf feature on any rank would poison the codebook for good: then no rank updates it.
             update = self.training and all_ranks_true(torch.isfinite(flat.detach()).all())
             if update and not bool(self.initialized):  # no update until the codebook has started
-                update = self.gathers and self._start_from_batches(flat.detach())
+                update = may_start and self._start_from_batches(flat.detach())
             indices = self._search(flat.detach())
             quantized = self.embedding[indices]  # looked up before this step's EMA update, as in Sonnet
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
@@ -148,22 +156,16 @@ class VectorQuantizer(nn.Module):
                 self._ema_update(counts, indices, flat.detach())  # sums counts over ranks
                 restarted = self._restart_dead_codes(flat.detach(), quantized, counts)
 
-            commitment_loss = F.mse_loss(flat, quantized.detach())
-            losses = {
-                "vq_loss": self.commitment_cost * commitment_loss,
-                "commitment_loss": commitment_loss,
-                # ||sg(z) - e||^2: reported only; the EMA rule, not a gradient, moves the codebook.
-                "codebook_loss": commitment_loss.detach(),
-                **self._usage_metrics(counts),
-            }
-            if self.training:
-                losses["skipped_ema_update"] = torch.tensor(float(not update), device=flat.device)
-                losses["restarted_codes"] = torch.tensor(float(restarted), device=flat.device)
+            commitment = F.mse_loss(flat, quantized.detach())
             # Straight-through estimator: forward value exactly e (z - sg(z) is exactly 0), gradient
             # d z_q / d z = identity.
             flat_q = quantized + (flat - flat.detach())
-
-        return flat_q.to(z.dtype).reshape(z.shape), losses, indices.reshape(z.shape[:-1])
+            training = {}
+            if self.training:
+                training = dict(restarted=torch.tensor(float(restarted), device=flat.device),
+                                skipped_update=torch.tensor(float(not update), device=flat.device))
+        return QuantizerOutput(flat_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment,
+                               self.commitment_cost * commitment, **self._usage_metrics(counts), **training)
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -250,13 +252,11 @@ class VectorQuantizer(nn.Module):
             self.tokens_since_hit[dead] = 0
         return num_dead
 
-    def _usage_metrics(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _usage_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
         probs = counts / counts.sum().clamp_min(1.0)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-        return {
-            "perplexity": torch.exp(entropy),
-            "codebook_usage": (counts > 0).float().mean(),
-        }
+        return {"perplexity": torch.exp(entropy), "usage": (counts > 0).float().mean()}
 
     def extra_repr(self) -> str:
         return (

@@ -32,40 +32,25 @@ whole scales decodes (a coarse-to-fine preview).
 
 from __future__ import annotations
 
-import itertools
-import math
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QuantizerConfig
-from .kmeans import KMeansResult
-from .quantizer_kinds import combine_losses, single_codebook
+from ...base.limits import MAX_IMAGE_SIDE, MAX_LEVELS
+from ..kmeans import KMeansResult
+from .base import CodeLayout, Quantizer, QuantizerOutput
+from .levels import Levels, single_codebook
+from .scales import area, bicubic, default_scales, phi_of_scales, serving_phi_counts, to_maps, to_tokens
+
+if TYPE_CHECKING:
+    from ..config import QuantizerConfig
 
 FIT_ROUNDS = 2  # a shared codebook's offline fit: on the scales' features, then once more on the residuals it leaves
 PHI_RATIO = 0.5  # VAR's quant_resi: phi(h) = (1 - ratio) h + ratio conv(h)
-
-
-def area(maps: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C, S, S) -> (B, C, side, side), averages of the cells (VAR's area downsampling); the same map at S."""
-    return maps if maps.shape[-1] == side else F.interpolate(maps, size=(side, side), mode="area")
-
-
-def bicubic(maps: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, C, s, s) -> (B, C, side, side), VAR's upsampling; the same map at side."""
-    return maps if maps.shape[-1] == side else F.interpolate(maps, size=(side, side), mode="bicubic")
-
-
-def to_maps(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, side * side, C) raster tokens -> (B, C, side, side)."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-
-
-def to_tokens(maps: torch.Tensor) -> torch.Tensor:
-    """(B, C, s, s) -> (B, s * s, C) in raster order."""
-    return maps.flatten(2).transpose(1, 2)
+# One scale's step of the walk: (k, its residual tokens r (B, s * s, C)) -> (their codes, the codes' vectors).
+QuantizeScale = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Phi(nn.Conv2d):
@@ -89,19 +74,22 @@ class Phi(nn.Conv2d):
             return h * (1 - PHI_RATIO) + super().forward(h) * PHI_RATIO
 
 
-def phi_of_scales(scales: int, convs: int) -> list[int]:
-    """Which of `convs` phi convolutions serves each of `scales` scales: VAR's PhiPartiallyShared, scale k at
-    k / (scales - 1) in [0, 1] taking the convolution whose tick is nearest (1: all share one; scales: one each).
-    numpy's linspace and argmin as VAR's, whose float ties (VAR's 10 scales: 2/9 is as near 1/12 as 13/36) they
-    break."""
-    ticks = np.linspace(1 / 3 / convs, 1 - 1 / 3 / convs, convs) if convs == 4 else \
-        np.linspace(1 / 2 / convs, 1 - 1 / 2 / convs, convs)
-    return [int(np.argmin(np.abs(ticks - k / max(scales - 1, 1)))) for k in range(scales)]
+class MultiScaleQuantizer(Levels, Quantizer):
+    kind = "multiscale"
+    options = ("scales", "shared_codebook", "phi")
+    fits_whole_grids = True  # fits on whole grids of tokens (stage1.train.codebook_fit), not on tokens drawn from them
 
-
-class MultiScaleQuantizer(nn.Module):
-    index_suffix: tuple[int, ...] = ()  # indices are (B, L): no grid, no codebook axis
-    whole_grids = True  # fits on whole grids of tokens (stage1.train.codebook_fit), not on tokens drawn from them
+    @classmethod
+    def check_options(cls, config: QuantizerConfig) -> None:
+        scales = config.scales
+        config.require(len(scales) >= 1 and all(0 < a < b for a, b in zip(scales, scales[1:], strict=False))
+                       and 0 < scales[0] and scales[-1] <= MAX_IMAGE_SIDE and len(scales) <= MAX_LEVELS,
+                       "scales", f"increasing positive sides, at most {MAX_LEVELS} of them, the last the grid's side")
+        config.require(0 <= config.phi <= len(scales), "phi", f"0, or at most one per scale ({len(scales)})")
+        if config.phi:  # VAR's rule gives each scale the convolution of the nearest tick: some counts leave one idle
+            serving = serving_phi_counts(len(scales))  # (an idle parameter stops DDP)
+            config.require(config.phi in serving, "phi", f"a count whose every convolution serves a scale under "
+                           f"VAR's rule; for {len(scales)} scales: {serving}")
 
     def __init__(self, config: QuantizerConfig, embedding_dim: int):
         super().__init__()
@@ -111,7 +99,6 @@ class MultiScaleQuantizer(nn.Module):
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
         self.lengths = [side * side for side in self.scales]  # codes per scale
-        self.ends = list(itertools.accumulate(self.lengths))  # flat codes after each scale: where a prefix may end
         self.side = self.scales[-1]
         self.phi = nn.ModuleList(Phi(embedding_dim) for _ in range(config.phi)) if config.phi else None
         self.phi_index = phi_of_scales(len(self.scales), config.phi) if config.phi else None
@@ -125,22 +112,29 @@ class MultiScaleQuantizer(nn.Module):
         """Codes per image, L (680 for VAR's scales)."""
         return sum(self.lengths)
 
+    @property
+    def layout(self) -> CodeLayout:
+        codebooks = (0,) * len(self.scales) if self.shared else tuple(range(len(self.scales)))
+        return CodeLayout(self.num_embeddings, scales=self.scales, codebooks=codebooks)
+
+    def describe(self) -> str:
+        books = "one shared codebook" if self.shared else "a codebook per scale"
+        phi = f", {len(self.phi)} phi convolutions" if self.phi is not None else ""
+        return f"multi-scale (VAR), scales {list(self.scales)}, {books} of {self.num_embeddings} codes{phi}"
+
+    def trained_parameters(self) -> list[dict]:
+        """Phi, without weight decay: it would pull phi from the identity towards 0.5 h."""
+        return [] if self.phi is None else [{"params": list(self.phi.parameters()), "weight_decay": 0.0}]
+
+    def check_grid(self, side: int | None) -> None:
+        if side != self.side:
+            raise ValueError(f"quantizer.scales end at {self.side}, but the encoder's grid side is "
+                             f"{side or 'not fixed'}: the last scale must be the grid's side, e.g. quantizer.scales="
+                             f"{default_scales(side or self.side)}")
+
     def codebook(self, k: int):
         """The codebook (a VectorQuantizer) of scale k."""
         return self.levels[0 if self.shared else k]
-
-    def split(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        """Flat (B, L') indices of the first scales -> their maps [(B, 1, 1), (B, 2, 2), ...]; L' must end a scale."""
-        scales = self.scales_in(indices.shape[-1])
-        parts = indices.split(self.lengths[:scales], dim=-1)
-        return [part.reshape(*indices.shape[:-1], side, side) for part, side in zip(parts, self.scales, strict=False)]
-
-    def scales_in(self, length: int) -> int:
-        """How many scales `length` flat codes hold: a prefix of whole scales, or ValueError."""
-        if length not in self.ends:
-            raise ValueError(f"{length} codes are not whole scales of {list(self.scales)}: a prefix has "
-                             f"{', '.join(map(str, self.ends))} codes")
-        return self.ends.index(length) + 1
 
     def upsample(self, k: int, maps: torch.Tensor) -> torch.Tensor:
         """Scale k's code vectors (B, C, s, s) as they add into f_hat (B, C, S, S): bicubic to the grid, then phi."""
@@ -154,49 +148,72 @@ class MultiScaleQuantizer(nn.Module):
                              f"got shape {tuple(z.shape)}: its last scale must be the grid's side")
         return to_maps(z.float(), self.side)
 
+    # ---- the walk over the scales, written once ---------------------------------------------------------------
+    def _walk(self, maps: torch.Tensor, quantize: QuantizeScale) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]]:
+        """VAR's residual walk: at scale k the rest of the features (B, C, S, S), area-downsampled to the scale's
+        s x s tokens r, is quantized by quantize(k, r) -> (codes, their vectors); the vectors, upsampled and refined
+        by phi, add into f_hat and leave the rest. Returns each scale's (r, codes, f_hat after it), f_hat with
+        phi's gradient."""
+        rest, f_hat, steps = maps, torch.zeros_like(maps), []
+        for k, side in enumerate(self.scales):
+            r = to_tokens(area(rest, side))
+            codes, vectors = quantize(k, r)
+            h = self.upsample(k, to_maps(vectors.detach().float(), side))  # phi's gradient flows from here
+            f_hat, rest = f_hat + h, rest - h.detach()
+            steps.append((r, codes, f_hat))
+        return steps
+
+    def _nearest(self, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One scale's greedy step under the codebooks as they are."""
+        codes = self.codebook(k).encode(r)
+        return codes, self.codebook(k).lookup(codes)
+
+    def prefix_sums(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L') codes of the first scales -> f_hat (B, C, S, S) after each of them (VAR's teacher forcing)."""
+        sums = []
+        for k, (maps, side) in enumerate(zip(self.layout.split(indices), self.scales, strict=False)):
+            h = self.upsample(k, to_maps(self.codebook(k).lookup(maps.flatten(1)).float(), side))
+            sums.append(h if not sums else sums[-1] + h)
+        return sums
+
     # ---- training: EMA updates, losses ------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor):
-        """(B, S * S, C) tokens -> (z_q: the sum of the scales' upsampled codes, straight-through; losses; (B, L))."""
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """(B, S * S, C) tokens -> z_q (the sum of the scales' upsampled codes, straight-through) and (B, L) codes."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            features = rest = self._maps(z.detach())
-            total = torch.zeros_like(rest)
-            level_losses, indices, residuals, prefix_errors = [], [], [], []
-            for k, side in enumerate(self.scales):
-                r = to_tokens(area(rest, side))
+            features = self._maps(z.detach())
+            outputs = []
+
+            def quantize(k: int, r: torch.Tensor):
                 level = self.codebook(k)
                 if self.shared:  # one EMA update below, over every scale's residuals
-                    idx = level.encode(r)
-                    q = level.lookup(idx) if bool(level.initialized) else torch.zeros_like(r)
-                    residuals.append(r)
-                else:
-                    level.gathers = k == 0 or bool(self.levels[k - 1].initialized)
-                    q, losses, idx = level(r)
-                    level_losses.append(losses)
-                h = self.upsample(k, to_maps(q.detach().float(), side))  # phi's gradient flows from here
-                total, rest = total + h, rest - h.detach()
-                indices.append(idx)
-                if self.phi is not None:
-                    prefix_errors.append(F.mse_loss(total, features))
+                    codes = level.encode(r)
+                    return codes, level.lookup(codes) if level.started else torch.zeros_like(r)
+                outputs.append(level(r, may_start=k == 0 or self.levels[k - 1].started))
+                return outputs[-1].indices, outputs[-1].z_q
+
+            steps = self._walk(features, quantize)
             if self.shared:
-                started = bool(self.levels[0].initialized)
-                level_losses.append(self.levels[0](torch.cat(residuals, dim=1))[1])
+                started = self.levels[0].started
+                outputs.append(self.levels[0](torch.cat([r for r, _, _ in steps], dim=1)))
                 if self.training:  # the codebook moved (a start on the first batches is a fit)
                     self._pin_zero(fitted=not started)
-            total = to_tokens(total)
+            total = to_tokens(steps[-1][2])
             commitment = F.mse_loss(z.float(), total.detach())  # phi learns from phi_loss and the decoder (VAR's)
             z_q = total + (z.float() - z.float().detach())  # forward: exactly the sum; gradient: identity
-            losses = combine_losses(level_losses, commitment, self.commitment_cost)
+            indices = torch.cat([codes for _, codes, _ in steps], 1)
+            out = QuantizerOutput.of_codebooks(z_q.to(z.dtype), indices, commitment, self.commitment_cost, outputs)
             if self.phi is not None:  # VAR's term for phi: every prefix's f_hat near the features
-                losses["phi_loss"] = torch.stack(prefix_errors).mean()
-                losses["vq_loss"] = losses["vq_loss"] + losses["phi_loss"]
-        return z_q.to(z.dtype), losses, torch.cat(indices, 1)
+                out.extra["phi_loss"] = torch.stack([F.mse_loss(f_hat, features) for _, _, f_hat in steps]).mean()
+                out.loss = out.loss + out.extra["phi_loss"]
+        return out
 
     @torch.no_grad()
     def _pin_zero(self, fitted: bool = False) -> None:
         """A shared codebook's code 0 back at zero after its EMA update or restarts (its hits still count); after a
         fit, the code nearest zero becomes code 0 first, so that no fitted code is lost to the pin."""
         level = self.levels[0]
-        if not bool(level.initialized):
+        if not level.started:
             return
         if fitted:
             nearest = int(level.embedding.norm(dim=1).argmin())
@@ -207,34 +224,15 @@ class MultiScaleQuantizer(nn.Module):
         level.ema_embed_sum[0] = 0
 
     # ---- codes ------------------------------------------------------------------------------------------------
-    def _subtract_codes(self, rest: torch.Tensor, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One greedy step: the codes of scale k's residual tokens r (B, s * s, C), and rest (B, C, S, S) without
-        their upsampled vectors."""
-        idx = self.codebook(k).encode(r)
-        return idx, rest - self.upsample(k, to_maps(self.codebook(k).lookup(idx), self.scales[k]))
-
-    def _greedy(self, maps: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every scale's residual tokens (B, s * s, C) and codes (B, s * s) under the codebooks as they are."""
-        rest, residuals, indices = maps, [], []
-        for k, side in enumerate(self.scales):
-            residuals.append(to_tokens(area(rest, side)))
-            idx, rest = self._subtract_codes(rest, k, residuals[-1])
-            indices.append(idx)
-        return residuals, indices
-
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, S * S, C) tokens -> (B, L) codes, never updating a codebook."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return torch.cat(self._greedy(self._maps(z))[1], 1)
+            return torch.cat([codes for _, codes, _ in self._walk(self._maps(z), self._nearest)], 1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, L') codes of the first scales -> (B, S * S, C): the sum of their upsampled vectors."""
-        total = None
-        for k, (maps, side) in enumerate(zip(self.split(indices), self.scales, strict=False)):
-            h = self.upsample(k, to_maps(self.codebook(k).lookup(maps.flatten(1)), side))
-            total = h if total is None else total + h
-        return to_tokens(total)
+        return to_tokens(self.prefix_sums(indices)[-1])
 
     # ---- offline fit ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -250,31 +248,29 @@ class MultiScaleQuantizer(nn.Module):
         maps = to_maps(samples.float().reshape(-1, n, self.embedding_dim), self.side)
         per_update = tokens_per_update / n  # grids per update
         if not self.shared:
-            rest, results = maps, []
-            for k, (side, level) in enumerate(zip(self.scales, self.levels, strict=True)):
-                r = to_tokens(area(rest, side))  # (grids, side * side, C)
+            results = []
+
+            def fit_then_quantize(k: int, r: torch.Tensor):
+                side = self.scales[k]
                 if r.shape[0] * side * side < self.num_embeddings:  # coarse scales: one token per grid at 1 x 1
                     raise ValueError(f"the multi-scale fit has {r.shape[0] * side * side} tokens at scale {side}x"
                                      f"{side} for the {self.num_embeddings} codes of its own codebook: fit whole "
                                      f"grids of at least {-(-self.num_embeddings // (side * side))} images "
                                      f"(codebook_fit.images), or share one codebook (quantizer.shared_codebook=true)")
-                results += level.fit(r.reshape(-1, self.embedding_dim), iters, per_update * side * side, seed + k)
-                _, rest = self._subtract_codes(rest, k, r)
+                results.extend(self.levels[k].fit(r.reshape(-1, self.embedding_dim), iters, per_update * side * side,
+                                                  seed + k))
+                return self._nearest(k, r)
+
+            self._walk(maps, fit_then_quantize)
             return results
         level, residuals = self.levels[0], [to_tokens(area(maps, side)) for side in self.scales]
         for round_ in range(FIT_ROUNDS):
             if round_:  # the residuals the codebook of the round before leaves
-                residuals = self._greedy(maps)[0]
+                residuals = [r for r, _, _ in self._walk(maps, self._nearest)]
             results = level.fit(torch.cat(residuals, 1).reshape(-1, self.embedding_dim), iters,
                                 per_update * self.length, seed + round_)
             self._pin_zero(fitted=True)
         return results
 
 
-def default_scales(side: int) -> list[int]:
-    """VAR's schedule for a 16 x 16 grid (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), scaled to another side."""
-    var = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    return sorted({max(1, min(side, math.ceil(s * side / 16))) for s in var} | {side})
-
-
-__all__ = ["MultiScaleQuantizer", "area", "bicubic", "default_scales"]
+__all__ = ["MultiScaleQuantizer", "Phi"]

@@ -1,0 +1,39 @@
+"""The quantizer kinds, one module each, and their registry: `quantizer.kind` names a class of QUANTIZERS.
+
+    single      one EMA codebook                           codes (h, w)          single.py
+    residual    `depth` codebooks on what the ones before    codes (h, w, depth)   residual.py
+                them leave
+    grouped     the channels in `groups` slices, a codebook  codes (h, w, groups)  grouped.py
+                each
+    multiscale  VAR's residual scales on the grid            codes (L,)            multiscale.py
+    none        no codebook: the latent as it is (RAE)       no codes              none.py
+
+A new kind is a module with a Quantizer subclass (the contract: base.py) and one line below; the config's choices,
+the commands, the exports, the card and the end-to-end test (tests/test_quantizer_registry.py) follow from here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import CodeLayout, Quantizer, QuantizerOutput
+from .grouped import GroupedQuantizer
+from .multiscale import MultiScaleQuantizer
+from .none import NoQuantizer
+from .residual import ResidualQuantizer
+from .single import VectorQuantizer
+
+if TYPE_CHECKING:
+    from ..config import QuantizerConfig
+
+QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (
+    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, NoQuantizer)}
+
+
+def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
+    """The quantizer of config.kind for latents of embedding_dim channels."""
+    return QUANTIZERS[config.kind](config, embedding_dim)
+
+
+__all__ = ["QUANTIZERS", "CodeLayout", "GroupedQuantizer", "MultiScaleQuantizer", "NoQuantizer", "Quantizer",
+           "QuantizerOutput", "ResidualQuantizer", "VectorQuantizer", "build_quantizer"]
