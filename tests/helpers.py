@@ -9,6 +9,7 @@ import torch
 
 from stage1.model.tiny import ENCODER_CLS, TINY_FAMILIES, save_tiny_encoder
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: scripts/, README.md
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 IMAGE_SIZE = 32
 # Deliberately unusual statistics, to show they are read from the checkpoint's preprocessor_config.json.

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from stage1 import DECODER_PRESETS, DecoderConfig, ViTDecoder, load_decoder_config
-from stage1.model.config import DECODER_CONFIG_DIR
+from stage1.model.presets import DECODER_CONFIG_DIR
 
 
 def test_output_size_is_grid_times_decoder_patch():

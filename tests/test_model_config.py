@@ -10,7 +10,9 @@ import yaml
 from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
 
 from stage1 import VQRAE, DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig
-from stage1.model.config import CONFIG_DIR, KEYWORDS, SECTIONS
+from stage1.model.config import SECTIONS
+from stage1.model.keywords import KEYWORDS
+from stage1.model.presets import CONFIG_DIR
 from stage1.train.config import DataConfig, load_run_config
 from stage1.train.losses import LossConfig
 
@@ -162,8 +164,8 @@ def test_json_and_yaml_syntax_errors_name_their_file(tmp_path, dinov2_dir):
     the file that is broken."""
     import shutil
 
-    from stage1.model.config import load_decoder_config
     from stage1.model.encoders import build_encoder
+    from stage1.model.keywords import load_decoder_config
 
     (tmp_path / "decoder.json").write_text('{"hidden_size": 64,')
     with pytest.raises(ValueError, match=r"decoder.json is not valid JSON"):

@@ -9,14 +9,13 @@ import textwrap
 
 import pytest
 import torch
+from helpers import REPO_ROOT, step_logs, torchrun, train_metrics
 from helpers import run_training as run
-from helpers import step_logs, torchrun, train_metrics
 from safetensors.torch import load_file
 
 from stage1.cli.train import main as train_main
 from stage1.train import trainer
 from stage1.train.checkpoint import checkpoint_files, list_checkpoints, missing_files
-from stage1.train.config import REPO_ROOT
 from stage1.train.trainer import Trainer
 
 SHORT = ("train.steps=4", "train.ckpt_every=100", "train.sample_every=null", "train.report_reconstructions=false")

@@ -220,7 +220,7 @@ def test_training_a_continuous_model(train_images, tmp_path):
 
 def test_rae_presets_are_raes_decoder_configs(tmp_path):
     """decoder=rae_vit_xl (and _b, _l) is what rae_decoder_config makes of RAE's ViT-MAE config files."""
-    from stage1.model.config import load_decoder_config
+    from stage1.model.keywords import load_decoder_config
 
     sizes = {"b": (768, 12, 12, 3072), "l": (1024, 24, 16, 4096), "xl": (1152, 28, 16, 4096)}  # RAE's files
     for name, (hidden, layers, heads, intermediate) in sizes.items():

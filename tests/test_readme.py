@@ -50,7 +50,7 @@ def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypat
 
 def test_the_keyword_table_lists_every_keyword_vqrae_takes():
     """VQRAE(**keywords)'s documented API: each flat name of stage1.model.config.KEYWORDS is in the README's table."""
-    from stage1.model.config import KEYWORDS
+    from stage1.model.keywords import KEYWORDS
 
     text = readme()
     table = text[text.index("| keyword | config field |"):].split("\n\n", 1)[0]

@@ -10,14 +10,13 @@ import time
 
 import pytest
 import torch
+from helpers import REPO_ROOT, smooth_images, step_logs, tiny_vqrae, torchrun
 from helpers import run_training as run
-from helpers import smooth_images, step_logs, tiny_vqrae, torchrun
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
 from stage1.data.datasets import ImageDataset, build_transform
 from stage1.train.checkpoint import latest_checkpoint, list_checkpoints
-from stage1.train.config import REPO_ROOT
 from stage1.train.losses import LossConfig
 
 

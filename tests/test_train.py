@@ -5,14 +5,14 @@ import urllib.error
 
 import pytest
 import torch
+from helpers import REPO_ROOT, step_logs, torchrun, train_metrics
 from helpers import run_training as run
-from helpers import step_logs, torchrun, train_metrics
 from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 from stage1 import VQRAE
 from stage1.data.datasets import ImageDataset, build_transform, find_images
-from stage1.train.config import REPO_ROOT, load_run_config
+from stage1.train.config import load_run_config
 from stage1.train.losses import adaptive_weight, build_lpips
 from stage1.train.trainer import train
 

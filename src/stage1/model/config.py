@@ -11,28 +11,23 @@
 Field names are the hydra keys, one to one, so a value has one name from the command line to the module that
 uses it (`quantizer.decay=0.95` is `config.quantizer.decay` is `VectorQuantizer.decay`). Every value is checked
 once, here, when a config is made (stage1.base.config_section: types first, then each section's `check`).
-`VQRAE(...)`'s flat keyword names map onto these fields through `KEYWORDS`, the only table of second names.
+`VQRAE(...)`'s flat keyword names map onto these fields through stage1.model.keywords.KEYWORDS, the only table of
+second names; the decoder presets are stage1.model.presets'.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..base.atomic import read_json, write_json
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_CODES, MAX_IMAGE_SIDE, transformer_weights_at_least
 from .encoders import encoder_options
+from .presets import DECODER_PRESETS
 from .quantizers import QUANTIZERS
 from .quantizers.scales import VAR_SCALES
-
-# This file is REPO_ROOT/src/stage1/model/config.py.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
-DECODER_CONFIG_DIR = os.path.join(CONFIG_DIR, "decoder")
 
 
 @dataclass
@@ -147,96 +142,6 @@ class DecoderConfig(ConfigSection):
         return transformer_weights_at_least(self.num_hidden_layers, self.hidden_size, self.intermediate_size) + head
 
 
-def _read_mapping(path: str) -> dict:
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"{path} is not valid YAML: {err}") from None
-    else:
-        values = read_json(path)
-    if not isinstance(values, dict):
-        raise ValueError(f"decoder config {path} must hold a mapping, got {type(values).__name__}")
-    return values
-
-
-def _is_vit_mae_config(path: str) -> bool:
-    return path.endswith(".json") and "decoder_hidden_size" in _read_mapping(path)  # RAE's, not a DecoderConfig
-
-
-def _decoder_presets() -> dict[str, dict]:
-    if not os.path.isdir(DECODER_CONFIG_DIR):
-        return {}
-    names = sorted(n for n in os.listdir(DECODER_CONFIG_DIR) if n.endswith(".yaml"))
-    return {os.path.splitext(n)[0]: _read_mapping(os.path.join(DECODER_CONFIG_DIR, n)) for n in names}
-
-
-DECODER_PRESETS: dict[str, dict] = _decoder_presets()  # tiny, small, vit_b, vit_l, vit_xl (RAE's XL decoder)
-
-
-def _preset(name: str) -> dict:
-    if not DECODER_PRESETS:
-        raise FileNotFoundError(f"the decoder presets live in {DECODER_CONFIG_DIR}, which is missing: install "
-                                f"vqrae from its repository (pip install -e .), or pass a decoder config file")
-    return dict(DECODER_PRESETS[name])
-
-
-def load_decoder_config(source: str | dict | DecoderConfig | None, **overrides) -> DecoderConfig:
-    """A DecoderConfig from a preset name, a .json/.yaml path, a dict, or None (vit_b); overrides win. A dict or
-    file that gives only some sizes takes the others from vit_b. RAE's decoder configs (a ViT-MAE config.json, or
-    the directory holding one, as RAE's configs/decoder/ViTXL) give RAE's decoder, in RAE's layout."""
-    if isinstance(source, DecoderConfig):
-        values = source.to_dict()
-    elif isinstance(source, dict):
-        values = {**_preset("vit_b"), **source}
-    elif source is None or source in DECODER_PRESETS:
-        values = _preset(source or "vit_b")
-    elif os.path.isdir(source) or (os.path.isfile(source) and _is_vit_mae_config(source)):
-        from .rae import rae_decoder_config  # stage1.model.rae imports this module
-
-        values = rae_decoder_config(source).to_dict()
-    elif os.path.isfile(source):
-        values = {**_preset("vit_b"), **_read_mapping(source)}
-    else:
-        raise ValueError(
-            f"decoder config '{source}' is neither a preset ({', '.join(DECODER_PRESETS)}), nor an existing "
-            f".json/.yaml file, nor a directory holding RAE's ViT-MAE config.json"
-        )
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return DecoderConfig.from_dict(values)
-
-
-# VQRAE(...)'s flat keyword names -> (section, field) of VQRAEConfig: the documented API. The encoder, decoder and
-# latent names are those of RAE's stage-1 YAML; the quantizer's are this package's own.
-# `decoder_config_path` is not a field but a source: a preset name, a .json/.yaml file or a dict.
-KEYWORDS: dict[str, tuple[str | None, str]] = {
-    "encoder_cls": ("encoder", "cls"),
-    "encoder_config_path": ("encoder", "path"),
-    "encoder_input_size": ("encoder", "input_size"),
-    "encoder_params": ("encoder", "params"),
-    "decoder_patch_size": ("decoder", "patch_size"),
-    "quantizer_kind": ("quantizer", "kind"),
-    "num_embeddings": ("quantizer", "num_embeddings"),
-    "commitment_cost": ("quantizer", "commitment_cost"),
-    "vq_decay": ("quantizer", "decay"),
-    "vq_epsilon": ("quantizer", "epsilon"),
-    "restart_window": ("quantizer", "restart_window"),
-    "scales": ("quantizer", "scales"),
-    "shared_codebook": ("quantizer", "shared_codebook"),
-    "phi": ("quantizer", "phi"),
-    "noise_tau": (None, "noise_tau"),
-    "reshape_to_2d": (None, "reshape_to_2d"),
-    "normalization_stat_path": (None, "normalization_stat_path"),
-    "eps": (None, "normalization_eps"),
-    "pretrained_decoder_path": (None, "pretrained_decoder_path"),
-}
-# The keys RAE's encoder classes take their checkpoint under (Dinov2withNorm: dinov2_path; SigLIP2wNorm and MAEwNorm:
-# model_name): the same checkpoint as encoder_config_path, which RAE reads the image mean / std from.
-RAE_ENCODER_PATH_KEYS = ("dinov2_path", "model_name")
-RAE_UNUSED_ENCODER_PARAMS = ("num_tokens",)  # SigLIP2wNorm stores it and never reads it
 SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": DecoderConfig}
 
 
@@ -244,7 +149,7 @@ SECTIONS = {"encoder": EncoderConfig, "quantizer": QuantizerConfig, "decoder": D
 class VQRAEConfig(ConfigSection):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    decoder: DecoderConfig = field(default_factory=lambda: load_decoder_config("vit_b"))
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.from_dict(DECODER_PRESETS["vit_b"]))
     noise_tau: float = 0.0  # RAE's latent noise: sigma ~ U(0, noise_tau) per image, on the raw latent, in training
     normalization_stat_path: str | None = None  # latent mean/var, [C] or [C, h, w] (safetensors or RAE's stat.pt);
     # read when the model is built, then saved in its weights (as std = sqrt(var + normalization_eps))
@@ -267,44 +172,3 @@ class VQRAEConfig(ConfigSection):
             return cls.from_dict(read_json(path))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-
-    def with_keywords(self, **keywords) -> "VQRAEConfig":
-        """A copy with values given by VQRAE's flat keyword names, e.g. encoder_config_path=<local dir>."""
-        unknown = sorted(set(keywords) - set(KEYWORDS) - {"decoder_config_path"})
-        if unknown:
-            raise TypeError(f"unknown VQRAE keyword arguments {unknown}; expected some of "
-                            f"{sorted([*KEYWORDS, 'decoder_config_path'])}")
-        sections = {name: getattr(self, name).to_dict() for name in SECTIONS}
-        if "decoder_config_path" in keywords:
-            sections["decoder"] = load_decoder_config(keywords["decoder_config_path"]).to_dict()
-        if "encoder_params" in keywords:
-            keywords = {**keywords, **_from_rae_encoder_params(keywords)}
-        top = {}
-        for keyword, value in keywords.items():
-            if keyword == "decoder_config_path" or (keyword == "decoder_patch_size" and value is None):
-                continue
-            section, name = KEYWORDS[keyword]
-            (sections[section] if section else top)[name] = value
-        return VQRAEConfig.from_dict({**self.to_dict(), **sections, **top})
-
-    @classmethod
-    def from_kwargs(cls, **keywords) -> "VQRAEConfig":
-        return cls().with_keywords(**keywords)
-
-
-def _from_rae_encoder_params(keywords: dict) -> dict:
-    """RAE's encoder_params hold the encoder's checkpoint too (dinov2_path, model_name): it becomes
-    encoder_config_path, the one path of the encoder here (weights, config and image mean / std)."""
-    params = keywords["encoder_params"]
-    if not isinstance(params, Mapping):  # a dict, or OmegaConf's DictConfig (RAE's instantiate_from_config)
-        return {}  # EncoderConfig names the expected type
-    paths = {key: params[key] for key in RAE_ENCODER_PATH_KEYS if key in params}
-    given = keywords.get("encoder_config_path")
-    named = set(paths.values()) | ({given} if given is not None else set())
-    if len({os.path.normpath(str(path)) for path in named}) > 1:  # "enc" and "enc/" are one folder
-        raise ConfigError(f"encoder_config_path and encoder_params {paths} name different checkpoints "
-                          f"{sorted(map(str, named))}; RAE reads its weights from the one and its image mean / std "
-                          f"from the other, vqrae both from one: give the same path")
-    rest = {k: v for k, v in params.items() if k not in RAE_ENCODER_PATH_KEYS + RAE_UNUSED_ENCODER_PARAMS}
-    path = given if given is not None else next(iter(paths.values()), None)
-    return {"encoder_params": rest, **({"encoder_config_path": path} if path is not None else {})}

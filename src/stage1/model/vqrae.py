@@ -32,6 +32,7 @@ from ..base.tensor_files import read_tensor_file, tensor_elements
 from .config import VQRAEConfig
 from .decoder import ViTDecoder
 from .encoders import build_encoder, may_be_on_hub
+from .keywords import config_with_keywords
 from .latent_stats import read_latent_stats
 from .quantizers import build_quantizer
 from .rae import load_rae_decoder
@@ -72,13 +73,13 @@ def square_grid(n: int) -> tuple[int, int]:
 
 
 class VQRAE(nn.Module):
-    """VQRAE(config), or VQRAE(**keywords) with the flat names of RAE (see stage1.model.config.KEYWORDS):
+    """VQRAE(config), or VQRAE(**keywords) with the flat names of RAE (see stage1.model.keywords.KEYWORDS):
     VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="facebook/dinov2-base", num_embeddings=8192, ...)."""
 
     def __init__(self, config: VQRAEConfig | None = None, **keywords):
         super().__init__()
         if config is None:
-            config = VQRAEConfig.from_kwargs(**keywords)
+            config = config_with_keywords(VQRAEConfig(), **keywords)
         elif keywords:
             raise TypeError("pass either a VQRAEConfig or keyword arguments, not both")
         self.config = config
@@ -352,7 +353,7 @@ class VQRAE(nn.Module):
         weights_file = cls._resolve(path, weights_name, hub)
         if config.encoder.path == ENCODER_SUBDIR and "encoder_config_path" not in keywords:
             config.encoder = dataclasses.replace(config.encoder, path=cls._encoder_inside(path, hub))
-        config = config.with_keywords(**keywords)
+        config = config_with_keywords(config, **keywords)
         # Nothing is built from config.json's sizes before its weights are known to be that large.
         needed = config.decoder.parameters_at_least() + config.quantizer.weights_at_least()
         held = tensor_elements(weights_file, "model weights")

@@ -29,12 +29,13 @@ from omegaconf.errors import MissingMandatoryValue
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_IMAGE_SIDE
 from ..base.precision import PRECISIONS
-from ..model.config import CONFIG_DIR, REPO_ROOT, VQRAEConfig
+from ..model.config import VQRAEConfig
 from ..model.kmeans import LLOYD_ITERS
+from ..model.presets import ASSETS_DIR, CONFIG_DIR
 from .losses import LossConfig
 
-OmegaConf.register_new_resolver("repo_root", lambda: REPO_ROOT, replace=True)
-__all__ = ["CONFIG_DIR", "REPO_ROOT", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
+OmegaConf.register_new_resolver("assets_dir", lambda: ASSETS_DIR, replace=True)  # the photos shipped in the package
+__all__ = ["CONFIG_DIR", "RunConfig", "TrainConfig", "DataConfig", "CodebookFitConfig", "InitConfig",
            "check_files", "compose_tree", "load_run_config", "run_config"]
 MODEL_KEYS = ("encoder", "quantizer", "decoder", "noise_tau", "normalization_stat_path", "normalization_eps",
               "pretrained_decoder_path")  # the model in the tree
