@@ -813,7 +813,7 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     then loads the same model through from_pretrained's Hub path."""
     import huggingface_hub
 
-    import stage1.model.vqrae
+    import stage1.model.pretrained
     from stage1.cli import push
 
     hub, calls = tmp_path / "hub", []
@@ -845,7 +845,7 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     assert f"| PSNR (dB) | {results['psnr']:.4g} |" in card and "(samples.png)" in card
     # The repo id, through the Hub path of from_pretrained (files and the encoder folder served from the upload).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a Hub to ask, faked below
-    monkeypatch.setattr(stage1.model.vqrae, "cached_file", lambda repo_id, name, **_: str(hub / repo_id / name))
+    monkeypatch.setattr(stage1.model.pretrained, "cached_file", lambda repo_id, name, **_: str(hub / repo_id / name))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, **_: str(hub / repo_id))
     loaded, original = VQRAE.from_pretrained("someone/tiny").eval(), VQRAE.from_pretrained(model_dir).eval()
     x = images_as_model_sees_them(image_dir, ["rgb.jpg", "alpha.png"])

@@ -96,9 +96,8 @@ def test_every_kind_fits_each_of_its_codebooks(dinov2_dir, kind):
 
 
 def test_one_default_for_the_lloyd_iterations():
-    """Training's codebook_fit.iters, vqrae-fit-codebook's --iters and a first batch's k-means: one number."""
+    """Training's codebook_fit, vqrae-fit-codebook's flags and a first batch's k-means: one source of defaults."""
+    from stage1.base.codebook_start import LLOYD_ITERS, CodebookFitConfig
     from stage1.cli.arguments import fit_codebook_parser
-    from stage1.model.kmeans import LLOYD_ITERS
-    from stage1.train.config import CodebookFitConfig
 
     assert fit_codebook_parser().get_default("iters") == CodebookFitConfig().iters == LLOYD_ITERS

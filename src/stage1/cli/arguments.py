@@ -9,6 +9,7 @@ import importlib
 import sys
 from functools import partial
 
+from ..base.codebook_start import CodebookFitConfig
 from ..base.limits import MAX_IMAGE_SIDE
 
 INDEX_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")  # what vqrae-tokenize's shards may be stored as
@@ -244,8 +245,8 @@ def latent_stats_parser() -> argparse.ArgumentParser:
 FIT_CODEBOOK_HELP = """\
 vqrae-fit-codebook: fit a model's codebook to the latents of an image folder (k-means), and save the model.
 
-    vqrae-fit-codebook --model results/run/final --data /data/train --out fitted/ [--images 20000]
-        [--tokens-per-image 64] [--iters 20]
+    vqrae-fit-codebook --model results/run/final --data /data/train --out fitted/ [--images N]
+        [--tokens-per-image N] [--iters N]
     torchrun --standalone --nproc_per_node=8 -m stage1.cli.fit_codebook --model ... --data ... --out ...
 
 Images are sampled from the folder (a seeded draw of --images), resized and center-cropped to the model's size,
@@ -261,10 +262,13 @@ def fit_codebook_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_input_args(parser)
     parser.add_argument("--out", required=True, help="folder for the model with the fitted codebook")
-    parser.add_argument("--images", type=positive_int, default=20000,
-                        help="images to sample (all, if the folder has fewer)")
-    parser.add_argument("--tokens-per-image", type=positive_int, default=64, help="random latent tokens kept per image")
-    parser.add_argument("--iters", type=non_negative_int, default=20, help="Lloyd iterations")
+    fit = CodebookFitConfig()  # training's codebook_fit defaults: one source
+    parser.add_argument("--images", type=positive_int, default=fit.images,
+                        help="images to sample (all, if the folder has fewer; default %(default)s)")
+    parser.add_argument("--tokens-per-image", type=positive_int, default=fit.tokens_per_image,
+                        help="random latent tokens kept per image (default %(default)s)")
+    parser.add_argument("--iters", type=non_negative_int, default=fit.iters,
+                        help="Lloyd iterations (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_args(parser, batch_size=32)
     return parser

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..base.codebook_start import LLOYD_ITERS
 from ..base.distributed import all_reduce_sum, broadcast_from_main, gather_rows, world_size
 from .search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
-
-LLOYD_ITERS = 20  # Lloyd iterations of every codebook start (training's codebook_fit.iters, a first batch's)
 
 
 @dataclass

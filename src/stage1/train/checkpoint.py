@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..base.atomic import atomic_path, plain_mode, write_yaml
 from ..base.tensor_files import read_tensor_file
 from ..model.config import VQRAEConfig
-from ..model.vqrae import CONFIG_NAME, WEIGHTS_NAME
+from ..model.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STALE_DIR = re.compile(r"^\.step-\d+\..*\.(tmp|old)$")

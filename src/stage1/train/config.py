@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from ..base.codebook_start import CodebookFitConfig
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_IMAGE_SIDE
 from ..base.precision import PRECISIONS
 from ..model.config import VQRAEConfig
-from ..model.kmeans import LLOYD_ITERS
 from ..model.presets import ASSETS_DIR, CONFIG_DIR
 from .losses import LossConfig
 
@@ -97,23 +97,6 @@ class DataConfig(ConfigSection):
         self.require(self.resize is None or 0 < self.resize <= MAX_IMAGE_SIDE, "resize",
                      f"null or from 1 to {MAX_IMAGE_SIDE}")
         self.require(self.num_workers >= 0, "num_workers", ">= 0")
-
-
-@dataclass
-class CodebookFitConfig(ConfigSection):
-    """How the codebook starts, the one rule: before step 0, k-means of real latents (stage1/train/codebook_fit.py), the
-    EMA going on from there. At least one sampled token per code is needed, or the run stops saying so."""
-
-    section = "codebook_fit"
-    images: int = 20000  # center-cropped images from data.path, split over ranks (all, if fewer); 0: the images
-    # of the first step instead (augmented, as training sees them)
-    tokens_per_image: int = 64  # random latent tokens kept per image
-    iters: int = LLOYD_ITERS  # Lloyd iterations (exact search)
-
-    def check(self):
-        self.require(self.images >= 0, "images", ">= 0 (0: the first step's images)")
-        self.require_positive("tokens_per_image")
-        self.require(self.iters >= 0, "iters", ">= 0")
 
 
 @dataclass
