@@ -156,8 +156,8 @@ def run_peer(kind: dict, k: int, stream, held_out, args) -> dict:
         q(batch.to(held_out.device).unsqueeze(0))
     q.eval()
     with torch.no_grad():
-        out = q(held_out.unsqueeze(0))
-    return scores(held_out, out.indices[0], out.z_q[0].float(), k)
+        recon, codes, _ = q(held_out.unsqueeze(0))  # vector-quantize-pytorch's (quantized, indices, loss)
+    return scores(held_out, codes[0], recon[0].float(), k)
 
 
 def targets(k: int, held_per_code: float, r: dict) -> list[list]:

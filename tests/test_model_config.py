@@ -177,3 +177,21 @@ def test_json_and_yaml_syntax_errors_name_their_file(tmp_path, dinov2_dir):
     (tmp_path / "encoder" / "preprocessor_config.json").write_text("{'image_mean': [0.5]}")
     with pytest.raises(ValueError, match=r"preprocessor_config.json is not valid JSON"):
         build_encoder("Dinov2withNorm", str(tmp_path / "encoder"))
+
+
+def test_a_saved_config_with_an_option_its_kind_never_read_still_loads(dinov2_dir, tmp_path):
+    """A config.json from before the kinds refused each other's options (shared_codebook on a single codebook was
+    saved and ignored): it loads with a warning naming them, and the same model; built fresh, it is refused."""
+    model = tiny_vqrae(dinov2_dir)
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    saved["quantizer"].update(shared_codebook=True, scales=[1, 2])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"\{'scales': \[1, 2\], 'shared_codebook': True\} are not options of "
+                                         r"quantizer.kind 'single'"):
+        loaded = VQRAE.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match=r"quantizer.scales must be \[1, 2, 3, 4, 5, 6, 8, 10, 13, 16\] with kind "
+                                         r"'single' \(an option of multiscale\), got \(1, 2\)"):
+        VQRAEConfig.from_dict(saved)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 
 from ..base.atomic import read_json, write_json
@@ -86,20 +87,24 @@ class QuantizerConfig(ConfigSection):
         self.require(0.0 <= self.decay < 1.0, "decay", "in [0, 1)")
         self.require(self.commitment_cost >= 0, "commitment_cost", ">= 0")
         self.require(self.restart_window >= 0, "restart_window", ">= 0 (0: never)")
-        kind = QUANTIZERS[self.kind]
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name in sorted({option for other in QUANTIZERS.values() for option in other.options} - set(kind.options)):
+        for name, default in self.foreign_options(self.kind).items():
             owners = [other.kind for other in QUANTIZERS.values() if name in other.options]
-            self.require(getattr(self, name) == defaults[name], name,
-                         f"{json.dumps(defaults[name])} with kind {self.kind!r} (an option of {', '.join(owners)})")
-        kind.check_options(self)
+            self.require(getattr(self, name) == default, name,
+                         f"{json.dumps(default)} with kind {self.kind!r} (an option of {', '.join(owners)})")
+        QUANTIZERS[self.kind].check_options(self)
+
+    @classmethod
+    def foreign_options(cls, kind: str) -> dict:
+        """The other kinds' own options, which `kind` does not read, with their defaults."""
+        own = set(QUANTIZERS[kind].options)
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls) if f.name not in own
+                and any(f.name in other.options for other in QUANTIZERS.values())}
 
     def for_kind(self, kind: str, **options) -> "QuantizerConfig":
         """The same common options for another kind, with that kind's own options at their defaults unless given
         (a kind made of single codebooks builds each from this)."""
-        own = {f.name: f.default for f in dataclasses.fields(self)
-               if any(f.name in other.options for other in QUANTIZERS.values())}
-        return dataclasses.replace(self, kind=kind, **{**own, **options})
+        return dataclasses.replace(self, kind=kind, **{**self.foreign_options(kind), **options})
 
     def weights_at_least(self) -> int:
         """A lower bound on the numbers the quantizer's saved state holds (checked against a weights file)."""
@@ -169,6 +174,22 @@ class VQRAEConfig(ConfigSection):
     @classmethod
     def load(cls, path: str) -> "VQRAEConfig":
         try:
-            return cls.from_dict(read_json(path))
+            return cls.from_dict(_without_foreign_options(read_json(path), path))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+
+def _without_foreign_options(values, path: str):
+    """A config.json written before the kinds refused each other's options may hold one that its kind never read
+    (a single codebook with shared_codebook: true): dropped, as the version that wrote it ignored it, with a warning."""
+    quantizer = values.get("quantizer") if isinstance(values, dict) else None
+    kind = quantizer.get("kind", "single") if isinstance(quantizer, dict) else None
+    if kind not in QUANTIZERS:
+        return values  # from_dict names what is wrong
+    foreign = {name: quantizer[name] for name, default in QuantizerConfig.foreign_options(kind).items()
+               if name in quantizer and quantizer[name] != (list(default) if isinstance(default, tuple) else default)}
+    if not foreign:
+        return values
+    warnings.warn(f"{path}: {foreign} are not options of quantizer.kind {kind!r}, which never read them; ignored",
+                  stacklevel=3)
+    return {**values, "quantizer": {k: v for k, v in quantizer.items() if k not in foreign}}

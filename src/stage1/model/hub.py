@@ -82,7 +82,8 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
     elif side:
         codes = f"{side}x{side} tokens x {layout.codes_per_position}: {bits}"
     else:
-        codes = f"{layout.codes_per_position} per encoder patch"
+        codes = "one per encoder patch" if layout.codes_per_position == 1 else \
+            f"{layout.codes_per_position} per encoder patch"
     rows = [("encoder (frozen)", f"`{c.encoder.cls}` from `{c.encoder.path}`, {c.encoder.input_size} px"),
             ("quantizer", model.quantizer.describe()), ("codes per image", codes),
             ("decoder", f"ViT, {d.num_hidden_layers} layers of width {d.hidden_size}, patch {d.patch_size}")]

@@ -64,7 +64,7 @@ class VARQuantizer(nn.Module):
         if len(self.v_patch_nums) == 1:
             return None
         codes = torch.cat([idx.reshape(idx.shape[0], -1) for idx in gt_ms_idx_Bl[:-1]], dim=1)
-        f_hats = self._quantizer[0].prefix_sums(codes)
+        f_hats = self._quantizer[0].prefix_sums(codes)  # one map at a time: each is the grid's size
         return torch.cat([to_tokens(area(f_hat, side)) for f_hat, side in zip(f_hats, self.v_patch_nums[1:],
                                                                              strict=True)], dim=1)
 

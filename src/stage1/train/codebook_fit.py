@@ -29,7 +29,7 @@ def encode_batches(model, batches: Iterable[torch.Tensor], precision_context=Non
 def sample_latents(token_batches: Iterable[torch.Tensor], tokens_per_image: int, generator: torch.Generator,
                    show_progress: bool = True, whole_grids: bool = False) -> torch.Tensor:
     """Up to `tokens_per_image` random tokens of each image's (N, D) latents. whole_grids (a quantizer that fits on
-    grids, stage1.model.multiscale): every token of a random share tokens_per_image / N of the images instead, the
+    grids, Quantizer.fits_whole_grids): every token of a random share tokens_per_image / N of the images instead, the
     same number of tokens in all, grid after grid."""
     rows = []
     for tokens in tqdm(token_batches, desc="latents for the codebook fit", unit="batch", disable=not show_progress):

@@ -294,9 +294,8 @@ class Trainer:
         if self.log is not None:
             self.log.write(0, summary, scalars=False)
             self.log.scalars(0, {"fit_distortion": result.distortion, "fit_codes_used": result.codes_used})
-            print(f"codebook fit: {len(result.results)} codebook(s) of {self.model.quantizer.num_embeddings} codes "
-                  f"from {result.tokens} latent tokens; squared error per token {result.distortion:.4f}; "
-                  f"{result.codes_used} codes used")
+            print(f"codebook fit: {self.model.quantizer.describe()}, from {result.tokens} latent tokens; squared "
+                  f"error per token {result.distortion:.4f}; {result.codes_used} codes used")
 
     def _log_step(self, logs: dict, images_per_sec: float) -> dict[str, float]:
         values = distributed.mean_over_ranks({k: float(v) for k, v in logs.items()}, self.device)

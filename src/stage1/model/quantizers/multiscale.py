@@ -32,7 +32,8 @@ whole scales decodes (a coarse-to-fine preview).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -149,33 +150,32 @@ class MultiScaleQuantizer(Levels, Quantizer):
         return to_maps(z.float(), self.side)
 
     # ---- the walk over the scales, written once ---------------------------------------------------------------
-    def _walk(self, maps: torch.Tensor, quantize: QuantizeScale) -> list[tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]]:
+    def _walk(self, maps: torch.Tensor, quantize: QuantizeScale) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]]:
         """VAR's residual walk: at scale k the rest of the features (B, C, S, S), area-downsampled to the scale's
         s x s tokens r, is quantized by quantize(k, r) -> (codes, their vectors); the vectors, upsampled and refined
-        by phi, add into f_hat and leave the rest. Returns each scale's (r, codes, f_hat after it), f_hat with
-        phi's gradient."""
-        rest, f_hat, steps = maps, torch.zeros_like(maps), []
+        by phi, add into f_hat and leave the rest. Yields each scale's (r, codes, f_hat after it), f_hat with phi's
+        gradient: a caller keeps what it needs (an f_hat is a grid-sized map; a fit's holds thousands of grids)."""
+        rest, f_hat = maps, None
         for k, side in enumerate(self.scales):
             r = to_tokens(area(rest, side))
             codes, vectors = quantize(k, r)
             h = self.upsample(k, to_maps(vectors.detach().float(), side))  # phi's gradient flows from here
-            f_hat, rest = f_hat + h, rest - h.detach()
-            steps.append((r, codes, f_hat))
-        return steps
+            f_hat, rest = h if f_hat is None else f_hat + h, rest - h.detach()
+            yield r, codes, f_hat
 
     def _nearest(self, k: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One scale's greedy step under the codebooks as they are."""
         codes = self.codebook(k).encode(r)
         return codes, self.codebook(k).lookup(codes)
 
-    def prefix_sums(self, indices: torch.Tensor) -> list[torch.Tensor]:
+    def prefix_sums(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
         """(B, L') codes of the first scales -> f_hat (B, C, S, S) after each of them (VAR's teacher forcing)."""
-        sums = []
+        f_hat = None
         for k, (maps, side) in enumerate(zip(self.layout.split(indices), self.scales, strict=False)):
             h = self.upsample(k, to_maps(self.codebook(k).lookup(maps.flatten(1)).float(), side))
-            sums.append(h if not sums else sums[-1] + h)
-        return sums
+            f_hat = h if f_hat is None else f_hat + h
+            yield f_hat
 
     # ---- training: EMA updates, losses ------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -192,19 +192,25 @@ class MultiScaleQuantizer(Levels, Quantizer):
                 outputs.append(level(r, may_start=k == 0 or self.levels[k - 1].started))
                 return outputs[-1].indices, outputs[-1].z_q
 
-            steps = self._walk(features, quantize)
+            residuals, codes, prefix_errors = [], [], []
+            for r, idx, f_hat in self._walk(features, quantize):
+                if self.shared:
+                    residuals.append(r)
+                codes.append(idx)
+                if self.phi is not None:  # VAR's term for phi: every prefix's f_hat near the features
+                    prefix_errors.append(F.mse_loss(f_hat, features))
             if self.shared:
                 started = self.levels[0].started
-                outputs.append(self.levels[0](torch.cat([r for r, _, _ in steps], dim=1)))
+                outputs.append(self.levels[0](torch.cat(residuals, dim=1)))
                 if self.training:  # the codebook moved (a start on the first batches is a fit)
                     self._pin_zero(fitted=not started)
-            total = to_tokens(steps[-1][2])
+            total = to_tokens(f_hat)
             commitment = F.mse_loss(z.float(), total.detach())  # phi learns from phi_loss and the decoder (VAR's)
             z_q = total + (z.float() - z.float().detach())  # forward: exactly the sum; gradient: identity
-            indices = torch.cat([codes for _, codes, _ in steps], 1)
-            out = QuantizerOutput.of_codebooks(z_q.to(z.dtype), indices, commitment, self.commitment_cost, outputs)
-            if self.phi is not None:  # VAR's term for phi: every prefix's f_hat near the features
-                out.extra["phi_loss"] = torch.stack([F.mse_loss(f_hat, features) for _, _, f_hat in steps]).mean()
+            out = QuantizerOutput.of_codebooks(z_q.to(z.dtype), torch.cat(codes, 1), commitment, self.commitment_cost,
+                                               outputs)
+            if self.phi is not None:
+                out.extra["phi_loss"] = torch.stack(prefix_errors).mean()
                 out.loss = out.loss + out.extra["phi_loss"]
         return out
 
@@ -232,7 +238,7 @@ class MultiScaleQuantizer(Levels, Quantizer):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, L') codes of the first scales -> (B, S * S, C): the sum of their upsampled vectors."""
-        return to_tokens(self.prefix_sums(indices)[-1])
+        return to_tokens(deque(self.prefix_sums(indices), maxlen=1)[0])
 
     # ---- offline fit ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -261,7 +267,8 @@ class MultiScaleQuantizer(Levels, Quantizer):
                                                   seed + k))
                 return self._nearest(k, r)
 
-            self._walk(maps, fit_then_quantize)
+            for _ in self._walk(maps, fit_then_quantize):  # each scale fitted before the next one's residuals
+                pass
             return results
         level, residuals = self.levels[0], [to_tokens(area(maps, side)) for side in self.scales]
         for round_ in range(FIT_ROUNDS):
