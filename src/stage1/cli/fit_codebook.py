@@ -57,7 +57,7 @@ def run(args) -> int:
         if info.is_main:
             model.save_pretrained(args.out)
             record = {"model": str(args.model), "data": str(args.data), "images": len(order), "image_size": size,
-                      "tokens": result.tokens, "codebook_size": model.quantizer.num_embeddings,
+                      "tokens": result.tokens, "codebook_size": model.layout.vocab_size,
                       "codebooks": len(result.results), "iters": args.iters, "distortion": result.distortion,
                       "kmeans_distortion": [r.distortion for r in result.results], "reseeded": result.reseeded,
                       "codes_used": result.codes_used, "skipped_on_rank0": skipped}

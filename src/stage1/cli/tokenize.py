@@ -97,7 +97,7 @@ def tokenize_shard(model, stream, size, args) -> tuple[np.ndarray, list[str], li
     empty = (0, views, *model.code_shape(size))
     array = torch.cat(codes).numpy() if codes else np.zeros(empty, dtype=np.int64)
     array = array[:, 0] if views == 1 else array
-    return array.astype(index_dtype(model.quantizer.num_embeddings, args.index_dtype)), kept, skipped
+    return array.astype(index_dtype(model.layout.vocab_size, args.index_dtype)), kept, skipped
 
 
 def run(args) -> int:
@@ -108,7 +108,7 @@ def run(args) -> int:
         device = info.device
         model = load_model(args, device, needs_codes=True)
         size = model_image_size(model, args.image_size)
-        index_dtype(model.quantizer.num_embeddings, args.index_dtype)  # fails before any work if it cannot fit
+        index_dtype(model.layout.vocab_size, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
         if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
             grid = (model.grid_side(size),) * 2
@@ -120,7 +120,7 @@ def run(args) -> int:
                 check_llamagen_labels([-1] * source.folders.unlabelled)
         run_record = {
             "model": str(args.model),
-            "codebook_size": model.quantizer.num_embeddings,
+            "codebook_size": model.layout.vocab_size,
             "image_size": size,
             "index_dtype": args.index_dtype,
             **source.record(),

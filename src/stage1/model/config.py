@@ -80,6 +80,9 @@ class QuantizerConfig(ConfigSection):
     # multiscale: VAR's phi, this many 3x3 convolutions refining the scales' upsampled maps, trained with the decoder
     # (VAR: 4, each serving the scales nearest its place; len(scales): one per scale); 0: none
     phi: int = 0
+    # fsq: the levels of each channel of the projection (its vocabulary is their product): [8, 5, 5, 5] 1000 codes,
+    # [8, 8, 8, 6, 5] 15360, [8, 8, 8, 5, 5, 5] 64000
+    levels: tuple[int, ...] = (8, 5, 5, 5)
 
     def check(self):
         self.require_positive("epsilon", "depth", "groups")

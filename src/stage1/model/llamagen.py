@@ -34,7 +34,7 @@ class LlamaGenTokenizer(nn.Module):
                              f"{model.quantizer.describe()}")
         self.model = model.eval()
         self.output_size = None if image_size is None else (image_size, image_size)
-        self.codebook_size = model.quantizer.num_embeddings  # LlamaGen's --codebook-size / --vocab-size
+        self.codebook_size = layout.vocab_size  # LlamaGen's --codebook-size / --vocab-size
         self.codebook_embed_dim = model.encoder.hidden_size  # its --codebook-embed-dim (qzshape[1])
 
     @classmethod

@@ -92,10 +92,10 @@ def fit_codebook(model, token_batches: Iterable[torch.Tensor], tokens_per_image:
         model.train(was_training)
     total = torch.tensor([float(latents.shape[0])], device=latents.device)
     all_reduce_sum(total)
-    k = model.quantizer.num_embeddings
-    if total.item() < k:
-        raise ValueError(f"the codebook fit sampled {int(total.item())} tokens for {k} codes: raise {more} (at "
-                         f"least one token per code)")
+    needed = model.quantizer.min_fit_tokens
+    if total.item() < needed:
+        raise ValueError(f"the codebook fit sampled {int(total.item())} tokens {model.quantizer.fit_tokens_for}: raise "
+                         f"{more} (at least {needed} tokens)")
     results = model.quantizer.fit(latents, iters, tokens_per_update, seed)
     return CodebookFit(
         tokens=int(total.item()),

@@ -222,7 +222,7 @@ class Trainer:
         window_start, window_images, last_logs = time.time(), 0, {}
         first_step, stopped_by = self.step, 0
         first = [next(data) for _ in range(t.grad_accum)]
-        if self.step == 0 and self.model.quantizer.fit_need == "kmeans":
+        if self.step == 0 and self.model.quantizer.fit_need == "offline":
             self._start_codebook(first)
         self.model.train()
         with StopSignals() as signals:

@@ -6,6 +6,8 @@
     grouped     the channels in `groups` slices, a codebook  codes (h, w, groups)  grouped.py
                 each
     multiscale  VAR's residual scales on the grid            codes (L,)            multiscale.py
+    fsq         finite scalar quantization of a learned      codes (h, w)          fsq.py
+                projection: no codebook
     none        no codebook: the latent as it is (RAE)       no codes              none.py
 
 A new kind is a module with a Quantizer subclass (the contract: base.py) and one line below; the config's choices,
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import CodeLayout, Quantizer, QuantizerOutput
+from .fsq import FSQuantizer
 from .grouped import GroupedQuantizer
 from .multiscale import MultiScaleQuantizer
 from .none import NoQuantizer
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from ..config import QuantizerConfig
 
 QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (
-    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, NoQuantizer)}
+    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, FSQuantizer, NoQuantizer)}
 
 
 def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
@@ -35,5 +38,5 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
     return QUANTIZERS[config.kind](config, embedding_dim)
 
 
-__all__ = ["QUANTIZERS", "CodeLayout", "GroupedQuantizer", "MultiScaleQuantizer", "NoQuantizer", "Quantizer",
-           "QuantizerOutput", "ResidualQuantizer", "VectorQuantizer", "build_quantizer"]
+__all__ = ["QUANTIZERS", "CodeLayout", "FSQuantizer", "GroupedQuantizer", "MultiScaleQuantizer", "NoQuantizer",
+           "Quantizer", "QuantizerOutput", "ResidualQuantizer", "VectorQuantizer", "build_quantizer"]

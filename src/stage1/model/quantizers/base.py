@@ -174,9 +174,9 @@ class Quantizer(nn.Module, ABC):
 
     kind: ClassVar[str]  # its quantizer.kind
     options: ClassVar[tuple[str, ...]] = ()  # the QuantizerConfig fields it reads besides the common ones
-    # How its codebooks start before training: "kmeans", an offline k-means fit of the frozen latents
-    # (stage1.train.codebook_fit: training before step 0, vqrae-fit-codebook); "none", nothing to fit.
-    fit_need: ClassVar[str] = "kmeans"
+    # How it starts before training: "offline", its fit on the frozen latents (k-means for a codebook; stage1.train.
+    # codebook_fit: training before step 0, vqrae-fit-codebook); "none", nothing to fit.
+    fit_need: ClassVar[str] = "offline"
     fits_whole_grids: ClassVar[bool] = False  # its fit takes whole grids of tokens, not tokens drawn from them
 
     @classmethod
@@ -208,6 +208,16 @@ class Quantizer(nn.Module, ABC):
     def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list:
         """An offline k-means start on latents (M, D); returns one stage1.model.kmeans.KMeansResult per codebook."""
         raise ValueError(f"quantizer.kind {self.kind!r} has no codebook to fit")
+
+    @property
+    def min_fit_tokens(self) -> int:
+        """The fewest latent tokens its fit takes: one per code by default."""
+        return self.num_embeddings
+
+    @property
+    def fit_tokens_for(self) -> str:
+        """What those tokens are for, in the error that asks for more."""
+        return f"for {self.num_embeddings} codes"
 
     @property
     def started(self) -> bool:

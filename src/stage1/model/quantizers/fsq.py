@@ -1,0 +1,165 @@
+"""quantizer.kind fsq: finite scalar quantization (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple",
+2023) on the frozen features, with no codebook to collapse.
+
+    z (..., D) --in_proj--> h (..., d) --bound--> each channel i in (-L_i / 2, L_i / 2) --round--> an integer grid
+               --/ (L_i // 2)--> codes in [-1, 1]^d --out_proj--> z_q (..., D)
+
+d = len(quantizer.levels); a token's code is the mixed-radix number of its d digits, so the vocabulary is
+prod(levels) ([8, 5, 5, 5] = 1000, [8, 8, 8, 6, 5] = 15360, [8, 8, 8, 5, 5, 5] = 64000). Rounding passes the
+gradient straight through (FSQ's round_ste). The two projections are trained by gradient with the decoder (the
+contract's trained_parameters) and by `loss` = commitment_cost * ||z_q - z||^2, which keeps z_q on the encoder's
+latent (the decoder, RAE's, paints from there; the encoder is frozen, so nothing is committed to the codes).
+
+The offline fit (before step 0, as the codebooks' k-means) starts them where a linear code can do best: in_proj on
+the d principal directions of the latents, each whitened to unit variance (the bound's steep part), and out_proj the
+least-squares map back from the codes, over every rank's samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...base.distributed import all_reduce_sum
+from ...base.limits import MAX_CODES
+from ..kmeans import KMeansResult
+from .base import CodeLayout, Quantizer, QuantizerOutput
+
+if TYPE_CHECKING:
+    from ..config import QuantizerConfig
+
+BOUND_EPS = 1e-3  # FSQ's: the bound stays inside the outer levels' rounding interval
+MAX_FSQ_CHANNELS = 64
+RIDGE = 1e-4  # relative ridge of the least-squares out_proj (codes that barely vary stay solvable)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Rounded in the forward pass, the identity in the backward pass."""
+    return x + (x.round() - x).detach()
+
+
+class FSQuantizer(Quantizer):
+    kind = "fsq"
+    options = ("levels",)
+
+    @classmethod
+    def check_options(cls, config: QuantizerConfig) -> None:
+        levels = config.levels
+        config.require(1 <= len(levels) <= MAX_FSQ_CHANNELS and all(level >= 2 for level in levels)
+                       and math.prod(levels) <= MAX_CODES, "levels",
+                       f"1 to {MAX_FSQ_CHANNELS} levels of at least 2 whose product (the vocabulary) is at most "
+                       f"{MAX_CODES:,}, e.g. [8, 5, 5, 5] (1000 codes), [8, 8, 8, 6, 5] (15360), [8, 8, 8, 5, 5, 5]")
+
+    @classmethod
+    def weights_at_least(cls, config: QuantizerConfig) -> int:
+        return len(config.levels)  # its projections hold at least 2 D d; d is the least it can be told apart by
+
+    def __init__(self, config: QuantizerConfig, embedding_dim: int):
+        super().__init__()
+        levels = torch.tensor(config.levels, dtype=torch.long)
+        self.register_buffer("levels", levels, persistent=False)
+        # Digit i of a code counts prod(levels[:i]): the mixed-radix basis.
+        self.register_buffer("basis", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
+        self.num_embeddings, self.embedding_dim = math.prod(config.levels), embedding_dim
+        self.commitment_cost = config.commitment_cost
+        self.in_proj = nn.Linear(embedding_dim, len(config.levels))
+        self.out_proj = nn.Linear(len(config.levels), embedding_dim)
+
+    @property
+    def layout(self) -> CodeLayout:
+        return CodeLayout(self.num_embeddings)
+
+    def describe(self) -> str:
+        return f"FSQ, levels {self.levels.tolist()} ({self.num_embeddings} codes)"
+
+    def trained_parameters(self) -> list[dict]:
+        return [{"params": [*self.in_proj.parameters(), *self.out_proj.parameters()]}]
+
+    @property
+    def min_fit_tokens(self) -> int:
+        return len(self.levels) + 1
+
+    @property
+    def fit_tokens_for(self) -> str:
+        return f"for the principal directions of its {len(self.levels)} channels"
+
+    # ---- codes ------------------------------------------------------------------------------------------------
+    def _codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (..., D) -> codes in [-1, 1]^d on each channel's grid of levels, straight-through."""
+        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
+            raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
+        h = self.in_proj(z.float())
+        half = (self.levels - 1) * (1 + BOUND_EPS) / 2
+        offset = (self.levels % 2 == 0).float() * 0.5  # even levels: the grid sits half a step off zero
+        bounded = torch.tanh(h + torch.atanh(offset / half)) * half - offset
+        return round_ste(bounded) / (self.levels // 2)
+
+    def _indices(self, codes: torch.Tensor) -> torch.Tensor:
+        digits = (codes * (self.levels // 2) + self.levels // 2).round().long()
+        return (digits * self.basis).sum(-1)
+
+    def codes_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (...) -> codes (..., d) in [-1, 1]."""
+        digits = indices.long().unsqueeze(-1) // self.basis % self.levels
+        return (digits - self.levels // 2).float() / (self.levels // 2)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):  # fp32: the bound and rounding are exact
+            codes = self._codes(z)
+            z_q = self.out_proj(codes)
+            commitment = F.mse_loss(z_q, z.detach().float())
+            indices = self._indices(codes.detach())
+            counts = torch.bincount(indices.flatten(), minlength=self.num_embeddings).float()
+            probs = counts / counts.sum().clamp_min(1.0)
+            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+        return QuantizerOutput(z_q.to(z.dtype), indices, commitment.detach(), self.commitment_cost * commitment,
+                               usage=(counts > 0).float().mean(), perplexity=perplexity)
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._indices(self._codes(z))
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self.out_proj(self.codes_of(indices))
+
+    # ---- offline fit ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list[KMeansResult]:
+        """in_proj: the latents' d principal directions, whitened; out_proj: least squares from the codes back to
+        the latents; both over every rank's samples (M, D). `iters`, `tokens_per_update` and `seed` are the
+        codebooks' (a PCA has no iterations and no randomness)."""
+        x = samples.float()
+        d = len(self.levels)
+        count = x.new_tensor([float(x.shape[0])])
+        total, outer = x.sum(0), x.T @ x
+        all_reduce_sum(count, total, outer)
+        mean = total / count
+        covariance = outer / count - torch.outer(mean, mean)
+        variances, directions = torch.linalg.eigh(covariance.double())  # ascending
+        top = directions[:, -d:].flip(-1).float()
+        scale = variances[-d:].flip(-1).clamp_min(1e-12).sqrt().float()
+        self.in_proj.weight.copy_(top.T / scale[:, None])
+        self.in_proj.bias.copy_(-(mean @ top) / scale)
+        codes = torch.cat([self._codes(x), torch.ones_like(x[:, :1])], dim=1)  # (M, d + 1): codes and a bias
+        gram, cross = codes.T @ codes, codes.T @ x
+        all_reduce_sum(gram, cross)
+        ridge = RIDGE * gram.diagonal().mean() * torch.eye(d + 1, device=gram.device)
+        solution = torch.linalg.solve((gram + ridge).double(), cross.double()).float()  # (d + 1, D)
+        self.out_proj.weight.copy_(solution[:-1].T)
+        self.out_proj.bias.copy_(solution[-1])
+        indices = self._indices(codes[:, :-1])
+        counts = torch.bincount(indices, minlength=self.num_embeddings)
+        all_reduce_sum(counts)
+        error = (self.out_proj(codes[:, :-1]) - x).pow(2).sum(1).sum().reshape(1)
+        all_reduce_sum(error)
+        return [KMeansResult(centroids=x.new_zeros(0, self.embedding_dim), counts=counts,
+                             distortion=[float(error / count)], reseeded=0)]
+
+
+__all__ = ["FSQuantizer", "round_ste"]

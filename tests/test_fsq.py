@@ -1,0 +1,119 @@
+"""quantizer.kind fsq (issue 29, point 1): FSQ's bound, rounding and mixed-radix codes against the paper's formulas
+written out here, the straight-through gradient, the PCA start, training of the projections, bf16, bad levels. The
+whole path (training, resume, commands, exports, card, two ranks) is tests/test_quantizer_registry.py's."""
+
+import math
+
+import pytest
+import torch
+
+from stage1 import QuantizerConfig, build_quantizer
+
+LEVELS = [8, 5, 3, 2]
+
+
+def fsq(levels=LEVELS, d=16, **options):
+    torch.manual_seed(0)
+    return build_quantizer(QuantizerConfig(kind="fsq", levels=levels, **options), d)
+
+
+def paper_codes(h: torch.Tensor, levels: list[int], eps: float = 1e-3) -> torch.Tensor:
+    """FSQ's reference (the paper's appendix A.1, one channel at a time): bound, round, normalise."""
+    columns = []
+    for i, level in enumerate(levels):
+        half_l = (level - 1) * (1 + eps) / 2
+        offset = 0.5 if level % 2 == 0 else 0.0
+        shift = math.atanh(offset / half_l)
+        bounded = torch.tanh(h[..., i].double() + shift) * half_l - offset
+        columns.append(torch.round(bounded) / (level // 2))
+    return torch.stack(columns, -1)
+
+
+def test_codes_are_the_papers_and_every_index_round_trips():
+    q = fsq()
+    assert q.layout.vocab_size == q.num_embeddings == 8 * 5 * 3 * 2
+    h = 3 * torch.randn(4000, len(LEVELS))
+    q.in_proj.weight.data.zero_()
+    q.in_proj.weight.data[:, : len(LEVELS)] = torch.eye(len(LEVELS))
+    q.in_proj.bias.data.zero_()
+    z = torch.cat([h, torch.zeros(4000, 16 - len(LEVELS))], dim=1)  # in_proj picks h out of z
+    codes = q._codes(z)
+    assert torch.equal(codes.double(), paper_codes(h, LEVELS))
+    indices = q.encode(z)
+    assert indices.min() >= 0 and indices.max() < q.num_embeddings
+    every = torch.arange(q.num_embeddings)
+    assert torch.equal(q._indices(q.codes_of(every)), every)  # index -> code -> index
+    assert torch.equal(q.codes_of(indices), codes)  # code -> index -> code
+    # Mixed radix with the first channel the least significant digit, as FSQ's codes_to_indexes.
+    digits = torch.stack([(codes[:, i] * (n // 2) + n // 2).round().long() for i, n in enumerate(LEVELS)], 1)
+    assert torch.equal(indices, digits[:, 0] + 8 * digits[:, 1] + 40 * digits[:, 2] + 120 * digits[:, 3])
+    assert [len(torch.unique(digits[:, i])) for i in range(len(LEVELS))] == LEVELS  # every level of every channel
+    assert torch.equal(q.lookup(indices), q.out_proj(codes))
+
+
+def test_rounding_passes_the_gradient_straight_through():
+    q = fsq()
+    z = torch.randn(64, 16, requires_grad=True)
+    upstream = torch.randn(64, len(LEVELS))
+    (q._codes(z) * upstream).sum().backward()
+    h = q.in_proj(z.detach()).detach().requires_grad_()
+    half = (torch.tensor(LEVELS) - 1) * 1.001 / 2
+    offset = torch.tensor([0.5 if n % 2 == 0 else 0.0 for n in LEVELS])
+    bounded = torch.tanh(h + torch.atanh(offset / half)) * half - offset  # no rounding: its gradient is the bound's
+    (bounded / torch.tensor([n // 2 for n in LEVELS]) * upstream).sum().backward()
+    assert torch.allclose(z.grad, h.grad @ q.in_proj.weight, atol=1e-6)
+
+
+def test_the_pca_start_reconstructs_a_low_rank_latent_and_training_improves_it():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 4, generator=g))[0]  # a 4-D subspace of 16 channels
+    scales = torch.tensor([3.0, 2.0, 1.0, 0.5])
+
+    def latents(n):
+        return (torch.randn(n, 4, generator=g) * scales) @ basis.T + 0.01 * torch.randn(n, 16, generator=g) + 1.0
+
+    train, held = latents(4000), latents(1000)
+    spread = (held - held.mean(0)).pow(2).sum(1).mean()
+    q, fresh = fsq([8, 8, 8, 8]), fsq([8, 8, 8, 8])
+    result = q.fit(train, iters=0, tokens_per_update=256)[0]
+    assert int(result.counts.sum()) == 4000 and result.reseeded == 0
+
+    def relative(model):
+        return ((model.lookup(model.encode(held)) - held).pow(2).sum(1).mean() / spread).item()
+
+    fitted = relative(q)
+    # Whitened channels through the bound onto 8 levels lose ~8% of the variance to rounding; random projections
+    # lose more than all of it.
+    assert fitted < 0.1 < 1.0 < relative(fresh), (fitted, relative(fresh))
+    assert result.distortion[0] == pytest.approx(fitted * spread.item(), rel=0.2)  # the fit's own report
+    assert q(held).usage.item() > 0.05  # 4096 codes, 1000 tokens: spread over many of them
+    optimizer = torch.optim.Adam([p for group in q.trained_parameters() for p in group["params"]], lr=1e-3)
+    for _ in range(200):  # the loss the trainer adds trains both projections
+        out = q(train[torch.randint(0, 4000, (256,), generator=g)])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert relative(q) < 0.9 * fitted, (relative(q), fitted)
+
+
+def test_bf16_autocast_gives_the_fp32_codes():
+    q = fsq()
+    z = torch.randn(2, 40, 16)
+    reference = q.encode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(z.to(torch.bfloat16).float())
+        encoded = q.encode(z)
+    assert torch.equal(encoded, reference) and out.commitment.dtype == torch.float32
+    assert out.z_q.dtype == torch.float32 and torch.equal(out.indices, reference)
+
+
+@pytest.mark.parametrize("levels, message", [
+    ([1, 5], "1 to 64 levels of at least 2"),
+    ([], "1 to 64 levels of at least 2"),
+    ([2] * 21, r"whose product \(the vocabulary\) is at most 1,048,576"),
+])
+def test_bad_levels_are_refused(levels, message):
+    with pytest.raises(ValueError, match=rf"quantizer.levels must be .*{message}"):
+        QuantizerConfig(kind="fsq", levels=levels)
+    with pytest.raises(ValueError, match=r"quantizer.levels must be \[8, 5, 5, 5\] with kind 'single'"):
+        QuantizerConfig(kind="single", levels=[4, 4])
