@@ -4,13 +4,14 @@ against the other kinds of the registry, on the same seeded latent stream, score
 Every method goes through the quantizer contract alone, as training does: the kind's offline fit on the stream's
 first --fit-tokens tokens (k-means for codebooks, a PCA for FSQ's projections), then --steps batches of the stream
 in training mode (the EMA updates and restarts of codebooks; an Adam step on the kind's own loss for kinds with
-trained parameters, FSQ's projections), then encode + lookup of the held-out tokens.
+trained parameters: FSQ's projections, SimVQ's map), then encode + lookup of the held-out tokens.
 
 Sources: `synthetic` and `photos`, codebook_quality.py's (a Zipf mixture of clusters near a 48-d subspace; patches of
 the bundled photos, held-out tiles never trained on). Methods at each --bits b:
     ema          quantizer.kind=single, K = 2^b
     grouped 2    quantizer.kind=grouped, groups=2, K = 2^(b/2) each
     fsq          quantizer.kind=fsq, the levels of FSQ's paper nearest b bits (see FSQ_LEVELS)
+    simvq        quantizer.kind=simvq, K = 2^b codes of the tokens' width: the fitted basis times a learned map
 Reported: held-out usage (codes used / vocabulary; grouped: per codebook), perplexity, relative distortion
 mean ||z - q(z)||^2 / mean ||z - mean z||^2, bits per token, seconds; then the issue's targets.
 
@@ -42,6 +43,7 @@ def configs(bits: int) -> dict[str, QuantizerConfig]:
         out["grouped 2"] = QuantizerConfig(kind="grouped", groups=2, num_embeddings=2 ** (bits // 2), decay=0.99)
     if bits in FSQ_LEVELS:
         out["fsq"] = QuantizerConfig(kind="fsq", levels=FSQ_LEVELS[bits])
+    out["simvq"] = QuantizerConfig(kind="simvq", num_embeddings=2**bits)
     return out
 
 

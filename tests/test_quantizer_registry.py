@@ -32,6 +32,7 @@ KINDS = {
     "grouped": {"groups": 2, "cosine": True},
     "multiscale": {"scales": [1, 2, 4], "phi": 1},  # phi: the kind's parameters trained with the decoder
     "fsq": {"levels": [3, 2, 2]},  # 12 codes
+    "simvq": {},
     "none": {},
 }
 STEPS = 4

@@ -83,6 +83,9 @@ class QuantizerConfig(ConfigSection):
     # fsq: the levels of each channel of the projection (its vocabulary is their product): [8, 5, 5, 5] 1000 codes,
     # [8, 8, 8, 6, 5] 15360, [8, 8, 8, 5, 5, 5] 64000
     levels: tuple[int, ...] = (8, 5, 5, 5)
+    # simvq: where the frozen basis starts: the offline k-means fit of the latents (this project's), or random
+    # (SimVQ's N(0, 1) rows, no fit)
+    basis: str = choice("fit", "random")
 
     def check(self):
         self.require_positive("epsilon", "depth", "groups")

@@ -64,6 +64,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "shared_codebook": ("quantizer", "shared_codebook"),
     "phi": ("quantizer", "phi"),
     "levels": ("quantizer", "levels"),
+    "basis": ("quantizer", "basis"),
     "noise_tau": (None, "noise_tau"),
     "reshape_to_2d": (None, "reshape_to_2d"),
     "normalization_stat_path": (None, "normalization_stat_path"),

@@ -8,6 +8,7 @@
     multiscale  VAR's residual scales on the grid            codes (L,)            multiscale.py
     fsq         finite scalar quantization of a learned      codes (h, w)          fsq.py
                 projection: no codebook
+    simvq       a frozen basis times a learned linear map     codes (h, w)          simvq.py
     none        no codebook: the latent as it is (RAE)       no codes              none.py
 
 A new kind is a module with a Quantizer subclass (the contract: base.py) and one line below; the config's choices,
@@ -24,13 +25,14 @@ from .grouped import GroupedQuantizer
 from .multiscale import MultiScaleQuantizer
 from .none import NoQuantizer
 from .residual import ResidualQuantizer
+from .simvq import SimVQuantizer
 from .single import VectorQuantizer
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
 
 QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (
-    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, FSQuantizer, NoQuantizer)}
+    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, FSQuantizer, SimVQuantizer, NoQuantizer)}
 
 
 def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
@@ -39,4 +41,4 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
 
 
 __all__ = ["QUANTIZERS", "CodeLayout", "FSQuantizer", "GroupedQuantizer", "MultiScaleQuantizer", "NoQuantizer",
-           "Quantizer", "QuantizerOutput", "ResidualQuantizer", "VectorQuantizer", "build_quantizer"]
+           "Quantizer", "QuantizerOutput", "ResidualQuantizer", "SimVQuantizer", "VectorQuantizer", "build_quantizer"]

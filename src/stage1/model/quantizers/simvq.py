@@ -1,0 +1,108 @@
+"""quantizer.kind simvq: SimVQ (Zhu et al., "Addressing Representation Collapse in Vector Quantized Models with One
+Linear Layer", 2024) on the frozen features: the codebook is a frozen basis times one learned linear map,
+codebook = basis @ W, so every step moves every code together and none is left behind.
+
+    z (..., D) --nearest row of basis @ W (exact fp32 search)--> index --> z_q = (basis @ W)[index]
+
+High-dimensional codes, as VQRAE's (KlingAIResearch/VQRAE): the codes have the encoder's width D (768 for DINOv2-B).
+The basis starts from the offline k-means fit of the latents (quantizer.basis=fit, this project's start; W = the
+identity, so the fitted codebook is the start) or random (quantizer.basis=random, SimVQ's: N(0, 1) rows, no fit).
+W learns by SimVQ's codebook term ||sg(z) - z_q||^2 (weight 1), trained with the decoder's optimizer (the contract's
+trained_parameters); its commitment term has nothing to move, the encoder being frozen. z_q passes the decoder's
+gradient straight through to z, as the other kinds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kmeans import KMeansResult, fit_kmeans
+from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
+from .base import CodeLayout, Quantizer, QuantizerOutput
+
+if TYPE_CHECKING:
+    from ..config import QuantizerConfig
+
+
+class SimVQuantizer(Quantizer):
+    kind = "simvq"
+    options = ("basis",)
+
+    def __init__(self, config: QuantizerConfig, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
+        self.commitment_cost = config.commitment_cost
+        self.fit_need = "offline" if config.basis == "fit" else "none"
+        self.register_buffer("basis", torch.randn(config.num_embeddings, embedding_dim))  # frozen: saved, not trained
+        self.register_buffer("initialized", torch.tensor(config.basis == "random"))
+        self.map = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        with torch.no_grad():
+            self.map.weight.copy_(torch.eye(embedding_dim))  # the basis itself is the first codebook
+        self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK
+
+    @property
+    def layout(self) -> CodeLayout:
+        return CodeLayout(self.num_embeddings)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.initialized)
+
+    def describe(self) -> str:
+        return f"SimVQ, {self.num_embeddings} codes of width {self.embedding_dim} (a frozen basis times a learned map)"
+
+    def trained_parameters(self) -> list[dict]:
+        return [{"params": list(self.map.parameters())}]
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """basis @ W, (K, D) fp32, with W's gradient."""
+        return self.map(self.basis.float())
+
+    def _flatten(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
+            raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
+        return z.reshape(-1, self.embedding_dim).float()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the search and the map in fp32
+            flat = self._flatten(z)
+            codebook = self.codebook
+            indices = nearest_code(flat.detach(), codebook.detach(), self.max_distances_per_chunk)
+            quantized = codebook[indices]
+            codebook_term = F.mse_loss(quantized, flat.detach())  # SimVQ's: moves W
+            commitment = codebook_term.detach()
+            z_q = quantized.detach() + (flat - flat.detach())  # forward: the code; gradient to z: the identity
+            counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            probs = counts / counts.sum().clamp_min(1.0)
+            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+        return QuantizerOutput(z_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment,
+                               codebook_term + self.commitment_cost * F.mse_loss(flat, quantized.detach()),
+                               usage=(counts > 0).float().mean(), perplexity=perplexity)
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = self._flatten(z)
+            return nearest_code(flat, self.codebook, self.max_distances_per_chunk).reshape(z.shape[:-1])
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self.codebook[indices]
+
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list[KMeansResult]:
+        """The basis: k-means of the latents (M, D) on every rank together; W back to the identity."""
+        result = fit_kmeans(samples.float(), self.num_embeddings, iters=iters, seed=seed,
+                            max_distances=self.max_distances_per_chunk)
+        self.basis.copy_(result.centroids)
+        self.map.weight.copy_(torch.eye(self.embedding_dim, device=self.map.weight.device))
+        self.initialized.fill_(True)
+        return [result]
+
+
+__all__ = ["SimVQuantizer"]
