@@ -4,7 +4,8 @@ against the other kinds of the registry, on the same seeded latent stream, score
 Every method goes through the quantizer contract alone, as training does: the kind's offline fit on the stream's
 first --fit-tokens tokens (k-means for codebooks, a PCA for FSQ's projections), then --steps batches of the stream
 in training mode (the EMA updates and restarts of codebooks; an Adam step on the kind's own loss for kinds with
-trained parameters: FSQ's projections, SimVQ's map), then encode + lookup of the held-out tokens.
+trained parameters: FSQ's projections, SimVQ's map, Gumbel's codebook and logits), then encode + lookup of the
+held-out tokens.
 
 Sources: `synthetic` and `photos`, codebook_quality.py's (a Zipf mixture of clusters near a 48-d subspace; patches of
 the bundled photos, held-out tiles never trained on). Methods at each --bits b:
@@ -12,6 +13,8 @@ the bundled photos, held-out tiles never trained on). Methods at each --bits b:
     grouped 2    quantizer.kind=grouped, groups=2, K = 2^(b/2) each
     fsq          quantizer.kind=fsq, the levels of FSQ's paper nearest b bits (see FSQ_LEVELS)
     simvq        quantizer.kind=simvq, K = 2^b codes of the tokens' width: the fitted basis times a learned map
+    gumbel distance / linear   quantizer.kind=gumbel, K = 2^b, logits from the distance to each code or a linear
+                 head, tau annealed from 1 to 1/16 over the stream, hard samples, KL weight 0.01
 Reported: held-out usage (codes used / vocabulary; grouped: per codebook), perplexity, relative distortion
 mean ||z - q(z)||^2 / mean ||z - mean z||^2, bits per token, seconds; then the issue's targets.
 
@@ -36,14 +39,17 @@ from stage1.model.quantizers import build_quantizer
 FSQ_LEVELS = {8: [8, 6, 5], 10: [8, 5, 5, 5], 12: [7, 5, 5, 5, 5], 14: [8, 8, 8, 6, 5], 16: [8, 8, 8, 5, 5, 5]}
 
 
-def configs(bits: int) -> dict[str, QuantizerConfig]:
-    """Each method's quantizer at `bits` bits per token."""
+def configs(bits: int, steps: int) -> dict[str, QuantizerConfig]:
+    """Each method's quantizer at `bits` bits per token (Gumbel's temperature annealed over the `steps`)."""
     out = {"ema": QuantizerConfig(num_embeddings=2**bits, decay=0.99)}
     if bits % 2 == 0:
         out["grouped 2"] = QuantizerConfig(kind="grouped", groups=2, num_embeddings=2 ** (bits // 2), decay=0.99)
     if bits in FSQ_LEVELS:
         out["fsq"] = QuantizerConfig(kind="fsq", levels=FSQ_LEVELS[bits])
     out["simvq"] = QuantizerConfig(kind="simvq", num_embeddings=2**bits)
+    for logits in ("distance", "linear"):
+        out[f"gumbel {logits}"] = QuantizerConfig(kind="gumbel", num_embeddings=2**bits, logits=logits,
+                                                  tau_steps=steps)
     return out
 
 
@@ -99,7 +105,7 @@ def main() -> None:
         rows, checks = [], []
         for bits in (int(b) for b in args.bits.split(",")):
             results = {}
-            for name, config in configs(bits).items():
+            for name, config in configs(bits, args.steps).items():
                 start = time.perf_counter()
                 results[name] = {**run(config, stream, fit_tokens, held_out, args),
                                  "seconds": time.perf_counter() - start}

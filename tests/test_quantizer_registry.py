@@ -33,6 +33,7 @@ KINDS = {
     "multiscale": {"scales": [1, 2, 4], "phi": 1},  # phi: the kind's parameters trained with the decoder
     "fsq": {"levels": [3, 2, 2]},  # 12 codes
     "simvq": {},
+    "gumbel": {"logits": "linear", "tau_steps": 2},
     "none": {},
 }
 STEPS = 4

@@ -86,6 +86,15 @@ class QuantizerConfig(ConfigSection):
     # simvq: where the frozen basis starts: the offline k-means fit of the latents (this project's), or random
     # (SimVQ's N(0, 1) rows, no fit)
     basis: str = choice("fit", "random")
+    # gumbel: logits from the distance to each code (a learned scale) or a linear head; the sampling temperature,
+    # annealed exponentially from tau_start to tau_end over tau_steps training forwards (steps x train.grad_accum);
+    # hard one-hot samples (straight-through) or soft mixtures; the weight of the KL term towards uniform code use
+    logits: str = choice("distance", "linear")
+    tau_start: float = 1.0
+    tau_end: float = 0.0625
+    tau_steps: int = 20000
+    hard: bool = True
+    kl_weight: float = 0.01
 
     def check(self):
         self.require_positive("epsilon", "depth", "groups")

@@ -9,6 +9,7 @@
     fsq         finite scalar quantization of a learned      codes (h, w)          fsq.py
                 projection: no codebook
     simvq       a frozen basis times a learned linear map     codes (h, w)          simvq.py
+    gumbel      Gumbel-softmax samples of K codes            codes (h, w)          gumbel.py
     none        no codebook: the latent as it is (RAE)       no codes              none.py
 
 A new kind is a module with a Quantizer subclass (the contract: base.py) and one line below; the config's choices,
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from .base import CodeLayout, Quantizer, QuantizerOutput
 from .fsq import FSQuantizer
 from .grouped import GroupedQuantizer
+from .gumbel import GumbelQuantizer
 from .multiscale import MultiScaleQuantizer
 from .none import NoQuantizer
 from .residual import ResidualQuantizer
@@ -32,7 +34,15 @@ if TYPE_CHECKING:
     from ..config import QuantizerConfig
 
 QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (
-    VectorQuantizer, ResidualQuantizer, GroupedQuantizer, MultiScaleQuantizer, FSQuantizer, SimVQuantizer, NoQuantizer)}
+    VectorQuantizer,
+    ResidualQuantizer,
+    GroupedQuantizer,
+    MultiScaleQuantizer,
+    FSQuantizer,
+    SimVQuantizer,
+    GumbelQuantizer,
+    NoQuantizer,
+)}
 
 
 def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
@@ -40,5 +50,6 @@ def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
     return QUANTIZERS[config.kind](config, embedding_dim)
 
 
-__all__ = ["QUANTIZERS", "CodeLayout", "FSQuantizer", "GroupedQuantizer", "MultiScaleQuantizer", "NoQuantizer",
-           "Quantizer", "QuantizerOutput", "ResidualQuantizer", "SimVQuantizer", "VectorQuantizer", "build_quantizer"]
+__all__ = ["QUANTIZERS", "CodeLayout", "FSQuantizer", "GroupedQuantizer", "GumbelQuantizer", "MultiScaleQuantizer",
+           "NoQuantizer", "Quantizer", "QuantizerOutput", "ResidualQuantizer", "SimVQuantizer", "VectorQuantizer",
+           "build_quantizer"]
