@@ -12,6 +12,7 @@ the bundled photos, held-out tiles never trained on). Methods at each --bits b:
     ema          quantizer.kind=single, K = 2^b
     grouped 2    quantizer.kind=grouped, groups=2, K = 2^(b/2) each
     fsq          quantizer.kind=fsq, the levels of FSQ's paper nearest b bits (see FSQ_LEVELS)
+    fsq binary   quantizer.kind=fsq, b levels of 2: LFQ's (MAGVIT-v2) binary codes, without its entropy penalty
     simvq        quantizer.kind=simvq, K = 2^b codes of the tokens' width: the fitted basis times a learned map
     gumbel distance / linear   quantizer.kind=gumbel, K = 2^b, logits from the distance to each code or a linear
                  head, tau annealed from 1 to 1/16 over the stream, hard samples, KL weight 0.01
@@ -46,6 +47,7 @@ def configs(bits: int, steps: int) -> dict[str, QuantizerConfig]:
         out["grouped 2"] = QuantizerConfig(kind="grouped", groups=2, num_embeddings=2 ** (bits // 2), decay=0.99)
     if bits in FSQ_LEVELS:
         out["fsq"] = QuantizerConfig(kind="fsq", levels=FSQ_LEVELS[bits])
+    out["fsq binary"] = QuantizerConfig(kind="fsq", levels=[2] * bits)  # LFQ's codes, without its entropy term
     out["simvq"] = QuantizerConfig(kind="simvq", num_embeddings=2**bits)
     for logits in ("distance", "linear"):
         out[f"gumbel {logits}"] = QuantizerConfig(kind="gumbel", num_embeddings=2**bits, logits=logits,
