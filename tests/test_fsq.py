@@ -1,6 +1,7 @@
-"""quantizer.kind fsq (issue 29, point 1): FSQ's bound, rounding and mixed-radix codes against the paper's formulas
-written out here, the straight-through gradient, the PCA start, training of the projections, bf16, bad levels. The
-whole path (training, resume, commands, exports, card, two ranks) is tests/test_quantizer_registry.py's."""
+"""quantizer.kind fsq (issue 29, point 1): FSQ's bound, rounding and mixed-radix codes against the reference
+formulas written out here (the paper's code: the atanh shift, 1 + eps), the straight-through gradient, the PCA start
+and its even use of every level, training of the projections, bf16, bad levels. The whole path (training, resume,
+commands, exports, card, two ranks) is tests/test_quantizer_registry.py's."""
 
 import math
 
@@ -18,7 +19,8 @@ def fsq(levels=LEVELS, d=16, **options):
 
 
 def paper_codes(h: torch.Tensor, levels: list[int], eps: float = 1e-3) -> torch.Tensor:
-    """FSQ's reference (the paper's appendix A.1, one channel at a time): bound, round, normalise."""
+    """FSQ's bound, round and normalise, one channel at a time, as its reference code (and vector-quantize-pytorch)
+    write them: h -> tanh(h + atanh(offset / half_l)) * half_l - offset."""
     columns = []
     for i, level in enumerate(levels):
         half_l = (level - 1) * (1 + eps) / 2
@@ -94,6 +96,22 @@ def test_the_pca_start_reconstructs_a_low_rank_latent_and_training_improves_it()
         out.loss.backward()
         optimizer.step()
     assert relative(q) < 0.9 * fitted, (relative(q), fitted)
+
+
+def test_the_fit_spreads_whitened_channels_over_all_their_levels():
+    """FSQ's bound maps h = 0 to the code 0: the top edge of a level of 2, so a whitened channel would almost never
+    read its other code (measured: 0.01%). The fit's bias takes the shift back: each level takes its share."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(20000, 16, generator=g) @ torch.randn(16, 16, generator=g) + 3.0
+    q = fsq([2, 3, 8, 2])
+    q.fit(latents, iters=0, tokens_per_update=256)
+    codes = q._codes(latents)
+    for i, level in enumerate([2, 3, 8, 2]):
+        digits = (codes[:, i] * (level // 2) + level // 2).round().long()
+        shares = torch.bincount(digits, minlength=level).float() / len(digits)
+        assert len(shares) == level and shares.min() > 0.5 / level ** 2, (level, shares)
+        if level == 2:
+            assert abs(shares[0] - 0.5) < 0.02, shares  # the median splits a symmetric channel
 
 
 def test_bf16_autocast_gives_the_fp32_codes():

@@ -20,39 +20,47 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import stage1
-from stage1 import QUANTIZERS, VQRAE, LlamaGenTokenizer, VQRAEConfig
+from stage1 import QUANTIZERS, VQRAE, LlamaGenTokenizer, QuantizerConfig, VQRAEConfig, build_quantizer
 from stage1.cli import decode, evaluate, push, tokenize
 from stage1.data.images import to_uint8
 from stage1.data.input_pipeline import prepare_image
 
-# Each kind's options on the tiny model (4 x 4 grids of 32 channels, 8 training images, 8 codes per codebook).
-KINDS = {
-    "single": {},
-    "residual": {"depth": 2},
-    "grouped": {"groups": 2, "cosine": True},
-    "multiscale": {"scales": [1, 2, 4], "phi": 1},  # phi: the kind's parameters trained with the decoder
-    "fsq": {"levels": [3, 2, 2]},  # 12 codes
-    "simvq": {},
-    "gumbel": {"logits": "linear", "tau_steps": 2},
-    "none": {},
+# The runs: a kind and its options on the tiny model (4 x 4 grids of 32 channels, 8 training images, 8 codes per
+# codebook); a kind with options that build other parameters has a run for each.
+RUNS = {
+    "single": ("single", {}),
+    "residual": ("residual", {"depth": 2}),
+    "grouped": ("grouped", {"groups": 2, "cosine": True}),
+    "multiscale": ("multiscale", {"scales": [1, 2, 4], "phi": 1}),  # phi: parameters trained with the decoder
+    "fsq": ("fsq", {"levels": [3, 2, 2]}),  # 12 codes
+    "simvq": ("simvq", {}),
+    "simvq random": ("simvq", {"basis": "random"}),  # no fit
+    "gumbel": ("gumbel", {"tau_steps": 2}),  # distance logits: a learned scale
+    "gumbel linear": ("gumbel", {"logits": "linear", "tau_steps": 2}),  # a linear head instead
+    "none": ("none", {}),
 }
 STEPS = 4
 
 
-def overrides(kind: str) -> list[str]:
-    options = {"kind": kind, "num_embeddings": 8, **KINDS[kind]}
-    return [f"quantizer.{name}={json.dumps(value).replace(' ', '')}" for name, value in options.items()]
+def options(name: str) -> dict:
+    kind, own = RUNS[name]
+    return {"kind": kind, "num_embeddings": 8, **own}
+
+
+def overrides(name: str) -> list[str]:
+    return [f"quantizer.{key}={json.dumps(value).replace(' ', '')}" for key, value in options(name).items()]
 
 
 def test_every_kind_is_covered():
-    assert set(KINDS) == set(QUANTIZERS)
+    assert {kind for kind, _ in RUNS.values()} == set(QUANTIZERS)
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
+@pytest.fixture(scope="module", params=sorted(RUNS))
 def run(request, train_images, tmp_path_factory):
     """A kind's run of STEPS steps in one go, and the same run stopped halfway and resumed."""
-    kind, root = request.param, tmp_path_factory.mktemp(request.param)
-    common = [*overrides(kind), f"train.steps={STEPS}", "train.sample_every=null", "train.ckpt_every=2"]
+    name, root = request.param, tmp_path_factory.mktemp(request.param.replace(" ", "_"))
+    kind = RUNS[name][0]
+    common = [*overrides(name), f"train.steps={STEPS}", "train.sample_every=null", "train.ckpt_every=2"]
     whole = run_training(train_images, root / "whole", *common)
     assert run_training(train_images, root / "split", *common, f"train.stop_at={STEPS // 2}")["step"] == STEPS // 2
     split = run_training(train_images, root / "split", *common)
@@ -136,7 +144,8 @@ def test_it_evaluates_and_its_card_describes_it(run, train_images, tmp_path):
     if layout.has_codes:
         assert results["bits_per_image"] == layout.bits_per_image(4) > 0
         assert results["codebooks"] == layout.num_codebooks
-        assert results["codebook_size"] == layout.vocab_size == math.prod(KINDS[kind].get("levels", [8]))
+        assert results["codebook_size"] == layout.vocab_size == math.prod(
+            [8] if kind != "fsq" else model.config.quantizer.levels)
     else:
         assert results["bits_per_image"] is None
     assert push.main(["--model", whole["final"], "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
@@ -144,6 +153,29 @@ def test_it_evaluates_and_its_card_describes_it(run, train_images, tmp_path):
     assert f"| quantizer | {model.quantizer.describe()} |" in card
     codes_row = next(line for line in card.splitlines() if line.startswith("| codes per image |"))
     assert (f"{layout.bits_per_image(4):.0f} bits" in codes_row) if layout.has_codes else "none" in codes_row
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_bf16_features_give_the_fp32_codes_and_fp32_losses(name):
+    """Under training's bf16 autocast the encoder hands bf16 tokens: every kind quantizes them in fp32 (its codes are
+    those of the same values in fp32), returns z_q in their dtype, and its loss in fp32 with finite gradients."""
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(**options(name)), 32)
+    grids = torch.randn(64, 16, 32)  # 4 x 4 grids, as the multi-scale kind takes them
+    if q.fit_need == "offline":
+        q.fit(grids.reshape(-1, 32), iters=3, tokens_per_update=256)
+    z = grids[:4].to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated = q.eval()(z)
+        trained = q.train()(z)
+    assert evaluated.z_q.dtype == trained.z_q.dtype == torch.bfloat16
+    assert trained.loss.dtype == trained.commitment.dtype == torch.float32
+    if q.layout.has_codes:
+        assert torch.equal(evaluated.indices, q.encode(z.float()))
+    parameters = [p for group in q.trained_parameters() for p in group["params"]]
+    if parameters:
+        trained.loss.backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in parameters)
 
 
 # ---- no kind is asked about by name outside the kinds ------------------------------------------------------------
@@ -182,14 +214,14 @@ def test_no_module_outside_the_kinds_asks_for_a_kind_by_name(tmp_path):
 
 
 # ---- two processes (gloo): one state on every rank, whatever the kind ---------------------------------------------
-def _train_rank(rank, world, init_file, out_dir, encoder_dir, kind, data):
+def _train_rank(rank, world, init_file, out_dir, encoder_dir, name, data):
     from stage1.base.distributed import wrap_ddp
     from stage1.train.codebook_fit import encode_batches, fit_codebook
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # one start on every rank, as training's seed
     base = tiny_vqrae(encoder_dir, num_embeddings=8).config.to_dict()
-    quantizer = {**base["quantizer"], "kind": kind, "restart_window": 1.0, **KINDS[kind]}
+    quantizer = {**base["quantizer"], **options(name), "restart_window": 1.0}
     model = VQRAE(VQRAEConfig.from_dict({**base, "quantizer": quantizer})).train()
     mine = [images.chunk(world)[rank] for images in data]
     if model.quantizer.fit_need == "offline":  # as training starts: one fit over every rank's images
@@ -209,12 +241,12 @@ def _train_rank(rank, world, init_file, out_dir, encoder_dir, kind, data):
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_two_ranks_keep_one_state(dinov2_dir, tmp_path, kind):
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_two_ranks_keep_one_state(dinov2_dir, tmp_path, name):
     from helpers import smooth_images
 
     data = [smooth_images(8, seed=s) for s in range(4)]  # 4 images per rank and step
-    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), dinov2_dir, kind, data), nprocs=2,
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), str(tmp_path), dinov2_dir, name, data), nprocs=2,
              join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert rank0.keys() == rank1.keys()

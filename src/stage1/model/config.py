@@ -84,7 +84,7 @@ class QuantizerConfig(ConfigSection):
     # [8, 8, 8, 6, 5] 15360, [8, 8, 8, 5, 5, 5] 64000
     levels: tuple[int, ...] = (8, 5, 5, 5)
     # simvq: where the frozen basis starts: the offline k-means fit of the latents (this project's), or random
-    # (SimVQ's N(0, 1) rows, no fit)
+    # (N(0, 1) rows, the normalised latents' scale, and no fit)
     basis: str = choice("fit", "random")
     # gumbel: logits from the distance to each code (a learned scale) or a linear head; the sampling temperature,
     # annealed exponentially from tau_start to tau_end over tau_steps training forwards (steps x train.grad_accum);

@@ -11,7 +11,9 @@ contract's trained_parameters) and by `loss` = commitment_cost * ||z_q - z||^2, 
 latent (the decoder, RAE's, paints from there; the encoder is frozen, so nothing is committed to the codes).
 
 The offline fit (before step 0, as the codebooks' k-means) starts them where a linear code can do best: in_proj on
-the d principal directions of the latents, each whitened to unit variance (the bound's steep part), and out_proj the
+the d principal directions of the latents, each whitened to unit variance (the bound's steep part) and centred on
+the middle of its levels (FSQ's bound maps h = 0 to the code 0, the top edge of a level of 2 and off-centre for every
+even level; the bias takes that shift back, so the levels split the whitened channel evenly), and out_proj the
 least-squares map back from the codes, over every rank's samples.
 """
 
@@ -93,10 +95,14 @@ class FSQuantizer(Quantizer):
         if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
             raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
         h = self.in_proj(z.float())
-        half = (self.levels - 1) * (1 + BOUND_EPS) / 2
-        offset = (self.levels % 2 == 0).float() * 0.5  # even levels: the grid sits half a step off zero
+        half, offset = self._half_and_offset()
         bounded = torch.tanh(h + torch.atanh(offset / half)) * half - offset
         return round_ste(bounded) / (self.levels // 2)
+
+    def _half_and_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FSQ's bound: h -> tanh(h + atanh(offset / half)) * half - offset, in (-L / 2, L / 2) around the grid."""
+        half = (self.levels - 1) * (1 + BOUND_EPS) / 2
+        return half, (self.levels % 2 == 0).float() * 0.5  # even levels: the grid sits half a step off zero
 
     def _indices(self, codes: torch.Tensor) -> torch.Tensor:
         digits = (codes * (self.levels // 2) + self.levels // 2).round().long()
@@ -131,10 +137,13 @@ class FSQuantizer(Quantizer):
     # ---- offline fit ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list[KMeansResult]:
-        """in_proj: the latents' d principal directions, whitened; out_proj: least squares from the codes back to
-        the latents; both over every rank's samples (M, D). `iters`, `tokens_per_update` and `seed` are the
-        codebooks' (a PCA has no iterations and no randomness)."""
-        x = samples.float()
+        """in_proj: the latents' d principal directions, whitened and centred on each channel's levels; out_proj:
+        least squares from the codes back to the latents; both over every rank's samples (M, D). `iters`,
+        `tokens_per_update` and `seed` are the codebooks' (a PCA has no iterations and no randomness)."""
+        with torch.autocast(device_type=samples.device.type, enabled=False):
+            return self._fit(samples.float())
+
+    def _fit(self, x: torch.Tensor) -> list[KMeansResult]:
         d = len(self.levels)
         count = x.new_tensor([float(x.shape[0])])
         total, outer = x.sum(0), x.T @ x
@@ -145,7 +154,8 @@ class FSQuantizer(Quantizer):
         top = directions[:, -d:].flip(-1).float()
         scale = variances[-d:].flip(-1).clamp_min(1e-12).sqrt().float()
         self.in_proj.weight.copy_(top.T / scale[:, None])
-        self.in_proj.bias.copy_(-(mean @ top) / scale)
+        half, offset = self._half_and_offset()
+        self.in_proj.bias.copy_(-(mean @ top) / scale - torch.atanh(offset / half))  # the bound's shift taken back
         codes = torch.cat([self._codes(x), torch.ones_like(x[:, :1])], dim=1)  # (M, d + 1): codes and a bias
         gram, cross = codes.T @ codes, codes.T @ x
         all_reduce_sum(gram, cross)

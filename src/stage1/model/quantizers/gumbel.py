@@ -7,10 +7,15 @@ differentiable discrete sampling. Logits over K codes come from the features, ei
 and in training a code is drawn by Gumbel-softmax at a temperature annealed with the training step (quantizer.tau_start
 to tau_end over tau_steps, exponentially): a hard one-hot sample with the soft sample's gradient (quantizer.hard), or
 the soft mixture of codes itself. Loss: commitment_cost x ||z_q - z||^2 (z_q near the encoder's latent, as FSQ's) plus
-kl_weight x KL(softmax(logits) || uniform), which spreads the codes. In eval mode and in every command a token's code
-is the argmax of its logits. The codebook, the scale and the head are trained by gradient with the decoder (the
-contract's trained_parameters); the offline fit starts the codebook on the k-means of the latents, the scale at one
-over the fit's distortion. The step count is a buffer, saved and resumed with the model.
+kl_weight x KL(softmax(logits) || uniform) per token (DALL-E's: it flattens each token's distribution, which with
+distance logits pulls the scale down against the annealing; it does not act on code use across a batch). In eval
+mode and in every command a token's code is the argmax of its logits. The codebook, the scale and the head are
+trained by gradient with the decoder (the contract's trained_parameters); the offline fit starts the codebook on the
+k-means of the latents, the scale at one over the fit's distortion. The step count is a buffer, saved and resumed
+with the model.
+
+Memory: a training forward keeps about six (tokens x K) fp32 tensors for its backward (12 GiB at 8192 tokens and
+K = 65536): pick K or the batch to fit. Eval forwards and encode take the argmax chunk by chunk.
 """
 
 from __future__ import annotations
@@ -90,17 +95,20 @@ class GumbelQuantizer(Quantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):  # logits and the codebook mix in fp32
             flat = self._flatten(z.detach())
-            logits = self.logits(flat)
             if self.training:
-                weights = F.gumbel_softmax(logits, tau=self.temperature(), hard=self.hard)
+                log_probs = self.logits(flat).log_softmax(1)  # gumbel_softmax is shift-invariant: the same samples
+                weights = F.gumbel_softmax(log_probs, tau=self.temperature(), hard=self.hard)
                 self.step += 1
-            else:
-                weights = F.one_hot(logits.argmax(1), self.num_embeddings).float()
-            indices = weights.argmax(1)
-            z_q = weights @ self.codebook
+                indices = weights.argmax(1)
+                z_q = weights @ self.codebook
+                kl = (log_probs.exp() * (log_probs + math.log(self.num_embeddings))).sum(1).mean()
+            else:  # the argmax, as every command: no (tokens x K) tensor kept
+                indices = self._argmax(flat)
+                z_q = self.codebook[indices]
+                kl = torch.stack([(part.exp() * (part + math.log(self.num_embeddings))).sum()
+                                  for part in (self.logits(rows).log_softmax(1) for rows in self._chunks(flat))]
+                                 ).sum() / flat.shape[0]
             commitment = F.mse_loss(z_q, flat)
-            probs = logits.softmax(1)
-            kl = (probs * (probs.clamp_min(1e-12).log() + math.log(self.num_embeddings))).sum(1).mean()
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
             batch = counts / counts.sum().clamp_min(1.0)
             perplexity = torch.exp(-(batch * torch.log(batch.clamp_min(1e-12))).sum())
@@ -111,9 +119,13 @@ class GumbelQuantizer(Quantizer):
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = self._flatten(z)
-            rows = max(1, self.max_distances_per_chunk // self.num_embeddings)  # (rows, K) logits at a time
-            return torch.cat([self.logits(part).argmax(1) for part in flat.split(rows)]).reshape(z.shape[:-1])
+            return self._argmax(self._flatten(z)).reshape(z.shape[:-1])
+
+    def _chunks(self, flat: torch.Tensor):
+        return flat.split(max(1, self.max_distances_per_chunk // self.num_embeddings))  # (rows, K) logits at a time
+
+    def _argmax(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.logits(part).argmax(1) for part in self._chunks(flat)])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=indices.device.type, enabled=False):

@@ -6,7 +6,8 @@ codebook = basis @ W, so every step moves every code together and none is left b
 
 High-dimensional codes, as VQRAE's (KlingAIResearch/VQRAE): the codes have the encoder's width D (768 for DINOv2-B).
 The basis starts from the offline k-means fit of the latents (quantizer.basis=fit, this project's start; W = the
-identity, so the fitted codebook is the start) or random (quantizer.basis=random, SimVQ's: N(0, 1) rows, no fit).
+identity, so the fitted codebook is the start) or random (quantizer.basis=random: N(0, 1) rows, the normalised
+latents' scale, and no fit; SimVQ's own draws std D^-1/2 before a default-initialised map).
 W learns by SimVQ's codebook term ||sg(z) - z_q||^2 (weight 1), trained with the decoder's optimizer (the contract's
 trained_parameters); its commitment term has nothing to move, the encoder being frozen. z_q passes the decoder's
 gradient straight through to z, as the other kinds.
@@ -58,10 +59,14 @@ class SimVQuantizer(Quantizer):
     def trained_parameters(self) -> list[dict]:
         return [{"params": list(self.map.parameters())}]
 
-    @property
+    @torch.no_grad()
     def codebook(self) -> torch.Tensor:
-        """basis @ W, (K, D) fp32, with W's gradient."""
+        """basis @ W, (K, D) fp32, for the search (K x D x D: built once a call, without a graph)."""
         return self.map(self.basis.float())
+
+    def _codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """The codes of `indices` (...) -> (..., D), with W's gradient: only the rows used are mapped."""
+        return self.map(self.basis[indices].float())
 
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
@@ -71,9 +76,8 @@ class SimVQuantizer(Quantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):  # the search and the map in fp32
             flat = self._flatten(z)
-            codebook = self.codebook
-            indices = nearest_code(flat.detach(), codebook.detach(), self.max_distances_per_chunk)
-            quantized = codebook[indices]
+            indices = nearest_code(flat.detach(), self.codebook(), self.max_distances_per_chunk)
+            quantized = self._codes(indices)
             codebook_term = F.mse_loss(quantized, flat.detach())  # SimVQ's: moves W
             commitment = codebook_term.detach()
             z_q = quantized.detach() + (flat - flat.detach())  # forward: the code; gradient to z: the identity
@@ -88,11 +92,11 @@ class SimVQuantizer(Quantizer):
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self._flatten(z)
-            return nearest_code(flat, self.codebook, self.max_distances_per_chunk).reshape(z.shape[:-1])
+            return nearest_code(flat, self.codebook(), self.max_distances_per_chunk).reshape(z.shape[:-1])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            return self.codebook[indices]
+            return self._codes(indices)
 
     @torch.no_grad()
     def fit(self, samples: torch.Tensor, iters: int, tokens_per_update: float, seed: int = 0) -> list[KMeansResult]:
