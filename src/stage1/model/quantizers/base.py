@@ -64,6 +64,21 @@ class QuantizerOutput:
                    restarted=combined("restarted", torch.sum), skipped_update=combined("skipped_update", torch.amax))
 
 
+def code_use(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch's hits per code (K,) -> QuantizerOutput's usage (share of codes chosen) and perplexity."""
+    probs = counts / counts.sum().clamp_min(1.0)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {"usage": (counts > 0).float().mean(), "perplexity": torch.exp(entropy)}
+
+
+def channels_last_rows(z: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) features -> (M, width) fp32 rows, or one ValueError naming the shape expected."""
+    if z.dim() < 2 or z.shape[-1] != width:
+        raise ValueError(f"expected channels-last features (..., {width}), e.g. (B, N, {width}) tokens, got shape "
+                         f"{tuple(z.shape)}")
+    return z.reshape(-1, width).float()
+
+
 @dataclass(frozen=True)
 class CodeLayout:
     """What one image's codes are: the one description token shards and manifests, the exports, vqrae-decode,
@@ -232,4 +247,4 @@ class Quantizer(nn.Module, ABC):
         """Refuse an encoder grid of `side` tokens per side (None: any) that its codes cannot cover."""
 
 
-__all__ = ["CodeLayout", "Quantizer", "QuantizerOutput"]
+__all__ = ["CodeLayout", "Quantizer", "QuantizerOutput", "channels_last_rows", "code_use"]

@@ -29,7 +29,7 @@ from torch import nn
 from ...base.distributed import all_reduce_sum
 from ...base.limits import MAX_CODES
 from ..kmeans import KMeansResult
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -92,9 +92,7 @@ class FSQuantizer(Quantizer):
     # ---- codes ------------------------------------------------------------------------------------------------
     def _codes(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (..., D) -> codes in [-1, 1]^d on each channel's grid of levels, straight-through."""
-        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
-            raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
-        h = self.in_proj(z.float())
+        h = self.in_proj(channels_last_rows(z, self.embedding_dim)).reshape(*z.shape[:-1], -1)
         half, offset = self._half_and_offset()
         bounded = torch.tanh(h + torch.atanh(offset / half)) * half - offset
         return round_ste(bounded) / (self.levels // 2)
@@ -120,10 +118,8 @@ class FSQuantizer(Quantizer):
             commitment = F.mse_loss(z_q, z.detach().float())
             indices = self._indices(codes.detach())
             counts = torch.bincount(indices.flatten(), minlength=self.num_embeddings).float()
-            probs = counts / counts.sum().clamp_min(1.0)
-            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
         return QuantizerOutput(z_q.to(z.dtype), indices, commitment.detach(), self.commitment_cost * commitment,
-                               usage=(counts > 0).float().mean(), perplexity=perplexity)
+                               **code_use(counts))
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:

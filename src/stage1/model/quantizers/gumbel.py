@@ -29,7 +29,7 @@ from torch import nn
 
 from ..kmeans import KMeansResult, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -88,9 +88,7 @@ class GumbelQuantizer(Quantizer):
         return -self.log_scale.exp() * distances
 
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
-            raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
-        return z.reshape(-1, self.embedding_dim).float()
+        return channels_last_rows(z, self.embedding_dim)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):  # logits and the codebook mix in fp32
@@ -110,11 +108,9 @@ class GumbelQuantizer(Quantizer):
                                  ).sum() / flat.shape[0]
             commitment = F.mse_loss(z_q, flat)
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-            batch = counts / counts.sum().clamp_min(1.0)
-            perplexity = torch.exp(-(batch * torch.log(batch.clamp_min(1e-12))).sum())
         return QuantizerOutput(z_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment.detach(),
-                               self.commitment_cost * commitment + self.kl_weight * kl,
-                               usage=(counts > 0).float().mean(), perplexity=perplexity, extra={"kl_loss": kl})
+                               self.commitment_cost * commitment + self.kl_weight * kl, **code_use(counts),
+                               extra={"kl_loss": kl})
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..kmeans import KMeansResult, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -69,9 +69,7 @@ class SimVQuantizer(Quantizer):
         return self.map(self.basis[indices].float())
 
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
-            raise ValueError(f"expected channels-last features (..., {self.embedding_dim}), got shape {tuple(z.shape)}")
-        return z.reshape(-1, self.embedding_dim).float()
+        return channels_last_rows(z, self.embedding_dim)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):  # the search and the map in fp32
@@ -82,11 +80,9 @@ class SimVQuantizer(Quantizer):
             commitment = codebook_term.detach()
             z_q = quantized.detach() + (flat - flat.detach())  # forward: the code; gradient to z: the identity
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-            probs = counts / counts.sum().clamp_min(1.0)
-            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
         return QuantizerOutput(z_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment,
                                codebook_term + self.commitment_cost * F.mse_loss(flat, quantized.detach()),
-                               usage=(counts > 0).float().mean(), perplexity=perplexity)
+                               **code_use(counts))
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ...base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
 from ..kmeans import LLOYD_ITERS, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -119,12 +119,7 @@ class VectorQuantizer(Quantizer):
 
     def _flatten(self, z: torch.Tensor) -> torch.Tensor:
         """(..., D) features -> (M, D) fp32 rows, on the unit sphere with cosine."""
-        if z.dim() < 2 or z.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"expected channels-last features (..., {self.embedding_dim}), e.g. (B, N, {self.embedding_dim}) "
-                f"tokens, got shape {tuple(z.shape)}"
-            )
-        flat = z.reshape(-1, self.embedding_dim).float()
+        flat = channels_last_rows(z, self.embedding_dim)
         return F.normalize(flat, dim=1) if self.cosine else flat
 
     # ---- public API ---------------------------------------------------------------------------------------
@@ -165,7 +160,7 @@ class VectorQuantizer(Quantizer):
                 training = dict(restarted=torch.tensor(float(restarted), device=flat.device),
                                 skipped_update=torch.tensor(float(not update), device=flat.device))
         return QuantizerOutput(flat_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment,
-                               self.commitment_cost * commitment, **self._usage_metrics(counts), **training)
+                               self.commitment_cost * commitment, **code_use(counts), **training)
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,12 +246,6 @@ class VectorQuantizer(Quantizer):
             self.ema_cluster_size[dead] = size
             self.tokens_since_hit[dead] = 0
         return num_dead
-
-    @staticmethod
-    def _usage_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        probs = counts / counts.sum().clamp_min(1.0)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-        return {"perplexity": torch.exp(entropy), "usage": (counts > 0).float().mean()}
 
     def extra_repr(self) -> str:
         return (
