@@ -15,9 +15,11 @@ QuantizerConfig; its class names the config fields it reads besides the common o
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -105,14 +107,10 @@ class CodeLayout:
     def num_codebooks(self) -> int:
         return max(self.codebooks) + 1
 
-    @property
-    def prefix_ends(self) -> list[int]:
-        """Flat codes after each scale: where a prefix of scales may end."""
-        ends, total = [], 0
-        for side in self.scales or ():
-            total += side * side
-            ends.append(total)
-        return ends
+    @cached_property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """Flat codes after each scale: where a prefix of scales may end (once per layout: every decode checks it)."""
+        return tuple(itertools.accumulate(side * side for side in self.scales or ()))
 
     def image_shape(self, side: int) -> tuple[int, ...]:
         """One image's codes on a side x side grid (multi-scale: (L,), whatever the side)."""
@@ -215,7 +213,8 @@ class Quantizer(nn.Module, ABC):
 
     @property
     @abstractmethod
-    def layout(self) -> CodeLayout: ...
+    def layout(self) -> CodeLayout:
+        """Fixed when the kind is built: kinds declare it a functools.cached_property."""
 
     @abstractmethod
     def describe(self) -> str: ...

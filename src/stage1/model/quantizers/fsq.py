@@ -20,6 +20,7 @@ least-squares map back from the codes, over every rank's samples.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,7 +72,7 @@ class FSQuantizer(Quantizer):
         self.in_proj = nn.Linear(embedding_dim, len(config.levels))
         self.out_proj = nn.Linear(len(config.levels), embedding_dim)
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         return CodeLayout(self.num_embeddings)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...base.limits import MAX_LEVELS
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import Quantizer, QuantizerOutput
 from .levels import Levels, single_codebook
 
 if TYPE_CHECKING:
@@ -35,10 +35,6 @@ class GroupedQuantizer(Levels, Quantizer):
         self.levels = nn.ModuleList(single_codebook(config, width, config.cosine) for _ in range(config.groups))
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
-
-    @property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings, (len(self.levels),), codebooks=tuple(range(len(self.levels))))
 
     def describe(self) -> str:
         cosine = ", cosine" if self.levels[0].cosine else ""

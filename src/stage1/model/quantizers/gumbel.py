@@ -21,6 +21,7 @@ K = 65536): pick K or the batch to fit. Eval forwards and encode take the argmax
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,7 +59,7 @@ class GumbelQuantizer(Quantizer):
         self.register_buffer("initialized", torch.tensor(False))
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         return CodeLayout(self.num_embeddings)
 
@@ -100,12 +101,15 @@ class GumbelQuantizer(Quantizer):
                 indices = weights.argmax(1)
                 z_q = weights @ self.codebook
                 kl = (log_probs.exp() * (log_probs + math.log(self.num_embeddings))).sum(1).mean()
-            else:  # the argmax, as every command: no (tokens x K) tensor kept
-                indices = self._argmax(flat)
+            else:  # the argmax, as every command, and the KL in one pass of chunks: no (tokens x K) tensor kept
+                indices, kl = [], 0.0
+                for rows in self._chunks(flat):
+                    logits = self.logits(rows)
+                    log_probs = logits.log_softmax(1)
+                    indices.append(logits.argmax(1))  # the logits' argmax, as encode takes it
+                    kl = kl + (log_probs.exp() * (log_probs + math.log(self.num_embeddings))).sum()
+                indices, kl = torch.cat(indices), kl / flat.shape[0]
                 z_q = self.codebook[indices]
-                kl = torch.stack([(part.exp() * (part + math.log(self.num_embeddings))).sum()
-                                  for part in (self.logits(rows).log_softmax(1) for rows in self._chunks(flat))]
-                                 ).sum() / flat.shape[0]
             commitment = F.mse_loss(z_q, flat)
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
         return QuantizerOutput(z_q.to(z.dtype).reshape(z.shape), indices.reshape(z.shape[:-1]), commitment.detach(),

@@ -6,8 +6,10 @@ the single codebook (exact fp32 search, fp32 statistics, identical codebooks on 
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
+from .base import CodeLayout
 from .single import VectorQuantizer
 
 if TYPE_CHECKING:
@@ -27,6 +29,13 @@ class Levels:
     @property
     def started(self) -> bool:
         return all(level.started for level in self.levels)
+
+    @cached_property
+    def layout(self) -> CodeLayout:
+        """A code of every level at each position, (..., levels) (residual, grouped; the multi-scale kind lays its
+        codes out by scale instead)."""
+        n = len(self.levels)
+        return CodeLayout(self.num_embeddings, (n,), codebooks=tuple(range(n)))
 
 
 __all__ = ["Levels", "single_codebook"]

@@ -33,6 +33,7 @@ whole scales decodes (a coarse-to-fine preview).
 from __future__ import annotations
 
 from collections import deque
+from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -113,7 +114,7 @@ class MultiScaleQuantizer(Levels, Quantizer):
         """Codes per image, L (680 for VAR's scales)."""
         return sum(self.lengths)
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         codebooks = (0,) * len(self.scales) if self.shared else tuple(range(len(self.scales)))
         return CodeLayout(self.num_embeddings, scales=self.scales, codebooks=codebooks)

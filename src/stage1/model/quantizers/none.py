@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +26,7 @@ class NoQuantizer(Quantizer):
         super().__init__()
         self.num_embeddings, self.embedding_dim = 0, embedding_dim
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         return CodeLayout(0)
 

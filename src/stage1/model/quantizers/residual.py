@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base.limits import MAX_LEVELS
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import Quantizer, QuantizerOutput
 from .levels import Levels, single_codebook
 
 if TYPE_CHECKING:
@@ -33,10 +33,6 @@ class ResidualQuantizer(Levels, Quantizer):
         self.levels = nn.ModuleList(single_codebook(config, embedding_dim) for _ in range(config.depth))
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
         self.commitment_cost = config.commitment_cost
-
-    @property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings, (len(self.levels),), codebooks=tuple(range(len(self.levels))))
 
     def describe(self) -> str:
         return f"residual, {len(self.levels)} levels of {self.num_embeddings} codes"

@@ -15,6 +15,7 @@ gradient straight through to z, as the other kinds.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,7 +46,7 @@ class SimVQuantizer(Quantizer):
             self.map.weight.copy_(torch.eye(embedding_dim))  # the basis itself is the first codebook
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         return CodeLayout(self.num_embeddings)
 

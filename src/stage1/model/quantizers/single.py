@@ -18,6 +18,7 @@ rank 0 would only cost time (and hide a bug if they ever diverged).
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,7 +85,7 @@ class VectorQuantizer(Quantizer):
     def codebook(self) -> torch.Tensor:
         return self.embedding
 
-    @property
+    @cached_property
     def layout(self) -> CodeLayout:
         return CodeLayout(self.num_embeddings)
 
