@@ -8,6 +8,10 @@ held-out images, side by side with the EMA codebook, vqrae's default.
     python benchmarks/kind_training.py --seeds 0 --eval-data /data/imagenet/val --limit 10000 -- \\
         experiment=vqrae_dinov2_b_decxl data.path=/data/imagenet/train train.steps=20000   # deciding, on a GPU
 
+The kinds with trained parameters (fsq, simvq, gumbel) run a second time as "<kind> averaged": the final model takes
+the EMA of the quantizer's trained parameters, at the decoder's EMA decay, instead of the live ones the decoder's EMA
+copy is paired with by default (the measurement that decides where they go, as phi's did).
+
 Arguments after `--` are the training's hydra overrides (they replace the CPU default's); each variant's quantizer
 overrides follow them. Reported per run: PSNR, SSIM, LPIPS (where its VGG weights are at hand), the latent's relative
 distortion ||z - z_q||^2 / ||z - mean z||^2 and codebook usage (vqrae-evaluate's), and the training's wall time.
@@ -18,17 +22,55 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 
+import torch
 from common import machine, print_table
 from phi_training import SCORES, TILE, photo_tiles, score
+
+from stage1.train import outputs
+from stage1.train.trainer import Trainer
 
 VARIANTS = {  # ~10 bits per token each
     "ema": ["quantizer.kind=single", "quantizer.num_embeddings=1024"],
     "grouped 2": ["quantizer.kind=grouped", "quantizer.groups=2", "quantizer.num_embeddings=32"],
     "fsq": ["quantizer.kind=fsq", "quantizer.levels=[8,5,5,5]"],
+    "lfq": ["quantizer.kind=fsq", f"quantizer.levels=[{','.join(['2'] * 10)}]", "quantizer.entropy_weight=0.1"],
     "simvq": ["quantizer.kind=simvq", "quantizer.num_embeddings=1024"],
     "gumbel": ["quantizer.kind=gumbel", "quantizer.num_embeddings=1024"],
 }
+VARIANTS.update({f"{kind} averaged": VARIANTS[kind] for kind in ("fsq", "simvq", "gumbel")})
+
+
+@contextmanager
+def quantizer_averaged():
+    """Trainings in which the final model takes the EMA of the quantizer's trained parameters (updated after each
+    decoder step, at train.ema_decay, as the decoder's EMA copy) in place of the live ones."""
+    update, export, averages = Trainer._generator_update, outputs.export_final, {}
+
+    def update_and_average(trainer, logs):
+        finite = update(trainer, logs)
+        if finite and trainer.ema is not None:
+            with torch.no_grad():
+                for group in trainer.model.quantizer.trained_parameters():
+                    for p in group["params"]:
+                        if id(p) in averages:
+                            averages[id(p)][1].lerp_(p, 1 - trainer.cfg.train.ema_decay)
+                        else:  # the first update copies, as AveragedModel's
+                            averages[id(p)] = (p, p.detach().clone())
+        return finite
+
+    def export_averaged(model, decoder, final):
+        with torch.no_grad():
+            for p, average in averages.values():
+                p.copy_(average)
+        export(model, decoder, final)
+
+    Trainer._generator_update, outputs.export_final = update_and_average, export_averaged
+    try:
+        yield
+    finally:
+        Trainer._generator_update, outputs.export_final = update, export
 
 
 def cpu_run(tiles: str, steps: int) -> list[str]:
@@ -46,11 +88,12 @@ def main() -> None:
     parser.add_argument("--eval-data", default=None, help="images the final models are scored on (default: the "
                                                           "held-out photo tiles)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N images of --eval-data")
-    parser.add_argument("--quick", action="store_true", help="smoke run: the CPU default, ema and fsq, 10 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the CPU default, ema and fsq averaged, 10 steps")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="the training's hydra overrides (after --)")
     args = parser.parse_args()
-    variants = ["ema", "fsq"] if args.quick else args.variants.split(",")
+    variants = ["ema", "fsq averaged"] if args.quick else args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or variants[0] != "ema":
         raise SystemExit(f"--variants must start with ema (the reference) and name some of {list(VARIANTS)}; "
@@ -60,7 +103,8 @@ def main() -> None:
     if not overrides:
         tiles, steps = photo_tiles(os.path.join(out, "tiles")), 10 if args.quick else 600
         overrides, eval_data = cpu_run(tiles, steps), eval_data or os.path.join(tiles, "held")
-        variant["gumbel"] = [*VARIANTS["gumbel"], f"quantizer.tau_steps={steps}"]  # annealed over the short run
+        for name in ("gumbel", "gumbel averaged"):  # annealed over the short run
+            variant[name] = [*VARIANTS[name], f"quantizer.tau_steps={steps}"]
     if eval_data is None:
         raise SystemExit("with your own training overrides, name the images to score: --eval-data")
     print(f"{machine()}\ntraining: {' '.join(overrides)}\nscored on: {eval_data}; runs in {out}")
@@ -68,8 +112,9 @@ def main() -> None:
     for seed in [0] if args.quick else [int(s) for s in args.seeds.split(",")]:
         reference = None
         for name in variants:
-            scores, seconds = score(os.path.join(out, f"seed{seed}-{name.replace(' ', '')}"),
-                                    [*overrides, f"seed={seed}", *variant[name]], eval_data, args.limit)
+            with quantizer_averaged() if name.endswith(" averaged") else nullcontext():
+                scores, seconds = score(os.path.join(out, f"seed{seed}-{name.replace(' ', '')}"),
+                                        [*overrides, f"seed={seed}", *variant[name]], eval_data, args.limit)
             reference = reference or scores
             psnr_gap = scores["psnr"] - reference["psnr"]
             rows.append([f"seed {seed}, {name}", *(f"{v:.4f}" if v is not None else "-" for v in scores.values()),

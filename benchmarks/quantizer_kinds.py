@@ -13,6 +13,7 @@ the bundled photos, held-out tiles never trained on). Methods at each --bits b:
     grouped 2    quantizer.kind=grouped, groups=2, K = 2^(b/2) each
     fsq          quantizer.kind=fsq, the levels of FSQ's paper nearest b bits (see FSQ_LEVELS)
     fsq binary   quantizer.kind=fsq, b levels of 2: LFQ's (MAGVIT-v2) binary codes, without its entropy penalty
+    lfq          the same with MAGVIT-v2's entropy penalty (quantizer.entropy_weight=0.1, MAGVIT-v2's weight)
     simvq        quantizer.kind=simvq, K = 2^b codes of the tokens' width: the fitted basis times a learned map
     gumbel distance / linear   quantizer.kind=gumbel, K = 2^b, logits from the distance to each code or a linear
                  head, tau annealed from 1 to 1/16 over the stream, hard samples, KL weight 0.01
@@ -22,6 +23,7 @@ mean ||z - q(z)||^2 / mean ||z - mean z||^2, bits per token, seconds; then the i
     python benchmarks/quantizer_kinds.py                      # CPU scale: D = 192, 10 and 14 bits
     python benchmarks/quantizer_kinds.py --device cuda --dim 768 --bits 10,14,16 --steps 400 --batch 8192 \\
         --fit-tokens 262144 --held-out 65536
+    python benchmarks/quantizer_kinds.py --bits 16 --methods fsq,lfq   # some methods (and ema, the reference)
     python benchmarks/quantizer_kinds.py --quick              # smoke run
 """
 
@@ -48,6 +50,7 @@ def configs(bits: int, steps: int) -> dict[str, QuantizerConfig]:
     if bits in FSQ_LEVELS:
         out["fsq"] = QuantizerConfig(kind="fsq", levels=FSQ_LEVELS[bits])
     out["fsq binary"] = QuantizerConfig(kind="fsq", levels=[2] * bits)  # LFQ's codes, without its entropy term
+    out["lfq"] = QuantizerConfig(kind="fsq", levels=[2] * bits, entropy_weight=0.1)
     out["simvq"] = QuantizerConfig(kind="simvq", num_embeddings=2**bits)
     for logits in ("distance", "linear"):
         out[f"gumbel {logits}"] = QuantizerConfig(kind="gumbel", num_embeddings=2**bits, logits=logits,
@@ -90,12 +93,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's, for kinds with trained parameters")
     parser.add_argument("--sources", default="synthetic,photos")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=None, help="some of the methods, comma-separated (default: all; ema is "
+                                                         "always run, every ratio is to it)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.bits, args.dim, args.batch, args.steps, args.fit_tokens, args.held_out, args.iters = "8", 48, 512, 5, \
             2048, 2048, 3
     device = torch.device(args.device)
+    methods = set(configs(14, 1)) if args.methods is None else {"ema", *args.methods.split(",")}
+    if methods - set(configs(14, 1)):
+        raise SystemExit(f"--methods: unknown {sorted(methods - set(configs(14, 1)))}; from {list(configs(14, 1))}")
     print(f"machine: {machine()}; device {device}; D={args.dim}, {args.steps} steps of {args.batch} tokens, "
           f"fits on {args.fit_tokens} tokens, up to {args.held_out} held out")
     for source_name in args.sources.split(","):
@@ -108,6 +116,8 @@ def main() -> None:
         for bits in (int(b) for b in args.bits.split(",")):
             results = {}
             for name, config in configs(bits, args.steps).items():
+                if name not in methods:
+                    continue
                 start = time.perf_counter()
                 results[name] = {**run(config, stream, fit_tokens, held_out, args),
                                  "seconds": time.perf_counter() - start}

@@ -135,3 +135,64 @@ def test_bad_levels_are_refused(levels, message):
         QuantizerConfig(kind="fsq", levels=levels)
     with pytest.raises(ValueError, match=r"quantizer.levels must be \[8, 5, 5, 5\] with kind 'single'"):
         QuantizerConfig(kind="single", levels=[4, 4])
+
+
+def reference_entropy_penalty(bounded: torch.Tensor, levels: list[int], temperature: float) -> torch.Tensor:
+    """MAGVIT-v2's entropy term one channel at a time over that channel's own levels: the mean token entropy minus
+    the entropy of the mean assignment, summed over the channels."""
+    total = bounded.new_zeros((), dtype=torch.float64)
+    for i, level in enumerate(levels):
+        grid = torch.arange(level, dtype=torch.float64) - level // 2
+        probs = (-(bounded[:, i].double()[:, None] - grid).pow(2) / temperature).softmax(-1)
+        per_token = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean()
+        mean = probs.mean(0)
+        total = total + per_token + (mean * mean.log()).sum()
+    return total
+
+
+def test_the_entropy_penalty_is_magvit_v2s_per_channel_and_joins_the_loss():
+    from stage1.model.quantizers.fsq import ENTROPY_TEMPERATURE
+
+    q = fsq(entropy_weight=0.5)
+    z = torch.randn(300, 16)
+    bounded = q._bounded(z)
+    reference = reference_entropy_penalty(bounded.detach(), LEVELS, ENTROPY_TEMPERATURE)
+    assert torch.allclose(q.entropy_penalty(bounded).double(), reference, atol=1e-5)
+    out = q(z)
+    assert torch.allclose(out.extra["entropy_loss"].double(), reference, atol=1e-5)
+    assert torch.allclose(out.loss, 0.25 * out.commitment + 0.5 * out.extra["entropy_loss"])
+    assert "entropy_loss" in out.terms() and "entropy_loss" not in fsq()(z).terms()  # only when weighted
+    assert "entropy weight 0.5" in q.describe()
+
+
+def test_lfq_entropy_penalty_spreads_binary_codes_that_favour_one_level():
+    """LFQ = levels of 2 with the penalty: from a start where each channel puts 93% of the tokens on its top level
+    (one code of 16 unused), training the projection on the penalty alone evens the levels out and fills every code.
+    MAGVIT-v2's temperature is sharp: only tokens near a boundary feel it, so the levels even out part of the way."""
+    q = fsq(levels=[2] * 4, entropy_weight=1.0)
+    z = torch.randn(4096, 16)
+    with torch.no_grad():
+        q.in_proj.weight.zero_()
+        q.in_proj.weight[:, :4] = torch.eye(4)
+        q.in_proj.bias.fill_(1.5 - math.atanh(0.5 / (0.5 * 1.001)))  # 1.5 standard deviations past the middle
+
+    def top_share():
+        return (q._codes(z) == 0).float().mean(0)
+
+    assert top_share().min() > 0.92 and torch.bincount(q.encode(z), minlength=16).min() == 0
+    first = float(q.entropy_penalty(q._bounded(z)).detach())
+    optimizer = torch.optim.Adam(q.in_proj.parameters(), lr=0.01)
+    for _ in range(150):
+        optimizer.zero_grad()
+        q.entropy_penalty(q._bounded(z)).backward()
+        optimizer.step()
+    assert float(q.entropy_penalty(q._bounded(z)).detach()) < first - 1.4  # 4 log 2 = 2.77 at best
+    assert top_share().max() < 0.7 and torch.bincount(q.encode(z), minlength=16).min() > 50
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf")])
+def test_a_bad_entropy_weight_is_refused(weight):
+    with pytest.raises(ValueError, match=r"quantizer.entropy_weight must be >= 0"):
+        QuantizerConfig(kind="fsq", entropy_weight=weight)
+    with pytest.raises(ValueError, match=r"quantizer.entropy_weight must be 0.0 with kind 'single' \(an option of fsq"):
+        QuantizerConfig(kind="single", entropy_weight=0.1)

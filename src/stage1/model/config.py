@@ -83,6 +83,8 @@ class QuantizerConfig(ConfigSection):
     # fsq: the levels of each channel of the projection (its vocabulary is their product): [8, 5, 5, 5] 1000 codes,
     # [8, 8, 8, 6, 5] 15360, [8, 8, 8, 5, 5, 5] 64000
     levels: tuple[int, ...] = (8, 5, 5, 5)
+    # fsq: the weight of MAGVIT-v2's entropy penalty (sharp codes a token, every level used); with levels of 2: LFQ
+    entropy_weight: float = 0.0
     # simvq: where the frozen basis starts: the offline k-means fit of the latents (this project's), or random
     # (N(0, 1) rows, the normalised latents' scale, and no fit)
     basis: str = choice("fit", "random")

@@ -64,6 +64,7 @@ KEYWORDS: dict[str, tuple[str | None, str]] = {
     "shared_codebook": ("quantizer", "shared_codebook"),
     "phi": ("quantizer", "phi"),
     "levels": ("quantizer", "levels"),
+    "entropy_weight": ("quantizer", "entropy_weight"),
     "basis": ("quantizer", "basis"),
     "tau_start": ("quantizer", "tau_start"),
     "tau_end": ("quantizer", "tau_end"),

@@ -10,6 +10,12 @@ gradient straight through (FSQ's round_ste). The two projections are trained by 
 contract's trained_parameters) and by `loss` = commitment_cost * ||z_q - z||^2, which keeps z_q on the encoder's
 latent (the decoder, RAE's, paints from there; the encoder is frozen, so nothing is committed to the codes).
 
+quantizer.entropy_weight > 0 adds MAGVIT-v2's entropy penalty (Yu et al., "Language Model Beats Diffusion", 2023):
+each token's soft assignment to its channel's levels should be sharp (low entropy a token) while the batch spreads
+over all of them (high entropy of the batch's mean). It is factorized over the channels (the sum of each channel's
+entropies, as Open-MAGVIT2 does for large vocabularies; exact for one channel, and never a prod(levels)-wide
+softmax). With levels of 2 this is LFQ (MAGVIT-v2's lookup-free quantization): binary codes and its penalty.
+
 The offline fit (before step 0, as the codebooks' k-means) starts them where a linear code can do best: in_proj on
 the d principal directions of the latents, each whitened to unit variance (the bound's steep part) and centred on
 the middle of its levels (FSQ's bound maps h = 0 to the code 0, the top edge of a level of 2 and off-centre for every
@@ -37,6 +43,8 @@ if TYPE_CHECKING:
 
 BOUND_EPS = 1e-3  # FSQ's: the bound stays inside the outer levels' rounding interval
 MAX_FSQ_CHANNELS = 64
+# The soft assignment's temperature, in steps of the levels: MAGVIT-v2's 0.01 on codes +-1 (a step of 2).
+ENTROPY_TEMPERATURE = 0.0025
 RIDGE = 1e-4  # relative ridge of the least-squares out_proj (codes that barely vary stay solvable)
 
 
@@ -47,7 +55,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 class FSQuantizer(Quantizer):
     kind = "fsq"
-    options = ("levels",)
+    options = ("levels", "entropy_weight")
 
     @classmethod
     def check_options(cls, config: QuantizerConfig) -> None:
@@ -56,6 +64,8 @@ class FSQuantizer(Quantizer):
                        and math.prod(levels) <= MAX_CODES, "levels",
                        f"1 to {MAX_FSQ_CHANNELS} levels of at least 2 whose product (the vocabulary) is at most "
                        f"{MAX_CODES:,}, e.g. [8, 5, 5, 5] (1000 codes), [8, 8, 8, 6, 5] (15360), [8, 8, 8, 5, 5, 5]")
+        config.require(math.isfinite(config.entropy_weight) and config.entropy_weight >= 0, "entropy_weight",
+                       ">= 0 (0: no entropy penalty)")
 
     @classmethod
     def weights_at_least(cls, config: QuantizerConfig) -> int:
@@ -68,7 +78,7 @@ class FSQuantizer(Quantizer):
         # Digit i of a code counts prod(levels[:i]): the mixed-radix basis.
         self.register_buffer("basis", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0), persistent=False)
         self.num_embeddings, self.embedding_dim = math.prod(config.levels), embedding_dim
-        self.commitment_cost = config.commitment_cost
+        self.commitment_cost, self.entropy_weight = config.commitment_cost, config.entropy_weight
         self.in_proj = nn.Linear(embedding_dim, len(config.levels))
         self.out_proj = nn.Linear(len(config.levels), embedding_dim)
 
@@ -77,7 +87,8 @@ class FSQuantizer(Quantizer):
         return CodeLayout(self.num_embeddings)
 
     def describe(self) -> str:
-        return f"FSQ, levels {self.levels.tolist()} ({self.num_embeddings} codes)"
+        penalty = f", entropy weight {self.entropy_weight:g}" if self.entropy_weight else ""
+        return f"FSQ, levels {self.levels.tolist()} ({self.num_embeddings} codes{penalty})"
 
     def trained_parameters(self) -> list[dict]:
         return [{"params": [*self.in_proj.parameters(), *self.out_proj.parameters()]}]
@@ -93,10 +104,27 @@ class FSQuantizer(Quantizer):
     # ---- codes ------------------------------------------------------------------------------------------------
     def _codes(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (..., D) -> codes in [-1, 1]^d on each channel's grid of levels, straight-through."""
+        return round_ste(self._bounded(z)) / (self.levels // 2)
+
+    def _bounded(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (..., D) -> each channel in (-L / 2, L / 2), before rounding to its levels."""
         h = self.in_proj(channels_last_rows(z, self.embedding_dim)).reshape(*z.shape[:-1], -1)
         half, offset = self._half_and_offset()
-        bounded = torch.tanh(h + torch.atanh(offset / half)) * half - offset
-        return round_ste(bounded) / (self.levels // 2)
+        return torch.tanh(h + torch.atanh(offset / half)) * half - offset
+
+    def entropy_penalty(self, bounded: torch.Tensor) -> torch.Tensor:
+        """MAGVIT-v2's entropy term, factorized over the channels: the mean over tokens of each token's entropy over
+        its channels' levels, minus the entropy of the tokens' mean assignment, summed over channels."""
+        flat = bounded.reshape(-1, len(self.levels))
+        steps = torch.arange(int(self.levels.max()), device=flat.device, dtype=flat.dtype)
+        grid = steps - (self.levels // 2)[:, None]  # (d, L_max): channel i's integer levels, from -(L_i // 2)
+        logits = -(flat[:, :, None] - grid).pow(2) / ENTROPY_TEMPERATURE
+        logits = logits.masked_fill(steps >= self.levels[:, None], -math.inf)  # a channel with fewer levels
+        probs = logits.softmax(-1)
+        per_token = -(probs * logits.log_softmax(-1).nan_to_num(neginf=0.0)).sum(-1).mean(0)
+        mean = probs.mean(0)
+        of_mean = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
+        return (per_token - of_mean).sum()
 
     def _half_and_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         """FSQ's bound: h -> tanh(h + atanh(offset / half)) * half - offset, in (-L / 2, L / 2) around the grid."""
@@ -114,13 +142,17 @@ class FSQuantizer(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):  # fp32: the bound and rounding are exact
-            codes = self._codes(z)
+            bounded = self._bounded(z)
+            codes = round_ste(bounded) / (self.levels // 2)
             z_q = self.out_proj(codes)
             commitment = F.mse_loss(z_q, z.detach().float())
             indices = self._indices(codes.detach())
             counts = torch.bincount(indices.flatten(), minlength=self.num_embeddings).float()
-        return QuantizerOutput(z_q.to(z.dtype), indices, commitment.detach(), self.commitment_cost * commitment,
-                               **code_use(counts))
+            loss, extra = self.commitment_cost * commitment, {}
+            if self.entropy_weight:
+                extra["entropy_loss"] = self.entropy_penalty(bounded)
+                loss = loss + self.entropy_weight * extra["entropy_loss"]
+        return QuantizerOutput(z_q.to(z.dtype), indices, commitment.detach(), loss, **code_use(counts), extra=extra)
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
