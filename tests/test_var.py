@@ -141,3 +141,39 @@ def test_the_adapter_needs_multiscale_codes_and_tells_the_scale_by_length(tokeni
     else:
         with pytest.raises(ValueError, match="more_smooth"):
             _ = tokenizer.quantize.embedding.weight
+
+
+def test_progressive_training_stops_the_codes_and_teacher_forcing_at_prog_si(tokenizer):
+    """VAR's train.py --pg sets quantize.prog_si to the last scale trained on: VectorQuantizer2 then gives the first
+    prog_si + 1 scales' codes and the teacher forcing of scales 1..prog_si (None at 0), so its trainer's logits and
+    targets both end at begin_ends[prog_si][1] (VAR: the 130 vs 5 size mismatch when they did not)."""
+    x = smooth_images(2, seed=13) * 2 - 1
+    full_codes = tokenizer.img_to_idxBl(x)
+    full_input = tokenizer.quantize.idxBl_to_var_input(full_codes)
+    ends = [sum(s * s for s in SCALES[: k + 1]) for k in range(len(SCALES))]  # VAR's begin_ends[k][1]
+    try:
+        for prog_si in range(len(SCALES)):
+            tokenizer.quantize.prog_si = prog_si
+            codes = tokenizer.img_to_idxBl(x)
+            assert len(codes) == prog_si + 1
+            assert all(torch.equal(a, b) for a, b in zip(codes, full_codes, strict=False))
+            var_input = tokenizer.quantize.idxBl_to_var_input(codes)
+            if prog_si == 0:
+                assert var_input is None  # VAR's model feeds the class token alone
+                continue
+            # 1 (the class token's position) + the inputs = the targets: what VAR's assert checks.
+            assert 1 + var_input.shape[1] == torch.cat(codes, 1).shape[1] == ends[prog_si]
+            assert torch.equal(var_input, full_input[:, : ends[prog_si] - 1])  # a prefix: later scales do not matter
+    finally:
+        tokenizer.quantize.prog_si = -1
+    assert len(tokenizer.img_to_idxBl(x)) == len(SCALES)
+
+
+def test_the_encoder_and_decoder_views_leave_the_saved_weights_alone(tokenizer):
+    """VAR's train.py prints the parameter counts of vae_local.encoder and .decoder: views of the model's own parts,
+    not registered in the adapter (its state_dict is the model's, key for key)."""
+    model = tokenizer.model
+    assert tokenizer.encoder is model.encoder and tokenizer.decoder is model.decoder
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 (VAR's count_p)
+    assert count(tokenizer.decoder) == count(model.decoder) > 0 and count(tokenizer.encoder) > 0
+    assert list(tokenizer.state_dict()) == [f"model.{key}" for key in model.state_dict()]

@@ -4,8 +4,9 @@ trainer.py, models/var.py) use a vqrae tokenizer in place of its VQVAE:
     vae_local = VARTokenizer.from_pretrained("ckpt/")    # instead of VQVAE(...) and its load_state_dict
 
 VQVAE's side (images in [-1, 1]): Cvae, vocab_size, img_to_idxBl, idxBl_to_img, fhat_to_img,
-img_to_reconstructed_img, and `quantize`, VectorQuantizer2's side: embedding (called on indices, or its .weight),
-v_patch_nums, idxBl_to_var_input (training's teacher forcing) and get_next_autoregressive_input (sampling).
+img_to_reconstructed_img, encoder and decoder (views of the model's, which train.py counts), and `quantize`,
+VectorQuantizer2's side: embedding (called on indices, or its .weight), v_patch_nums, idxBl_to_var_input (training's
+teacher forcing), get_next_autoregressive_input (sampling) and prog_si (train.py --pg's progressive training).
 VAR's f_hat is here the sum of the upsampled code maps in the quantizer's space (the normalised latent), each
 refined by the model's phi convolutions where it has them (quantizer.phi), as VAR's. VAR calls
 `quantize.embedding(idx_Bl)` on one scale's codes at a time, so with a codebook per scale the scale is told by their
@@ -55,18 +56,26 @@ class VARQuantizer(nn.Module):
         self.embedding = ScaleCodebooks(quantizer)
         self.v_patch_nums = tuple(quantizer.scales)
         self.Cvae, self.vocab_size = quantizer.embedding_dim, quantizer.num_embeddings
-        self.prog_si = -1  # VAR's progressive training (which VAR does not support either)
+        # VAR's progressive training (train.py --pg): its trainer sets this to the last scale trained on (-1: all);
+        # the codes and the teacher-forcing input stop there, as VectorQuantizer2's.
+        self.prog_si = -1
+
+    def scales_in_training(self) -> int:
+        """How many scales VAR's trainer works on now: prog_si + 1 in progressive training, else all."""
+        return len(self.v_patch_nums) if self.prog_si < 0 else min(self.prog_si + 1, len(self.v_patch_nums))
 
     @torch.no_grad()  # the tokenizer is frozen: no graph into phi
     def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor | None:
-        """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last, f_hat (the sum of the
-        scales so far, upsampled to the grid) area-downsampled to the next scale, raster tokens."""
-        if len(self.v_patch_nums) == 1:
+        """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last (in progressive training:
+        the last of the first prog_si + 1), f_hat (the sum of the scales so far, upsampled to the grid)
+        area-downsampled to the next scale, raster tokens; None when only the first scale is trained."""
+        inputs = self.scales_in_training() - 1
+        if inputs == 0:
             return None
-        codes = torch.cat([idx.reshape(idx.shape[0], -1) for idx in gt_ms_idx_Bl[:-1]], dim=1)
+        codes = torch.cat([idx.reshape(idx.shape[0], -1) for idx in gt_ms_idx_Bl[:inputs]], dim=1)
         f_hats = self._quantizer[0].prefix_sums(codes)  # one map at a time: each is the grid's size
-        return torch.cat([to_tokens(area(f_hat, side)) for f_hat, side in zip(f_hats, self.v_patch_nums[1:],
-                                                                             strict=True)], dim=1)
+        sides = self.v_patch_nums[1 : inputs + 1]
+        return torch.cat([to_tokens(area(f_hat, side)) for f_hat, side in zip(f_hats, sides, strict=True)], dim=1)
 
     @torch.no_grad()  # the tokenizer is frozen: no graph into phi
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
@@ -91,6 +100,16 @@ class VARTokenizer(nn.Module):
         self.Cvae, self.vocab_size = self.quantize.Cvae, self.quantize.vocab_size
         self.V = self.vocab_size
 
+    # VQVAE's parts, which VAR's train.py counts the parameters of: views of the model's own, never registered here
+    # (the adapter's state_dict stays the model's).
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.decoder
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **options) -> "VARTokenizer":
         """A vqrae folder or Hub repo (VQRAE.from_pretrained's options), in eval mode."""
@@ -106,9 +125,11 @@ class VARTokenizer(nn.Module):
 
     @torch.no_grad()
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums=None) -> list[torch.Tensor]:
-        """Images in [-1, 1] -> each scale's codes (B, s * s), coarsest first."""
+        """Images in [-1, 1] -> each scale's codes (B, s * s), coarsest first (in VAR's progressive training, the first
+        quantize.prog_si + 1 scales)."""
         self._check_scales(v_patch_nums)
-        return [maps.flatten(1) for maps in self.model.encode_to_indices((inp_img_no_grad + 1) / 2)]
+        maps = self.model.encode_to_indices((inp_img_no_grad + 1) / 2)
+        return [scale.flatten(1) for scale in maps[: self.quantize.scales_in_training()]]
 
     @torch.no_grad()
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
