@@ -19,7 +19,15 @@ from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
 from ..data.tar_shards import folder_classes
-from ..data.token_exports import check_llamagen_labels, export_tokens, llamagen_advice, llamagen_arguments
+from ..data.token_exports import (
+    check_labels,
+    check_maskgit_classes,
+    export_tokens,
+    llamagen_advice,
+    llamagen_arguments,
+    maskgit_advice,
+    maskgit_arguments,
+)
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
 from .common import (
@@ -110,14 +118,19 @@ def run(args) -> int:
         size = model_image_size(model, args.image_size)
         index_dtype(model.layout.vocab_size, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
-        if args.format == "llamagen":  # what LlamaGen cannot take is refused before any work
-            grid = (model.grid_side(size),) * 2
-            llamagen_arguments(args.out, grid, size, VIEWS[args.augment], model.layout.codes_per_position,
-                               model.layout.scales)
+        if args.format in ("llamagen", "maskgit"):  # what LlamaGen / MaskGIT cannot take is refused before any work
+            grid, reader = (model.grid_side(size),) * 2, "LlamaGen" if args.format == "llamagen" else "Halton-MaskGIT"
+            if args.format == "llamagen":
+                llamagen_arguments(args.out, grid, size, VIEWS[args.augment], model.layout.codes_per_position,
+                                   model.layout.scales)
+            else:
+                maskgit_arguments(grid, size, model.layout.codes_per_position, model.layout.scales,
+                                  model.layout.vocab_size)
+                check_maskgit_classes(maskgit_root(args), source.classes)
             if isinstance(source, FolderInput):
-                check_llamagen_labels(source.labels)
+                check_labels(source.labels, reader)
             elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers
-                check_llamagen_labels([-1] * source.folders.unlabelled)
+                check_labels([-1] * source.folders.unlabelled, reader)
         run_record = {
             "model": str(args.model),
             "codebook_size": model.layout.vocab_size,
@@ -154,7 +167,7 @@ def run(args) -> int:
                 model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
                 views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size,
                 scales=list(model.layout.scales) if model.layout.scales else None))
-            exported = export_tokens(args.format, args.out, manifest)
+            exported = export_tokens(args.format, args.out, manifest, args.split, maskgit_root(args))
             layout = (f"{manifest.index_shape[0]} multi-scale codes (scales {manifest.scales})" if manifest.scales
                       else f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes")
             print(f"tokenized {manifest.num_images} image(s) into {source.num_shards} shard(s) of {layout} "
@@ -164,9 +177,16 @@ def run(args) -> int:
                                                            if args.format != "shards" else ""))
             if args.format == "llamagen":
                 print(llamagen_advice(manifest, args.out))
+            if args.format == "maskgit":
+                print(maskgit_advice(manifest, maskgit_root(args)))
     finally:
         distributed.teardown()
     return 0
+
+
+def maskgit_root(args) -> str:
+    """Halton-MaskGIT's --data-folder: the folder its Train/ and Eval/ go in."""
+    return args.maskgit_root or os.path.join(args.out, "maskgit")
 
 
 class FolderInput:

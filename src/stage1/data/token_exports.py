@@ -8,6 +8,11 @@
             picks one view per sample only when its --code-path holds "flip").
   jsonl     OUT/tokens.jsonl: one {"image", "class_id", "tokens"} object per line (TiTok / RAR style), tokens the
             row-major code grid as a flat list (a list per view when augmented).
+  maskgit   Halton-MaskGIT's layout (valeoai/Halton-MaskGIT, extract_vq_features.py): ROOT/Train/ or ROOT/Eval/
+            (--split train | eval; ROOT: --maskgit-root, default OUT/maskgit, which both splits' runs may share),
+            one file per view 0000000.pth, 0000001.pth, ... holding a pickle of {"code": (h, w) uint16 (int32 past
+            65536 codes, which its loader also takes), "y": class id}, and ROOT/classes.json (the class names, the
+            same for both splits). Pickles are written for a reader that chose them; vqrae never reads them back.
   memmap    OUT/codes.npy, one array (N[, views], h, w[, L]) to open with np.load(mmap_mode="r"), OUT/labels.npy
             (N,) int64 and OUT/codes_index.json (the image of each row).
 Residual / grouped codes keep their last axis L in every layout. Multi-scale codes are VAR's flat (L,) per view
@@ -18,15 +23,17 @@ folders; -1 for an image in the root folder). Every file is written atomically; 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pickle
 
 import numpy as np
 
-from ..base.atomic import atomic_path, write_json, write_npy
+from ..base.atomic import atomic_path, read_json, write_json, write_npy
 from .token_shards import Manifest, read_codes
 
-FORMATS = ("shards", "llamagen", "jsonl", "memmap")
+FORMATS = ("shards", "llamagen", "jsonl", "maskgit", "memmap")
 MULTISCALE_LLAMAGEN = ("LlamaGen's GPT predicts one code per grid position; multi-scale codes are VAR's next-scale "
                        "tokens (stage1.VARTokenizer): use --format shards, jsonl or memmap")
 # LlamaGen's c2i trainer and samplers: --image-size and --downsample-size choices (its GPT has (S / D)^2 positions).
@@ -79,13 +86,98 @@ def llamagen_advice(manifest: Manifest, out: str) -> str:
     return advice
 
 
-def check_llamagen_labels(labels) -> None:
-    """LlamaGen's class embedding takes ids 0..num_classes-1; -1 (an image without a class) fails on the GPU."""
+def check_labels(labels, reader: str = "LlamaGen") -> None:
+    """LlamaGen's and MaskGIT's class embeddings take ids 0..num_classes-1; -1 (an image without a class) fails on
+    the GPU."""
     missing = int((np.asarray(labels) < 0).sum())
     if missing:
         raise ValueError(f"{missing} image(s) have no class (label -1: outside the class folders of --data, or tar "
-                         f"samples without a cls field or class folder), which LlamaGen's class embedding cannot "
+                         f"samples without a cls field or class folder), which {reader}'s class embedding cannot "
                          f"take: put every image in a class folder, or use --format jsonl / memmap / shards")
+
+
+# ---- Halton-MaskGIT ---------------------------------------------------------------------------------------------
+MASKGIT_SPLITS = {"train": "Train", "eval": "Eval"}  # its extract_vq_features.py's folders, which its loader reads
+MASKGIT_SAMPLER_CLASSES = 1000  # its samplers' default labels (during training too) reach class 999
+MASKGIT_CLASSES = "classes.json"  # beside Train/ and Eval/: the class names both splits' ids count
+MASKGIT_UINT16_CODES = 2**16  # its extractor's uint16; its loader casts to int32, so wider codes go as int32
+
+
+def maskgit_arguments(grid_shape, image_size: int, per_token: int, scales, vocab_size: int) -> dict:
+    """Halton-MaskGIT's --img-size, --f-factor, --codebook-size and --mask-value for codes of this layout, or one
+    ValueError saying why its transformer cannot take them. --img-size is the tokenized size when the grid divides
+    it (the adapter paints at it), else the grid times 16."""
+    if scales:
+        raise ValueError("Halton-MaskGIT predicts one code per grid position; multi-scale codes are VAR's next-scale "
+                         "tokens (stage1.VARTokenizer): use --format shards, jsonl or memmap")
+    if per_token > 1:
+        raise ValueError(f"Halton-MaskGIT predicts one code per grid position; these codes have {per_token} per "
+                         f"position (a residual / grouped codebook): use --format jsonl, memmap or shards")
+    h, w = grid_shape
+    if h != w:
+        raise ValueError(f"Halton-MaskGIT's transformer takes square code grids (img_size // f_factor a side), this "
+                         f"model gives {h}x{w}: tokenize square images (--image-size)")
+    img_size = image_size if image_size % h == 0 else 16 * h
+    return {"img_size": img_size, "f_factor": img_size // h, "codebook_size": vocab_size, "mask_value": vocab_size}
+
+
+def check_maskgit_classes(root: str, classes: list[str] | None) -> None:
+    """Both splits' class ids must mean the same classes: these class folders against ROOT/classes.json, which the
+    other split's export wrote (nothing to check before the first)."""
+    path = os.path.join(root, MASKGIT_CLASSES)
+    if not os.path.exists(path):
+        return
+    other = read_json(path).get("classes")
+    if other != (classes or []):
+        raise ValueError(f"{path} lists {len(other) if isinstance(other, list) else 'no'} class folder(s) that differ "
+                         f"from these {len(classes or [])}, so the splits' class ids would not agree: give both "
+                         f"splits the same class folders, or another --maskgit-root")
+
+
+class _PortablePickler(pickle.Pickler):
+    """Arrays pickled as numpy.ndarray(shape, dtype, bytes): globals every numpy has. numpy 2's own array pickles name
+    numpy._core, which the numpy < 1.26 of Halton-MaskGIT's environment cannot import."""
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray:
+            return np.ndarray, (obj.shape, obj.dtype, np.ascontiguousarray(obj).tobytes())
+        return NotImplemented
+
+
+def write_maskgit(root: str, split: str, codes: np.ndarray, labels: np.ndarray, manifest: Manifest) -> str:
+    """ROOT/Train or ROOT/Eval as Halton-MaskGIT's extract_vq_features.py writes it (module docstring); returns the
+    split's folder. Each view is a sample of its own; files of an earlier, larger export of the split are removed."""
+    check_labels(labels, "Halton-MaskGIT")
+    classes = manifest.classes or []
+    check_maskgit_classes(root, classes)
+    folder = os.path.join(root, MASKGIT_SPLITS[split])
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(root, MASKGIT_CLASSES), {"classes": classes})
+    dtype = np.uint16 if manifest.codebook_size <= MASKGIT_UINT16_CODES else np.int32
+    views = codes.reshape(-1, *manifest.grid_shape)  # (images * views, h, w), each image's views in turn
+    for i, (code, label) in enumerate(zip(views, np.repeat(labels, manifest.views), strict=True)):
+        with atomic_path(os.path.join(folder, f"{i:07d}.pth")) as tmp, open(tmp, "wb") as f:
+            _PortablePickler(f, protocol=4).dump({"code": code.astype(dtype), "y": int(label)})
+    for stale in glob.glob(os.path.join(folder, "*.pth")):
+        name = os.path.basename(stale)[: -len(".pth")]
+        if not (name.isdigit() and int(name) < len(views)):
+            os.remove(stale)
+    return folder
+
+
+def maskgit_advice(manifest: Manifest, root: str) -> str:
+    """The flags of Halton-MaskGIT's main.py for this export, and what else its trainer needs."""
+    arguments = maskgit_arguments(manifest.grid_shape, manifest.image_size, _codes_per_token(manifest),
+                                  manifest.scales, manifest.codebook_size)
+    classes = len(manifest.classes) if manifest.classes else 1
+    return (f"Halton-MaskGIT: main.py --mode cls-to-img --data imagenet_feat --data-folder {root.rstrip('/')}/ "
+            f"--vqgan-folder {manifest.model} --img-size {arguments['img_size']} --f-factor {arguments['f_factor']} "
+            f"--codebook-size {arguments['codebook_size']} --mask-value {arguments['mask_value']} "
+            f"--nb-class {max(classes, MASKGIT_SAMPLER_CLASSES)}, run through scripts/halton_maskgit.py (its "
+            f"trainer builds LlamaGen's tokenizer; the script puts this model there). Its loader drops the last "
+            f"partial batch: Train and Eval each need at least --global-bsize files; --nb-class is at least "
+            f"{MASKGIT_SAMPLER_CLASSES} because its samplers' default labels reach class {MASKGIT_SAMPLER_CLASSES - 1} "
+            f"({classes} class(es) here)")
 
 
 def _codes_per_token(manifest: Manifest) -> int:
@@ -98,8 +190,10 @@ def flat_views(code: np.ndarray, views: int, per_token: int) -> np.ndarray:
     return code.reshape(views, -1, per_token) if per_token > 1 else code.reshape(views, -1)
 
 
-def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
-    """Write the `fmt` layout of a finished tokenization in folder `tokens`; returns where it went."""
+def export_tokens(fmt: str, tokens: str, manifest: Manifest, split: str = "train",
+                  maskgit_root: str | None = None) -> str:
+    """Write the `fmt` layout of a finished tokenization in folder `tokens` (maskgit: the `split` folder under
+    `maskgit_root`, default tokens/maskgit); returns where it went."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "shards":
@@ -109,7 +203,7 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
     if fmt == "llamagen":
         arguments = llamagen_arguments(tokens, manifest.grid_shape, manifest.image_size, views, per_token,
                                        manifest.scales)
-        check_llamagen_labels(labels)
+        check_labels(labels)
         root, size = arguments["code_path"], arguments["image_size"]
         code_dir, label_dir = (os.path.join(root, f"imagenet{size}_{kind}") for kind in ("codes", "labels"))
         os.makedirs(code_dir, exist_ok=True)
@@ -118,6 +212,9 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest) -> str:
             write_npy(os.path.join(code_dir, f"{i}.npy"), flat_views(code, views, per_token)[None].astype(np.int64))
             write_npy(os.path.join(label_dir, f"{i}.npy"), np.array([label], dtype=np.int64))
         return root
+    if fmt == "maskgit":
+        maskgit_arguments(manifest.grid_shape, manifest.image_size, per_token, manifest.scales, manifest.codebook_size)
+        return write_maskgit(maskgit_root or os.path.join(tokens, "maskgit"), split, codes, labels, manifest)
     if fmt == "jsonl":
         path = os.path.join(tokens, "tokens.jsonl")
         with atomic_path(path) as tmp, open(tmp, "w") as f:

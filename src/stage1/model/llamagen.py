@@ -6,7 +6,12 @@ evaluation of its samples) run on a vqrae tokenizer with one change: the VQModel
 
 LlamaGen's VQModel (tokenizer/tokenizer_image/vq_model.py) takes and paints images in [-1, 1], and its
 `decode_code(indices, qzshape)` gets the GPT's codes (B, h * w) with qzshape = [B, codebook_embed_dim, h, w].
-Only a quantizer with one code per grid position fits its GPT (single; not residual, grouped or multi-scale).
+Only a quantizer with one code per grid position fits its GPT (single, fsq, simvq, gumbel; not residual, grouped or
+multi-scale).
+
+Halton-MaskGIT (valeoai/Halton-MaskGIT) builds LlamaGen's VQModel as its `ae` too, and takes this adapter in its place
+(scripts/halton_maskgit.py puts it there): its samplers call `decode_code(code)` on (B, h, w) codes, its extractor
+unpacks `encode` as `_, _, [_, _, code]`, and its --codebook-size is `codebook_size`.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ class LlamaGenTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode_code(self, code_b: torch.Tensor, shape=None, channel_first: bool = True) -> torch.Tensor:
-        """Codes (B, h * w), or any layout with `shape` = [B, C, h, w] ([B, h, w, C] when not channel_first) ->
-        images in [-1, 1]; C is not used (LlamaGen passes its --codebook-embed-dim there)."""
+        """Codes (B, h, w) (Halton-MaskGIT's), or (B, h * w) or any layout with `shape` = [B, C, h, w] ([B, h, w, C]
+        when not channel_first; LlamaGen's) -> images in [-1, 1]; C is not used (LlamaGen passes its
+        --codebook-embed-dim there)."""
         if shape is not None:
             b, h, w = (shape[0], shape[2], shape[3]) if channel_first else tuple(shape[:3])
             if code_b.numel() != b * h * w:

@@ -1,0 +1,198 @@
+"""Masked generation on our codes (issue 30): vqrae-tokenize --format maskgit writes Halton-MaskGIT's layout
+(valeoai/Halton-MaskGIT extract_vq_features.py: Train/ and Eval/ of numbered pickles {"code": uint16 (h, w), "y": int}),
+read back here by a reader written from that documented format; LlamaGenTokenizer is its `ae` (decode_code on
+(B, h, w) codes, encode as its extractor unpacks it); a tiny masked transformer of our own with its shapes (mask token
+= codebook size, class conditioning, every token a target) trains on the export and samples with a Halton order."""
+
+import io
+import os
+import pickle
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import smooth_images, tiny_vqrae
+from PIL import Image
+from torch import nn
+
+from stage1 import VQRAE, LlamaGenTokenizer
+from stage1.cli import tokenize
+
+SIZE, GRID, K = 128, 16, 64  # the tiny encoder (patch 8) at 128 px: a 16 x 16 grid
+
+
+@pytest.fixture(scope="module")
+def maskgit_model(dinov2_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("maskgit") / "model"
+    tiny_vqrae(dinov2_dir, encoder_input_size=SIZE, num_embeddings=K).save_pretrained(path)
+    return str(path)
+
+
+def image_tree(root, names, seed):
+    pixels = (smooth_images(len(names), size=SIZE, seed=seed).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    for (folder, name), image in zip(names, pixels, strict=True):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        Image.fromarray(image).save(os.path.join(root, folder, name))
+    return str(root)
+
+
+class ArraysOnly(pickle.Unpickler):
+    """The documented format holds a dict of a numpy array and an int: nothing else may be named in the file."""
+
+    def find_class(self, module, name):
+        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of the format")
+
+
+def read_like_maskgit(folder):
+    """Halton-MaskGIT's CodeDataset as its README and extractor describe it: every *.pth in sorted order, each a
+    pickle of {"code": (h, w) integers, "y": class}; codes cast to int32."""
+    items = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".pth"):
+            with open(os.path.join(folder, name), "rb") as f:
+                data = ArraysOnly(f).load()
+            items.append((name, data["code"], data["y"]))
+    return items
+
+
+def halton_order(side: int) -> list[int]:
+    """Grid positions in the order of the 2-D Halton sequence (bases 2 and 3), each once: Halton-MaskGIT's schedule
+    reveals tokens in this low-discrepancy order, spread over the image at every step."""
+    def radical_inverse(i, base):
+        value, f = 0.0, 1.0 / base
+        while i:
+            value, i, f = value + f * (i % base), i // base, f / base
+        return value
+
+    order, seen, i = [], set(), 1
+    while len(order) < side * side:
+        cell = int(radical_inverse(i, 2) * side) * side + int(radical_inverse(i, 3) * side)
+        if cell not in seen:
+            seen.add(cell)
+            order.append(cell)
+        i += 1
+    return order
+
+
+class TinyMaskGIT(nn.Module):
+    """Halton-MaskGIT's transformer in shape: codebook_size + 1 token embeddings (the last is the mask), learned
+    positions, the class added to every token, bidirectional attention, logits over codebook_size + 1."""
+
+    def __init__(self, codebook_size, num_classes, positions, dim=64):
+        super().__init__()
+        self.tokens = nn.Embedding(codebook_size + 1, dim)
+        self.classes = nn.Embedding(num_classes + 1, dim)  # + the dropped class, for guidance
+        self.positions = nn.Parameter(torch.randn(1, positions, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, codebook_size + 1)
+
+    def forward(self, codes, labels):  # (B, h, w) with masked positions at codebook_size -> (B, h * w, K + 1)
+        x = self.tokens(codes.flatten(1)) + self.positions + self.classes(labels)[:, None]
+        return self.head(self.blocks(x))
+
+
+def test_maskgit_export_trains_a_masked_transformer_whose_halton_samples_decode(maskgit_model, tmp_path, capsys):
+    train = image_tree(tmp_path / "train", [("cat", "a.png"), ("cat", "b.png"), ("dog", "c.png")], seed=31)
+    held = image_tree(tmp_path / "val", [("cat", "d.png"), ("dog", "e.png")], seed=32)
+    root = tmp_path / "maskgit"
+    for data, split in ((train, "train"), (held, "eval")):
+        argv = ["--model", maskgit_model, "--data", data, "--out", str(tmp_path / f"tokens-{split}"), "--format",
+                "maskgit", "--split", split, "--maskgit-root", str(root)]
+        assert tokenize.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (f"--data-folder {root}/ --vqgan-folder {maskgit_model} --img-size {SIZE} --f-factor 8 --codebook-size {K} "
+            f"--mask-value {K} --nb-class 1000" in printed)
+    assert sorted(os.listdir(root)) == ["Eval", "Train", "classes.json"]
+    items, held_items = read_like_maskgit(root / "Train"), read_like_maskgit(root / "Eval")
+    assert [name for name, _, _ in items] == ["0000000.pth", "0000001.pth", "0000002.pth"]
+    assert [y for _, _, y in items] == [0, 0, 1] and [y for _, _, y in held_items] == [0, 1]
+    assert all(code.dtype == np.uint16 and code.shape == (GRID, GRID) for _, code, _ in items + held_items)
+    shard = np.load(tmp_path / "tokens-train" / "shard-00000.npy")
+    assert all(np.array_equal(code, shard[i]) for i, (_, code, _) in enumerate(items))
+
+    # Its `ae`: the extractor's `_, _, [_, _, code] = ae.encode(img)` gives these codes; decode_code paints them.
+    ae = LlamaGenTokenizer.from_pretrained(maskgit_model, image_size=SIZE)
+    model = VQRAE.from_pretrained(maskgit_model)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(train, c, n)))).permute(2, 0, 1)
+                          for c, n in (("cat", "a.png"), ("cat", "b.png"), ("dog", "c.png"))]).float() / 255
+    _, _, (_, _, flat) = ae.encode(images * 2 - 1)
+    codes = torch.stack([torch.from_numpy(code.astype(np.int32)) for _, code, _ in items]).long()
+    assert torch.equal(flat.reshape(3, GRID, GRID), codes) and ae.codebook_size == K
+
+    # Its training step: a random share of each grid masked (mask value = codebook size), every token a target.
+    labels = torch.tensor([y for _, _, y in items])
+    torch.manual_seed(0)
+    net = TinyMaskGIT(K, num_classes=2, positions=GRID * GRID)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(500):
+        ratio = torch.rand(3, 1, 1).clamp_min(0.05)
+        masked = torch.where(torch.rand(3, GRID, GRID) < ratio, torch.full_like(codes, K), codes)
+        loss = nn.functional.cross_entropy(net(masked, labels).flatten(0, 1), codes.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+    # Its sampler: from an all-mask canvas, reveal the positions in Halton order over 8 steps (argmax here), then
+    # clamp to the codebook and ae.decode_code(code (B, h, w)). The dog class has one image: the net learnt its codes.
+    canvas, order = torch.full((1, GRID, GRID), K), halton_order(GRID)
+    with torch.no_grad():
+        for chunk in torch.tensor(order).chunk(8):
+            prediction = net(canvas, torch.tensor([1]))[..., :K].argmax(-1)
+            canvas.view(1, -1)[:, chunk] = prediction[:, chunk]
+    assert torch.equal(canvas[0], codes[2])
+    sample = ae.decode_code(canvas.clamp(0, K - 1))
+    assert sample.shape == (1, 3, SIZE, SIZE) and sample.min() >= -1 and sample.max() <= 1
+    assert torch.equal(sample, model.decode_from_indices(canvas) * 2 - 1)
+
+
+def test_the_files_name_only_numpy_arrays_and_stale_ones_go(maskgit_model, tmp_path):
+    """numpy 2 pickles arrays through numpy._core, which Halton-MaskGIT's numpy < 1.26 cannot import: the export names
+    numpy.ndarray and numpy.dtype only. A rerun with fewer images leaves no file of the earlier export behind."""
+    data = image_tree(tmp_path / "data", [("a", "0.png"), ("a", "1.png"), ("b", "2.png")], seed=33)
+    out = tmp_path / "tokens"
+    argv = ["--model", maskgit_model, "--data", data, "--out", str(out), "--format", "maskgit"]
+    assert tokenize.main(argv) == 0
+    with open(out / "maskgit" / "Train" / "0000000.pth", "rb") as f:
+        raw = f.read()
+    assert b"numpy._core" not in raw and b"numpy.core" not in raw
+    assert ArraysOnly(io.BytesIO(raw)).load()["y"] == 0
+    os.remove(os.path.join(data, "a", "1.png"))  # the same classes, one image fewer
+    assert tokenize.main([*argv, "--restart"]) == 0
+    assert [name for name, _, _ in read_like_maskgit(out / "maskgit" / "Train")] == ["0000000.pth", "0000001.pth"]
+
+
+def test_what_maskgit_cannot_take_is_refused_before_any_work(maskgit_model, dinov2_dir, tmp_path, capsys):
+    train = image_tree(tmp_path / "train", [("cat", "a.png"), ("dog", "b.png")], seed=34)
+    other = image_tree(tmp_path / "other", [("bird", "c.png"), ("cat", "d.png")], seed=35)
+    loose = tmp_path / "loose"
+    shutil.copytree(train, loose)
+    shutil.copy(os.path.join(train, "dog", "b.png"), loose / "x.png")  # outside the class folders: -1
+    residual = tmp_path / "residual"
+    tiny_vqrae(dinov2_dir, encoder_input_size=SIZE, quantizer_kind="residual", depth=2).save_pretrained(residual)
+    root = tmp_path / "root"
+    assert tokenize.main(["--model", maskgit_model, "--data", train, "--out", str(tmp_path / "t0"), "--format",
+                          "maskgit", "--maskgit-root", str(root)]) == 0
+    cases = [
+        (["--model", maskgit_model, "--data", str(loose)], r"1 image\(s\) have no class .*Halton-MaskGIT's class"),
+        (["--model", str(residual), "--data", train], r"Halton-MaskGIT predicts one code per grid position; these "
+                                                      r"codes have 2 per position"),
+        (["--model", maskgit_model, "--data", other, "--split", "eval", "--maskgit-root", str(root)],
+         r"classes.json lists 2 class folder\(s\) that differ from these 2, so the splits' class ids would not agree"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        capsys.readouterr()
+        out = tmp_path / f"out{i}"
+        assert tokenize.main([*args, "--out", str(out), "--format", "maskgit"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and re.search(message, error), error
+        assert not out.exists() or not any(name.startswith("shard-") for name in os.listdir(out))
+    assert sorted(os.listdir(root)) == ["Train", "classes.json"]  # the first split's export untouched
