@@ -196,3 +196,70 @@ def test_what_maskgit_cannot_take_is_refused_before_any_work(maskgit_model, dino
         assert len(error.splitlines()) == 1 and re.search(message, error), error
         assert not out.exists() or not any(name.startswith("shard-") for name in os.listdir(out))
     assert sorted(os.listdir(root)) == ["Train", "classes.json"]  # the first split's export untouched
+
+
+STAND_IN_TRAINER = '''
+import torch
+
+
+class MaskGIT:  # Halton-MaskGIT's Trainer/cls_trainer.py in outline: its tokenizer from get_network("vqgan-llama")
+    def __init__(self, args):
+        self.args, self.input_size = args, args.img_size // args.f_factor
+        self.ae = self.get_network("vqgan-llama")
+        self.sampler = lambda trainer, nb_sample, labels: (trainer.ae.decode_code(
+            (labels[:, None, None] + torch.zeros(nb_sample, self.input_size, self.input_size, dtype=torch.long))
+            .clamp(0, args.codebook_size - 1)).clamp(-1, 1), [], [])
+
+    def get_network(self, archi):
+        raise RuntimeError("LlamaGen's VQ model: what the shim replaces")
+
+    def fit(self):
+        self.fitted = True
+
+    def eval(self, sampler, num_images=50_000, **options):
+        raise RuntimeError("FID over 50k images: what --samples replaces")
+'''
+STAND_IN_MAIN = '''
+import argparse
+from Trainer.cls_trainer import MaskGIT
+parser = argparse.ArgumentParser()
+for flag in ("--vqgan-folder", "--img-size", "--f-factor", "--codebook-size", "--nb-class"):
+    parser.add_argument(flag, type=str if flag == "--vqgan-folder" else int)
+parser.add_argument("--test-only", action="store_true")
+args = parser.parse_args()
+args.device, args.is_master = "cpu", True
+maskgit = MaskGIT(args)
+if not args.test_only:
+    maskgit.fit()
+print("metrics", maskgit.eval(sampler=maskgit.sampler, num_images=50_000))
+'''
+
+
+def test_the_launcher_puts_the_tokenizer_in_halton_maskgits_trainer(maskgit_model, tmp_path):
+    """scripts/halton_maskgit.py on a stand-in checkout with Halton-MaskGIT's names (Trainer/cls_trainer.py MaskGIT,
+    get_network("vqgan-llama"), eval; main.py building it from its flags): its trainer gets LlamaGenTokenizer of
+    --vqgan-folder at --img-size, and --samples writes its sampler's images in place of the FID evaluation."""
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    checkout = tmp_path / "Halton-MaskGIT"
+    (checkout / "Trainer").mkdir(parents=True)
+    (checkout / "Trainer" / "__init__.py").write_text("")
+    (checkout / "Trainer" / "cls_trainer.py").write_text(STAND_IN_TRAINER)
+    (checkout / "main.py").write_text(STAND_IN_MAIN)
+    samples = tmp_path / "samples.png"
+    command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "halton_maskgit.py"), "--samples", str(samples),
+               "--labels", "3,5", "--", "main.py", "--vqgan-folder", maskgit_model, "--img-size", "96",
+               "--f-factor", "6", "--codebook-size", str(K), "--nb-class", "1000"]
+    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "metrics {'FID': nan, 'IS': nan}" in done.stdout and "2 samples of classes [3, 5]" in done.stdout
+    grid = torch.from_numpy(np.array(Image.open(samples))).permute(2, 0, 1).float() / 255
+    model = VQRAE.from_pretrained(maskgit_model)
+    codes = torch.tensor([3, 5])[:, None, None].expand(2, GRID, GRID)
+    expected = model.decode_from_indices(codes, output_size=(96, 96))  # at --img-size, through the adapter
+    # save_image's grid: 2 pixels of padding around each 96 px image, one row.
+    painted = torch.stack([grid[:, 2:98, 2:98], grid[:, 2:98, 100:196]])
+    assert grid.shape == (3, 100, 198) and (painted - expected).abs().max() <= 1 / 255 + 1e-6
