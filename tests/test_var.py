@@ -176,4 +176,7 @@ def test_the_encoder_and_decoder_views_leave_the_saved_weights_alone(tokenizer):
     assert tokenizer.encoder is model.encoder and tokenizer.decoder is model.decoder
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 (VAR's count_p)
     assert count(tokenizer.decoder) == count(model.decoder) > 0 and count(tokenizer.encoder) > 0
+    phi = sum(p.numel() for conv in model.quantizer.phi or [] for p in conv.parameters())
+    assert count(tokenizer.quantize) == phi  # VAE.quant: phi's weights (codebooks are buffers), 0 without phi
+    assert count(tokenizer) == count(model)  # nothing counted twice
     assert list(tokenizer.state_dict()) == [f"model.{key}" for key in model.state_dict()]

@@ -60,6 +60,11 @@ class VARQuantizer(nn.Module):
         # the codes and the teacher-forcing input stop there, as VectorQuantizer2's.
         self.prog_si = -1
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The quantizer's trained parameters (phi), which VAR's train.py counts as VAE.quant: read through, never
+        registered here (the adapter's state_dict stays the model's)."""
+        return self._quantizer[0].named_parameters(prefix, recurse, remove_duplicate)
+
     def scales_in_training(self) -> int:
         """How many scales VAR's trainer works on now: prog_si + 1 in progressive training, else all."""
         return len(self.v_patch_nums) if self.prog_si < 0 else min(self.prog_si + 1, len(self.v_patch_nums))
@@ -118,7 +123,8 @@ class VARTokenizer(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # a tokenizer here: its codebook never moves
 
-    def _check_scales(self, v_patch_nums) -> None:
+    def check_scales(self, v_patch_nums) -> None:
+        """VQVAE(v_patch_nums=...)'s scales must be this tokenizer's (a launcher building VAR's VQVAE checks them)."""
         if v_patch_nums is not None and tuple(v_patch_nums) != self.quantize.v_patch_nums:
             raise ValueError(f"this tokenizer's scales are {list(self.quantize.v_patch_nums)}, not "
                              f"{list(v_patch_nums)}")
@@ -127,7 +133,7 @@ class VARTokenizer(nn.Module):
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums=None) -> list[torch.Tensor]:
         """Images in [-1, 1] -> each scale's codes (B, s * s), coarsest first (in VAR's progressive training, the first
         quantize.prog_si + 1 scales)."""
-        self._check_scales(v_patch_nums)
+        self.check_scales(v_patch_nums)
         maps = self.model.encode_to_indices((inp_img_no_grad + 1) / 2)
         return [scale.flatten(1) for scale in maps[: self.quantize.scales_in_training()]]
 
