@@ -5,6 +5,7 @@ read back here by a reader written from that documented format; LlamaGenTokenize
 = codebook size, class conditioning, every token a target) trains on the export and samples with a Halton order."""
 
 import io
+import json
 import os
 import pickle
 import re
@@ -263,3 +264,62 @@ def test_the_launcher_puts_the_tokenizer_in_halton_maskgits_trainer(maskgit_mode
     # save_image's grid: 2 pixels of padding around each 96 px image, one row.
     painted = torch.stack([grid[:, 2:98, 2:98], grid[:, 2:98, 100:196]])
     assert grid.shape == (3, 100, 198) and (painted - expected).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_wds_export_puts_the_codes_beside_each_sample_as_its_text_to_image_loader_reads_them(maskgit_model,
+                                                                                            tmp_path, capsys):
+    """--format wds: LAION-style tars (image, caption txt, json) come back with every field as it was and the codes
+    as vq_feat.npy, read here with webdataset's own decoder as Halton-MaskGIT's text-to-image loader reads them; an
+    unreadable sample is left out; an image folder gives vqrae-make-shards' samples with their codes."""
+    import tarfile
+
+    import webdataset as wds
+
+    from stage1.data.tar_shards import write_sample
+
+    images = (smooth_images(3, size=SIZE, seed=36).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    samples = []
+    for i, pixels in enumerate(images):
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="png")
+        samples.append((f"laion/{i:04d}", {"png": png.getvalue(), "txt": f"a caption {i}".encode(),
+                                           "json": f'{{"id": {i}}}'.encode()}))
+    samples.insert(1, ("laion/bad", {"png": b"\x89PNG\r\n\x1a\nbroken", "txt": b"never read"}))
+    source = tmp_path / "source.tar"
+    with tarfile.open(source, "w") as tar:
+        for key, fields in samples:
+            write_sample(tar, key, fields)
+    out = tmp_path / "tokens"
+    assert tokenize.main(["--model", maskgit_model, "--data", str(source), "--out", str(out), "--format", "wds"]) == 0
+    assert "wds export: " in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = np.load(out / "shard-00000.npy")
+    codes_of = {entry["path"]: shard[entry["row"]] for entry in manifest["images"]}
+    read = list(wds.WebDataset(str(out / "wds" / "000000.tar"), shardshuffle=False).decode("rgb"))
+    assert [sample["__key__"] for sample in read] == ["laion/0000", "laion/0001", "laion/0002"]  # not laion/bad
+    for sample, (key, fields) in zip(read, [s for s in samples if s[0] != "laion/bad"], strict=True):
+        assert sample["txt"] == fields["txt"].decode() and sample["json"] == json.loads(fields["json"])
+        assert np.array_equal(sample["vq_feat.npy"], codes_of[f"{key}.png"]) and sample["vq_feat.npy"].dtype == np.int64
+        assert torch.LongTensor(sample["vq_feat.npy"]).shape == (GRID, GRID)  # its loader's conversion
+    with tarfile.open(out / "wds" / "000000.tar") as tar:  # the image bytes as they came, not re-encoded
+        assert tar.extractfile("laion/0002.png").read() == samples[3][1]["png"]
+
+    folder = image_tree(tmp_path / "folder", [("cat", "a.png"), ("dog", "b.png")], seed=37)
+    assert tokenize.main(["--model", maskgit_model, "--data", folder, "--out", str(tmp_path / "f"), "--format",
+                          "wds"]) == 0
+    read = list(wds.WebDataset(str(tmp_path / "f" / "wds" / "000000.tar"), shardshuffle=False))
+    assert [(s["__key__"], s["path.txt"], s["cls"]) for s in read] == [("000000000", b"cat/a.png", b"0"),
+                                                                       ("000000001", b"dog/b.png", b"1")]
+    assert read[1]["png"] == open(os.path.join(folder, "dog", "b.png"), "rb").read()
+    assert np.array_equal(np.load(io.BytesIO(read[1]["vq_feat.npy"])), np.load(tmp_path / "f" / "shard-00000.npy")[1])
+    capsys.readouterr()
+    assert tokenize.main(["--model", maskgit_model, "--data", folder, "--out", str(tmp_path / "g"), "--format", "wds",
+                          "--augment", "flip"]) == 2
+    assert "--format wds writes the codes of each image beside it, one view" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() or not list((tmp_path / "g").glob("shard-*"))
+    # A rerun into the same folder with fewer shards leaves no tar of the earlier export behind.
+    base = ["--model", maskgit_model, "--data", folder, "--out", str(tmp_path / "f"), "--format", "wds", "--restart"]
+    assert tokenize.main([*base, "--shard-size", "1"]) == 0
+    assert sorted(os.listdir(tmp_path / "f" / "wds")) == ["000000.tar", "000001.tar"]
+    assert tokenize.main([*base, "--shard-size", "2"]) == 0
+    assert sorted(os.listdir(tmp_path / "f" / "wds")) == ["000000.tar"]

@@ -117,9 +117,10 @@ row. Run it again after an interruption: finished shards are kept and only the r
 the same bytes as an uninterrupted run. Finished shards are reused only by the same tokenization: the same image
 listing, options and model (a fingerprint of everything the codes depend on: the encoder's and the codebook's
 weights, the latent statistics, their configs); anything else is refused, or started afresh with --restart.
-Shards are dealt to torchrun ranks round-robin. --format llamagen | jsonl | maskgit | memmap also writes the codes in
-that layout (with ImageFolder class ids; maskgit: Halton-MaskGIT's --split train | eval folder), --augment flip |
-ten-crop codes several views of each image (README: Token exports).
+Shards are dealt to torchrun ranks round-robin. --format llamagen | jsonl | maskgit | wds | memmap also writes the
+codes in that layout (with ImageFolder class ids; maskgit: Halton-MaskGIT's --split train | eval folder; wds: each
+input sample with its codes beside it, vq_feat.npy), --augment flip | ten-crop codes several views of each image
+(README: Token exports).
 """
 
 
@@ -133,7 +134,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
                         help="integer type of the shards (auto: the smallest unsigned type that fits)")
     parser.add_argument("--restart", action="store_true",
                         help="discard the shards of another tokenization found in --out and start afresh")
-    parser.add_argument("--format", default="shards", choices=("shards", "llamagen", "jsonl", "maskgit", "memmap"),
+    parser.add_argument("--format", default="shards",
+                        choices=("shards", "llamagen", "jsonl", "maskgit", "wds", "memmap"),
                         help="also export the codes in this layout (stage1/data/token_exports.py); shards are always "
                              "written, they make resuming possible")
     parser.add_argument("--split", default="train", choices=("train", "eval"),

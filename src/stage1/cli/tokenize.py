@@ -18,8 +18,9 @@ from ..base.precision import autocast
 from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
-from ..data.tar_shards import folder_classes
+from ..data.tar_shards import folder_classes, folder_sample, read_sample_fields
 from ..data.token_exports import (
+    WDS_ONE_VIEW,
     check_labels,
     check_maskgit_classes,
     export_tokens,
@@ -118,6 +119,8 @@ def run(args) -> int:
         size = model_image_size(model, args.image_size)
         index_dtype(model.layout.vocab_size, args.index_dtype)  # fails before any work if it cannot fit
         read_size = int(size * args.crop_range) if args.augment == "ten-crop" else size
+        if args.format == "wds" and args.augment != "none":
+            raise CLIError(WDS_ONE_VIEW)
         if args.format in ("llamagen", "maskgit"):  # what LlamaGen / MaskGIT cannot take is refused before any work
             grid, reader = (model.grid_side(size),) * 2, "LlamaGen" if args.format == "llamagen" else "Halton-MaskGIT"
             if args.format == "llamagen":
@@ -167,7 +170,8 @@ def run(args) -> int:
                 model=run_record["model"], encoder=model.config.encoder.path, codebook_size=run_record["codebook_size"],
                 views=VIEWS[args.augment], augment=args.augment, classes=source.classes, image_size=size,
                 scales=list(model.layout.scales) if model.layout.scales else None))
-            exported = export_tokens(args.format, args.out, manifest, args.split, maskgit_root(args))
+            exported = export_tokens(args.format, args.out, manifest, args.split, maskgit_root(args),
+                                     source.sample_fields)
             layout = (f"{manifest.index_shape[0]} multi-scale codes (scales {manifest.scales})" if manifest.scales
                       else f"{manifest.grid_shape[0]}x{manifest.grid_shape[1]} codes")
             print(f"tokenized {manifest.num_images} image(s) into {source.num_shards} shard(s) of {layout} "
@@ -194,12 +198,18 @@ class FolderInput:
     runs ahead across shard boundaries), ImageFolder class ids."""
 
     def __init__(self, root: str, shard_size: int):
-        self.paths, self.shard_size = find_images(root), shard_size
+        self.root, self.paths, self.shard_size = root, find_images(root), shard_size
         self.classes, self.labels = class_labels(self.paths)
         self.num_shards = (len(self.paths) + shard_size - 1) // shard_size
 
     def record(self) -> dict:
         return {"shard_size": self.shard_size, "images": len(self.paths), "listing": listing_fingerprint(self.paths)}
+
+    def sample_fields(self, i: int):
+        """Shard i's images as the samples vqrae-make-shards writes of them: (key, name, fields)."""
+        for index in range(len(self.paths))[self._span(i)]:
+            key, fields = folder_sample(self.root, self.paths[index], index, int(self.labels[index]))
+            yield key, self.paths[index], fields
 
     def _span(self, i: int) -> slice:
         return slice(i * self.shard_size, (i + 1) * self.shard_size)
@@ -234,6 +244,10 @@ class TarInput:
 
     def images_in(self, shards: list[int]) -> None:
         return None  # unknown until read
+
+    def sample_fields(self, i: int):
+        """Tar shard i's samples, every field as it came: (key, name, fields)."""
+        return read_sample_fields(self.urls[i])
 
     def shard_streams(self, todo, args, size, device, local_processes, step):
         for i in todo:

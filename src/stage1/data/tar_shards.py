@@ -46,6 +46,7 @@ FIELD_OF_EXTENSION = {"jpeg": "jpg", "jpe": "jpg", "tiff": "tif"}
 TEXT_FIELDS = ("path.txt", "cls")
 MAX_IMAGE_BYTES = 1 << 28  # 256 MiB: an encoded image is read whole; the largest photos are a few tens of MB
 MAX_TEXT_BYTES = 1 << 12  # path.txt and cls: a path, a number
+MAX_OTHER_BYTES = 1 << 20  # any other field (a caption, its metadata): copied through by the wds export only
 MAX_OPEN_SHARDS = 64  # descriptors a TarIndex keeps open (per process: each DataLoader worker has its own)
 # What a broken tar raises on the way: tarfile's own errors, a short read, a bad gzip / bz2 / xz stream, a bad header.
 DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
@@ -139,9 +140,26 @@ class _Watched:
                                     f"a tar's end (the file is cut off, or a header is damaged)")
 
 
-def _sample_files(tar: tarfile.TarFile, by_position: bool):
+def read_sample_fields(url: str):
+    """(key, name, fields) of each sample of one shard, in the tar's order, named as read_shard names them; fields:
+    every field of the sample within its bound (images MAX_IMAGE_BYTES, path.txt and cls MAX_TEXT_BYTES, others
+    MAX_OTHER_BYTES; a field over it, or given twice, is left out). A tar that breaks ends the samples there, as
+    read_shard's do."""
+    from webdataset.gopen import gopen
+
+    names = set()
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for key, files in _sample_files(tar, by_position=False, other_fields=True):
+                name = _sample(url, key, files, names)[0]
+                yield _printable(key), name, {field: data for field, data in files.items() if isinstance(data, bytes)}
+    except DAMAGED:
+        return
+
+
+def _sample_files(tar: tarfile.TarFile, by_position: bool, other_fields: bool = False):
     """(key, files) of each sample of an open tar, in order. files: field -> its bytes ((offset, size) of an image
-    when `by_position`), or a problem. Fields this package does not use are not read."""
+    when `by_position`), or a problem. Fields this package does not use are not read, unless `other_fields`."""
     key, files = None, {}
     for member in tar:
         tar.members = []  # tarfile keeps every header it has read: a tar of millions of empty members fills memory
@@ -156,7 +174,8 @@ def _sample_files(tar: tarfile.TarFile, by_position: bool):
             if key is not None:
                 yield key, files
             key, files = os.path.join(folder, stem), {}
-        limit = MAX_TEXT_BYTES if field in TEXT_FIELDS else MAX_IMAGE_BYTES if field in IMAGE_FIELDS else None
+        limit = (MAX_TEXT_BYTES if field in TEXT_FIELDS else MAX_IMAGE_BYTES if field in IMAGE_FIELDS
+                 else MAX_OTHER_BYTES if other_fields else None)
         if limit is None:
             continue
         if field in files:
@@ -279,18 +298,28 @@ def write_shards(folder: str, out: str, shard_size: int) -> list[str]:
         target = os.path.join(out, f"{start // shard_size:06d}.tar")
         with atomic_path(target) as tmp, tarfile.open(tmp, "w") as tar:
             for index in range(start, min(start + shard_size, len(paths))):
-                path = paths[index]
-                with open(os.path.join(folder, path), "rb") as f:
-                    image = f.read()
-                extension = os.path.splitext(path)[1].lower().lstrip(".")
-                key = f"{index:09d}"  # a key with no dot: webdataset splits a member name at its first dot
-                for field, data in ((FIELD_OF_EXTENSION.get(extension, extension), image), ("path.txt", path.encode()),
-                                    ("cls", str(labels[index]).encode())):
-                    member = tarfile.TarInfo(f"{key}.{field}")
-                    member.size, member.mode = len(data), 0o644
-                    tar.addfile(member, io.BytesIO(data))
+                write_sample(tar, *folder_sample(folder, paths[index], index, labels[index]))
         written.append(target)
     return written
+
+
+def folder_sample(folder: str, path: str, index: int, label: int) -> tuple[str, dict[str, bytes]]:
+    """The sample write_shards makes of image `path` under `folder`: its key (the image's index: a key with no dot,
+    since webdataset splits a member name at its first dot) and fields (the image's bytes under its extension's
+    field, path.txt, cls)."""
+    with open(os.path.join(folder, path), "rb") as f:
+        image = f.read()
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    return f"{index:09d}", {FIELD_OF_EXTENSION.get(extension, extension): image, "path.txt": path.encode(),
+                            "cls": str(label).encode()}
+
+
+def write_sample(tar: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
+    """One sample into an open tar: a file key.field per field, in the given order."""
+    for field, data in fields.items():
+        member = tarfile.TarInfo(f"{key}.{field}")
+        member.size, member.mode = len(data), 0o644
+        tar.addfile(member, io.BytesIO(data))
 
 
 def index_shard(url: str, names: set | None = None) -> list[tuple[str, int, int, str | None]]:

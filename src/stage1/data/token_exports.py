@@ -13,6 +13,10 @@
             one file per view 0000000.pth, 0000001.pth, ... holding a pickle of {"code": (h, w) uint16 (int32 past
             65536 codes, which its loader also takes), "y": class id}, and ROOT/classes.json (the class names, the
             same for both splits). Pickles are written for a reader that chose them; vqrae never reads them back.
+  wds       OUT/wds/000000.tar, ...: webdataset shards, tar i holding the samples of input shard i that were tokenized,
+            every field as it came (the image, a caption `txt`, `json`, ...; from an image folder: the image, path.txt
+            and cls, as vqrae-make-shards writes them) and `vq_feat.npy`, the codes (np.save, int64), as
+            Halton-MaskGIT's text-to-image loader reads them beside the image and caption. One view per image.
   memmap    OUT/codes.npy, one array (N[, views], h, w[, L]) to open with np.load(mmap_mode="r"), OUT/labels.npy
             (N,) int64 and OUT/codes_index.json (the image of each row).
 Residual / grouped codes keep their last axis L in every layout. Multi-scale codes are VAR's flat (L,) per view
@@ -24,16 +28,20 @@ folders; -1 for an image in the root folder). Every file is written atomically; 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import pickle
+import tarfile
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from ..base.atomic import atomic_path, read_json, write_json, write_npy
-from .token_shards import Manifest, read_codes
+from .tar_shards import write_sample
+from .token_shards import Manifest, read_codes, shard_name, shard_rows
 
-FORMATS = ("shards", "llamagen", "jsonl", "maskgit", "memmap")
+FORMATS = ("shards", "llamagen", "jsonl", "maskgit", "wds", "memmap")
 MULTISCALE_LLAMAGEN = ("LlamaGen's GPT predicts one code per grid position; multi-scale codes are VAR's next-scale "
                        "tokens (stage1.VARTokenizer): use --format shards, jsonl or memmap")
 # LlamaGen's c2i trainer and samplers: --image-size and --downsample-size choices (its GPT has (S / D)^2 positions).
@@ -190,14 +198,50 @@ def flat_views(code: np.ndarray, views: int, per_token: int) -> np.ndarray:
     return code.reshape(views, -1, per_token) if per_token > 1 else code.reshape(views, -1)
 
 
+# ---- webdataset with codes -------------------------------------------------------------------------------------
+WDS_CODES_FIELD = "vq_feat.npy"  # Halton-MaskGIT's text-to-image loader's name for a sample's codes
+WDS_ONE_VIEW = ("--format wds writes the codes of each image beside it, one view; --augment's views go to the "
+                "llamagen, jsonl or memmap layouts")
+SampleFields = Callable[[int], Iterable[tuple[str, str, dict[str, bytes]]]]  # shard i -> (key, name, fields)
+
+
+def write_wds(tokens: str, manifest: Manifest, sample_fields: SampleFields) -> str:
+    """OUT/wds/{i:06d}.tar for each input shard i (module docstring): its tokenized samples, found by name in the
+    manifest, each with its fields as `sample_fields(i)` gives them and the codes beside them. Tars of an earlier
+    export past the last shard are removed."""
+    if manifest.views != 1:
+        raise ValueError(WDS_ONE_VIEW)
+    folder = os.path.join(tokens, "wds")
+    os.makedirs(folder, exist_ok=True)
+    by_shard: dict[str, dict[str, dict]] = {}
+    for entry in manifest.images:
+        by_shard.setdefault(entry["shard"], {})[entry["path"]] = entry
+    for i in range(manifest.num_shards):
+        entries = by_shard.get(f"{shard_name(i)}.npy", {})
+        codes = dict(zip(entries, shard_rows(tokens, list(entries.values())), strict=True))
+        with atomic_path(os.path.join(folder, f"{i:06d}.tar")) as tmp, tarfile.open(tmp, "w") as tar:
+            for key, name, fields in sample_fields(i):
+                if name in codes:
+                    array = io.BytesIO()
+                    np.save(array, codes[name].astype(np.int64), allow_pickle=False)
+                    write_sample(tar, key, {**fields, WDS_CODES_FIELD: array.getvalue()})
+    for stale in glob.glob(os.path.join(folder, "*.tar")):
+        name = os.path.basename(stale)[: -len(".tar")]
+        if not (name.isdigit() and int(name) < manifest.num_shards):
+            os.remove(stale)
+    return folder
+
+
 def export_tokens(fmt: str, tokens: str, manifest: Manifest, split: str = "train",
-                  maskgit_root: str | None = None) -> str:
+                  maskgit_root: str | None = None, sample_fields: SampleFields | None = None) -> str:
     """Write the `fmt` layout of a finished tokenization in folder `tokens` (maskgit: the `split` folder under
-    `maskgit_root`, default tokens/maskgit); returns where it went."""
+    `maskgit_root`, default tokens/maskgit; wds: from the input's samples, `sample_fields`); returns where it went."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "shards":
         return os.path.join(tokens, "manifest.json")
+    if fmt == "wds":
+        return write_wds(tokens, manifest, sample_fields)
     codes, labels = read_codes(tokens, manifest)
     views, per_token = manifest.views, _codes_per_token(manifest)
     if fmt == "llamagen":
