@@ -206,3 +206,18 @@ def test_protocol_adm_crops_as_llamagens_extraction(llamagen_model, tmp_path):
     plain = np.stack([np.load(tmp_path / "plain" / "llamagen" / "imagenet256_codes" / f"{i}.npy") for i in range(2)])
     adm = np.stack([np.load(tmp_path / "adm" / "llamagen" / "imagenet256_codes" / f"{i}.npy") for i in range(2)])
     assert not np.array_equal(plain, adm)  # the crops differ (by a pixel's offset, and the resize)
+
+
+def test_a_rerun_over_a_larger_export_leaves_only_its_own_files(llamagen_model, labelled_tree, tmp_path):
+    """Issue 32, point 5: LlamaGen's loader lists the folders, so after --restart over an export of more images the
+    folders hold this run's files and nothing else (it would train on images the user removed)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(labelled_tree, tree)
+    out = tmp_path / "tokens"
+    argv = ["--model", llamagen_model, "--data", str(tree), "--out", str(out), "--format", "llamagen"]
+    assert tokenize.main(argv) == 0
+    os.remove(tree / "cat" / "b.png")
+    assert tokenize.main([*argv, "--restart"]) == 0
+    for kind in ("codes", "labels"):
+        assert sorted(os.listdir(out / "llamagen" / f"imagenet256_{kind}")) == ["0.npy", "1.npy"]
+    assert [labels.tolist() for _, labels in load_like_llamagen(str(out / "llamagen"), 256)] == [[0], [1]]

@@ -121,12 +121,14 @@ def test_rae_takes_raes_own_checkpoints(rae_release):
 
 
 def test_rae_encode_compiles_as_raes_train_py_does(rae_release):
+    """train.py --compile compiles encode before its first call: one graph, no break (a lazily cached layout took a
+    lock torch.compile cannot trace; the codebook's started check was a host sync)."""
     rae = build(rae_release).eval()
     x = smooth_images(2, size=INPUT, seed=8)
     with torch.no_grad():
-        expected = rae.encode(x)
-        rae.encode = torch.compile(rae.encode, backend="eager")  # train.py --compile
-        assert torch.allclose(rae.encode(x), expected, atol=1e-6)
+        assert torch._dynamo.explain(build(rae_release).eval().encode)(x).graph_break_count == 0
+        compiled = torch.compile(rae.encode, backend="eager")  # train.py --compile, before any call
+        assert torch.allclose(compiled(x), rae.eval().encode(x), atol=1e-6)
 
 
 def test_vqrae_target_trains_stage_2_on_the_codes(rae_release, tmp_path):
@@ -195,3 +197,15 @@ def test_raes_encoder_params_for_each_encoder(tiny_encoders, tmp_path):
         RAE(encoder_cls="MAEwNorm", encoder_params={"model_name": mae, "mask_ratio": 0.5}, **common)
     with pytest.raises(ValueError, match="nor a directory holding RAE's ViT-MAE config.json"):
         RAE(encoder_cls="MAEwNorm", encoder_params={"model_name": mae}, encoder_input_size=INPUT)  # 'vit_mae-base'
+
+
+def test_a_fitted_codebooks_encode_compiles_in_one_graph(rae_release):
+    """`target: stage1.from_pretrained` under train.py --compile: the codes' path (search, code norms, the started
+    check) traces as one graph, and the compiled encode gives the eager codes' vectors."""
+    model = build(rae_release, target="stage1.VQRAE", num_embeddings=16).eval()
+    fit_codebook(model, [model.encode_tokens(smooth_images(8, size=INPUT, seed=s))[0] for s in range(2)],
+                 tokens_per_image=GRID * GRID, iters=3, tokens_per_update=64, show_progress=False)
+    x = smooth_images(2, size=INPUT, seed=10)
+    with torch.no_grad():
+        assert torch._dynamo.explain(model.encode)(x).graph_break_count == 0
+        assert torch.equal(torch.compile(model.encode, backend="eager")(x), model.encode(x))

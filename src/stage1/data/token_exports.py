@@ -94,6 +94,15 @@ def llamagen_advice(manifest: Manifest, out: str) -> str:
     return advice
 
 
+def remove_numbered(folder: str, suffix: str, count: int) -> None:
+    """An export folder's files ending in `suffix` other than the `count` just written, numbered from 0 (a rerun over a
+    larger export: the downstream loaders list the folder, so they would read them)."""
+    for path in glob.glob(os.path.join(folder, f"*{suffix}")):
+        name = os.path.basename(path)[: -len(suffix)]
+        if not (name.isdigit() and int(name) < count):
+            os.remove(path)
+
+
 def check_labels(labels, reader: str = "LlamaGen") -> None:
     """LlamaGen's and MaskGIT's class embeddings take ids 0..num_classes-1; -1 (an image without a class) fails on
     the GPU."""
@@ -166,10 +175,7 @@ def write_maskgit(root: str, split: str, codes: np.ndarray, labels: np.ndarray, 
     for i, (code, label) in enumerate(zip(views, np.repeat(labels, manifest.views), strict=True)):
         with atomic_path(os.path.join(folder, f"{i:07d}.pth")) as tmp, open(tmp, "wb") as f:
             _PortablePickler(f, protocol=4).dump({"code": code.astype(dtype), "y": int(label)})
-    for stale in glob.glob(os.path.join(folder, "*.pth")):
-        name = os.path.basename(stale)[: -len(".pth")]
-        if not (name.isdigit() and int(name) < len(views)):
-            os.remove(stale)
+    remove_numbered(folder, ".pth", len(views))
     return folder
 
 
@@ -225,10 +231,7 @@ def write_wds(tokens: str, manifest: Manifest, sample_fields: SampleFields) -> s
                     array = io.BytesIO()
                     np.save(array, codes[name].astype(np.int64), allow_pickle=False)
                     write_sample(tar, key, {**fields, WDS_CODES_FIELD: array.getvalue()})
-    for stale in glob.glob(os.path.join(folder, "*.tar")):
-        name = os.path.basename(stale)[: -len(".tar")]
-        if not (name.isdigit() and int(name) < manifest.num_shards):
-            os.remove(stale)
+    remove_numbered(folder, ".tar", manifest.num_shards)
     return folder
 
 
@@ -255,6 +258,8 @@ def export_tokens(fmt: str, tokens: str, manifest: Manifest, split: str = "train
         for i, (code, label) in enumerate(zip(codes, labels, strict=True)):
             write_npy(os.path.join(code_dir, f"{i}.npy"), flat_views(code, views, per_token)[None].astype(np.int64))
             write_npy(os.path.join(label_dir, f"{i}.npy"), np.array([label], dtype=np.int64))
+        for folder in (code_dir, label_dir):  # LlamaGen lists the folders: an earlier, larger export's files go
+            remove_numbered(folder, ".npy", len(codes))
         return root
     if fmt == "maskgit":
         maskgit_arguments(manifest.grid_shape, manifest.image_size, per_token, manifest.scales, manifest.codebook_size)

@@ -74,7 +74,8 @@ def fp32_nearest_code(
         codebook_sq = codebook.pow(2).sum(dim=1)
     rows = min(max(1, max_distances // codebook.shape[0]), max(z.shape[0], 1))
     indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    workspace = torch.empty(rows, codebook.shape[0], dtype=torch.result_type(z, codebook), device=z.device)
+    dtype = torch.promote_types(z.dtype, codebook.dtype)  # not torch.result_type: a graph break under compile
+    workspace = torch.empty(rows, codebook.shape[0], dtype=dtype, device=z.device)
     for start in range(0, z.shape[0], rows):
         chunk = z[start : start + rows]
         distances = workspace[: chunk.shape[0]]

@@ -84,6 +84,9 @@ class VQRAE(Pretrained, nn.Module):
         self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps) if stats_file is not None else
                                 (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
+        # Its layout is cached now: functools.cached_property takes a lock on Python <= 3.11 that torch.compile
+        # cannot trace, and RAE's train.py compiles encode before its first call.
+        self.quantizer.layout  # noqa: B018
         try:
             self.quantizer.check_grid(self.grid_size)
         except ValueError as err:
@@ -276,7 +279,7 @@ class VQRAE(Pretrained, nn.Module):
         self.check_images(x)
         tokens, grid = self.encode_tokens(x)
         if self.layout.has_codes:
-            if not self.quantizer.started:
+            if not torch.compiler.is_compiling() and not self.quantizer.started:  # a host sync: checked eagerly
                 raise ValueError("this model's codebook was never fitted or trained: encode would give the vectors of "
                                  "a random codebook. Fit it (vqrae-fit-codebook) or train the model, then load the "
                                  "folder (VQRAE.from_pretrained; target: stage1.from_pretrained in RAE's stage 2)")

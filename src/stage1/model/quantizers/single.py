@@ -98,7 +98,10 @@ class VectorQuantizer(Quantizer):
 
     def _codebook_sq(self) -> torch.Tensor:
         """Squared code norms, recomputed only when the codebook changed (its version counter moves on every
-        in-place write: EMA updates, restarts, load_state_dict)."""
+        in-place write: EMA updates, restarts, load_state_dict). Under torch.compile, computed in the graph (a
+        version counter is not traceable)."""
+        if torch.compiler.is_compiling():
+            return self.embedding.pow(2).sum(dim=1)
         cache = self._norms_cache
         if cache is None or cache[0] is not self.embedding or cache[1] != self.embedding._version:
             cache = self._norms_cache = (self.embedding, self.embedding._version, self.embedding.pow(2).sum(dim=1))
