@@ -117,7 +117,9 @@ def test_a_wrong_value_is_one_error_naming_key_value_and_expected(override, mess
     (["train.steps=abc"], "error: train.steps must be an integer, got 'abc' (str)"),
     (["train.stepz=3"], "error: Could not override 'train.stepz': Key 'stepz' is no config key"),
     (["quantizer.decay=2"], "error: quantizer.decay must be in [0, 1), got 2.0"),
-    (["experiment=nope"], "error: In 'train': Could not find 'experiment/nope'"),
+    (["experiment=nope"], "error: In 'train': Could not find 'experiment/nope' (experiment= takes one of: "),
+    (["encoder=nosuch"], "Could not find 'encoder/nosuch' (encoder= takes one of: dinov2_b, dinov2_plain_b, mae_b, "
+                         "siglip2_b, tiny_dinov2, tiny_mae, tiny_siglip)"),
     (["--cfg", "hydra"], "error: --cfg hydra: only the job's config is printed"),
 ])
 def test_the_training_script_gives_one_error_line_and_exit_code_2(argv, message, capsys):
@@ -195,3 +197,15 @@ def test_a_saved_config_with_an_option_its_kind_never_read_still_loads(dinov2_di
     with pytest.raises(ValueError, match=r"quantizer.scales must be \[1, 2, 3, 4, 5, 6, 8, 10, 13, 16\] with kind "
                                          r"'single' \(an option of multiscale\), got \(1, 2\)"):
         VQRAEConfig.from_dict(saved)
+
+
+def test_a_cause_the_error_already_quotes_is_said_once():
+    from stage1.cli.train import _message
+
+    cause = OSError("We couldn't connect to 'https://huggingface.co'.")
+    quoted = ValueError(f"Could not load the encoder 'x/y'. (cause: OSError: {cause})")
+    quoted.__cause__ = cause
+    assert _message(quoted).count("We couldn't connect") == 1
+    wrapped = ValueError("Error merging override")
+    wrapped.__cause__ = ValueError("Key 'stepz' is not in struct")
+    assert _message(wrapped) == "Error merging override: Key 'stepz' is no config key (--cfg job lists them)"

@@ -298,8 +298,10 @@ HUB_ENCODERS = [
 def test_hub_encoders_fail_clearly_offline(train_images, tmp_path, encoder, hub_id):
     from stage1 import EncoderNotAvailableError
 
-    with pytest.raises(EncoderNotAvailableError, match=hub_id):
+    with pytest.raises(EncoderNotAvailableError, match=hub_id) as err:
         run(train_images, tmp_path / encoder, f"encoder={encoder}", "image_size=32")
+    message = str(err.value)  # advice that runs with the installed huggingface_hub, and its cause said once
+    assert f"run `hf download {hub_id} --local-dir DIR`" in message and message.count("cause:") == 1
 
 
 def test_training_checkpoints_load_after_the_stats_file_moved(train_images, tmp_path):

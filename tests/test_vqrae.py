@@ -278,11 +278,15 @@ def test_broken_checkpoints_give_clear_errors(model, tmp_path, monkeypatch):
         VQRAE.from_pretrained(tmp_path / "nothing-here")
     # A missing path is answered at once, not retried as a Hub id (it took ~70 s without network).
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such directory, nor a Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="no such directory .*a local path, not a Hub repo id"):
         VQRAE.from_pretrained("results/quickstart/final")
     with pytest.raises(FileNotFoundError, match=r"no such directory, and not in the Hugging Face cache with the Hub "
                                                 r"off \(HF_HUB_OFFLINE=1\)"):
         VQRAE.from_pretrained("results/final")  # reads as org/name, but the tests run offline, with no such cache
+    (tmp_path / "results").mkdir()  # now results/ is a folder here: results/final is a missing run, known at once
+    with pytest.raises(FileNotFoundError, match=r"'results/final' is not a VQRAE checkpoint: no such directory "
+                                                r"\(seen from .*\), and a local path, not a Hub repo id"):
+        VQRAE.from_pretrained("results/final")
     model.save_pretrained(tmp_path / "ckpt")
     weights = load_file(tmp_path / "ckpt" / "model.safetensors")
     weights["quantizer.embedding"] = weights["quantizer.embedding"][:10]

@@ -7,8 +7,12 @@ its step and exits with 128 + the signal's number (143, 138).
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
+
+from ..model.presets import CONFIG_DIR
 
 USAGE = """usage: {prog} [--cfg job] [experiment=NAME] [KEY=VALUE ...]
 
@@ -26,13 +30,19 @@ config and exits."""
 
 
 def _message(err: BaseException) -> str:
-    """The first line of an error and of what caused it (hydra wraps the useful part)."""
+    """The first line of an error and of what caused it (hydra wraps the useful part; said once when the error
+    already quotes it), and the choices of a config group hydra could not find an option of."""
     lines = [str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__]
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
+    if cause is not None and str(cause).strip() and str(cause).strip().splitlines()[0].rstrip(".") not in lines[0]:
         lines.append(str(cause).strip().splitlines()[0].replace("is not in struct", "is no config key (--cfg job "
                                                                                     "lists them)"))
-    return ": ".join(line.rstrip(".") for line in lines)
+    message = ": ".join(line.rstrip(".") for line in lines)
+    missing = re.search(r"Could not find '(\w+)/([^']*)'", message)
+    if missing and os.path.isdir(group := os.path.join(CONFIG_DIR, missing[1])):
+        choices = sorted(name[: -len(".yaml")] for name in os.listdir(group) if name.endswith(".yaml"))
+        message += f" ({missing[1]}= takes one of: {', '.join(choices)})"
+    return message
 
 
 def main(argv: list[str], prog: str = "train_stage1.py") -> int:

@@ -31,8 +31,12 @@ class EncoderNotAvailableError(OSError):
 
 def may_be_on_hub(path: str) -> bool:
     """Whether a path that is no local directory is worth asking the Hub (or, with HF_HUB_OFFLINE=1, its local
-    cache, answered at once) for: it reads as an org/name repo id. Otherwise the answer is known at once."""
-    return not (os.path.isabs(path) or path.startswith(".")) and path.count("/") == 1
+    cache, answered at once) for: it reads as an org/name repo id, and is not local (a path that exists, starts with
+    `/` or `.`, or whose first part is an existing folder: `results/nope` is a missing run, not a repo). Otherwise the
+    answer is known at once."""
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or os.path.exists(path):
+        return False
+    return not os.path.isdir(path.split("/")[0])
 
 
 def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
@@ -46,14 +50,14 @@ def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
     return EncoderNotAvailableError(
         f"Could not load the encoder '{path}': it is not a local directory with config.json and weights, "
         f"and it could not be fetched from the Hugging Face Hub (no network, or not in the local cache). "
-        f"On a machine with network run `huggingface-cli download {path} --local-dir DIR`, copy DIR here and "
+        f"On a machine with network run `hf download {path} --local-dir DIR`, copy DIR here and "
         f"{where}. {cause_text}"
     )
 
 
 def load_config(path: str):
     if not os.path.isdir(path) and not may_be_on_hub(path):
-        raise _not_available(path, FileNotFoundError("no such directory, and not a Hub id (org/name)"))
+        raise _not_available(path, FileNotFoundError("a local path, not a Hub id (org/name)"))
     try:
         # A folder's own Python (auto_map) never runs: transformers would ask "run the custom code?" on a terminal.
         return AutoConfig.from_pretrained(path, trust_remote_code=False)

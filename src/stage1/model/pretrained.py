@@ -134,8 +134,8 @@ class Pretrained:
     @staticmethod
     def _resolve(path: str, name: str, hub: dict) -> str:
         if not os.path.isdir(path) and not may_be_on_hub(path):  # known at once: no Hub retries for a typo
-            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory, nor a Hub repo id "
-                                    f"(org/name)")
+            raise FileNotFoundError(f"'{path}' is not a VQRAE checkpoint: no such directory (seen from "
+                                    f"{os.getcwd()}), and a local path, not a Hub repo id (org/name)")
         try:
             resolved = cached_file(path, name, **hub)
         except OSError as err:
