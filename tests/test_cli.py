@@ -843,6 +843,22 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert 'VQRAE.from_pretrained("someone/tiny")' in card and "one EMA codebook of 64 codes" in card
     assert f"| PSNR (dB) | {results['psnr']:.4g} |" in card and "(samples.png)" in card
+    # Rendered as Markdown, every table row keeps its value (an unescaped `||z - z_q||` split the row, and the
+    # renderer dropped the cells past the header's two: the value).
+    from markdown_it import MarkdownIt
+
+    rows, row = [], []
+    for token in MarkdownIt("commonmark").enable("table").parse(card.split("---", 2)[2]):
+        if token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "tr_close":
+            rows.append(row)
+            row = None
+    assert len(rows) > 8 and all(len(cells) == 2 and all(cells) for cells in rows), rows
+    distortion = f"{results['latent_relative_distortion']:.4g}"
+    assert ["latent distortion ||z - z_q||^2 / var(z)", distortion] in rows
     # The repo id, through the Hub path of from_pretrained (files and the encoder folder served from the upload).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a Hub to ask, faked below
     monkeypatch.setattr(stage1.model.pretrained, "cached_file", lambda repo_id, name, **_: str(hub / repo_id / name))

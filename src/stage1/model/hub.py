@@ -64,6 +64,11 @@ def card_data(model, repo_id: str, results: dict | None, license_: str | None = 
                          model_name=repo_id.split("/")[-1], tags=["image-tokenizer", "vector-quantization", "vqrae"])
 
 
+def _cell(text) -> str:
+    """A Markdown table cell: its pipes escaped (`||z - z_q||^2` would split the row, and renderers drop the rest)."""
+    return str(text).replace("|", "\\|")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -93,7 +98,7 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
     lines = ["---", data.to_yaml().strip(), "---", "", f"# {repo_id.split('/')[-1]}", "",
              "An image tokenizer made with vqrae, on the design of RAE (github.com/bytetriper/RAE): a frozen "
              "encoder's patch features, snapped to a learned codebook, painted back by a ViT decoder.", "",
-             "| part | value |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows), "",
+             "| part | value |", "| --- | --- |", *(f"| {_cell(name)} | {_cell(value)} |" for name, value in rows), "",
              "```python", "from stage1 import VQRAE", f'model = VQRAE.from_pretrained("{repo_id}")',
              "indices = model.encode_to_indices(images)   # images: (B, 3, H, W) in [0, 1]",
              "images = model.decode_from_indices(indices)", "```", ""]
@@ -101,7 +106,7 @@ def model_card(model, repo_id: str, results: dict | None = None, training: dict 
         lines += ["## Evaluation", "", f"`{results.get('data', '?')}`: {results.get('num_images', '?')} images at "
                   f"{results.get('image_size', '?')} px; crop: {results.get('protocol', 'not recorded')}.", "",
                   "| metric | value |", "| --- | --- |"]
-        lines += [f"| {label} | {results[key]:.4g} |" for key, label in METRICS if _is_number(results.get(key))]
+        lines += [f"| {_cell(label)} | {results[key]:.4g} |" for key, label in METRICS if _is_number(results.get(key))]
         lines.append("")
     if samples:
         lines += ["## Samples", "", f"![originals above reconstructions]({samples})", ""]
