@@ -2,6 +2,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -871,8 +872,15 @@ def test_push_uploads_a_model_that_loads_back_from_its_repo_id(model_dir, image_
     capsys.readouterr()
     assert push.main(["--model", model_dir, "--repo", "no-slash"]) == 2
     assert "must be 'user/name'" in capsys.readouterr().err
-    assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "staged")]) == 0
+    finally:
+        os.umask(old_umask)
     assert (tmp_path / "staged" / "README.md").is_file() and len(calls) == 1  # staged only: nothing sent
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in
+             (tmp_path / "staged").rglob("*")}  # the staged encoder's weights too (transformers wrote them 0600)
+    assert "staged/encoder/model.safetensors" in modes and set(modes.values()) == {0o644, 0o755}, modes
     bad = ["--model", model_dir, "--repo", "a/b", "--stage", str(tmp_path / "bad"), "--samples", "no-such.png"]
     assert push.main(bad) == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # checked before the model is written there

@@ -122,6 +122,10 @@ def test_every_checkpoint_file_gets_the_mode_a_plain_write_gives(train_images, t
     step = tmp_path / "run" / "checkpoints" / "step-0000004"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in step.iterdir()}
     assert "discriminator.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    # Issue 31, point 5: every file and folder the run wrote, the weights transformers saved included.
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").rglob("*")}
+    assert {mode for path, mode in modes.items() if os.path.isfile(tmp_path / path)} == {0o644}, modes
+    assert {mode for path, mode in modes.items() if os.path.isdir(tmp_path / path)} == {0o755}, modes
 
 
 def test_a_fresh_run_into_a_killed_runs_folder_keeps_none_of_its_rows(train_images, tmp_path):

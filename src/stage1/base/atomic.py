@@ -33,6 +33,16 @@ def plain_mode(is_dir: bool = False) -> int:
     return (0o777 if is_dir else 0o666) & ~current_umask()
 
 
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file and folder under `folder` the mode a plain write gives: for what another library wrote there
+    (transformers' save_pretrained leaves its weights 0600)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), plain_mode(is_dir=True))
+        for name in files:
+            os.chmod(os.path.join(root, name), plain_mode())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""

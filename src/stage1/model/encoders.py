@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-from ..base.atomic import read_json, write_json
+from ..base.atomic import follow_umask, read_json, write_json
 from ..base.limits import transformer_weights_at_least
 from ..base.tensor_files import tensor_elements
 
@@ -196,6 +196,7 @@ class FrozenEncoder(nn.Module):
         self.model.save_pretrained(folder, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
         write_json(os.path.join(folder, "preprocessor_config.json"),
                    {"image_mean": self.image_mean.flatten().tolist(), "image_std": self.image_std.flatten().tolist()})
+        follow_umask(folder)
 
     def check_fits(self, what: str, *sides: int, hint: str = "") -> None:
         """The one rule for every size this encoder sees: a whole number of patches per side."""

@@ -6,10 +6,11 @@ download. Their features are random projections, not pretrained ones: a stand-in
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from ..base.atomic import follow_umask, write_json
 
 TINY_FAMILIES = ("dinov2", "dinov2_reg", "siglip", "siglip2_naflex", "mae")
 ENCODER_CLS = {
@@ -54,8 +55,9 @@ def save_tiny_encoder(
         model = _build(tf, family, dims, sized, image_size, patch_size)
     model.save_pretrained(directory)
     if image_mean is not None or image_std is not None:
-        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-            json.dump({"image_mean": list(image_mean), "image_std": list(image_std)}, f)
+        write_json(os.path.join(directory, "preprocessor_config.json"),
+                   {"image_mean": list(image_mean), "image_std": list(image_std)})
+    follow_umask(directory)
     return directory
 
 
