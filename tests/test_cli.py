@@ -524,6 +524,26 @@ def test_offline_lpips_says_why_without_trying_a_download(tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="vgg16-397923af.pth is not in torchvision's cache"):
         build_lpips("vgg")
     assert "Downloading" not in capfd.readouterr().err
+    # Online as far as the settings say, but no network (issue 31, point 8): one quiet try, then one line of what is
+    # missing and how to get it.
+    import huggingface_hub.constants
+    import torch.hub
+
+    tries = []
+
+    def no_network(url, destination, progress=True):
+        tries.append((url, progress))
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(RuntimeError) as err:
+        build_lpips("vgg")
+    assert tries == [("https://download.pytorch.org/models/vgg16-397923af.pth", False)]
+    message = str(err.value)
+    assert "\n" not in message and "torchvision.models.vgg16(weights='IMAGENET1K_V1')" in message
+    assert f"copy vgg16-397923af.pth into {tmp_path / 'hub' / 'checkpoints'}/" in message
+    assert "Downloading" not in capfd.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 readers on 2 cores: meant

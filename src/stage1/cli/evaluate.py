@@ -234,8 +234,8 @@ def run(args) -> int:
         usage_plot(scores.counts, os.path.join(args.out, "code_usage.png"))
     for key in ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "bits_per_image",
                 "latent_relative_distortion", "latent_cosine"):
-        value = results[key]
-        print(f"{key:16s} {'n/a (see notes in results.json)' if value is None else f'{value:.4f}'}")
+        value, note = results[key], results["notes"].get(key) or results["notes"].get("codes", "see results.json")
+        print(f"{key:16s} {f'n/a: {note}' if value is None else f'{value:.4f}'}")  # why, and how to get it
     plot = " and code_usage.png" if scores.grid is not None else ""
     print(f"wrote {os.path.join(args.out, 'results.json')}{plot} ({scores.num_images} images)")
     return 0

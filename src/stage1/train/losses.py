@@ -86,18 +86,23 @@ def build_lpips(net: str = "vgg", random_backbone: bool = False) -> nn.Module:
 
     try:
         backbone = {"vgg": models.VGG16_Weights, "alex": models.AlexNet_Weights}[net].IMAGENET1K_V1.url
-        if not random_backbone and HF_HUB_OFFLINE and not os.path.isfile(
-                os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(backbone))):
-            raise FileNotFoundError(f"{os.path.basename(backbone)} is not in torchvision's cache, and "
-                                    f"HF_HUB_OFFLINE=1 says not to download it")  # rather than try and print
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(backbone))
+        if not random_backbone and not os.path.isfile(cached):  # looked for first: no "Downloading" line to fail
+            if HF_HUB_OFFLINE:
+                raise FileNotFoundError(f"{os.path.basename(backbone)} is not in torchvision's cache, and "
+                                        f"HF_HUB_OFFLINE=1 says not to download it")
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(backbone, cached, progress=False)
         with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=` argument
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     except Exception as err:  # the torchvision download fails in many ways offline (URLError, OSError, ...)
         raise RuntimeError(
             f"LPIPS needs torchvision's pretrained {net} backbone, which could not be loaded "
-            f"({type(err).__name__}: {err}). Either give this machine network access once, or place the "
-            f"weights file in {torch.hub.get_dir()}/checkpoints/. For tests and offline smoke runs only, an "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). Where there is network, "
+            f"run `python -c \"import torchvision; torchvision.models.{'vgg16' if net == 'vgg' else 'alexnet'}"
+            f"(weights='IMAGENET1K_V1')\"` once, or copy {os.path.basename(backbone)} into "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/. For tests and offline smoke runs only, an "
             f"untrained backbone can stand in (training: loss.lpips_random_backbone=true); it is not perceptual."
         ) from err
     return model.eval().requires_grad_(False)
