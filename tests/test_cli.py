@@ -134,6 +134,14 @@ def test_decode_with_the_wrong_model_fails_before_any_work(model_dir, image_dir,
     assert decode.main(["--model", str(wider), "--tokens", str(tokens), "--out", str(out)]) == 2
     assert "[4, 4] code grids, the model makes [6, 6]" in capsys.readouterr().err
     assert not out.exists()
+    manifest = json.loads((tokens / "manifest.json").read_text())  # a multi-scale manifest for this one-grid model
+    (tokens / "manifest.json").write_text(json.dumps({**manifest, "scales": [1, 2, 4], "index_shape": [21]}))
+    rows = np.load(tokens / "shard-00000.npy").shape[0]
+    np.save(tokens / "shard-00000.npy", np.zeros((rows, 21), dtype=np.uint8))
+    assert decode.main(["--model", model_dir, "--tokens", str(tokens), "--out", str(out)]) == 2
+    assert ("the shards hold multi-scale codes (scales [1, 2, 4]), the model makes one code grid (no scales)"
+            in capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_evaluate_writes_every_metric(model_dir, image_dir, tmp_path):

@@ -209,3 +209,12 @@ def test_a_cause_the_error_already_quotes_is_said_once():
     wrapped = ValueError("Error merging override")
     wrapped.__cause__ = ValueError("Key 'stepz' is not in struct")
     assert _message(wrapped) == "Error merging override: Key 'stepz' is no config key (--cfg job lists them)"
+
+
+def test_a_missing_training_data_path_is_named_as_the_key_it_was_set_by(tmp_path, capsys):
+    """Issue 31, point 9: training's data is data.path, not the commands' --data."""
+    from stage1.cli.train import main
+
+    assert main(["experiment=tiny_test", f"data.path={tmp_path / 'nope'}", f"results_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: data.path '{tmp_path / 'nope'}' does not exist" in err, err

@@ -34,7 +34,10 @@ def check_model_fits(model, manifest: Manifest) -> None:
                        f"decode with the model that made them ({manifest.model})")
     scales = list(layout.scales) if layout.scales else None
     if manifest.scales != scales:
-        raise CLIError(f"the shards hold codes of scales {manifest.scales}, the model makes {scales}: "
+        def codes(sides):
+            return f"multi-scale codes (scales {sides})" if sides else "one code grid (no scales)"
+
+        raise CLIError(f"the shards hold {codes(manifest.scales)}, the model makes {codes(scales)}: "
                        f"decode with the model that made them ({manifest.model})")
     codes, per_position = manifest.index_shape[2:], list(layout.position_shape)
     if not scales and codes != per_position:

@@ -34,38 +34,39 @@ def is_tar_source(data: str) -> bool:
     return not os.path.isdir(data)
 
 
-def shard_urls(data: str) -> list[str]:
-    """The shards a spec names, in order, each checked: a stream URL, or an existing local tar file."""
+def shard_urls(data: str, name: str = "--data") -> list[str]:
+    """The shards a spec names, in order, each checked: a stream URL, or an existing local tar file. `name`: what
+    the user set it as, for the errors (a command's --data, training's data.path)."""
     parts = data.split("::")
     count = sum(_count_bound(part) for part in parts)
     if count > MAX_SHARDS:
-        raise ShardSpecError(f"--data {data!r} names up to {count:,} shards, more than the {MAX_SHARDS:,} accepted: "
+        raise ShardSpecError(f"{name} {data!r} names up to {count:,} shards, more than the {MAX_SHARDS:,} accepted: "
                              f"check the brace pattern")
-    urls = [url for part in parts for url in _expanded(part, data)]
+    urls = [url for part in parts for url in _expanded(part, data, name)]
     if not urls:
-        raise ShardSpecError(f"--data {data!r} names no tar shards")
+        raise ShardSpecError(f"{name} {data!r} names no tar shards")
     local = [url for url in urls if not url.startswith(REMOTE)]
     missing = [url for url in local if not os.path.exists(url)]
     if missing == [data]:  # one path, nothing there
-        raise FileNotFoundError(f"--data {data!r} does not exist: expected an image folder, or tar shards {USAGE}")
+        raise FileNotFoundError(f"{name} {data!r} does not exist: expected an image folder, or tar shards {USAGE}")
     if missing:
         raise FileNotFoundError(f"tar shard(s) not found: {', '.join(missing[:3])}" +
                                 (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     for url in local:
         if not (url.endswith(TAR_SUFFIXES) and os.path.isfile(url)):
             what = "a folder" if os.path.isdir(url) else "not a tar file"
-            raise ShardSpecError(f"--data {data!r}: {url!r} is {what}; expected an image folder, or tar shards {USAGE}")
+            raise ShardSpecError(f"{name} {data!r}: {url!r} is {what}; expected an image folder, or tar shards {USAGE}")
     return urls
 
 
-def _expanded(pattern: str, data: str) -> list[str]:
+def _expanded(pattern: str, data: str, name: str) -> list[str]:
     """braceexpand's expansion of one part (shard_urls bounds it first: braceexpand builds a range all at once)."""
     from braceexpand import braceexpand
 
     try:
         return list(braceexpand(pattern))
     except ValueError as err:  # UnbalancedBracesError
-        raise ShardSpecError(f"--data {data!r}: {err}") from None
+        raise ShardSpecError(f"{name} {data!r}: {err}") from None
 
 
 def _count_bound(pattern: str) -> int:

@@ -502,7 +502,7 @@ def training_dataset(path: str, transform, seed: int, cache: str | None):
     `cache` (data.tar_cache) and read by position, or, with no cache, streamed (TarStream)."""
     if not is_tar_source(path):
         return ImageDataset(path, transform, seed=seed)
-    urls = shard_urls(path)
+    urls = shard_urls(path, "data.path")
     if cache is None and any(url.startswith(REMOTE) for url in urls):
         return TarStream(urls, transform, seed=seed)
     return TarImageDataset(path, transform, seed=seed, cache=cache, urls=urls)
