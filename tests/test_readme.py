@@ -1,5 +1,6 @@
 """The README's commands run as written (as vector-quantize-pytorch's tests/test_readme.py runs its snippets): its
-first command's training, shortened, then every line of its command block on the model that training leaves."""
+first command's training, shortened, then every block of commands that runs offline, in order, in one folder, on
+the model that training leaves."""
 
 import os
 import re
@@ -27,6 +28,19 @@ def command_lines(block: str) -> list[tuple[str, list[str]]]:
     return lines
 
 
+OFFLINE_BLOCKS = 2  # the command block and the tar block: the others name ImageNet, a Hub download or a GPU run
+
+
+def offline_blocks(text: str) -> list[str]:
+    """The README's bash blocks that run on what the quickstart leaves: vqrae commands only, on no outside data."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    outside = ("/data/", "ckpt/", "results/run/", "vq_rae", "rae_dinov2", "hf download", "torchrun", "python ")
+    def commands(block):  # its lines without their comments
+        return "\n".join(line.split("#", 1)[0] for line in block.splitlines())
+
+    return [b for b in blocks if not any(word in commands(b) for word in outside) and command_lines(b)]
+
+
 def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypatch, capsys):
     text = readme()
     install = text.split("\n\n")[2].strip()  # the first command: install, then train the quickstart
@@ -36,16 +50,21 @@ def test_the_quickstart_and_the_command_block_run_as_written(tmp_path, monkeypat
     # The quickstart as the README runs it, 2 steps instead of 600.
     assert train_main(shlex.split(install.rsplit("scripts/train_stage1.py", 1)[1]) + ["train.steps=2"]) == 0
     assert os.path.isfile("results/quickstart/final/model.safetensors")
-    block = re.search(r"```bash\n(# original \| reconstruction.*?)```", text, re.S).group(1)
-    commands = command_lines(block)
+    # Every block that runs offline, top to bottom, in this one folder (issue 31, point 3: the tar block reused the
+    # folder block's tokens/, and the two latent-stats lines wrote one file).
+    blocks = offline_blocks(text)
+    assert len(blocks) == OFFLINE_BLOCKS and blocks[0].startswith("# original | reconstruction"), blocks
+    commands = [command for block in blocks for command in command_lines(block)]
     assert [name for name, _ in commands] == ["reconstruct", "tokenize", "decode", "evaluate", "fit_codebook",
-                                              "latent_stats", "latent_stats"]  # --encoder, then --model
+                                              "latent_stats", "latent_stats",  # --encoder, then --model
+                                              "make_shards", "tokenize"]
     for name, argv in commands:
         capsys.readouterr()
         assert launch(name, argv) == 0, (name, argv, capsys.readouterr().err)
     assert os.path.isfile("rec.png") and os.path.isfile("tokens/manifest.json") and len(os.listdir("decoded")) == 6
     assert os.path.isfile("eval/results.json") and os.path.isfile("fitted/model.safetensors")
-    assert os.path.isfile("stats.safetensors")
+    assert os.path.isfile("stats.safetensors") and os.path.isfile("stats_per_position.safetensors")
+    assert os.path.isfile("tokens_from_tars/manifest.json")
 
 
 def test_the_keyword_table_lists_every_keyword_vqrae_takes():
