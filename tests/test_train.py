@@ -440,3 +440,46 @@ def test_a_streamed_training_resumes_exactly_where_it_stopped(train_images, tmp_
     assert_same_losses(tmp_path / "whole", tmp_path / "split")
     with pytest.raises(ValueError, match=r"4 tar shard\(s\) for 5 readers"):
         train_on(tmp_path / "many", "data.num_workers=5")
+
+
+def test_cpu_threads_count_the_idle_usable_cores_less_workers_and_ranks(monkeypatch):
+    """Issue 31, point 1: torch's default (a thread per core) ran the quickstart 2.5x slower on a machine with other
+    work. The choice: the usable cores less the share busy now less DataLoader workers, per local rank; and the busy
+    share measured is a real one (a busy process beside it shows)."""
+    from stage1.base import cpu_threads as ct
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ct.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(ct, "busy_share", lambda: 0.4)  # 3.2 of 8 cores busy with other work
+    threads, why = ct.cpu_threads(None, workers=1, local_processes=2)
+    assert threads == (8 - 3 - 1) // 2 == 2 and "8 usable core(s), 3 busy with other work" in why
+    monkeypatch.setattr(ct, "busy_share", lambda: 1.0)  # every core busy: still one thread
+    assert ct.cpu_threads(None, workers=0, local_processes=1)[0] == 1
+    monkeypatch.setattr(ct.os, "sched_getaffinity", lambda pid: {0})  # an affinity mask of one core
+    monkeypatch.setattr(ct, "busy_share", lambda: 0.0)
+    assert ct.cpu_threads(None, workers=0, local_processes=1)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice is kept
+    assert ct.cpu_threads(None, 0, 1) == (3, "OMP_NUM_THREADS")
+    assert ct.cpu_threads(5, 0, 1) == (5, "train.cpu_threads")
+    monkeypatch.undo()
+    if os.path.exists("/proc/stat"):
+        import subprocess
+
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            import time
+
+            time.sleep(0.5)
+            share = ct.busy_share()
+        finally:
+            busy.kill()
+        assert share >= 0.8 / (os.cpu_count() or 1), share  # at least most of one core of the machine's
+
+
+def test_a_cpu_run_prints_its_thread_choice_and_gives_the_callers_back(train_images, tmp_path, capsys):
+    before = torch.get_num_threads()
+    run(train_images, tmp_path / "run", "train.cpu_threads=1", "train.steps=2", "train.sample_every=null")
+    assert "threads: 1 intra-op per process (train.cpu_threads)" in capsys.readouterr().out
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"train.cpu_threads must be >= 1 or null \(auto\)"):
+        load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "train.cpu_threads=0"])

@@ -57,6 +57,7 @@ class TrainConfig(ConfigSection):
     ema_decay: float | None = 0.9999  # EMA of the decoder weights (null: none)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder and decoder forward (pays off on a GPU)
+    cpu_threads: int | None = None  # CPU runs: intra-op threads per process (null: the idle cores; base/cpu_threads.py)
     ckpt_every: int = 5000
     keep_last: int | None = 3  # checkpoints kept (null: all)
     log_every: int = 50
@@ -76,6 +77,7 @@ class TrainConfig(ConfigSection):
         self.require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "> 0 or null")
         self.require(self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) or null")
         self.require(self.keep_last is None or self.keep_last >= 1, "keep_last", ">= 1 or null")
+        self.require(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", ">= 1 or null (auto)")
         self.require(self.sample_every is None or self.sample_every > 0, "sample_every", "> 0 or null")
         self.require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",
                      f"in [1, train.steps = {self.steps}] or null")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..base import distributed
 from ..base.atomic import write_yaml
+from ..base.cpu_threads import cpu_threads
 from ..base.precision import autocast, resolve_precision
 from ..base.preemption import StopSignals
 from ..data.datasets import ImageDataset, build_transform
@@ -61,7 +62,13 @@ def train(cfg: RunConfig) -> dict:
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
     dataset = training_dataset(cfg.data.path, transform, cfg.seed, cfg.data.tar_cache)
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
+    threads = torch.get_num_threads()
     try:
+        if info.device.type == "cpu":  # torch's default (a thread per core) stalls on a machine with other work
+            chosen, why = cpu_threads(cfg.train.cpu_threads, cfg.data.num_workers, info.local_world_size)
+            torch.set_num_threads(chosen)
+            if info.is_main:
+                print(f"threads: {chosen} intra-op per process ({why})")
         if cfg.init.tiny_encoder is not None:
             if info.is_main:
                 write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size,
@@ -69,6 +76,7 @@ def train(cfg: RunConfig) -> dict:
             distributed.barrier()
         return Trainer(cfg, info, dataset).run()
     finally:
+        torch.set_num_threads(threads)  # the caller's (a test or notebook process goes on after the run)
         distributed.teardown()
 
 
