@@ -218,3 +218,19 @@ def test_a_missing_training_data_path_is_named_as_the_key_it_was_set_by(tmp_path
     assert main(["experiment=tiny_test", f"data.path={tmp_path / 'nope'}", f"results_dir={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: data.path '{tmp_path / 'nope'}' does not exist" in err, err
+
+
+def test_the_error_line_is_said_once_per_job(monkeypatch, capsys):
+    """Issue 31, point 4: under torchrun every rank met the same bad input and printed it; the first rank says it,
+    another rank only an OSError, which may be its own (its node's disk)."""
+    from stage1.cli.arguments import report_error
+    from stage1.cli.train import main
+
+    monkeypatch.setenv("RANK", "1")
+    assert main(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=2"]) == 2
+    assert capsys.readouterr().err == ""
+    report_error("vqrae-tokenize", "disk full", OSError(28, "No space left on device"))
+    assert capsys.readouterr().err == "vqrae-tokenize: error: disk full\n"
+    monkeypatch.setenv("RANK", "0")
+    assert main(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=2"]) == 2
+    assert capsys.readouterr().err.count("error: quantizer.decay must be in [0, 1)") == 1

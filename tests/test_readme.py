@@ -74,3 +74,24 @@ def test_the_keyword_table_lists_every_keyword_vqrae_takes():
     text = readme()
     table = text[text.index("| keyword | config field |"):].split("\n\n", 1)[0]
     assert not [name for name in (*KEYWORDS, "decoder_config_path") if f"`{name}`" not in table]
+
+
+def test_the_readmes_multiscale_quickstart_runs_and_the_per_scale_one_says_what_to_set(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Issue 31, point 4: the quickstart's six photos are too few grids for a codebook per scale at 1 x 1; the README
+    gives the shared codebook for small data, and the per-scale run stops before step 0 with one line saying so."""
+    text = readme()
+    line = next(line for line in re.findall(r"```bash\n(.*?)```", text, re.S)
+                if "quantizer.kind=multiscale quantizer.shared_codebook=true" in line)
+    argv = shlex.split(line.replace("\\\n", " "))
+    assert argv[:2] == ["python", "scripts/train_stage1.py"], argv
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(REPO, "assets"), "assets")
+    assert train_main(argv[2:] + ["train.steps=2", "train.sample_every=null"]) == 0
+    assert os.path.isfile("results/quickstart_ms/final/model.safetensors")
+    capsys.readouterr()
+    per_scale = [a for a in argv[2:] if not a.startswith(("quantizer.shared_codebook", "results_dir"))]
+    assert train_main(per_scale + ["results_dir=results/per_scale", "train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # beside the progress bars
+    assert len(errors) == 1 and "quantizer.shared_codebook=true" in errors[0] and "codebook_fit.images" in errors[0]

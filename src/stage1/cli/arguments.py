@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from functools import partial
 
@@ -339,6 +340,13 @@ COMMANDS = {"reconstruct": reconstruct_parser, "tokenize": tokenize_parser, "dec
             "push": push_parser, "make_shards": make_shards_parser}
 
 
+def report_error(prog: str, message: str, err: BaseException) -> None:
+    """The `error:` line, once per job: under torchrun every rank meets the same bad input, so the first rank says
+    it; another rank speaks only for an OSError, which may be its own (its node's disk, its files)."""
+    if int(os.environ.get("RANK", "0") or 0) == 0 or isinstance(err, OSError):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+
+
 def launch(command: str, argv: list[str] | None = None) -> int:
     """Parse `command`'s arguments, then import its module and run it; bad input is one `error:` line, exit code 2."""
     parser = COMMANDS[command]()
@@ -350,7 +358,7 @@ def launch(command: str, argv: list[str] | None = None) -> int:
         return importlib.import_module(f"{__package__}.{command}").run(args) or 0
     except (CLIError, ValueError, OSError) as err:  # OSError: missing files, unreachable encoders, a full disk
         message = " ".join(str(err).splitlines())  # one line, whatever a file's names hold
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        report_error(parser.prog, message, err)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

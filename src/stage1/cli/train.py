@@ -64,6 +64,7 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
         from omegaconf.errors import OmegaConfBaseException
 
         from ..train.config import compose_tree, run_config
+        from .arguments import report_error
     except ImportError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -81,7 +82,7 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
         transformers_logging.disable_progress_bar()  # its per-load weight bar: noise beside training's own
         summary = train(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, OSError) as err:
-        print(f"{prog}: error: {_message(err)}", file=sys.stderr)
+        report_error(prog, _message(err), err)  # once per job, not per rank
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
