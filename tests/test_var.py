@@ -180,3 +180,29 @@ def test_the_encoder_and_decoder_views_leave_the_saved_weights_alone(tokenizer):
     assert count(tokenizer.quantize) == phi  # VAE.quant: phi's weights (codebooks are buffers), 0 without phi
     assert count(tokenizer) == count(model)  # nothing counted twice
     assert list(tokenizer.state_dict()) == [f"model.{key}" for key in model.state_dict()]
+
+
+def test_the_adapters_check_what_their_callers_give_as_decode_from_indices_does(tokenizer, dinov2_dir):
+    """Issue 32, point 4: scales out of order or of no scale's length, negative codes, codes past the codebook and a
+    bad image size were images, IndexErrors or torch errors; each is one ValueError naming what was expected."""
+    from stage1 import LlamaGenTokenizer
+
+    x = smooth_images(2, seed=14) * 2 - 1
+    idx = tokenizer.img_to_idxBl(x)
+    quantize = tokenizer.quantize
+    cases = [
+        (lambda: tokenizer.idxBl_to_img([idx[1], idx[0], idx[2]], True), r"scales' codes in order"),
+        (lambda: tokenizer.idxBl_to_img([idx[0], idx[1][:, :3]], True), r"scales' codes in order"),
+        (lambda: tokenizer.idxBl_to_img([], True), r"a list of the first scales' codes"),
+        (lambda: tokenizer.idxBl_to_img([idx[0].float(), idx[1]], True), r"integer indices"),
+        (lambda: quantize.idxBl_to_var_input([idx[0], idx[1] + K, idx[2]]), r"must lie in \[0, 15\]"),
+        (lambda: quantize.idxBl_to_var_input([idx[0]]), r"the first 3 scales at least, got 1"),
+        (lambda: quantize.embedding(idx[1] - 1 - idx[1].max()), r"integer codes in \[0, 15\], got torch.int64 "
+                                                                 r"values in \[-"),
+        (lambda: quantize.embedding(idx[1].float()), r"integer codes in \[0, 15\]"),
+        (lambda: LlamaGenTokenizer(tiny_vqrae(dinov2_dir), image_size=0), r"image_size .* must be an integer in "
+                                                                           r"\[1, 8192\] or None"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -21,6 +21,7 @@ import os
 import torch
 from torch import nn
 
+from ..base.limits import MAX_IMAGE_SIDE
 from .vqrae import VQRAE, tokens_to_grid
 
 NO_LOSSES = (None, None, None, 0)  # VQModel's (vq_loss, commit_loss, entropy_loss, codebook_usage) in eval mode
@@ -37,6 +38,9 @@ class LlamaGenTokenizer(nn.Module):
         if not layout.has_codes or layout.scales or layout.position_shape:
             raise ValueError(f"LlamaGen's GPT predicts one code per position on a grid; this model's quantizer is "
                              f"{model.quantizer.describe()}")
+        if image_size is not None and not (isinstance(image_size, int) and 0 < image_size <= MAX_IMAGE_SIDE):
+            raise ValueError(f"image_size (the side of the images it paints) must be an integer in [1, "
+                             f"{MAX_IMAGE_SIDE}] or None (the model's own), got {image_size!r}")
         self.model = model.eval()
         self.output_size = None if image_size is None else (image_size, image_size)
         self.codebook_size = layout.vocab_size  # LlamaGen's --codebook-size / --vocab-size

@@ -24,6 +24,24 @@ from .quantizers.scales import area, to_tokens
 from .vqrae import VQRAE
 
 
+def check_scale_codes(layout, ms_idx_Bl) -> list[torch.Tensor]:
+    """VAR's codes of the first scales, one tensor a scale ((B, s * s) or (B, s, s)), checked as decode_from_indices
+    checks its codes: the scales whole and in order, one batch, integers inside the vocabulary; returns them flat."""
+    sides = list(layout.scales)
+    if not isinstance(ms_idx_Bl, (list, tuple)) or not 0 < len(ms_idx_Bl) <= len(sides):
+        count = len(ms_idx_Bl) if isinstance(ms_idx_Bl, (list, tuple)) else "no list"
+        raise ValueError(f"expected a list of the first scales' codes of {sides}, one (B, s * s) tensor a scale, got "
+                         f"{type(ms_idx_Bl).__name__} ({count})")
+    shapes = [tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__ for idx in ms_idx_Bl]
+    batch = shapes[0][0] if isinstance(shapes[0], tuple) and shapes[0] else None
+    if any(shape not in ((batch, s * s), (batch, s, s)) for shape, s in zip(shapes, sides, strict=False)):
+        raise ValueError(f"expected the scales' codes in order, [(B, 1), (B, 4), ...] for scales {sides}, got "
+                         f"{shapes}")
+    flats = [idx.reshape(batch, -1) for idx in ms_idx_Bl]
+    layout.check_indices(torch.cat(flats, dim=1))  # integers inside the vocabulary
+    return flats
+
+
 class ScaleCodebooks:
     """The scales' codebooks as VAR's `quantize.embedding`: called on one scale's indices (B, s * s), the scale told
     by their length; `.weight` (K, Cvae) when one codebook serves every scale."""
@@ -41,9 +59,14 @@ class ScaleCodebooks:
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         lengths = self.quantizer.lengths
-        if indices.shape[-1] not in lengths:
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[-1] not in lengths:
             raise ValueError(f"VAR's embedding takes one scale's codes (B, s * s) with s in "
-                             f"{list(self.quantizer.scales)}, got shape {tuple(indices.shape)}")
+                             f"{list(self.quantizer.scales)}, got {tuple(getattr(indices, 'shape', ()))}")
+        if indices.is_floating_point() or indices.dtype == torch.bool or indices.numel() and not (
+                0 <= int(indices.min()) and int(indices.max()) < self.quantizer.num_embeddings):
+            raise ValueError(f"VAR's embedding takes integer codes in [0, {self.quantizer.num_embeddings - 1}], got "
+                             f"{indices.dtype} values" + (f" in [{int(indices.min())}, {int(indices.max())}]"
+                                                          if not indices.is_floating_point() else ""))
         return self.quantizer.codebook(lengths.index(indices.shape[-1])).lookup(indices)
 
 
@@ -74,10 +97,14 @@ class VARQuantizer(nn.Module):
         """The teacher-forcing input (B, L - first_l, Cvae): after each scale but the last (in progressive training:
         the last of the first prog_si + 1), f_hat (the sum of the scales so far, upsampled to the grid)
         area-downsampled to the next scale, raster tokens; None when only the first scale is trained."""
+        flats = check_scale_codes(self._quantizer[0].layout, gt_ms_idx_Bl)
         inputs = self.scales_in_training() - 1
         if inputs == 0:
             return None
-        codes = torch.cat([idx.reshape(idx.shape[0], -1) for idx in gt_ms_idx_Bl[:inputs]], dim=1)
+        if len(flats) < inputs:
+            raise ValueError(f"teacher forcing at prog_si {self.prog_si} takes the codes of the first {inputs + 1} "
+                             f"scales at least, got {len(flats)}")
+        codes = torch.cat(flats[:inputs], dim=1)
         f_hats = self._quantizer[0].prefix_sums(codes)  # one map at a time: each is the grid's size
         sides = self.v_patch_nums[1 : inputs + 1]
         return torch.cat([to_tokens(area(f_hat, side)) for f_hat, side in zip(f_hats, sides, strict=True)], dim=1)
@@ -150,7 +177,7 @@ class VARTokenizer(nn.Module):
         if not same_shape:
             raise ValueError("same_shape=False decodes each scale at its own size, which this decoder cannot: its "
                              "input is the whole grid (VAR marks that path experimental)")
-        flats = [idx.reshape(idx.shape[0], -1) for idx in ms_idx_Bl]
+        flats = check_scale_codes(self.model.layout, ms_idx_Bl)
         prefixes = [flats] if last_one else [flats[: k + 1] for k in range(len(flats))]
         images = [self.model.decode_from_indices(torch.cat(prefix, dim=1)) * 2 - 1 for prefix in prefixes]
         return images[0] if last_one else images
