@@ -326,3 +326,49 @@ def test_a_tar_index_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch
         assert len(index._files) <= 2 and len(os.listdir("/proc/self/fd")) <= before + 2
     index.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint_stays(train_images, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Issue 32, point 6: a full disk while the checkpoint of step 4 is written (as safetensors reports it: its own
+    error type, not an OSError) ends the run with one error line naming the checkpoint kept; the same command then
+    resumes from it."""
+    import shutil
+
+    from safetensors import SafetensorError
+
+    import stage1.train.checkpoint as checkpoint
+    from stage1.cli.train import main
+
+    argv = ["experiment=tiny_test", f"data.path={train_images}", f"results_dir={tmp_path / 'run'}",
+            "train.ckpt_every=2", "train.sample_every=null", "train.keep_last=null"]
+    real_save, real_usage, disk = checkpoint.save_training, shutil.disk_usage, {"full": False}
+
+    def save_until_full(directory, *args, **kwargs):
+        if os.path.basename(os.path.dirname(directory)) == "checkpoints" and ".step-0000004." in directory:
+            disk["full"] = True
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+        return real_save(directory, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("stage1.train.trainer.save_training", save_until_full)
+        patch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0) if disk["full"]
+                      else real_usage(p))
+        assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "could not write the checkpoint of step 4" in errors[0], errors
+    assert "SafetensorError" in errors[0] and "step-0000002, is whole" in errors[0]
+    assert [os.path.basename(c) for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000002"]
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_trainer_state_without_its_optimizer_is_one_error_naming_the_missing_part(train_images, tmp_path):
+    run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
+    del state["optimizer"]
+    torch.save(state, os.path.join(checkpoint, "trainer_state.pt"))
+    with pytest.raises(ValueError, match=r"trainer_state.pt lacks \['optimizer'\] \(a trainer state holds "
+                                         r"\['optimizer', 'scheduler'"):
+        run(train_images, tmp_path / "run", "train.sample_every=null")

@@ -41,6 +41,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+LOW_DISK = 64 * 2**20  # bytes free under which a failed checkpoint write is taken for a full disk
+
+
 def write_checkpoint(root: str, step: int, fill: Callable[[str], None], keep_last: int | None = None) -> str:
     """Make root/step-N atomically: `fill(directory)` writes the files into a hidden temporary directory, which is
     fsynced and renamed into place; then prune to the newest `keep_last`."""
@@ -59,8 +62,16 @@ def write_checkpoint(root: str, step: int, fill: Callable[[str], None], keep_las
             os.replace(final, os.path.join(stale, "old"))
             shutil.rmtree(stale)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and (isinstance(err, OSError) or shutil.disk_usage(root).free < LOW_DISK):
+            # A full disk surfaces as safetensors' or torch.save's own error: say what happened, in one line.
+            kept = list_checkpoints(root)
+            raise OSError(f"could not write the checkpoint of step {step} in {root} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}; "
+                          f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there); "
+                          f"{f'the previous one, {kept[-1]}, is whole' if kept else 'no earlier checkpoint'}: "
+                          f"free space and rerun the same command to resume") from err
         raise
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
@@ -118,6 +129,9 @@ def remove_stale_temporaries(root: str) -> list[str]:
     return stale
 
 
+STATE_COUNTERS = ("step", "skipped_images", "nonfinite_steps", "rng", "ema_n_averaged")  # besides the parts' states
+
+
 def read_state(directory: str) -> dict:
     """trainer_state.pt through base.tensor_files: torch.save's zip only, read with weights_only=True."""
     state = read_tensor_file(os.path.join(directory, STATE_NAME), "trainer state")
@@ -173,6 +187,12 @@ def resume_training(directory: str, model, ema, discriminator, stateful: dict) -
         discriminator.load_state_dict(read_tensor_file(os.path.join(directory, DISCRIMINATOR_NAME),
                                                        "discriminator weights"))
     state = read_state(directory)
+    needed = [name for name, part in stateful.items() if part is not None] + list(STATE_COUNTERS)
+    missing = [name for name in needed if name not in state]
+    if missing:
+        raise ValueError(f"{os.path.join(directory, STATE_NAME)} lacks {missing} (a trainer state holds {needed}): "
+                         f"it was not written by this run's trainer; resume from another checkpoint "
+                         f"(train.resume=DIR) or start afresh (train.resume=null)")
     for name, part in stateful.items():
         if part is not None:
             part.load_state_dict(state[name])
