@@ -19,6 +19,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Training picks its CPU threads from the machine's load (stage1/base/cpu_threads.py); the tests compare runs made at
+# different moments bit for bit, so they pin the count as a user would (OMP_NUM_THREADS), at torch's default.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 from helpers import build_tiny_encoders, tiny_vqrae  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 

@@ -483,3 +483,23 @@ def test_a_cpu_run_prints_its_thread_choice_and_gives_the_callers_back(train_ima
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match=r"train.cpu_threads must be >= 1 or null \(auto\)"):
         load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "train.cpu_threads=0"])
+
+
+def test_a_resumed_run_takes_the_thread_count_its_checkpoint_was_made_with(train_images, tmp_path, monkeypatch,
+                                                                            capsys):
+    """The threads chosen from the machine's load may differ when the run resumes; a step's float sums depend on
+    them, so the resumed run takes its checkpoint's count (a count the user set is the user's)."""
+    import stage1.base.cpu_threads as ct
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(ct, "usable_cores", lambda: 2)
+    monkeypatch.setattr(ct, "busy_share", lambda: 0.5)  # one core busy: 1 thread
+    run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    monkeypatch.setattr(ct, "busy_share", lambda: 0.0)  # an idle machine now: 2 threads, then the checkpoint's 1
+    capsys.readouterr()
+    run(train_images, tmp_path / "run", "train.sample_every=null")
+    out = capsys.readouterr().out
+    assert "threads: 2 intra-op per process (2 usable core(s)" in out
+    assert "threads: 1 intra-op per process, as the run being resumed had" in out
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer_state.pt", weights_only=True)
+    assert state["cpu_threads"] == 1

@@ -64,17 +64,19 @@ def train(cfg: RunConfig) -> dict:
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     threads = torch.get_num_threads()
     try:
+        chosen = None
         if info.device.type == "cpu":  # torch's default (a thread per core) stalls on a machine with other work
             chosen, why = cpu_threads(cfg.train.cpu_threads, cfg.data.num_workers, info.local_world_size)
             torch.set_num_threads(chosen)
             if info.is_main:
                 print(f"threads: {chosen} intra-op per process ({why})")
+            chosen = chosen if why not in ("train.cpu_threads", "OMP_NUM_THREADS") else None  # None: the user's
         if cfg.init.tiny_encoder is not None:
             if info.is_main:
                 write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size,
                                        seed=cfg.seed)
             distributed.barrier()
-        return Trainer(cfg, info, dataset).run()
+        return Trainer(cfg, info, dataset, auto_threads=chosen is not None).run()
     finally:
         torch.set_num_threads(threads)  # the caller's (a test or notebook process goes on after the run)
         distributed.teardown()
@@ -99,8 +101,11 @@ def accumulate(logs: dict, values: dict, accum: int) -> None:
 class Trainer:
     """The model, the loss, their optimizers, the data stream and the counters; run() is the loop."""
 
-    def __init__(self, cfg: RunConfig, info: distributed.DistInfo, dataset: ImageDataset):
+    def __init__(self, cfg: RunConfig, info: distributed.DistInfo, dataset: ImageDataset, auto_threads: bool = False):
+        """auto_threads: the CPU threads were chosen from the machine's load, so a resumed run takes its checkpoint's
+        count instead (the float sums of a step depend on it: the same count resumes bit for bit)."""
         self.cfg, self.info, self.device, self.dataset = cfg, info, info.device, dataset
+        self.auto_threads = auto_threads
         self.results_dir = cfg.results_dir
         self.ckpt_root = os.path.join(self.results_dir, "checkpoints")
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -348,7 +353,8 @@ class Trainer:
             if not identical:
                 print(f"WARNING: step {self.step}: ranks hold different weights or codebooks")
             counters = {"step": self.step, "skipped_images": self.skipped_images,
-                        "nonfinite_steps": self.nonfinite_steps, "rng": rng, "world_size": self.info.world_size}
+                        "nonfinite_steps": self.nonfinite_steps, "rng": rng, "world_size": self.info.world_size,
+                        "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None}
             write_checkpoint(self.ckpt_root, self.step, keep_last=self.cfg.train.keep_last, fill=lambda directory:
                              save_training(directory, self.model, self.ema, self.loss.discriminator, self._stateful(),
                                            counters, self.cfg.to_tree()))
@@ -368,6 +374,11 @@ class Trainer:
         self.step, self.skipped_images, self.nonfinite_steps = (state["step"], state["skipped_images"],
                                                                 state["nonfinite_steps"])
         self._restore_rng(state["rng"])
+        saved = state.get("cpu_threads")  # absent from checkpoints before it was recorded
+        if self.auto_threads and isinstance(saved, int) and saved >= 1 and saved != torch.get_num_threads():
+            torch.set_num_threads(saved)
+            if self.info.is_main:
+                print(f"threads: {saved} intra-op per process, as the run being resumed had (its float sums)")
         if self.info.is_main:
             print(f"resumed from {directory} at step {self.step}")
 
