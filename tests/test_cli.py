@@ -1001,3 +1001,26 @@ def test_tar_shards_read_as_the_folder_they_were_made_from(model_dir, class_tree
     assert evaluate.main(["--model", model_dir, "--data", str(broken), "--out", str(tmp_path / "eval_broken")]) == 0
     results = json.loads((tmp_path / "eval_broken" / "results.json").read_text())
     assert results["num_images"] == 1 and [s["path"] for s in results["skipped_images"]] == ["1.png"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "memmap", "wds"])
+def test_every_export_matches_its_manifest_after_a_restart_over_a_larger_one(model_dir, class_tree, tmp_path, fmt):
+    """Issue 32, point 5: after --restart over an export of more images, the layout holds this run's images only."""
+    tree = tmp_path / "tree"
+    shutil.copytree(class_tree, tree)
+    out = tmp_path / "tokens"
+    argv = ["--model", model_dir, "--data", str(tree), "--out", str(out), "--format", fmt, "--shard-size", "2"]
+    assert tokenize.main(argv) == 0
+    os.remove(tree / "dog" / "c.png")
+    os.remove(tree / "root.png")
+    assert tokenize.main([*argv, "--restart"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = [entry["path"] for entry in manifest["images"]]
+    assert paths == ["cat/a.png", "cat/b.png"]
+    if fmt == "jsonl":
+        assert [json.loads(line)["image"] for line in (out / "tokens.jsonl").read_text().splitlines()] == paths
+    elif fmt == "memmap":
+        assert np.load(out / "codes.npy").shape[0] == len(np.load(out / "labels.npy")) == 2
+        assert json.loads((out / "codes_index.json").read_text())["images"] == paths
+    else:
+        assert sorted(os.listdir(out / "wds")) == ["000000.tar"]  # the earlier run's second tar is gone
