@@ -161,3 +161,24 @@ def test_a_model_folder_that_would_run_its_own_code_is_refused_without_running_i
     run = subprocess.run([sys.executable, "-c", probe], input="y\ny\n", capture_output=True, text=True, timeout=120)
     assert "asks to run Python code of its own (auto_map in its config.json)" in run.stdout, run.stdout + run.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("stats, message", [
+    ({"image_mean": [0.5, 0.5, 0.5], "image_std": [0, 0, 0]},
+     r"image_std must be a list of 3 finite numbers of at least 1e-6 \(a std of 0 makes every image one input\)"),
+    ({"image_mean": None}, r"image_mean must be a list of 3 finite numbers, got None"),
+    ({"image_mean": [0.5, 0.5]}, r"image_mean must be a list of 3 finite numbers, got \[0.5, 0.5\]"),
+    ({"image_std": ["1", 1, 1]}, r"image_std must be a list of 3"),
+    ([0.5, 0.5, 0.5], r"expected a JSON object \(with image_mean / image_std\), got list"),
+])
+def test_a_hostile_preprocessor_config_is_one_error(tiny_encoders, tmp_path, stats, message):
+    """Issue 32, point 3: image_std [0, 0, 0] was accepted (every token one code, exit 0); a null mean or a list
+    in place of the object were tracebacks."""
+    import shutil
+
+    cls, folder = tiny_encoders["dinov2"]
+    copy = tmp_path / "encoder"
+    shutil.copytree(folder, copy)
+    (copy / "preprocessor_config.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=message):
+        build_encoder(cls, str(copy))

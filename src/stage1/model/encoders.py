@@ -8,6 +8,7 @@ holding `config.json` + weights. A config names an encoder by string through `EN
 from __future__ import annotations
 
 import inspect
+import math
 import os
 
 import torch
@@ -138,8 +139,18 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
     if resolved is None or not os.path.isfile(resolved):
         return tuple(default_mean), tuple(default_std)
     config = read_json(resolved)
-    mean = config.get("image_mean", default_mean)
-    std = config.get("image_std", default_std)
+    if not isinstance(config, dict):
+        raise ValueError(f"{resolved}: expected a JSON object (with image_mean / image_std), got "
+                         f"{type(config).__name__}")
+    mean, std = config.get("image_mean", default_mean), config.get("image_std", default_std)
+    channels = len(default_mean)
+    for name, values, least in (("image_mean", mean, -math.inf), ("image_std", std, 1e-6)):
+        if not (isinstance(values, (list, tuple)) and len(values) == channels and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= least
+                for v in values)):
+            what = "finite numbers" if name == "image_mean" else "finite numbers of at least 1e-6 (a std of 0 makes " \
+                                                                 "every image one input)"
+            raise ValueError(f"{resolved}: {name} must be a list of {channels} {what}, got {values!r}"[:400])
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
