@@ -347,3 +347,22 @@ def test_a_trainer_state_is_read_like_every_torch_file(tmp_path):
     torch.save([1, 2], tmp_path / STATE_NAME)
     with pytest.raises(ValueError, match="is not a trainer state"):
         read_state(str(tmp_path))
+
+
+def test_a_symlink_loop_in_an_image_folder_yields_each_real_image_once(tmp_path):
+    """Issue 32, point 7: a link back up the tree yielded one photo 41 times (again/again/.../rocket.jpg); two names
+    of one file are one image, under its first name in sorted order."""
+    import os
+    import shutil
+
+    from helpers import REPO_ROOT
+
+    from stage1.data.datasets import find_images
+
+    (tmp_path / "a").mkdir()
+    shutil.copy(os.path.join(REPO_ROOT, "assets", "rocket.jpg"), tmp_path / "a" / "rocket.jpg")
+    os.symlink(tmp_path, tmp_path / "a" / "again")  # a loop
+    os.symlink(tmp_path / "a" / "rocket.jpg", tmp_path / "link.jpg")  # a second name for the same file
+    (tmp_path / "b").mkdir()
+    shutil.copy(os.path.join(REPO_ROOT, "assets", "chelsea.jpg"), tmp_path / "b" / "chelsea.jpg")
+    assert find_images(str(tmp_path)) == ["a/rocket.jpg", "b/chelsea.jpg"]

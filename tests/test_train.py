@@ -216,11 +216,14 @@ def test_unreadable_images_are_skipped_and_counted(train_images, tmp_path):
 
 def test_only_regular_files_are_images(tmp_path):
     """Issue 20: a FIFO named like an image blocked vqrae-tokenize forever; only regular files (or links to them) are
-    listed."""
+    listed, each real file once (issue 32: under its first name in sorted order)."""
     save_image(torch.rand(3, 8, 8), tmp_path / "real.png")
     os.mkfifo(tmp_path / "pipe.png")
     os.symlink(tmp_path / "real.png", tmp_path / "link.png")
-    assert find_images(str(tmp_path)) == ["link.png", "real.png"]
+    assert find_images(str(tmp_path)) == ["link.png"]
+    os.remove(tmp_path / "link.png")
+    os.symlink(tmp_path / "real.png", tmp_path / "z-link.png")
+    assert find_images(str(tmp_path)) == ["real.png"]
 
 
 def test_trainings_center_crop_is_the_commands_preprocessing(tmp_path):

@@ -27,15 +27,19 @@ def find_images(root: str) -> list[str]:
     regular files count: a FIFO or device named like an image would block its reader forever."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder '{root}' does not exist or is not a directory")
-    found = []
-    for folder, _, files in os.walk(root, followlinks=True):
-        found.extend(
-            os.path.relpath(os.path.join(folder, f), root)
-            for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-            and os.path.isfile(os.path.join(folder, f))  # regular files (or links to them) only
-        )
-    found.sort()
+    by_file, seen_folders = {}, {os.path.realpath(root)}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        # Links are followed, but each real folder and file once (under its first name in sorted order): a link back
+        # up the tree would loop (a photo found again under again/again/...), two names of one file count it twice.
+        dirs.sort()
+        dirs[:] = [d for d in dirs if (real := os.path.realpath(os.path.join(folder, d))) not in seen_folders
+                   and not seen_folders.add(real)]
+        for f in files:
+            path = os.path.join(folder, f)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") and os.path.isfile(path):  # regular
+                relative, real = os.path.relpath(path, root), os.path.realpath(path)  # files (or links to them) only
+                by_file[real] = min(relative, by_file.get(real, relative))
+    found = sorted(by_file.values())
     if not found:
         raise ValueError(
             f"no images found under '{root}' (looked recursively for files ending in {', '.join(IMG_EXTENSIONS)})"
