@@ -155,6 +155,12 @@ def run(args, root: str) -> None:
 
     tokenize_seconds(small)  # imports, caches and allocator warmed up
     whole, quarter = fastest(lambda: tokenize_seconds(data)), fastest(lambda: tokenize_seconds(small))
+    if whole <= quarter:  # the slope is lost in the noise (the quick run's few images): no rate to report
+        rows += [["limit", f"{limit:.1f} img/s ({how})"],
+                 ["vqrae-tokenize, end to end", f"n/a: {count} images took no longer than {count // 4} "
+                                                f"({whole:.2f} s vs {quarter:.2f} s); use more --images"]]
+        print_table("tokenize pipeline", ["stage", "throughput"], rows)
+        return
     end_to_end = (count - count // 4) / (whole - quarter)
     ratio = end_to_end / limit
     rows += [["limit", f"{limit:.1f} img/s ({how})"],
