@@ -366,3 +366,33 @@ def test_a_symlink_loop_in_an_image_folder_yields_each_real_image_once(tmp_path)
     (tmp_path / "b").mkdir()
     shutil.copy(os.path.join(REPO_ROOT, "assets", "chelsea.jpg"), tmp_path / "b" / "chelsea.jpg")
     assert find_images(str(tmp_path)) == ["a/rocket.jpg", "b/chelsea.jpg"]
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # torch's, on loading one
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_sparse_or_meta_tensors_in_rae_files_are_one_error(tmp_path, kind):
+    """Issue 32, point 2: weights_only loads sparse and meta tensors, which then crashed deep in torch
+    (aten::ne.Scalar on SparseCPU, Tensor.item() on meta); every torch file is read densely or refused."""
+    from stage1.model.latent_stats import read_latent_stats
+    from stage1.model.rae import read_rae_decoder
+
+    odd = torch.eye(8).to_sparse() if kind == "sparse" else torch.empty(8, 8, device="meta")
+    torch.save({"mean": odd[0] if kind == "meta" else odd, "var": torch.ones(8)}, tmp_path / "stat.pt")
+    torch.save({"decoder_embed.weight": odd}, tmp_path / "model.pt")
+    expected = "a meta tensor" if kind == "meta" else "a torch.sparse_coo tensor"
+    with pytest.raises(ValueError, match=rf"stat.pt: mean is {expected}"):
+        read_latent_stats(str(tmp_path / "stat.pt"), 8)
+    with pytest.raises(ValueError, match=rf"model.pt: decoder_embed.weight is {expected}"):
+        read_rae_decoder(str(tmp_path / "model.pt"))
+
+
+def test_per_position_statistics_must_be_the_models_grid(tmp_path):
+    """Issue 32, point 2: [64, 8, 32] for a 16 x 16 grid holds 256 positions too, and was accepted silently."""
+    from stage1.model.latent_stats import read_latent_stats
+
+    torch.save({"mean": torch.zeros(4, 8, 32), "var": torch.ones(4, 8, 32)}, tmp_path / "stat.pt")
+    with pytest.raises(ValueError, match=r"per-position statistics of shape \[4, 8, 32\] are not this model's 16 x 16 "
+                                         r"grid: expected \[4, 16, 16\]"):
+        read_latent_stats(str(tmp_path / "stat.pt"), 4, grid=16)
+    torch.save({"mean": torch.zeros(4, 16, 16), "var": torch.ones(4, 16, 16)}, tmp_path / "good.pt")
+    assert read_latent_stats(str(tmp_path / "good.pt"), 4, grid=16)[0].shape == (256, 4)

@@ -23,10 +23,28 @@ def read_tensor_file(path: str, what: str) -> dict:
             raise _damaged_safetensors(path, what, err) from None
     _check_torch_zip(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with more than tensors, or not a torch file at all
         raise ValueError(f"{what} {path} is not a safetensors file or a torch file of tensors: "
                          f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    _check_dense(loaded, path, what)
+    return loaded
+
+
+def _check_dense(value, path: str, what: str, name: str = "", depth: int = 0) -> None:
+    """Every tensor in a torch file is dense, strided and holds its data: weights_only still loads sparse tensors
+    (whose comparisons crash deep in torch) and meta tensors (no data at all)."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta:
+            kind = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
+            raise ValueError(f"{what} {path}: {name or 'a tensor'} is {kind}; expected dense tensors as torch.save "
+                             f"writes a state_dict")
+    elif isinstance(value, dict) and depth < 64:
+        for key, item in value.items():
+            _check_dense(item, path, what, f"{name}.{key}" if name else str(key), depth + 1)
+    elif isinstance(value, (list, tuple)) and depth < 64:
+        for i, item in enumerate(value):
+            _check_dense(item, path, what, f"{name}[{i}]", depth + 1)
 
 
 def tensor_elements(path: str, what: str) -> int:

@@ -15,8 +15,10 @@ from ..base.tensor_files import read_tensor_file
 STATS_EPS = 1e-5  # RAE's
 
 
-def read_latent_stats(path: str, channels: int, eps: float = STATS_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std for tokens (B, N, C): shape (C,) per channel, or (h * w, C) per position (raster order)."""
+def read_latent_stats(path: str, channels: int, eps: float = STATS_EPS,
+                      grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std for tokens (B, N, C): shape (C,) per channel, or (h * w, C) per position (raster order), whose
+    [C, h, w] must be the model's `grid` where it has one ([64, 8, 32] is not a 16 x 16 grid, though both hold 256)."""
     stats = read_tensor_file(path, "normalization_stat_path")
     if not isinstance(stats, dict) or "mean" not in stats or not ({"var", "std"} & set(stats)):
         found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
@@ -27,6 +29,9 @@ def read_latent_stats(path: str, channels: int, eps: float = STATS_EPS) -> tuple
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (mean, spread)]
         raise ValueError(f"{path}: expected mean and var of shape [{channels}] or [{channels}, h, w] for this "
                          f"encoder's {channels} channels, got {shapes}")
+    if mean.dim() == 3 and grid is not None and tuple(mean.shape[1:]) != (grid, grid):
+        raise ValueError(f"{path}: per-position statistics of shape {list(mean.shape)} are not this model's "
+                         f"{grid} x {grid} grid: expected [{channels}, {grid}, {grid}]")
     if not (mean.is_floating_point() and spread.is_floating_point()):
         raise ValueError(f"{path}: mean and var must be floating-point tensors, got {mean.dtype} / {spread.dtype}")
     std = spread.float() if "std" in stats else (spread.float() + eps).sqrt()

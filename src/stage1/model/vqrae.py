@@ -81,8 +81,8 @@ class VQRAE(Pretrained, nn.Module):
             self.encoder.check_fits("encoder_input_size", encoder.input_size)
         channels = self.encoder.hidden_size
         stats_file, eps = config.normalization_stat_path, config.normalization_eps
-        self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps) if stats_file is not None else
-                                (torch.zeros(channels), torch.ones(channels))))
+        self.set_latent_stats(*(read_latent_stats(stats_file, channels, eps, self.grid_size)
+                                if stats_file is not None else (torch.zeros(channels), torch.ones(channels))))
         self.quantizer = build_quantizer(config.quantizer, channels)
         # Its layout is cached now: functools.cached_property takes a lock on Python <= 3.11 that torch.compile
         # cannot trace, and RAE's train.py compiles encode before its first call.
