@@ -1024,3 +1024,18 @@ def test_every_export_matches_its_manifest_after_a_restart_over_a_larger_one(mod
         assert json.loads((out / "codes_index.json").read_text())["images"] == paths
     else:
         assert sorted(os.listdir(out / "wds")) == ["000000.tar"]  # the earlier run's second tar is gone
+
+
+@pytest.mark.parametrize("field, value", [("split", {"a": 1}), ("data", ["x"]), ("num_images", "12"),
+                                          ("image_size", True)])
+def test_push_checks_every_results_field_before_staging_anything(model_dir, tmp_path, capsys, field, value):
+    """Issue 32, point 8: a results.json whose `split` was an object was a TypeError after the weights were staged."""
+    from stage1.cli import push
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"psnr": 21.5, "split": "validation", "num_images": 30, field: value}))
+    staged = tmp_path / "staged"
+    assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", str(staged), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"results.json: {field} must be" in err, err
+    assert not staged.exists() or not os.listdir(staged)

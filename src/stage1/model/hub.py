@@ -10,6 +10,7 @@ weights (the published folder holds, or depends on, them; MAE's are CC-BY-NC) un
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -134,6 +135,11 @@ def training_summary(model_dir: str) -> dict | None:
     return None
 
 
+# results.json's fields the card reads besides the metrics (which are used only when finite numbers): their types.
+RESULT_FIELDS = (("split", str, "a string"), ("data", str, "a string"), ("protocol", str, "a string"),
+                 ("num_images", int, "an integer"), ("image_size", int, "an integer"))
+
+
 def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None = None,
                 samples: str | None = None, metadata: dict | None = None, **load_keywords) -> None:
     """Everything to upload, in `folder`: the model (its encoder inside when that is a local folder), the card (with
@@ -146,13 +152,17 @@ def stage_model(model_dir: str, repo_id: str, folder: str, results: str | None =
     evaluation = read_json(results) if results is not None else None
     if evaluation is not None and not isinstance(evaluation, dict):
         raise ValueError(f"{results} is not a vqrae-evaluate results.json (expected a JSON object)")
+    for key, kinds, expected in RESULT_FIELDS if evaluation is not None else ():
+        if evaluation.get(key) is not None and (not isinstance(evaluation[key], kinds)
+                                                or isinstance(evaluation[key], bool)):
+            raise ValueError(f"{results}: {key} must be {expected}, got {json.dumps(evaluation[key])[:100]}")
     model = VQRAE.from_pretrained(model_dir, **load_keywords)
+    card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
+                      SAMPLES_NAME if samples else None, **(metadata or {}))  # made before anything is written
     model.save_pretrained(folder, save_encoder=os.path.isdir(model.config.encoder.path))
     if samples is not None:
         with atomic_path(os.path.join(folder, SAMPLES_NAME)) as tmp:
             shutil.copyfile(samples, tmp)
-    card = model_card(model, repo_id, evaluation, training_summary(os.path.abspath(model_dir)),
-                      SAMPLES_NAME if samples else None, **(metadata or {}))
     with atomic_path(os.path.join(folder, CARD_NAME)) as tmp, open(tmp, "w") as f:
         f.write(card)
 
