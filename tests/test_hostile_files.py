@@ -396,3 +396,20 @@ def test_per_position_statistics_must_be_the_models_grid(tmp_path):
         read_latent_stats(str(tmp_path / "stat.pt"), 4, grid=16)
     torch.save({"mean": torch.zeros(4, 16, 16), "var": torch.ones(4, 16, 16)}, tmp_path / "good.pt")
     assert read_latent_stats(str(tmp_path / "good.pt"), 4, grid=16)[0].shape == (256, 4)
+
+
+def test_a_configs_codebook_memory_is_bounded_before_anything_is_allocated(dinov2_dir, tmp_path):
+    """Issue 32, point 1: a residual depth of 16 (or many per-scale codebooks) at a large K allocated until the
+    allocator failed; the product of the kind's sizes is bounded, each field alone being within its own bound. A
+    huge (sparse) config.json is refused by its size before it is read."""
+    from stage1 import VQRAE
+
+    with pytest.raises(ValueError, match=r"quantizer 'residual' would hold 536,870,912 numbers \(2.0 GiB in fp32\) for "
+                                         r"32-channel latents, more than the 268,435,456 accepted"):
+        tiny_vqrae(dinov2_dir, quantizer_kind="residual", depth=16, num_embeddings=2**20)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with open(folder / "config.json", "wb") as f:
+        f.truncate(8 << 30)  # 8 GiB of holes: nothing is written to disk
+    with pytest.raises(ValueError, match=r"config.json is 8,589,934,592 bytes, more than the 1,048,576 accepted"):
+        VQRAE.from_pretrained(folder)

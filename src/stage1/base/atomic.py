@@ -63,8 +63,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def read_json(path: str | os.PathLike):
-    """A JSON file's value; a syntax error names the file (many of ours are exchanged: manifests, configs)."""
+MAX_JSON_BYTES = 1 << 30  # the largest JSON file read: an ImageNet manifest is ~100 MB; a config.json a few KB
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
+    """A JSON file's value; a syntax error names the file (many of ours are exchanged: manifests, configs). Its size
+    is checked first: json.load reads it whole (an 8 GiB sparse config.json was a MemoryError)."""
+    size = os.path.getsize(path)
+    if size > limit:
+        raise ValueError(f"{os.fspath(path)} is {size:,} bytes, more than the {limit:,} accepted for this JSON file")
     with open(path) as f:
         try:
             return json.load(f)

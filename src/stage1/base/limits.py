@@ -10,6 +10,11 @@ shared by several. docs/guarantees.md lists them all.
 MAX_IMAGE_SIDE = 8192  # pixels per side of an image a model, a manifest or a command works at
 MAX_CODES = 1 << 20  # codes per codebook (the largest tokenizers use 2^18)
 MAX_LEVELS = 256  # codebooks one quantizer may stack (depth), split into (groups) or spread over scales
+# Numbers a quantizer's codebooks and trained parameters may hold in all (Quantizer.state_elements: codebooks x K x D
+# and the rest): 2^28 is 1 GiB in fp32, twice that with a codebook's EMA statistics. The largest published codebooks
+# (K = 2^18 at D = 768: SimVQ's) fit; a config.json of many per-scale codebooks or a residual depth of 16 at K = 2^20
+# does not, and is refused before anything is allocated.
+MAX_QUANTIZER_ELEMENTS = 1 << 28
 
 
 def transformer_weights_at_least(layers: int, width: int, mlp_width: int) -> int:

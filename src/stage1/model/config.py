@@ -30,6 +30,8 @@ from .presets import DECODER_PRESETS
 from .quantizers import QUANTIZERS
 from .quantizers.scales import VAR_SCALES
 
+MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few KB: a larger one is not ours
+
 
 @dataclass
 class EncoderConfig(ConfigSection):
@@ -191,7 +193,7 @@ class VQRAEConfig(ConfigSection):
     @classmethod
     def load(cls, path: str) -> "VQRAEConfig":
         try:
-            return cls.from_dict(_without_foreign_options(read_json(path), path))
+            return cls.from_dict(_without_foreign_options(read_json(path, MAX_CONFIG_BYTES), path))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
 

@@ -138,7 +138,7 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
     resolved = _optional_file(path, "preprocessor_config.json")
     if resolved is None or not os.path.isfile(resolved):
         return tuple(default_mean), tuple(default_std)
-    config = read_json(resolved)
+    config = read_json(resolved, 1 << 20)  # a few hundred bytes: a larger one is not a preprocessor config
     if not isinstance(config, dict):
         raise ValueError(f"{resolved}: expected a JSON object (with image_mean / image_std), got "
                          f"{type(config).__name__}")

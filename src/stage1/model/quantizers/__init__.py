@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...base.limits import MAX_QUANTIZER_ELEMENTS
 from .base import CodeLayout, Quantizer, QuantizerOutput
 from .fsq import FSQuantizer
 from .grouped import GroupedQuantizer
@@ -46,7 +47,15 @@ QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (
 
 
 def build_quantizer(config: QuantizerConfig, embedding_dim: int) -> Quantizer:
-    """The quantizer of config.kind for latents of embedding_dim channels."""
+    """The quantizer of config.kind for latents of embedding_dim channels; a config whose codebooks would hold more
+    than MAX_QUANTIZER_ELEMENTS numbers in all is refused before any is allocated (each field alone is bounded where
+    it lives; their product is bounded here)."""
+    elements = QUANTIZERS[config.kind].state_elements(config, embedding_dim)
+    if elements > MAX_QUANTIZER_ELEMENTS:
+        raise ValueError(f"quantizer {config.kind!r} would hold {elements:,} numbers ({elements * 4 / 2**30:.1f} GiB "
+                         f"in fp32) for {embedding_dim}-channel latents, more than the {MAX_QUANTIZER_ELEMENTS:,} "
+                         f"accepted: fewer codes (num_embeddings), codebooks (depth, scales, shared_codebook) or "
+                         f"phi convolutions")
     return QUANTIZERS[config.kind](config, embedding_dim)
 
 

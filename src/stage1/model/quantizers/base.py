@@ -197,6 +197,12 @@ class Quantizer(nn.Module, ABC):
         """Checks of its own options' values (config.require), beyond their types."""
 
     @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        """The numbers its codebooks and trained parameters hold for tokens of width `dim` (a config is bounded by
+        it before anything is allocated: base.limits.MAX_QUANTIZER_ELEMENTS): one code vector per code by default."""
+        return config.num_embeddings * dim
+
+    @classmethod
     def weights_at_least(cls, config: QuantizerConfig) -> int:
         """A lower bound on the numbers its saved state holds (a config.json is checked against its weights file
         before anything is built): one per code by default."""

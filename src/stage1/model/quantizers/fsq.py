@@ -68,6 +68,10 @@ class FSQuantizer(Quantizer):
                        ">= 0 (0: no entropy penalty)")
 
     @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        return 2 * len(config.levels) * dim  # the two projections: no codebook
+
+    @classmethod
     def weights_at_least(cls, config: QuantizerConfig) -> int:
         return len(config.levels)  # its projections hold at least 2 D d; d is the least it can be told apart by
 

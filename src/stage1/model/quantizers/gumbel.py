@@ -41,6 +41,10 @@ class GumbelQuantizer(Quantizer):
     options = ("logits", "tau_start", "tau_end", "tau_steps", "hard", "kl_weight")
 
     @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        return (2 if config.logits == "linear" else 1) * config.num_embeddings * dim  # codebook (and linear head)
+
+    @classmethod
     def check_options(cls, config: QuantizerConfig) -> None:
         config.require(0 < config.tau_end <= config.tau_start, "tau_end", f"in (0, tau_start = {config.tau_start}]")
         config.require(config.tau_steps >= 0, "tau_steps", ">= 0 (0: tau_end from the first step)")

@@ -79,6 +79,11 @@ class Phi(nn.Conv2d):
 class MultiScaleQuantizer(Levels, Quantizer):
     kind = "multiscale"
     options = ("scales", "shared_codebook", "phi")
+
+    @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        books = 1 if config.shared_codebook else len(config.scales)
+        return books * config.num_embeddings * dim + config.phi * 9 * dim * dim  # codebooks, phi's 3x3 convolutions
     fits_whole_grids = True  # fits on whole grids of tokens (stage1.train.codebook_fit), not on tokens drawn from them
 
     @classmethod

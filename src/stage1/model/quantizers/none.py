@@ -19,6 +19,10 @@ class NoQuantizer(Quantizer):
     fit_need = "none"
 
     @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        return 0
+
+    @classmethod
     def weights_at_least(cls, config: QuantizerConfig) -> int:
         return 0
 

@@ -25,6 +25,10 @@ class ResidualQuantizer(Levels, Quantizer):
     options = ("depth",)
 
     @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        return config.depth * config.num_embeddings * dim  # a codebook per level
+
+    @classmethod
     def check_options(cls, config: QuantizerConfig) -> None:
         config.require_at_most(MAX_LEVELS, "depth")
 

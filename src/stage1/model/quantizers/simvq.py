@@ -34,6 +34,10 @@ class SimVQuantizer(Quantizer):
     kind = "simvq"
     options = ("basis",)
 
+    @classmethod
+    def state_elements(cls, config: QuantizerConfig, dim: int) -> int:
+        return config.num_embeddings * dim + dim * dim  # the frozen basis and the map
+
     def __init__(self, config: QuantizerConfig, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = config.num_embeddings, embedding_dim
