@@ -413,3 +413,30 @@ def test_a_configs_codebook_memory_is_bounded_before_anything_is_allocated(dinov
         f.truncate(8 << 30)  # 8 GiB of holes: nothing is written to disk
     with pytest.raises(ValueError, match=r"config.json is 8,589,934,592 bytes, more than the 1,048,576 accepted"):
         VQRAE.from_pretrained(folder)
+
+
+def test_a_nan_float_tiff_and_any_decoder_error_are_listed_skips(model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 32, point 8: a 32-bit float TIFF of NaN stopped a whole tokenize run without naming the file, and
+    Pillow's plugins raised NotImplementedError / AttributeError / ... as tracebacks: each is an unreadable image,
+    skipped and listed, and the run goes on."""
+    from PIL import Image
+
+    from stage1.data.images import UnreadableImageError, read_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(png_bytes(1, size=IMAGE_SIZE))
+    Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE), np.nan, dtype=np.float32)).save(images / "nan.tif")
+    out = tmp_path / "tokens"
+    assert tokenize.main(["--model", model_dir, "--data", str(images), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["path"] for e in manifest["images"]] == ["good.png"]
+    assert [(s["path"], "NaN or Inf" in s["reason"]) for s in manifest["skipped"]] == [("nan.tif", True)]
+    for error in (NotImplementedError("a BLP encoding"), AttributeError("'NoneType' has no 'tile'"),
+                  RuntimeError("plugin")):
+        def broken(self, error=error):
+            raise error
+
+        monkeypatch.setattr(Image.Image, "load", broken)
+        with pytest.raises(UnreadableImageError, match=type(error).__name__):
+            read_image(str(images / "good.png"))

@@ -53,8 +53,11 @@ def read_image(path: str) -> tuple[torch.Tensor, str]:
     """load_image's pixels as decoded: uint8 for an 8-bit image (most are), float in [0, 1] for a deeper one."""
     try:
         return _decode(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow raises all four
-        raise UnreadableImageError(f"{type(err).__name__}: {err}") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  Pillow's plugins raise anything on a damaged file (NotImplementedError,
+        # AttributeError, struct.error, BLPFormatError, ...): every decoder error is an unreadable image, listed
+        raise UnreadableImageError(f"{type(err).__name__}: {str(err)[:300]}") from err
 
 
 def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -86,6 +89,8 @@ def _decode(source) -> tuple[torch.Tensor, str]:
         if mode in _HIGH_BIT_MODES or mode == "F":
             # 16/32-bit grey: scale by the format's full range (PIL's RGB conversion would clip it to 8 bits).
             array = np.asarray(image, dtype=np.float64)
+            if not np.isfinite(array).all():  # a float image (mode F) may hold NaN / Inf: no pixels to scale
+                raise ValueError(f"{mode} image with NaN or Inf pixels")
             scale = _HIGH_BIT_MODES.get(mode, 1.0)
             if mode == "I" and array.max() <= 255:
                 scale = 255.0
