@@ -440,3 +440,27 @@ def test_a_nan_float_tiff_and_any_decoder_error_are_listed_skips(model_dir, tmp_
         monkeypatch.setattr(Image.Image, "load", broken)
         with pytest.raises(UnreadableImageError, match=type(error).__name__):
             read_image(str(images / "good.png"))
+
+
+BILLION_LAUGHS = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)])
+
+
+def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, capsys):
+    """Issue 32, point 8: a 400-byte YAML of nested aliases (a billion laughs) as an experiment reached through
+    hydra.searchpath hung or crashed --cfg job, and as a decoder config was a MemoryError."""
+    from stage1 import VQRAE
+    from stage1.cli.train import main
+
+    assert len(BILLION_LAUGHS) < 700
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "laughs.yaml").write_text("# @package _global_\n" + BILLION_LAUGHS + "\n")
+    argv = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=laughs", "data.path=x", "results_dir=r", "--cfg",
+            "job"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values once its aliases are expanded" in err
+    (tmp_path / "decoder.yaml").write_text(BILLION_LAUGHS)
+    with pytest.raises(ValueError, match="decoder.yaml stands for more than 65,536 values"):
+        VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="x", decoder_config_path=str(tmp_path / "decoder.yaml"))

@@ -81,6 +81,45 @@ def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
             raise ValueError(f"{os.fspath(path)} nests too deeply to be read") from None
 
 
+MAX_YAML_BYTES = 1 << 20  # a config file: a few KB
+MAX_YAML_NODES = 1 << 16  # values a YAML file may stand for once its aliases are expanded (a config: a few hundred)
+
+
+def read_yaml(path: str | os.PathLike):
+    """A YAML file's value, bounded: its size, and what its aliases expand to (YAML's safe loader shares an aliased
+    node, but every reader that copies or walks it, OmegaConf included, expands it: a 400-byte file of nested
+    aliases stands for a billion values)."""
+    import yaml
+
+    size = os.path.getsize(path)
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{os.fspath(path)} is {size:,} bytes, more than the {MAX_YAML_BYTES:,} accepted for a YAML "
+                         f"config")
+    with open(path) as f:
+        try:
+            value = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"{os.fspath(path)} is not valid YAML: {err}") from None
+    if _expanded_nodes(value, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ValueError(f"{os.fspath(path)} stands for more than {MAX_YAML_NODES:,} values once its aliases are "
+                         f"expanded (nested YAML aliases): not a config")
+    return value
+
+
+def _expanded_nodes(value, budget: int) -> int:
+    """Values in `value` counted as a copy would hold them (shared ones once per reference), stopping past budget."""
+    count, stack = 0, [value]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

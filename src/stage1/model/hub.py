@@ -16,9 +16,7 @@ import os
 import shutil
 import tempfile
 
-import yaml
-
-from ..base.atomic import atomic_path, read_json
+from ..base.atomic import atomic_path, read_json, read_yaml
 
 CARD_NAME = "README.md"
 SAMPLES_NAME = "samples.png"
@@ -124,9 +122,8 @@ def training_summary(model_dir: str) -> dict | None:
         path = os.path.join(folder, "train_config.yaml")
         if os.path.isfile(path):
             try:
-                with open(path) as f:
-                    tree = yaml.safe_load(f)
-            except (yaml.YAMLError, UnicodeDecodeError):
+                tree = read_yaml(path)
+            except (ValueError, OSError):
                 return None
             train = tree.get("train") if isinstance(tree, dict) else None
             summary = {key: train.get(key) for key in ("steps", "batch_size")} if isinstance(train, dict) else {}

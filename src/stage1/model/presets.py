@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from ..base.atomic import read_json
+from ..base.atomic import read_json, read_yaml
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../stage1
 CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")
@@ -17,13 +17,7 @@ ASSETS_DIR = os.path.join(PACKAGE_DIR, "assets")
 def read_mapping(path: str) -> dict:
     """A mapping from a .yaml / .yml or JSON file; ValueError if the file holds something else."""
     if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"{path} is not valid YAML: {err}") from None
+        values = read_yaml(path) or {}
     else:
         values = read_json(path)
     if not isinstance(values, dict):

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from ..base.atomic import read_yaml
 from ..base.codebook_start import CodebookFitConfig
 from ..base.config_section import ConfigError, ConfigSection, choice
 from ..base.limits import MAX_IMAGE_SIDE
@@ -169,8 +171,24 @@ def compose_tree(overrides: list[str] | None = None, config_dir: str = CONFIG_DI
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="run_defaults", node=flat_tree(RunConfig.default_tree()))
+    check_config_files(config_dir, list(overrides or []))
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides or []))
+
+
+def check_config_files(config_dir: str, overrides: list[str]) -> None:
+    """Every YAML file hydra may compose from (the config folder, and the folders `hydra.searchpath` names with
+    file://) is read through base.atomic.read_yaml first: its size and alias expansion bounded (OmegaConf expanded a
+    400-byte file of nested aliases until the process hung or crashed)."""
+    folders = [config_dir]
+    for override in overrides:
+        if override.lstrip("+~").startswith("hydra.searchpath="):
+            folders += re.findall(r"file://([^,\]\s'\"]+)", override)
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in sorted(names):
+                if name.endswith((".yaml", ".yml")):
+                    read_yaml(os.path.join(root, name))
 
 
 def load_run_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> RunConfig:
