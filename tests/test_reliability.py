@@ -372,3 +372,26 @@ def test_a_trainer_state_without_its_optimizer_is_one_error_naming_the_missing_p
     with pytest.raises(ValueError, match=r"trainer_state.pt lacks \['optimizer'\] \(a trainer state holds "
                                          r"\['optimizer', 'scheduler'"):
         run(train_images, tmp_path / "run", "train.sample_every=null")
+
+
+def test_a_second_training_into_a_running_ones_folder_stops_in_one_line(train_images, tmp_path, capsys):
+    """Issue 32, point 8: a second identical training into a running one's results_dir resumed its checkpoint and
+    both exited 0 with interleaved metrics; the folder's lock refuses the second writer, and is free once the first
+    ends (an OS lock: a killed run holds it no longer)."""
+    import fcntl
+
+    from stage1.cli.train import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    argv = ["experiment=tiny_test", f"data.path={train_images}", f"results_dir={run_dir}", "train.steps=2",
+            "train.sample_every=null"]
+    with open(run_dir / ".lock", "a+") as held:  # another process's training holds it (flock: per open file)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345\n")
+        held.flush()
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"{run_dir} is in use by another training (pid 12345)" in errors[0], errors
+        assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing of the second run written
+    assert main(argv) == 0  # the lock is free again

@@ -33,6 +33,7 @@ from ..base.atomic import write_yaml
 from ..base.cpu_threads import cpu_threads
 from ..base.precision import autocast, resolve_precision
 from ..base.preemption import StopSignals
+from ..base.run_lock import run_lock
 from ..data.datasets import ImageDataset, build_transform
 from ..data.tar_shards import spread_images, training_dataset, training_loader
 from ..model.tiny import write_stand_in_encoder
@@ -56,11 +57,17 @@ from .losses import VQRAELoss
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run (or resume) the training described by cfg; returns a summary on every rank."""
+    """Run (or resume) the training described by cfg; returns a summary on every rank. One run per results_dir:
+    a second one into a running one's folder stops in one error (base/run_lock.py)."""
     check_files(cfg)
-    # Data first: a wrong folder fails in a second, before any model is loaded.
+    # Data first: a wrong folder fails in a second, before any model is loaded (or results_dir made).
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
     dataset = training_dataset(cfg.data.path, transform, cfg.seed, cfg.data.tar_cache)
+    with run_lock(cfg.results_dir, int(os.environ.get("RANK", "0") or 0)):
+        return _train(cfg, dataset)
+
+
+def _train(cfg: RunConfig, dataset) -> dict:
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     threads = torch.get_num_threads()
     try:
