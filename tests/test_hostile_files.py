@@ -464,3 +464,24 @@ def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, cap
     (tmp_path / "decoder.yaml").write_text(BILLION_LAUGHS)
     with pytest.raises(ValueError, match="decoder.yaml stands for more than 65,536 values"):
         VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="x", decoder_config_path=str(tmp_path / "decoder.yaml"))
+
+
+@pytest.mark.parametrize("edit", ["missing entry", "empty object", "labels not ints"])
+def test_a_shard_listing_edited_by_hand_is_one_error_on_resume(model_dir, tmp_path, capsys, edit):
+    """Issue 32, point 7: on a resume, a listing with an entry missing was accepted silently, and `{}` in its place
+    was a KeyError."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(png_bytes(i, size=IMAGE_SIZE))
+    out = tmp_path / "tokens"
+    argv = ["--model", model_dir, "--data", str(images), "--out", str(out), "--shard-size", "2"]
+    assert tokenize.main(argv) == 0
+    listing = json.loads((out / "shard-00001.json").read_text())
+    edited = {"missing entry": {**listing, "images": listing["images"][:1], "labels": listing["labels"][:1]},
+              "empty object": {}, "labels not ints": {**listing, "labels": ["a", "b"]}}[edit]
+    (out / "shard-00001.json").write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert tokenize.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # beside the progress bar
+    assert len(errors) == 1 and "shard-00001.json must list the shard's 2 image(s)" in errors[0], errors

@@ -151,6 +151,21 @@ def _refuse(what: str):
     raise ValueError(f"it holds {what}")
 
 
+def check_listing(listing, rows: int, path: str) -> None:
+    """A shard's listing as write_shard wrote it: its images (names) and labels (ints), one per row of the shard's
+    codes, and the skipped images ({"path", "reason"}); a listing edited by hand is one error, never a KeyError."""
+    ok = (isinstance(listing, dict) and isinstance(listing.get("images"), list)
+          and isinstance(listing.get("labels"), list) and isinstance(listing.get("skipped"), list)
+          and all(isinstance(p, str) for p in listing["images"]) and all(_is_int(v) for v in listing["labels"])
+          and all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in listing["skipped"]))
+    if not ok or len(listing["images"]) != rows or len(listing["labels"]) != rows:
+        found = (f"{len(listing['images'])} image(s) and {len(listing['labels'])} label(s)" if ok else
+                 "no such listing")
+        raise ValueError(f"{path} must list the shard's {rows} image(s), their labels and the skipped images, as "
+                         f"vqrae-tokenize wrote it; it holds {found} (edited by hand?): delete it and its .npy to "
+                         f"recompute that shard, or rerun with --restart")
+
+
 def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:
     """manifest.json from the finished shards' listings and arrays; `fields` give the rest (model, classes, ...)."""
     images, skipped, index_shape, dtype = [], [], None, None
@@ -158,6 +173,7 @@ def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:
     for i in range(num_shards):
         listing = read_json(os.path.join(folder, shard_name(i) + ".json"))
         array = _open_shard(os.path.join(folder, shard_name(i) + ".npy"))
+        check_listing(listing, array.shape[0], os.path.join(folder, shard_name(i) + ".json"))
         index_shape, dtype = list(array.shape[1 if views == 1 else 2 :]), str(array.dtype)
         images += [{"path": p, "shard": shard_name(i) + ".npy", "row": row, "label": label}
                    for row, (p, label) in enumerate(zip(listing["images"], listing["labels"], strict=True))]
