@@ -1109,6 +1109,138 @@ def test_shard_specs_name_existing_tars_and_streams_or_are_one_clear_error(spec)
 
 
 # ======================================================================================================================
+# 8. The surfaces issue 32 attacked: RAE's stat files, encoder folders' preprocessor configs, the adapters' code
+#    lists, config products
+# ======================================================================================================================
+STAT_CHANNELS, STAT_GRID = 4, 3
+
+
+@st.composite
+def stat_files(draw) -> dict:
+    """stat.pt as RAE writes it ({"mean", "var"} of [C] or [C, h, w]), with hostile shapes, layouts (sparse, meta,
+    non-contiguous), dtypes and values."""
+    shape = draw(st.sampled_from([(STAT_CHANNELS,), (STAT_CHANNELS, STAT_GRID, STAT_GRID), (STAT_CHANNELS, 1, 9),
+                                  (STAT_CHANNELS + 1,), (STAT_CHANNELS, STAT_GRID), ()]))
+    tensors = {}
+    for key in ("mean", "var"):
+        t = torch.rand(shape, dtype=torch.float64) + (0.1 if key == "var" else -0.5)
+        value = draw(st.sampled_from(["ok", "ok", "nan", "negative", "zero"]))
+        if value != "ok" and t.numel():
+            t.view(-1)[0] = {"nan": float("nan"), "negative": -1.0, "zero": 0.0}[value]
+        layout = draw(st.sampled_from(["dense", "dense", "transposed", "sparse", "meta", "int", "bool"]))
+        if layout == "transposed" and t.dim() >= 2:
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)  # dense, strided, not contiguous
+        elif layout == "sparse" and t.dim() >= 1:
+            t = t.to_sparse()
+        elif layout == "meta":
+            t = torch.empty(shape, device="meta")
+        elif layout in ("int", "bool"):
+            t = t.to(torch.int64 if layout == "int" else torch.bool)
+        tensors[key] = t
+    return draw(st.sampled_from([tensors, {"mean": tensors["mean"]}, {"stats": tensors}]))
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@given(stat_files())
+def test_hostile_stat_files_give_the_models_normalisation_or_one_clear_error(stats):
+    """model.latent_stats.read_latent_stats on RAE-style stat.pt files: either finite (C,) or (h * w, C) statistics
+    for this model's grid with std > 0, or ValueError (sparse and meta tensors, wrong grids, NaN, var < 0, ints)."""
+    from stage1.model.latent_stats import read_latent_stats
+
+    with tempfile.TemporaryDirectory() as tmp, no_hang():
+        path = os.path.join(tmp, "stat.pt")
+        torch.save(stats, path)
+        try:
+            mean, std = read_latent_stats(path, STAT_CHANNELS, grid=STAT_GRID)
+        except ValueError as err:
+            assert str(err)
+            event("stat.pt: refused")
+            return
+    event("stat.pt: read")
+    assert mean.shape == std.shape and mean.shape in ((STAT_CHANNELS,), (STAT_GRID * STAT_GRID, STAT_CHANNELS))
+    assert mean.isfinite().all() and std.isfinite().all() and (std > 0).all()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers(-3, 3) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=8)
+
+
+@given(st.one_of(st.fixed_dictionaries({}, optional={"image_mean": json_values, "image_std": json_values}),
+                 st.fixed_dictionaries({"image_mean": st.lists(st.floats(-2, 2), min_size=3, max_size=3),
+                                        "image_std": st.lists(st.floats(0, 2), min_size=3, max_size=3)}),
+                 json_values))
+def test_hostile_preprocessor_configs_give_finite_statistics_or_one_clear_error(config):
+    """model.encoders.read_image_stats on an encoder folder's preprocessor_config.json: three finite means and three
+    finite stds >= 1e-6 (the family's defaults where a key is absent), or ValueError."""
+    from stage1.model.encoders import read_image_stats
+
+    with tempfile.TemporaryDirectory() as tmp, no_hang():
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(config, f)
+        try:
+            mean, std = read_image_stats(tmp, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        except ValueError as err:
+            assert str(err)
+            event("preprocessor: refused")
+            return
+    event("preprocessor: read")
+    assert len(mean) == len(std) == 3 and all(math.isfinite(v) for v in mean + std) and min(std) >= 1e-6
+
+
+VAR_TEST_SCALES, VAR_TEST_K = (1, 2, 3), 8
+
+
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 9]), st.sampled_from(["flat", "map", "float", "list"]),
+                          st.integers(-2, VAR_TEST_K + 1), st.integers(1, 3)), max_size=5))
+def test_hostile_scale_code_lists_are_whole_scales_in_range_or_one_clear_error(parts):
+    """model.var.check_scale_codes (what VARTokenizer's idxBl_to_img, teacher forcing take): VAR's per-scale codes,
+    in hostile orders, lengths, batches, dtypes and values: the flat codes of whole scales in order inside the
+    vocabulary, or ValueError."""
+    from stage1.model.quantizers.base import CodeLayout
+    from stage1.model.var import check_scale_codes
+
+    layout = CodeLayout(VAR_TEST_K, scales=VAR_TEST_SCALES, codebooks=len(VAR_TEST_SCALES))
+    given_codes = []
+    for side, form, value, batch in parts:
+        codes = torch.full((batch, side * side), value)
+        given_codes.append(codes.float() if form == "float" else codes.tolist() if form == "list"
+                           else codes.reshape(batch, side, side) if form == "map" else codes)
+    try:
+        flats = check_scale_codes(layout, given_codes)
+    except ValueError as err:
+        assert str(err)
+        event("scale codes: refused")
+        return
+    event("scale codes: accepted")
+    assert [f.shape[1] for f in flats] == [s * s for s in VAR_TEST_SCALES[: len(flats)]]
+    assert len({f.shape[0] for f in flats}) == 1 and all(0 <= int(f.min()) and int(f.max()) < VAR_TEST_K
+                                                         for f in flats)
+
+
+@given(st.sampled_from(["single", "residual", "grouped", "multiscale", "simvq", "gumbel"]),
+       st.sampled_from([1, 2, 16, 256]), st.sampled_from([2, 1024, 2**16, 2**20]), st.sampled_from([8, 64, 1024]))
+def test_a_configs_product_is_built_within_the_bound_or_refused_before_allocating(kind, depth, codes, dim):
+    """model.quantizers.build_quantizer on config products each field of which is within its own bound: over
+    MAX_QUANTIZER_ELEMENTS it is one ValueError before the kind's constructor runs; the small ones build."""
+    from stage1 import QuantizerConfig, build_quantizer
+    from stage1.base.limits import MAX_QUANTIZER_ELEMENTS
+    from stage1.model.quantizers import QUANTIZERS
+
+    options = {"residual": {"depth": depth}, "grouped": {"groups": 2}, "multiscale": {"scales": (1, 2)}}.get(kind, {})
+    config = QuantizerConfig(kind=kind, num_embeddings=codes, **options)
+    elements = QUANTIZERS[kind].state_elements(config, dim)
+    if elements > MAX_QUANTIZER_ELEMENTS:
+        with mock.patch.object(QUANTIZERS[kind], "__init__", side_effect=AssertionError("allocated")), \
+                pytest.raises(ValueError, match="more than the 268,435,456 accepted"):
+            build_quantizer(config, dim)
+        event("config product: refused")
+    elif elements <= 1 << 20:
+        assert build_quantizer(config, dim).layout.vocab_size > 0
+        event("config product: built")
+
+
+# ======================================================================================================================
 # The bugs this suite found, one minimal reproducer each, all fixed now: regression tests. (One found and not yet
 # fixed is marked xfail(strict=True) here until it is: strict, so that its fix fails the run until the mark goes.)
 # ======================================================================================================================

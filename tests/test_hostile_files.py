@@ -460,7 +460,7 @@ def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, cap
             "job"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values once its aliases are expanded" in err
+    assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values once its aliases" in err
     (tmp_path / "decoder.yaml").write_text(BILLION_LAUGHS)
     with pytest.raises(ValueError, match="decoder.yaml stands for more than 65,536 values"):
         VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="x", decoder_config_path=str(tmp_path / "decoder.yaml"))
