@@ -217,10 +217,11 @@ class Quantizer(nn.Module, ABC):
     @abstractmethod
     def lookup(self, indices: torch.Tensor) -> torch.Tensor: ...
 
-    @property
-    @abstractmethod
+    @cached_property
     def layout(self) -> CodeLayout:
-        """Fixed when the kind is built: kinds declare it a functools.cached_property."""
+        """What its codes are, fixed when the kind is built (so cached): one code per position from a vocabulary of
+        num_embeddings by default; kinds with several codes a position or scales lay theirs out themselves."""
+        return CodeLayout(self.num_embeddings)
 
     @abstractmethod
     def describe(self) -> str: ...

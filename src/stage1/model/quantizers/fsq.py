@@ -26,7 +26,6 @@ least-squares map back from the codes, over every rank's samples.
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 from ...base.distributed import all_reduce_sum
 from ...base.limits import MAX_CODES
 from ..kmeans import KMeansResult
-from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
+from .base import Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -85,10 +84,6 @@ class FSQuantizer(Quantizer):
         self.commitment_cost, self.entropy_weight = config.commitment_cost, config.entropy_weight
         self.in_proj = nn.Linear(embedding_dim, len(config.levels))
         self.out_proj = nn.Linear(len(config.levels), embedding_dim)
-
-    @cached_property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings)
 
     def describe(self) -> str:
         penalty = f", entropy weight {self.entropy_weight:g}" if self.entropy_weight else ""

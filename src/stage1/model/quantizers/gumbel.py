@@ -21,7 +21,6 @@ K = 65536): pick K or the batch to fit. Eval forwards and encode take the argmax
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 from ..kmeans import KMeansResult, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK
-from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
+from .base import Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -62,10 +61,6 @@ class GumbelQuantizer(Quantizer):
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))  # training forwards so far
         self.register_buffer("initialized", torch.tensor(False))
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK
-
-    @cached_property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings)
 
     @property
     def started(self) -> bool:

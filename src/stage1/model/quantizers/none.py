@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 
-from .base import CodeLayout, Quantizer, QuantizerOutput
+from .base import Quantizer, QuantizerOutput
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -29,10 +28,6 @@ class NoQuantizer(Quantizer):
     def __init__(self, config: QuantizerConfig, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = 0, embedding_dim
-
-    @cached_property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(0)
 
     def describe(self) -> str:
         return "none: the continuous latent goes to the decoder (RAE)"

@@ -15,7 +15,6 @@ gradient straight through to z, as the other kinds.
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..kmeans import KMeansResult, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
-from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
+from .base import Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -49,10 +48,6 @@ class SimVQuantizer(Quantizer):
         with torch.no_grad():
             self.map.weight.copy_(torch.eye(embedding_dim))  # the basis itself is the first codebook
         self.max_distances_per_chunk = DEFAULT_MAX_DISTANCES_PER_CHUNK
-
-    @cached_property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings)
 
     @property
     def started(self) -> bool:

@@ -18,7 +18,6 @@ rank 0 would only cost time (and hide a bug if they ever diverged).
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from ...base.distributed import all_ranks_true, all_reduce_sum, gather_rows, is_distributed
 from ..kmeans import LLOYD_ITERS, fit_kmeans
 from ..search import DEFAULT_MAX_DISTANCES_PER_CHUNK, nearest_code
-from .base import CodeLayout, Quantizer, QuantizerOutput, channels_last_rows, code_use
+from .base import Quantizer, QuantizerOutput, channels_last_rows, code_use
 
 if TYPE_CHECKING:
     from ..config import QuantizerConfig
@@ -84,10 +83,6 @@ class VectorQuantizer(Quantizer):
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding
-
-    @cached_property
-    def layout(self) -> CodeLayout:
-        return CodeLayout(self.num_embeddings)
 
     @property
     def started(self) -> bool:
