@@ -28,6 +28,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher gave it (torchrun's RANK), readable before any process group: 0 alone."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group torchrun describes in the environment; a lone process runs without one.
 
@@ -35,7 +40,7 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     of a silent hang.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device == "auto":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from functools import partial
 
@@ -343,7 +342,9 @@ COMMANDS = {"reconstruct": reconstruct_parser, "tokenize": tokenize_parser, "dec
 def report_error(prog: str, message: str, err: BaseException) -> None:
     """The `error:` line, once per job: under torchrun every rank meets the same bad input, so the first rank says
     it; another rank speaks only for an OSError, which may be its own (its node's disk, its files)."""
-    if int(os.environ.get("RANK", "0") or 0) == 0 or isinstance(err, OSError):
+    from ..base.distributed import launched_rank  # here: the arguments are parsed before torch is imported
+
+    if launched_rank() == 0 or isinstance(err, OSError):
         print(f"{prog}: error: {message}", file=sys.stderr)
 
 

@@ -63,7 +63,7 @@ def train(cfg: RunConfig) -> dict:
     # Data first: a wrong folder fails in a second, before any model is loaded (or results_dir made).
     transform = build_transform(cfg.image_size, cfg.data.augment, cfg.data.min_scale, cfg.data.hflip, cfg.data.resize)
     dataset = training_dataset(cfg.data.path, transform, cfg.seed, cfg.data.tar_cache)
-    with run_lock(cfg.results_dir, int(os.environ.get("RANK", "0") or 0)):
+    with run_lock(cfg.results_dir, distributed.launched_rank()):
         return _train(cfg, dataset)
 
 
