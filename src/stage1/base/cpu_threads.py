@@ -14,6 +14,7 @@ import os
 import time
 
 SAMPLE_SECONDS = 0.25
+USERS_CHOICE = ("train.cpu_threads", "OMP_NUM_THREADS")  # the reasons cpu_threads gives for a count the user set
 
 
 def usable_cores() -> int:
@@ -42,9 +43,9 @@ def cpu_threads(requested: int | None, workers: int, local_processes: int) -> tu
     """(threads, why): `requested` if given, else OMP_NUM_THREADS if set, else the idle usable cores less the
     DataLoader `workers`, shared by `local_processes` ranks."""
     if requested is not None:
-        return requested, "train.cpu_threads"
+        return requested, USERS_CHOICE[0]
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+        return int(os.environ["OMP_NUM_THREADS"]), USERS_CHOICE[1]
     cores = usable_cores()
     busy = min(cores - 1, round(busy_share() * cores))
     threads = max(1, (cores - busy - workers) // max(1, local_processes))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..base import distributed
 from ..base.atomic import write_yaml
-from ..base.cpu_threads import cpu_threads
+from ..base.cpu_threads import USERS_CHOICE, cpu_threads
 from ..base.precision import autocast, resolve_precision
 from ..base.preemption import StopSignals
 from ..base.run_lock import run_lock
@@ -71,19 +71,19 @@ def _train(cfg: RunConfig, dataset) -> dict:
     info = distributed.setup(cfg.device, cfg.dist_timeout_minutes)
     threads = torch.get_num_threads()
     try:
-        chosen = None
+        auto_threads = False
         if info.device.type == "cpu":  # torch's default (a thread per core) stalls on a machine with other work
             chosen, why = cpu_threads(cfg.train.cpu_threads, cfg.data.num_workers, info.local_world_size)
             torch.set_num_threads(chosen)
             if info.is_main:
                 print(f"threads: {chosen} intra-op per process ({why})")
-            chosen = chosen if why not in ("train.cpu_threads", "OMP_NUM_THREADS") else None  # None: the user's
+            auto_threads = why not in USERS_CHOICE
         if cfg.init.tiny_encoder is not None:
             if info.is_main:
                 write_stand_in_encoder(cfg.init.tiny_encoder, cfg.model.encoder.path, image_size=cfg.image_size,
                                        seed=cfg.seed)
             distributed.barrier()
-        return Trainer(cfg, info, dataset, auto_threads=chosen is not None).run()
+        return Trainer(cfg, info, dataset, auto_threads=auto_threads).run()
     finally:
         torch.set_num_threads(threads)  # the caller's (a test or notebook process goes on after the run)
         distributed.teardown()
