@@ -73,3 +73,19 @@ def torchrun(*args: str, timeout: float, cwd: str | None = None) -> subprocess.C
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_tokenize_refuses(cases, fmt: str, tmp_path, capsys) -> None:
+    """Each (argv, message) of `cases` run as `vqrae-tokenize ... --format fmt`: exit code 2, one error line matching
+    the message, and no shard written (what an export cannot take is refused before any work)."""
+    import re
+
+    from stage1.cli import tokenize
+
+    for i, (args, message) in enumerate(cases):
+        capsys.readouterr()
+        out = tmp_path / f"out{i}"
+        assert tokenize.main([*args, "--out", str(out), "--format", fmt]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and re.search(message, error), error
+        assert not out.exists() or not any(name.startswith("shard-") for name in os.listdir(out))

@@ -4,14 +4,13 @@ interface (images in [-1, 1]). The GPT here is a tiny one of our own with LlamaG
 codes, next-code prediction; the dataset reads the files as LlamaGen's dataset/imagenet.py CustomDataset does."""
 
 import os
-import re
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from helpers import smooth_images, tiny_vqrae
+from helpers import assert_tokenize_refuses, smooth_images, tiny_vqrae
 from PIL import Image
 from torch import nn
 
@@ -171,13 +170,7 @@ def test_what_llamagen_cannot_take_is_refused_before_any_work(llamagen_model, mo
         (["--model", llamagen_model, "--data", str(tmp_path / "plain.tar")], r"1 image\(s\) have no class"),
         (["--model", model_dir, "--data", labelled_tree], r"side \[16, 24, 28, 32, 48, 56, 64\].*gives 4x4"),
     ]
-    for i, (args, message) in enumerate(cases):
-        capsys.readouterr()
-        out = tmp_path / f"out{i}"
-        assert tokenize.main([*args, "--out", str(out), "--format", "llamagen"]) == 2
-        error = capsys.readouterr().err.strip()
-        assert len(error.splitlines()) == 1 and re.search(message, error), error
-        assert not out.exists() or not any(name.startswith("shard-") for name in os.listdir(out))
+    assert_tokenize_refuses(cases, "llamagen", tmp_path, capsys)
     config = tiny_vqrae(dinov2_dir, encoder_input_size=SIZE).config.to_dict()
     config["quantizer"].update(kind="residual", depth=2)
     with pytest.raises(ValueError, match="one code per position"):
