@@ -88,9 +88,19 @@ def test_hydra_groups_state_only_what_differs_from_the_dataclass(group):
 def test_a_command_line_value_reaches_the_module(dinov2_dir):
     cfg = load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "quantizer.decay=0.7",
                            "decoder.num_hidden_layers=1", f"encoder.path={dinov2_dir}", "image_size=32",
-                           "noise_tau=0.2"])
+                           "noise_tau=0.2", "encoder.params.normalize=false"])
     model = VQRAE(cfg.model)
     assert model.quantizer.decay == 0.7 and len(model.decoder.blocks) == 1 and model.config.noise_tau == 0.2
+    # an encoder option, a key the tree does not list: the final LayerNorm keeps its affine
+    assert model.config.encoder.params == {"normalize": False} and model.encoder.model.layernorm.weight is not None
+
+
+def test_encoder_params_of_the_wrong_type_name_the_encoders_options(dinov2_dir):
+    """Issue 32, point 3: encoder_params given as a list named neither what was wrong nor what was expected."""
+    for params in ([1, 2], "normalize", {"normalise": False}, {"normalize": "no"}):
+        with pytest.raises(ValueError, match=r"^encoder.params must be a mapping of options of Dinov2withNorm: "
+                                             r"normalize \(bool\), got "):
+            VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path=dinov2_dir, encoder_params=params)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -100,7 +110,9 @@ def test_a_command_line_value_reaches_the_module(dinov2_dir):
     ("train.grad_clip=true", "train.grad_clip must be a number or null, got True (bool)"),
     ("quantizer.decay=2", "quantizer.decay must be in [0, 1), got 2.0"),
     ("quantizer.num_embeddings=1.5", "quantizer.num_embeddings must be an integer, got 1.5 (float)"),
-    ("encoder.params=3", "encoder.params must be a mapping, got 3 (int)"),
+    ("encoder.params=3", "encoder.params must be a mapping of options of Dinov2withNorm: normalize (bool), got 3"),
+    ("encoder.params={x:1}", "encoder.params must be a mapping of options of Dinov2withNorm: normalize (bool), got {"),
+    ("encoder.params.x=1", "encoder.params must be a mapping of options of Dinov2withNorm: normalize (bool), got {'x"),
     ("loss.disc=wgan", "loss.disc must be one of ['patchgan', 'dino'], got 'wgan'"),
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
     ("train.stop_at=99", "train.stop_at must be in [1, train.steps = 8] or null, got 99"),

@@ -126,7 +126,7 @@ class ConfigSection:
             try:
                 value = _convert(value, hints[f.name])
             except _Mismatch:
-                raise ConfigError(f"{self.key(f.name)} must be {_describe(hints[f.name])}, got {_shown(value)}") \
+                raise ConfigError(f"{self.key(f.name)} must be {self.expected(f.name)}, got {_shown(value)}") \
                     from None
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
@@ -136,6 +136,11 @@ class ConfigSection:
 
     def check(self) -> None:
         """Ranges and relations between fields, once the types hold (`require` for each)."""
+
+    def expected(self, name: str) -> str:
+        """What field `name` must be, said by its type error. A section may say more than the type can (the options
+        a mapping takes); the fields before `name` are already checked when it is asked."""
+        return _describe(_hints(type(self))[name])
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}" if self.section else name

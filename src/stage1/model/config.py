@@ -46,10 +46,15 @@ class EncoderConfig(ConfigSection):
         options = encoder_options(self.cls)
         self.require(bool(self.path), "path", "a Hub id or a local directory")
         for name, value in self.params.items():
-            self.require(name in options and type(value).__name__ == options[name], "params",
-                         f"options of {self.cls}: {', '.join(f'{k} ({t})' for k, t in options.items())}")
+            self.require(name in options and type(value).__name__ == options[name], "params", self.expected("params"))
         self.require(self.input_size is None or 0 < self.input_size <= MAX_IMAGE_SIDE, "input_size",
                      f"null or from 1 to {MAX_IMAGE_SIDE}")
+
+    def expected(self, name: str) -> str:
+        if name != "params":
+            return super().expected(name)
+        options = encoder_options(self.cls)  # cls, the field before, is a string by now; an unknown one is named here
+        return f"a mapping of options of {self.cls}: {', '.join(f'{k} ({t})' for k, t in options.items()) or 'none'}"
 
 
 MAX_DECODER_PARAMETERS = 10**10  # 40 GB in float32; RAE's largest decoder (ViT-XL) has 0.6e9

@@ -170,7 +170,11 @@ def compose_tree(overrides: list[str] | None = None, config_dir: str = CONFIG_DI
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="run_defaults", node=flat_tree(RunConfig.default_tree()))
+    defaults = OmegaConf.create(flat_tree(RunConfig.default_tree()))
+    # encoder.params is the encoder class's own options, which EncoderConfig checks: hydra's struct mode would refuse
+    # every key of it (`encoder.params.normalize=false`) as unknown to the tree.
+    OmegaConf.set_struct(defaults.encoder.params, False)
+    ConfigStore.instance().store(name="run_defaults", node=defaults)
     check_config_files(config_dir, list(overrides or []))
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides or []))
