@@ -5,6 +5,7 @@ before it is checked."""
 import io
 import json
 import re
+import shutil
 import struct
 import tarfile
 import zipfile
@@ -447,7 +448,7 @@ BILLION_LAUGHS = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
     f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)])
 
 
-def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, capsys):
+def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, capsys, monkeypatch):
     """Issue 32, point 8: a 400-byte YAML of nested aliases (a billion laughs) as an experiment reached through
     hydra.searchpath hung or crashed --cfg job, and as a decoder config was a MemoryError."""
     from stage1 import VQRAE
@@ -461,6 +462,13 @@ def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values once its aliases" in err
+    package = tmp_path / "site" / "laughing_configs"  # the same file in an installed package, through pkg://
+    shutil.copytree(tmp_path / "experiment", package / "experiment")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert main(["hydra.searchpath=[pkg://laughing_configs]", *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values" in err, err
     (tmp_path / "decoder.yaml").write_text(BILLION_LAUGHS)
     with pytest.raises(ValueError, match="decoder.yaml stands for more than 65,536 values"):
         VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="x", decoder_config_path=str(tmp_path / "decoder.yaml"))

@@ -181,18 +181,32 @@ def compose_tree(overrides: list[str] | None = None, config_dir: str = CONFIG_DI
 
 
 def check_config_files(config_dir: str, overrides: list[str]) -> None:
-    """Every YAML file hydra may compose from (the config folder, and the folders `hydra.searchpath` names with
-    file://) is read through base.atomic.read_yaml first: its size and alias expansion bounded (OmegaConf expanded a
-    400-byte file of nested aliases until the process hung or crashed)."""
+    """Every YAML file hydra may compose from (the config folder, and the folders `hydra.searchpath` names, file://
+    or pkg://) is read through base.atomic.read_yaml first: its size and alias expansion bounded (OmegaConf expanded
+    a 400-byte file of nested aliases until the process hung or crashed)."""
     folders = [config_dir]
     for override in overrides:
         if override.lstrip("+~").startswith("hydra.searchpath="):
             folders += re.findall(r"file://([^,\]\s'\"]+)", override)
-    for folder in folders:
+            folders += [_package_folder(name) for name in re.findall(r"pkg://([^,\]\s'\"]+)", override)]
+    for folder in filter(None, folders):
         for root, _, names in os.walk(folder):
             for name in sorted(names):
                 if name.endswith((".yaml", ".yml")):
                     read_yaml(os.path.join(root, name))
+
+
+def _package_folder(name: str) -> str | None:
+    """The folder of a searchpath's pkg://a.b (or a/b), found as hydra finds it (importlib.resources); None for a
+    package hydra cannot find either (it then skips it) or one inside a zip (read by hydra, not walked here)."""
+    import importlib.resources
+    import pathlib
+
+    try:
+        folder = importlib.resources.files(name.replace("/", ".").rstrip("."))
+    except (ImportError, TypeError, ValueError):
+        return None
+    return str(folder) if isinstance(folder, pathlib.Path) else None
 
 
 def load_run_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> RunConfig:
