@@ -52,17 +52,29 @@ class ReferenceDecoder(nn.Module):
         b, p, s = x.shape[0], self.patch_size, self.side
         return torch.einsum("nhwpqc->nchpwq", logits.reshape(b, s, s, p, p, 3)).reshape(b, 3, s * p, s * p)
 
-    def rae_state_dict(self):
-        """The state dict under RAE's names (its copy of transformers' older ViT-MAE layer names)."""
-        names = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+    # transformers' current ViT-MAE layer names -> RAE's (its copy of the older ones)
+    RAE_NAMES = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
                  "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense",
                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+
+    def rae_state_dict(self):
+        """The state dict under RAE's names."""
         out = {}
         for key, value in self.state_dict().items():
-            for ours, theirs in names.items():
+            for ours, theirs in self.RAE_NAMES.items():
                 key = key.replace(f".{ours}.", f".{theirs}.")
             out[key] = value.clone()
         return out
+
+    def load_rae_state_dict(self, state):
+        """rae_state_dict's inverse: a state dict under RAE's names loaded (strictly) into this module."""
+        renamed = {}
+        for key, value in state.items():
+            for ours, theirs in self.RAE_NAMES.items():
+                key = key.replace(f".{theirs}.", f".{ours}.")
+            renamed[key] = value
+        self.load_state_dict(renamed)
+        return self
 
     def save_rae_files(self, root):
         """RAE's release: model.pt (a torch state dict) and a ViT-MAE config directory."""

@@ -1109,8 +1109,8 @@ def test_shard_specs_name_existing_tars_and_streams_or_are_one_clear_error(spec)
 
 
 # ======================================================================================================================
-# 8. The surfaces issue 32 attacked: RAE's stat files, encoder folders' preprocessor configs, the adapters' code
-#    lists, config products
+# 8. The surfaces issue 32 attacked: RAE's stat files and decoder releases, encoder folders' preprocessor configs,
+#    the adapters' code lists, config products
 # ======================================================================================================================
 STAT_CHANNELS, STAT_GRID = 4, 3
 
@@ -1159,6 +1159,123 @@ def test_hostile_stat_files_give_the_models_normalisation_or_one_clear_error(sta
     event("stat.pt: read")
     assert mean.shape == std.shape and mean.shape in ((STAT_CHANNELS,), (STAT_GRID * STAT_GRID, STAT_CHANNELS))
     assert mean.isfinite().all() and std.isfinite().all() and (std > 0).all()
+
+
+RAE_DECODER = dict(latent=32, hidden=16, layers=1, heads=2, intermediate=32)  # for the tiny DINOv2: 32 channels
+RAE_SIZE_KEYS = {"decoder_hidden_size": "hidden", "decoder_num_hidden_layers": "layers",
+                 "decoder_num_attention_heads": "heads", "decoder_intermediate_size": "intermediate"}
+
+
+@st.composite
+def rae_releases(draw) -> tuple[object, str, object, dict | None]:
+    """RAE's release of a tiny decoder (its weights as model.pt or safetensors, a ViT-MAE config.json) with one
+    hostile edit to the weights (wrapped names, a whole model's keys, a tensor missing, unknown, reshaped, cast,
+    non-contiguous, sparse, meta, NaN / Inf, integer, not a tensor, a key not a string) and one to the config (a size
+    missing, of another type, zero, huge, another head count; another activation, eps or qkv_bias; not an object).
+    Returns (what to save, its suffix, the config, the RAE state the decoder must hold if the release loads)."""
+    from rae_reference import ReferenceDecoder, randomize
+
+    sizes = RAE_DECODER
+    reference = randomize(ReferenceDecoder(sizes["latent"], sizes["hidden"], sizes["layers"], sizes["heads"],
+                                           sizes["intermediate"], patch_size=8, num_patches=16), seed=1)
+    state = reference.rae_state_dict()
+    saved, loads_as = dict(state), dict(state)
+    key = draw(st.sampled_from(sorted(state)))
+    edit = draw(st.sampled_from(["none", "none", "wrapped", "whole model", "non-contiguous", "bfloat16", "float64",
+                                 "missing", "unknown", "reshaped", "sparse", "meta", "nan", "inf", "int64",
+                                 "not a tensor", "int key", "a list"]))
+    value = state[key]
+    if edit == "wrapped":
+        prefix = draw(st.sampled_from(["module.", "_orig_mod.", "decoder.", "module.decoder."]))
+        saved = {prefix + k: v for k, v in state.items()}
+    elif edit == "whole model":
+        saved["encoder.layer.0.weight"] = torch.ones(3)
+    elif edit == "non-contiguous" and value.dim() >= 2:
+        saved[key] = value.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif edit in ("bfloat16", "float64"):
+        saved[key] = value.to(getattr(torch, edit))
+        loads_as[key] = saved[key].float()
+    elif edit == "missing":
+        del saved[key]
+    elif edit == "unknown":
+        saved["decoder_mask_token"] = torch.zeros(1, 1, sizes["hidden"])
+    elif edit == "reshaped":
+        saved[key] = torch.cat([value.flatten(), torch.zeros(1)])
+    elif edit == "sparse":
+        saved[key] = value.to_sparse()
+    elif edit == "meta":
+        saved[key] = torch.empty(value.shape, device="meta")
+    elif edit in ("nan", "inf"):
+        saved[key] = value.clone()
+        saved[key].view(-1)[0] = float(edit)
+    elif edit == "int64":
+        saved[key] = value.long()
+    elif edit == "not a tensor":
+        saved[key] = 0.5
+    elif edit == "int key":
+        saved[0] = saved.pop(key)
+    elif edit == "a list":
+        saved = [saved]
+    changed = edit not in ("none", "wrapped", "whole model", "non-contiguous", "bfloat16", "float64")
+    suffix = ".pt" if edit in ("non-contiguous", "sparse", "meta", "not a tensor", "int key", "a list") else draw(
+        st.sampled_from([".pt", ".safetensors"]))
+
+    config = {"model_type": "vit_mae", "hidden_act": "gelu", "layer_norm_eps": 1e-12, "qkv_bias": True,
+              **{k: sizes[v] for k, v in RAE_SIZE_KEYS.items()}}
+    target = draw(st.sampled_from(["none", "none", *RAE_SIZE_KEYS, "hidden_act", "layer_norm_eps", "qkv_bias",
+                                   "not an object"]))
+    if target in RAE_SIZE_KEYS:
+        config[target] = draw(st.sampled_from([None, "16", 16.5, True, 0, -2, 1, 4, 2**20, 10**6, "absent"]))
+        if config[target] == "absent":
+            del config[target]
+    elif target == "hidden_act":
+        config[target] = draw(st.sampled_from(["relu", None, 1]))
+    elif target == "layer_norm_eps":
+        config[target] = draw(st.sampled_from([1e-6, 1, "abc", None, 0, -1.0, [1e-6], float("inf")]))
+    elif target == "qkv_bias":
+        config[target] = draw(st.sampled_from([False, "false", 0, None]))
+    elif target == "not an object":
+        config = list(config.items())
+    return saved, suffix, config, None if changed else loads_as
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@given(rae_releases())
+def test_hostile_rae_releases_decode_as_raes_decoder_or_are_one_clear_error(dinov2_dir, release):
+    """VQRAE.from_rae (the path RAE's released decoders enter by) on hostile weights and configs: the model's decoder
+    paints what RAE's GeneralDecoder built from that config paints with those weights (to 1e-5), or ValueError
+    before any decoder is built. A release whose weights were edited out of shape is never accepted."""
+    from rae_reference import ReferenceDecoder
+    from safetensors.torch import save_file as save_safetensors
+
+    saved, suffix, config, loads_as = release
+    with tempfile.TemporaryDirectory() as tmp, no_hang():
+        weights, config_dir = os.path.join(tmp, "model" + suffix), os.path.join(tmp, "config")
+        if suffix == ".safetensors":
+            save_safetensors({k: v.contiguous() for k, v in saved.items()}, weights)
+        else:
+            torch.save(saved, weights)
+        os.makedirs(config_dir)
+        with open(os.path.join(config_dir, "config.json"), "w") as f:
+            json.dump(config, f)
+        try:
+            model = VQRAE.from_rae(weights, config_dir, encoder_config_path=dinov2_dir, encoder_input_size=IMAGE_SIZE,
+                                   decoder_patch_size=8)
+        except ValueError as err:
+            assert str(err)
+            event("RAE release: refused")
+            return
+    event("RAE release: loaded")
+    assert loads_as is not None, "weights edited out of shape were accepted"
+    sizes = {**RAE_DECODER, **{v: config.get(k, RAE_DECODER[v]) for k, v in RAE_SIZE_KEYS.items()}}
+    reference = ReferenceDecoder(sizes["latent"], sizes["hidden"], sizes["layers"], sizes["heads"],
+                                 sizes["intermediate"], patch_size=8, num_patches=16,
+                                 eps=float(config.get("layer_norm_eps", 1e-12)))
+    reference.load_rae_state_dict(loads_as).eval()
+    z = torch.randn(2, 16, RAE_DECODER["latent"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model.decoder.eval()(z, (4, 4)) - reference(z)).abs().max().item()
+    assert diff <= 1e-5, diff
 
 
 json_values = st.recursive(
@@ -1414,3 +1531,16 @@ def test_a_shard_list_is_bounded_as_a_whole():
     expanded in memory before any was checked."""
     with mock.patch.object(shard_specs, "MAX_SHARDS", 10), pytest.raises(ValueError, match="more than the 10"):
         shard_specs.shard_urls("https://h/{0..9}.tar::https://h/{0..9}.tar::https://h/{0..9}.tar")
+
+
+def test_rae_query_key_value_of_different_shapes_are_one_clear_error():
+    """Found: an RAE decoder file whose query weight was stored flat was torch.cat's RuntimeError ("Tensors must have
+    same number of dimensions") in decoder_state_from_rae, before the shapes were compared with the decoder's."""
+    from stage1.model.rae import decoder_state_from_rae
+
+    prefix = "decoder_layers.0.attention.attention"
+    state = {f"{prefix}.{part}.weight": torch.ones(4, 4) for part in ("query", "key", "value")}
+    state[f"{prefix}.query.weight"] = torch.ones(16)
+    with pytest.raises(ValueError, match="query, key and value weights differ in shape"):
+        decoder_state_from_rae(state)
+

@@ -4,6 +4,7 @@ RAE's layout); tolerances are fp32 rounding (1e-5)."""
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -144,6 +145,23 @@ def test_bad_rae_files_get_one_clear_error(tmp_path, rae_files, reg_dir):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "config.json").write_text(json.dumps({"hidden_size": 8}))
         rae_decoder_config(str(tmp_path / "bad"), 8)
+    # Issue 32, point 2: a config's values are typed (eps null was float()'s TypeError, qkv_bias "false" was true),
+    # a key of the weights must be a name (an int key was an AttributeError) ...
+    rae_config = json.loads(open(os.path.join(config, "config.json")).read())
+    for key, value, expected in [("layer_norm_eps", None, "decoder.layer_norm_eps must be a number, got None"),
+                                 ("qkv_bias", "false", "decoder.qkv_bias must be true or false, got 'false'")]:
+        (tmp_path / "bad" / "config.json").write_text(json.dumps({**rae_config, key: value}))
+        with pytest.raises(ValueError, match=expected):
+            rae_decoder_config(str(tmp_path / "bad"), 8)
+    torch.save({**state, 0: torch.zeros(1)}, tmp_path / "int_key.pt")
+    with pytest.raises(ValueError, match="not a flat state dict of tensors"):
+        read_rae_decoder(str(tmp_path / "int_key.pt"))
+    # ... and a config of 100,000 layers beside these weights is refused before the decoder is built.
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**rae_config, "decoder_num_hidden_layers": 10**5}))
+    with mock.patch("stage1.model.vqrae.ViTDecoder", side_effect=AssertionError("built")), \
+            pytest.raises(ValueError, match=r"hold [\d,]+ numbers, but its config describes a decoder of at least"):
+        VQRAE.from_rae(weights, str(tmp_path / "bad"), encoder_config_path=reg_dir, encoder_input_size=INPUT,
+                       decoder_patch_size=8)
 
 
 class Payload:
@@ -248,8 +266,14 @@ def test_training_starts_from_an_rae_decoder(train_images, tmp_path):
     final = load_file(os.path.join(summary["final"], "model.safetensors"))
     expected = decoder_state_from_rae(reference.rae_state_dict())
     assert all(torch.allclose(final[f"decoder.{k}"], v, atol=1e-8) for k, v in expected.items())
-    with pytest.raises(ValueError, match="do not fit this decoder"):  # our own layout cannot take RAE's weights
+    # Our own layout cannot take RAE's weights: the default sizes need more numbers than the file holds (checked
+    # before the decoder is built), RAE's sizes without its CLS token and fixed sin-cos miss tensors.
+    with pytest.raises(ValueError, match="hold 17,600 numbers, but its config describes a decoder of at least "
+                                         "77,824 .*RAE's layout is decoder=rae_vit_b"):
         run_training(train_images, tmp_path / "bad", f"pretrained_decoder_path={weights}", "train.steps=1")
+    with pytest.raises(ValueError, match="do not fit this decoder.*cls_token.*RAE's layout is decoder=rae_vit_b"):
+        run_training(train_images, tmp_path / "bad", *layout[:3], f"pretrained_decoder_path={weights}",
+                     "train.steps=1")
 
 
 def test_latent_stats_writes_raes_stat_pt_per_position(reg_dir, tmp_path):

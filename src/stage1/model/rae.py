@@ -33,6 +33,8 @@ RENAMES = [
 ]
 QKV = re.compile(r"decoder_layers\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "decoder.")  # DDP, torch.compile, a whole RAE model's state dict
+RAE_LAYOUT = ("RAE's layout is decoder=rae_vit_b / rae_vit_l / rae_vit_xl, or VQRAE.from_rae with its config "
+              "directory")
 
 
 def rae_decoder_config(path: str, patch_size: int = 16) -> DecoderConfig:
@@ -49,30 +51,38 @@ def rae_decoder_config(path: str, patch_size: int = 16) -> DecoderConfig:
         raise ValueError(f"{file} is not a ViT-MAE decoder config: expected the keys {list(sizes)}")
     if values.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{file}: hidden_act {values['hidden_act']!r} is not supported (RAE's decoders use 'gelu')")
-    return DecoderConfig(
+    return DecoderConfig(  # which checks each value's type and range (a "false" string is no bool)
         hidden_size=values["decoder_hidden_size"],
         num_hidden_layers=values["decoder_num_hidden_layers"],
         num_attention_heads=values["decoder_num_attention_heads"],
         intermediate_size=values["decoder_intermediate_size"],
         patch_size=patch_size,
-        qkv_bias=bool(values.get("qkv_bias", True)),
+        qkv_bias=values.get("qkv_bias", True),
         cls_token=True,
         pos_embed="fixed",
-        layer_norm_eps=float(values.get("layer_norm_eps", 1e-12)),  # ViT-MAE's default
+        layer_norm_eps=values.get("layer_norm_eps", 1e-12),  # ViT-MAE's default
         pixel_space="encoder",
     )
 
 
-def read_rae_decoder(path: str) -> dict[str, torch.Tensor]:
+def read_rae_decoder(path: str, config: DecoderConfig | None = None) -> dict[str, torch.Tensor]:
     """RAE's decoder weights: a torch state dict (read with weights_only=True: tensors only, nothing else is
-    unpickled) or a safetensors file."""
+    unpickled) or a safetensors file. Given the decoder's `config`, the file must hold at least the numbers such a
+    decoder has, checked before the decoder is built (a config.json of huge sizes beside a small file would allocate
+    them)."""
     state = read_tensor_file(path, "RAE decoder weights")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"{path} is not a flat state dict of tensors (a training checkpoint? RAE's "
                          f"src/extract_decoder.py writes the decoder's own state dict)")
     damaged = [key for key, value in state.items() if not value.is_floating_point() or not value.isfinite().all()]
     if damaged:
         raise ValueError(f"{path}: decoder weights must be finite floating-point tensors; {damaged[:5]} are not")
+    held = sum(value.numel() for value in state.values())
+    if config is not None and config.parameters_at_least() > held:
+        raise ValueError(f"RAE decoder weights {path} hold {held:,} numbers, but its config describes a decoder of "
+                         f"at least {config.parameters_at_least():,} ({config.to_dict()}): the config is not this "
+                         f"file's; {RAE_LAYOUT}")
     return state
 
 
@@ -100,20 +110,23 @@ def decoder_state_from_rae(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise ValueError(f"RAE decoder layer {layer}: {kind} of {sorted(parts)} only, expected query, key, value")
+        shapes = {part: tuple(tensor.shape) for part, tensor in parts.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"RAE decoder layer {layer}: the query, key and value {kind}s differ in shape ({shapes}); "
+                             f"expected one shape")
         renamed[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
     return renamed
 
 
-def load_rae_decoder(decoder, path: str) -> None:
-    """RAE's released decoder weights (read_rae_decoder) into `decoder`, a ViTDecoder in RAE's layout; one clear
-    error names every tensor that does not fit."""
-    state = decoder_state_from_rae(read_rae_decoder(path))
+def load_rae_decoder(decoder, state: dict[str, torch.Tensor], path: str) -> None:
+    """RAE's released decoder weights (`state`, as read_rae_decoder read them from `path`) into `decoder`, a
+    ViTDecoder in RAE's layout; one clear error names every tensor that does not fit."""
+    state = decoder_state_from_rae(state)
     expected = decoder.state_dict()
     problems = sorted(set(expected) ^ set(state)) + [
         f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if problems:
         raise ValueError(f"RAE decoder weights {path} do not fit this decoder (grid {decoder.grid_size}, config "
-                         f"{decoder.config}): {problems[:5]}; RAE's layout is decoder=rae_vit_b / rae_vit_l / "
-                         f"rae_vit_xl, or VQRAE.from_rae with its config directory")
+                         f"{decoder.config}): {problems[:5]}; {RAE_LAYOUT}")
     decoder.load_state_dict(state)

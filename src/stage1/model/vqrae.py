@@ -31,7 +31,7 @@ from .keywords import config_with_keywords
 from .latent_stats import read_latent_stats
 from .pretrained import Pretrained
 from .quantizers import build_quantizer
-from .rae import load_rae_decoder
+from .rae import load_rae_decoder, read_rae_decoder
 
 RANGE_TOLERANCE = 1e-3  # interpolation overshoot of a few 1e-4 is not a user error
 COMPILE_OPTIONS: dict = {}  # torch.compile's own defaults (inductor); the tests trace with {"backend": "eager"}
@@ -93,9 +93,11 @@ class VQRAE(Pretrained, nn.Module):
             raise ValueError(f"{err} (the grid: encoder.input_size {encoder.input_size} / encoder patch "
                              f"{self.encoder.patch_size})") from None
         grid = self.grid_size or DEFAULT_GRID_IMAGE // self.encoder.patch_size
+        rae_decoder = config.pretrained_decoder_path
+        rae_weights = read_rae_decoder(rae_decoder, config.decoder) if rae_decoder is not None else None
         self.decoder = ViTDecoder(channels, config.decoder, grid_size=grid)
-        if config.pretrained_decoder_path is not None:
-            load_rae_decoder(self.decoder, config.pretrained_decoder_path)
+        if rae_weights is not None:
+            load_rae_decoder(self.decoder, rae_weights, rae_decoder)
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The latent normalisation, (C,) per channel or (h * w, C) per position (for the encoder's own grid).
