@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import glob
 import gzip
 import hashlib
 import io
@@ -27,6 +28,7 @@ import json
 import lzma
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -41,7 +43,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE
+from helpers import IMAGE_SIZE, smooth_images
 from hypothesis import event, given, note
 from hypothesis import strategies as st
 from PIL import Image
@@ -1355,6 +1357,135 @@ def test_a_configs_product_is_built_within_the_bound_or_refused_before_allocatin
     elif elements <= 1 << 20:
         assert build_quantizer(config, dim).layout.vocab_size > 0
         event("config product: built")
+
+
+# ======================================================================================================================
+# 9. Exports after reruns: every vqrae-tokenize layout against its manifest
+# ======================================================================================================================
+EXPORT_SIZE = 128  # the tiny encoder (patch 8) at 128 px: a 16 x 16 grid, which LlamaGen's 256 / 16 takes
+EXPORT_POOL = ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png", "dog/e.png"]
+
+
+@pytest.fixture(scope="module")
+def export_model(dinov2_dir, tmp_path_factory):
+    from helpers import tiny_vqrae
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("export_model") / "model"
+    tiny_vqrae(dinov2_dir, encoder_input_size=EXPORT_SIZE).save_pretrained(path)
+    return str(path)
+
+
+@st.composite
+def export_runs(draw) -> tuple[str, list[tuple[frozenset, int, str]]]:
+    """A layout and the runs of vqrae-tokenize into one --out: each over some of EXPORT_POOL's images, in shards of
+    1 to 3, fresh, with --restart, resumed, or interrupted at its n-th file written (then run again as it was)."""
+    fmt = draw(st.sampled_from(["llamagen", "maskgit", "wds", "jsonl", "memmap"]))
+    run = st.tuples(st.frozensets(st.sampled_from(EXPORT_POOL), min_size=1), st.integers(1, 3),
+                    st.sampled_from(["resume", "restart", "restart", "interrupt 1", "interrupt 3", "interrupt 6"]))
+    return fmt, draw(st.lists(run, min_size=1, max_size=3))
+
+
+def exported_codes(out: str, fmt: str) -> list[tuple[str | None, int, np.ndarray]]:
+    """What a downstream reader of the `fmt` layout in `out` finds, as (image or None where the layout does not name
+    it, label, flat codes), in its order: the folders listed, as LlamaGen's, Halton-MaskGIT's and webdataset's
+    loaders list them."""
+    found = []
+    if fmt == "llamagen":
+        (codes_dir,) = glob.glob(os.path.join(out, "llamagen", "imagenet*_codes"))
+        names = sorted(os.listdir(codes_dir))
+        assert names == [f"{i}.npy" for i in range(len(names))], names
+        assert sorted(os.listdir(codes_dir.replace("_codes", "_labels"))) == names
+        for name in names:
+            label = np.load(os.path.join(codes_dir.replace("_codes", "_labels"), name))
+            found.append((None, int(label[0]), np.load(os.path.join(codes_dir, name))[0, 0]))
+    elif fmt == "maskgit":
+        folder = os.path.join(out, "maskgit", "Train")
+        names = sorted(os.listdir(folder))
+        assert names == [f"{i:07d}.pth" for i in range(len(names))], names
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                item = pickle.load(f)  # a file this test's own run wrote
+            found.append((None, item["y"], item["code"].reshape(-1)))
+    elif fmt == "wds":
+        for tar_name in sorted(os.listdir(os.path.join(out, "wds"))):
+            with tarfile.open(os.path.join(out, "wds", tar_name)) as tar:
+                fields = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for key in sorted({name.split(".")[0] for name in fields}):
+                found.append((fields[f"{key}.path.txt"].decode(), int(fields[f"{key}.cls"]),
+                              np.load(io.BytesIO(fields[f"{key}.vq_feat.npy"])).reshape(-1)))
+    elif fmt == "jsonl":
+        with open(os.path.join(out, "tokens.jsonl")) as f:
+            found = [(line["image"], line["class_id"], np.array(line["tokens"])) for line in map(json.loads, f)]
+    else:
+        index = json.loads(open(os.path.join(out, "codes_index.json")).read())["images"]
+        codes, labels = np.load(os.path.join(out, "codes.npy")), np.load(os.path.join(out, "labels.npy"))
+        assert len(index) == len(codes) == len(labels)
+        found = [(path, int(label), code.reshape(-1)) for path, label, code in zip(index, labels, codes, strict=True)]
+    return found
+
+
+def assert_export_is_its_manifest(out: str, fmt: str) -> None:
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    expected = [(entry["path"], entry["label"], np.load(os.path.join(out, entry["shard"]))[entry["row"]].reshape(-1))
+                for entry in manifest["images"]]
+    found = exported_codes(out, fmt)
+    assert len(found) == len(expected), (len(found), len(expected))
+    for (path, label, codes), (want_path, want_label, want_codes) in zip(found, expected, strict=True):
+        assert path in (None, want_path) and label == want_label and np.array_equal(codes, want_codes), want_path
+
+
+@contextlib.contextmanager
+def killed_at_write(n: int):
+    """A process killed as its n-th file (every file is written under a temporary name and renamed) would be renamed:
+    that file and every later one are never written."""
+    renamed, real_replace = [0], os.replace
+
+    def replace(source, target):
+        renamed[0] += 1
+        if renamed[0] >= n:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    with mock.patch("os.replace", replace), contextlib.suppress(KeyboardInterrupt):
+        yield
+
+
+@given(export_runs())
+def test_every_export_is_its_manifest_after_reruns_restarts_and_interruptions(export_model, runs):
+    """vqrae-tokenize --format F, run again into the same --out over other images, with --restart, resumed, or
+    interrupted between two files it writes (a kill) and run again: after every run that finishes, the layout holds
+    exactly the manifest's images, in its order, with their codes and labels (the downstream loaders list the
+    folders, so a file of an earlier run is an image the user removed); a run that cannot go on is one error line
+    that leaves a finished export as it was."""
+    fmt, steps = runs
+    with tempfile.TemporaryDirectory() as tmp, no_hang(60):
+        tree, out = os.path.join(tmp, "tree"), os.path.join(tmp, "tokens")
+        finished = False
+        for images, shard_size, mode in steps:
+            shutil.rmtree(tree, ignore_errors=True)
+            for i, name in enumerate(EXPORT_POOL):
+                if name in images:
+                    os.makedirs(os.path.join(tree, os.path.dirname(name)), exist_ok=True)
+                    pixels = smooth_images(1, size=EXPORT_SIZE, seed=i)[0].permute(1, 2, 0).numpy()
+                    Image.fromarray((pixels * 255).astype(np.uint8)).save(os.path.join(tree, name))
+            argv = ["--model", export_model, "--data", tree, "--out", out, "--format", fmt, "--shard-size",
+                    str(shard_size), "--num-workers", "0", "--device", "cpu"] + (["--restart"] * (mode == "restart"))
+            if mode.startswith("interrupt"):
+                with killed_at_write(int(mode.split()[1])):
+                    run_command(tokenize.main, argv)
+                finished = False  # the same command again, as a user would after a kill
+            code, stderr = run_command(tokenize.main, argv)
+            if code == 0:
+                assert_export_is_its_manifest(out, fmt)
+                finished = True
+                event(f"export run: finished ({mode.split()[0]})")
+            else:
+                assert_one_error(code, stderr, "vqrae-tokenize")
+                note(stderr)
+                event(f"export run: refused ({mode.split()[0]})")
+                if finished:
+                    assert_export_is_its_manifest(out, fmt)
 
 
 # ======================================================================================================================

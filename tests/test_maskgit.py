@@ -168,6 +168,14 @@ def test_the_files_name_only_numpy_arrays_and_stale_ones_go(maskgit_model, tmp_p
     os.remove(os.path.join(data, "a", "1.png"))  # the same classes, one image fewer
     assert tokenize.main([*argv, "--restart"]) == 0
     assert [name for name, _, _ in read_like_maskgit(out / "maskgit" / "Train")] == ["0000000.pth", "0000001.pth"]
+    # One class fewer, and an Eval split exported into OUT before: --restart discards OUT/maskgit as the earlier
+    # tokenization's (its classes.json refused the run, and its Eval files would have stayed).
+    assert tokenize.main([*argv, "--split", "eval", "--restart"]) == 0
+    shutil.rmtree(os.path.join(data, "b"))
+    assert tokenize.main([*argv, "--restart"]) == 0
+    assert sorted(os.listdir(out / "maskgit")) == ["Train", "classes.json"]
+    assert json.loads((out / "maskgit" / "classes.json").read_text()) == {"classes": ["a"]}
+    assert [(name, y) for name, _, y in read_like_maskgit(out / "maskgit" / "Train")] == [("0000000.pth", 0)]
 
 
 def test_what_maskgit_cannot_take_is_refused_before_any_work(maskgit_model, dinov2_dir, tmp_path, capsys):

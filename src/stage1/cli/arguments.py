@@ -133,7 +133,8 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-dtype", default="auto", choices=("auto", *INDEX_DTYPES),
                         help="integer type of the shards (auto: the smallest unsigned type that fits)")
     parser.add_argument("--restart", action="store_true",
-                        help="discard the shards of another tokenization found in --out and start afresh")
+                        help="discard the shards and exports of another tokenization found in --out (not a "
+                             "--maskgit-root outside it) and start afresh")
     parser.add_argument("--format", default="shards",
                         choices=("shards", "llamagen", "jsonl", "maskgit", "wds", "memmap"),
                         help="also export the codes in this layout (stage1/data/token_exports.py); shards are always "

@@ -28,6 +28,7 @@ from ..data.token_exports import (
     llamagen_arguments,
     maskgit_advice,
     maskgit_arguments,
+    remove_exports,
 )
 from ..data.token_shards import MANIFEST, RUN_FILE, assemble_manifest, shard_done, write_shard
 from .arguments import INDEX_DTYPES, launch
@@ -129,7 +130,8 @@ def run(args) -> int:
             else:
                 maskgit_arguments(grid, size, model.layout.codes_per_position, model.layout.scales,
                                   model.layout.vocab_size)
-                check_maskgit_classes(maskgit_root(args), source.classes)
+                if not (args.restart and args.maskgit_root is None):  # --restart discards OUT/maskgit
+                    check_maskgit_classes(maskgit_root(args), source.classes)
             if isinstance(source, FolderInput):
                 check_labels(source.labels, reader)
             elif source.folders is not None:  # plain tars: their unlabelled samples are known from the headers
@@ -271,7 +273,8 @@ def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
             for name in os.listdir(out):
                 if name == RUN_FILE or name == MANIFEST or name.startswith("shard-"):
                     os.remove(os.path.join(out, name))
-            print(f"--restart: removed the shards of another tokenization from {out}")
+            remove_exports(out)
+            print(f"--restart: removed the shards and exports of another tokenization from {out}")
     if not os.path.isfile(path):
         write_json(path, record)
 

@@ -27,11 +27,13 @@ folders; -1 for an image in the root folder). Every file is written atomically; 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
 from collections.abc import Callable, Iterable
 
@@ -92,6 +94,21 @@ def llamagen_advice(manifest: Manifest, out: str) -> str:
         advice += (f"; its dataset/imagenet.py hardcodes ImageNet's {IMAGENET_TRAIN_IMAGES} files: for these "
                    f"{manifest.num_images}, use the commented sorted(os.listdir(...)) lines there instead")
     return advice
+
+
+# What the layouts write inside OUT (maskgit: its default --maskgit-root): a tokenization's own, discarded with it.
+EXPORTED_FOLDERS = ("llamagen", "llamagen_flip", "maskgit", "wds")
+EXPORTED_FILES = ("tokens.jsonl", "codes.npy", "labels.npy", "codes_index.json")
+
+
+def remove_exports(out: str) -> None:
+    """Every layout written inside `out`, for --restart: they are the discarded tokenization's (a maskgit root given
+    elsewhere is shared with the other split's run, and stays)."""
+    for name in EXPORTED_FOLDERS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    for name in EXPORTED_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
 
 def remove_numbered(folder: str, suffix: str, count: int) -> None:
