@@ -13,13 +13,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE, smooth_images, tiny_vqrae
+from helpers import IMAGE_SIZE, run_training, smooth_images, step_logs, tiny_vqrae
 from PIL import Image
 from safetensors.torch import save_file
 
 from stage1 import VQRAE
 from stage1.base.tensor_files import read_tensor_file
-from stage1.cli import decode, tokenize
+from stage1.cli import decode, fit_codebook, tokenize
 from stage1.data import shard_specs, tar_shards
 from stage1.data.images import MAX_RESIZED_PIXELS, UnreadableImageError
 from stage1.data.input_pipeline import prepare_image
@@ -433,6 +433,18 @@ def test_a_nan_float_tiff_and_any_decoder_error_are_listed_skips(model_dir, tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     assert [e["path"] for e in manifest["images"]] == ["good.png"]
     assert [(s["path"], "NaN or Inf" in s["reason"]) for s in manifest["skipped"]] == [("nan.tif", True)]
+    # The codebook fit and training (a torch.multinomial traceback in both) skip it too, and say so.
+    for i in range(3):
+        (images / f"more{i}.png").write_bytes(png_bytes(2 + i, size=IMAGE_SIZE))
+    assert fit_codebook.main(["--model", model_dir, "--data", str(images), "--out", str(tmp_path / "fit"),
+                              "--tokens-per-image", "16", "--iters", "1"]) == 0
+    assert "(1 unreadable, skipped: codebook_fit.json lists them)" in capsys.readouterr().out
+    fit = json.loads((tmp_path / "fit" / "codebook_fit.json").read_text())
+    assert [s["path"] for s in fit["skipped_on_rank0"]] == ["nan.tif"]
+    with pytest.warns(UserWarning, match="skipping unreadable image nan.tif: ValueError: F image with NaN or Inf"):
+        run_training(str(images), tmp_path / "run", "train.steps=2", "train.batch_size=5",
+                     "train.report_reconstructions=false")
+    assert max(m["skipped_images"] for m in step_logs(tmp_path / "run").values()) >= 1
     for error in (NotImplementedError("a BLP encoding"), AttributeError("'NoneType' has no 'tile'"),
                   RuntimeError("plugin")):
         def broken(self, error=error):

@@ -63,8 +63,10 @@ def run(args) -> int:
                       "codes_used": result.codes_used, "skipped_on_rank0": skipped}
             write_json(os.path.join(args.out, "codebook_fit.json"), record)
             print(f"fitted {record['codebooks']} codebook(s) of {record['codebook_size']} codes to {result.tokens} "
-                  f"latent tokens of {len(order)} images: squared error per token {result.distortion:.4f}, "
-                  f"{result.codes_used} codes used; wrote {args.out}")
+                  f"latent tokens of {len(order)} images" + (f" ({len(skipped)} unreadable, skipped: "
+                                                               f"codebook_fit.json lists them)" if skipped else "")
+                  + f": squared error per token {result.distortion:.4f}, {result.codes_used} codes used; wrote "
+                    f"{args.out}")
     finally:
         if contents is not None:
             contents.close()
