@@ -1337,6 +1337,38 @@ def test_hostile_scale_code_lists_are_whole_scales_in_range_or_one_clear_error(p
                                                          for f in flats)
 
 
+@given(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 5)),
+       st.sampled_from(["long", "int32", "uint8", "float", "bool", "list"]), st.integers(-2, 66),
+       st.one_of(st.none(), st.lists(st.one_of(st.integers(-1, 5), st.floats(0, 5), st.none()), max_size=5)),
+       st.booleans(), st.sampled_from(["grid", "flat"]))
+def test_hostile_code_grids_decode_through_the_llamagen_adapter_or_are_one_clear_error(model, counts, dtype, value,
+                                                                                       shape, channel_first, form):
+    """LlamaGenTokenizer.decode_code (what LlamaGen's samplers and Halton-MaskGIT call) on codes of hostile counts,
+    dtypes and values, with hostile `shape` lists: images in [-1, 1], one per code grid, painted at the decoder's
+    patch per code, or ValueError."""
+    from stage1 import LlamaGenTokenizer
+
+    b, h, w = counts
+    codes = torch.full((b, h, w) if form == "grid" else (b, h * w), value)
+    codes = codes.tolist() if dtype == "list" else codes.to(getattr(torch, dtype))
+    tokenizer = LlamaGenTokenizer(model.model)
+    try:
+        with no_hang():
+            images = tokenizer.decode_code(codes, shape, channel_first)
+    except ValueError as err:
+        assert str(err)
+        event("adapter codes: refused")
+        return
+    event("adapter codes: decoded")
+    if shape is not None:  # LlamaGen's [B, C, h, w], or [B, h, w, C]
+        b, h, w = (shape[0], shape[2], shape[3]) if channel_first else shape[:3]
+    elif form == "flat":  # a flat list of codes must form a square grid
+        h = w = math.isqrt(h * w)
+    patch = model.model.config.decoder.patch_size
+    assert images.shape == (b, 3, h * patch, w * patch) and b > 0
+    assert images.min() >= -1 and images.max() <= 1 and 0 <= value < model.model.layout.vocab_size
+
+
 @given(st.sampled_from(["single", "residual", "grouped", "multiscale", "simvq", "gumbel"]),
        st.sampled_from([1, 2, 16, 256]), st.sampled_from([2, 1024, 2**16, 2**20]), st.sampled_from([8, 64, 1024]))
 def test_a_configs_product_is_built_within_the_bound_or_refused_before_allocating(kind, depth, codes, dim):
@@ -1674,4 +1706,15 @@ def test_rae_query_key_value_of_different_shapes_are_one_clear_error():
     state[f"{prefix}.query.weight"] = torch.ones(16)
     with pytest.raises(ValueError, match="query, key and value weights differ in shape"):
         decoder_state_from_rae(state)
+
+
+@pytest.mark.parametrize("codes, shape", [([[0, 1], [2, 3]], None), (torch.zeros(1, 4, dtype=torch.long), []),
+                                          (torch.zeros(1, 4, dtype=torch.long), [None, 8, 2, None])])
+def test_the_llamagen_adapter_refuses_codes_and_shapes_it_cannot_read(model, codes, shape):
+    """Found: decode_code took a list of codes to an AttributeError, a short shape list to an IndexError and a shape
+    of None to a TypeError."""
+    from stage1 import LlamaGenTokenizer
+
+    with pytest.raises(ValueError, match="codes must be a tensor|shape must be 4 positive integers"):
+        LlamaGenTokenizer(model.model).decode_code(codes, shape)
 

@@ -16,6 +16,7 @@ unpacks `encode` as `_, _, [_, _, code]`, and its --codebook-size is `codebook_s
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -73,7 +74,13 @@ class LlamaGenTokenizer(nn.Module):
         """Codes (B, h, w) (Halton-MaskGIT's), or (B, h * w) or any layout with `shape` = [B, C, h, w] ([B, h, w, C]
         when not channel_first; LlamaGen's) -> images in [-1, 1]; C is not used (LlamaGen passes its
         --codebook-embed-dim there)."""
+        if not isinstance(code_b, torch.Tensor):
+            raise ValueError(f"codes must be a tensor of integers, got {type(code_b).__name__}")
         if shape is not None:
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 4
+                    and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in shape)):
+                raise ValueError(f"shape must be 4 positive integers, [B, C, h, w] ([B, h, w, C] when not "
+                                 f"channel_first), got {shape!r}")
             b, h, w = (shape[0], shape[2], shape[3]) if channel_first else tuple(shape[:3])
             if code_b.numel() != b * h * w:
                 raise ValueError(f"{code_b.numel()} codes do not fill the shape {list(shape)} ({b} x {h} x {w})")
