@@ -1704,7 +1704,7 @@ def test_rae_query_key_value_of_different_shapes_are_one_clear_error():
     prefix = "decoder_layers.0.attention.attention"
     state = {f"{prefix}.{part}.weight": torch.ones(4, 4) for part in ("query", "key", "value")}
     state[f"{prefix}.query.weight"] = torch.ones(16)
-    with pytest.raises(ValueError, match="query, key and value weights differ in shape"):
+    with pytest.raises(ValueError, match="query, key and value weights are of shapes"):
         decoder_state_from_rae(state)
 
 

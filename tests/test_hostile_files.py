@@ -4,6 +4,7 @@ before it is checked."""
 
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -385,6 +386,53 @@ def test_sparse_or_meta_tensors_in_rae_files_are_one_error(tmp_path, kind):
         read_latent_stats(str(tmp_path / "stat.pt"), 8)
     with pytest.raises(ValueError, match=rf"model.pt: decoder_embed.weight is {expected}"):
         read_rae_decoder(str(tmp_path / "model.pt"))
+
+
+def test_tensors_that_do_not_hold_their_values_or_of_odd_dtypes_are_one_error(tmp_path):
+    """A second probe of issue 32's RAE files: a stride-0 view of one float standing for 10^13 (a few-KB file whose
+    isfinite allocated 40 TB), float8 tensors (isfinite is not implemented for them), 0-dim query / key / value
+    (torch.cat's RuntimeError), a stat.pt key that is not a string (a TypeError in the error message), and a legacy
+    torch file with a zip's end record appended (zipfile took it for a zip, torch read it as legacy)."""
+    import io
+
+    from stage1.model.latent_stats import read_latent_stats
+    from stage1.model.rae import decoder_state_from_rae, read_rae_decoder
+
+    torch.save({"decoder_embed.weight": torch.zeros(1).expand(100000, 100000, 1000)}, tmp_path / "expanded.pt")
+    with pytest.raises(ValueError, match=r"decoder_embed.weight of shape \[100000, 100000, 1000\] is a view of 4 "
+                                         r"bytes"):
+        read_rae_decoder(str(tmp_path / "expanded.pt"))
+    torch.save({"mean": torch.zeros(8).to(torch.float8_e4m3fn), "var": torch.ones(8)}, tmp_path / "float8.pt")
+    with pytest.raises(ValueError, match="mean is torch.float8_e4m3fn; expected one of"):
+        read_latent_stats(str(tmp_path / "float8.pt"), 8)
+    prefix = "decoder_layers.0.attention.attention"
+    with pytest.raises(ValueError, match="expected one shape of at least one dimension"):
+        decoder_state_from_rae({f"{prefix}.{part}.bias": torch.tensor(0.5) for part in ("query", "key", "value")})
+    torch.save({1: torch.zeros(8), "var": torch.ones(8)}, tmp_path / "int_key.pt")
+    with pytest.raises(ValueError, match=r"must hold tensors 'mean' and 'var' \(or 'std'\); found \['1', 'var'\]"):
+        read_latent_stats(str(tmp_path / "int_key.pt"), 8)
+    legacy = io.BytesIO()
+    torch.save({"decoder_embed.weight": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy.pt").write_bytes(legacy.getvalue() + b"PK\x05\x06" + b"\0" * 18)
+    with pytest.raises(ValueError, match="is not a torch zip file"):
+        read_rae_decoder(str(tmp_path / "legacy.pt"))
+    # Views that hold their values are read as they are: a transposed weight, a slice of a larger storage.
+    base = torch.arange(12.0).reshape(3, 4)
+    torch.save({"t": base.T, "row": base[1]}, tmp_path / "views.pt")
+    read = read_tensor_file(str(tmp_path / "views.pt"), "views")
+    assert torch.equal(read["t"], base.T) and torch.equal(read["row"], base[1])
+
+
+def test_json_and_yaml_are_read_from_regular_files_only(tmp_path):
+    """A second probe: a FIFO named classes.json, results.json or a searchpath's x.yaml blocked its reader forever."""
+    from stage1.base.atomic import read_json, read_yaml
+
+    os.mkfifo(tmp_path / "classes.json")
+    os.mkfifo(tmp_path / "x.yaml")
+    with pytest.raises(ValueError, match="classes.json is not a regular file"):
+        read_json(tmp_path / "classes.json")
+    with pytest.raises(ValueError, match="x.yaml is not a regular file"):
+        read_yaml(tmp_path / "x.yaml")
 
 
 def test_per_position_statistics_must_be_the_models_grid(tmp_path):

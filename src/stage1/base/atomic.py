@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
@@ -63,13 +64,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def regular_file_size(path: str | os.PathLike) -> int:
+    """The size of a file read whole; anything but a regular file (a FIFO would block its reader forever, a device
+    never ends) is one error."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{os.fspath(path)} is not a regular file (a FIFO, device or folder): expected a file")
+    return info.st_size
+
+
 MAX_JSON_BYTES = 1 << 30  # the largest JSON file read: an ImageNet manifest is ~100 MB; a config.json a few KB
 
 
 def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES):
     """A JSON file's value; a syntax error names the file (many of ours are exchanged: manifests, configs). Its size
     is checked first: json.load reads it whole (an 8 GiB sparse config.json was a MemoryError)."""
-    size = os.path.getsize(path)
+    size = regular_file_size(path)
     if size > limit:
         raise ValueError(f"{os.fspath(path)} is {size:,} bytes, more than the {limit:,} accepted for this JSON file")
     with open(path) as f:
@@ -91,7 +101,7 @@ def read_yaml(path: str | os.PathLike):
     aliases stands for a billion values)."""
     import yaml
 
-    size = os.path.getsize(path)
+    size = regular_file_size(path)
     if size > MAX_YAML_BYTES:
         raise ValueError(f"{os.fspath(path)} is {size:,} bytes, more than the {MAX_YAML_BYTES:,} accepted for a YAML "
                          f"config")

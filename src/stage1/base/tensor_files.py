@@ -31,14 +31,27 @@ def read_tensor_file(path: str, what: str) -> dict:
     return loaded
 
 
+# The tensor types a weights or statistics file may hold (float8 and complex have no isfinite, among much else).
+FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool)
+
+
 def _check_dense(value, path: str, what: str, name: str = "", depth: int = 0) -> None:
-    """Every tensor in a torch file is dense, strided and holds its data: weights_only still loads sparse tensors
-    (whose comparisons crash deep in torch) and meta tensors (no data at all)."""
+    """Every tensor in a torch file is dense, strided, of a plain dtype and holds its data: weights_only still loads
+    sparse tensors (whose comparisons crash deep in torch), meta tensors (no data at all), and views whose storage is
+    smaller than their shape (a stride of 0 lets 4 bytes stand for terabytes, which any reduction then allocates)."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_meta:
             kind = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
             raise ValueError(f"{what} {path}: {name or 'a tensor'} is {kind}; expected dense tensors as torch.save "
                              f"writes a state_dict")
+        if value.dtype not in FILE_DTYPES:
+            raise ValueError(f"{what} {path}: {name or 'a tensor'} is {value.dtype}; expected one of "
+                             f"{[str(d).removeprefix('torch.') for d in FILE_DTYPES]}")
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise ValueError(f"{what} {path}: {name or 'a tensor'} of shape {list(value.shape)} is a view of "
+                             f"{value.untyped_storage().nbytes():,} bytes (strides {list(value.stride())}); expected "
+                             f"tensors that hold their values")
     elif isinstance(value, dict) and depth < 64:
         for key, item in value.items():
             _check_dense(item, path, what, f"{name}.{key}" if name else str(key), depth + 1)
@@ -71,7 +84,11 @@ def _check_torch_zip(path: str, what: str) -> None:
     """torch.save's zip, as torch.save writes it: every entry stored, none compressed. torch.load would inflate a
     compressed entry whatever its size (a few kB of zip can declare gigabytes), and the legacy pre-zip format
     allocates the sizes its pickle declares before reading them."""
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.load takes a file for a zip by its first bytes (a local header), zipfile by its last (the directory): a
+    # legacy pickle with a zip's end record appended passed the one and was read by torch as legacy.
+    if magic != b"PK\x03\x04" or not zipfile.is_zipfile(path):
         raise ValueError(f"{what} {path} is not a torch zip file (torch.save's format since torch 1.6; older or "
                          f"foreign files are not read: load and save it again with a current torch)")
     try:

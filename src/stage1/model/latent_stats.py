@@ -21,7 +21,7 @@ def read_latent_stats(path: str, channels: int, eps: float = STATS_EPS,
     [C, h, w] must be the model's `grid` where it has one ([64, 8, 32] is not a 16 x 16 grid, though both hold 256)."""
     stats = read_tensor_file(path, "normalization_stat_path")
     if not isinstance(stats, dict) or "mean" not in stats or not ({"var", "std"} & set(stats)):
-        found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
+        found = sorted(map(str, stats)) if isinstance(stats, dict) else type(stats).__name__
         raise ValueError(f"{path} must hold tensors 'mean' and 'var' (or 'std'); found {found}")
     mean, spread = stats["mean"], stats["std"] if "std" in stats else stats["var"]
     if not all(isinstance(t, torch.Tensor) for t in (mean, spread)) or mean.shape != spread.shape or \

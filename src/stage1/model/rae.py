@@ -111,9 +111,9 @@ def decoder_state_from_rae(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if set(parts) != {"query", "key", "value"}:
             raise ValueError(f"RAE decoder layer {layer}: {kind} of {sorted(parts)} only, expected query, key, value")
         shapes = {part: tuple(tensor.shape) for part, tensor in parts.items()}
-        if len(set(shapes.values())) > 1:
-            raise ValueError(f"RAE decoder layer {layer}: the query, key and value {kind}s differ in shape ({shapes}); "
-                             f"expected one shape")
+        if len(set(shapes.values())) > 1 or not parts["query"].dim():
+            raise ValueError(f"RAE decoder layer {layer}: the query, key and value {kind}s are of shapes {shapes}; "
+                             f"expected one shape of at least one dimension")
         renamed[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
     return renamed
 
