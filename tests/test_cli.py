@@ -264,8 +264,9 @@ def test_bad_inputs_give_one_clear_line_and_no_output(model_dir, image_dir, tmp_
             (latent_stats, ["--encoder", model_dir, "--data", image_dir, "--out", str(out / "s.pt"), "--image-size",
                             "0"], "expected a positive integer"),
             (fit_codebook, [*model, "--iters", "-1"], "expected an integer >= 0, got '-1'"),
-            (tokenize, [*model, "--augment", "ten-crop", "--crop-range", "0.9"], "expected a number >= 1, got '0.9'"),
-            (tokenize, [*model, "--crop-range", "nan"], "expected a number >= 1, got 'nan'")):
+            (tokenize, [*model, "--crop-range", "0.9"], "expected a number from 1 to 4, got '0.9'"),
+            (tokenize, [*model, "--crop-range", "nan"], "expected a number from 1 to 4, got 'nan'"),
+            (tokenize, [*model, "--crop-range", "100"], "expected a number from 1 to 4, got '100'")):
         with pytest.raises(SystemExit) as stop:
             command.main(argv)
         assert stop.value.code == 2 and expected in capsys.readouterr().err and not out.exists()

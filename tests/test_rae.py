@@ -148,7 +148,7 @@ def test_bad_rae_files_get_one_clear_error(tmp_path, rae_files, reg_dir):
     # Issue 32, point 2: a config's values are typed (eps null was float()'s TypeError, qkv_bias "false" was true),
     # a key of the weights must be a name (an int key was an AttributeError) ...
     rae_config = json.loads(open(os.path.join(config, "config.json")).read())
-    for key, value, expected in [("layer_norm_eps", None, "decoder.layer_norm_eps must be a number, got None"),
+    for key, value, expected in [("layer_norm_eps", None, "decoder.layer_norm_eps must be a finite number, got None"),
                                  ("qkv_bias", "false", "decoder.qkv_bias must be true or false, got 'false'")]:
         (tmp_path / "bad" / "config.json").write_text(json.dumps({**rae_config, key: value}))
         with pytest.raises(ValueError, match=expected):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -36,7 +37,7 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a mapping"}
 
 
 def _describe(hint) -> str:
@@ -53,7 +54,7 @@ def _describe(hint) -> str:
 
 
 def _plural(hint) -> str:
-    return {bool: "booleans", int: "integers", float: "numbers", str: "strings", dict: "mappings"}.get(
+    return {bool: "booleans", int: "integers", float: "finite numbers", str: "strings", dict: "mappings"}.get(
         hint, _describe(hint))
 
 
@@ -90,8 +91,8 @@ def _convert(value, hint):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Mismatch
         return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if hint is float:  # finite: an Inf passes every `> 0` check (an Inf eps painted flat grey, an Inf lr NaN weights)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _Mismatch
         return float(value)
     if hint is dict or origin is dict:

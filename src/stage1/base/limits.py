@@ -8,6 +8,8 @@ shared by several. docs/guarantees.md lists them all.
 """
 
 MAX_IMAGE_SIDE = 8192  # pixels per side of an image a model, a manifest or a command works at
+MAX_THREADS = 1024  # CPU threads per process a config may ask for (one more than cores only slows a run down)
+MAX_WORKERS = 256  # DataLoader workers per rank (each is a process: 100,000 of them hung the start)
 MAX_CODES = 1 << 20  # codes per codebook (the largest tokenizers use 2^18)
 MAX_LEVELS = 256  # codebooks one quantizer may stack (depth), split into (groups) or spread over scales
 # Numbers a quantizer's codebooks and trained parameters may hold in all (Quantizer.state_elements: codebooks x K x D

@@ -44,14 +44,17 @@ def non_negative_int(value: str) -> int:
     raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
 
 
-def at_least_one(value: str) -> float:
+MAX_CROP_RANGE = 4.0  # LlamaGen uses 1.1; past a few times the size every image would read as "too elongated"
+
+
+def crop_range(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
         number = float("nan")
-    if number >= 1 and number != float("inf"):
+    if 1 <= number <= MAX_CROP_RANGE:
         return number
-    raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_CROP_RANGE:g}, got {value!r}")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
@@ -147,7 +150,7 @@ def tokenize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", default="none", choices=("none", "flip", "ten-crop"),
                         help="codes of several views of each image, as LlamaGen extracts them: the image and its "
                              "mirror, or the ten crops of a center crop --crop-range times the size")
-    parser.add_argument("--crop-range", type=at_least_one, default=1.1,
+    parser.add_argument("--crop-range", type=crop_range, default=1.1,
                         help="with --augment ten-crop (LlamaGen's 1.1): the crops are cut from a center crop that "
                              "much larger")
     parser.add_argument("--protocol", default="vqrae", choices=("vqrae", "adm"),

@@ -30,7 +30,7 @@ from omegaconf.errors import MissingMandatoryValue
 from ..base.atomic import read_yaml
 from ..base.codebook_start import CodebookFitConfig
 from ..base.config_section import ConfigError, ConfigSection, choice
-from ..base.limits import MAX_IMAGE_SIDE
+from ..base.limits import MAX_IMAGE_SIDE, MAX_THREADS, MAX_WORKERS
 from ..base.precision import PRECISIONS
 from ..model.config import VQRAEConfig
 from ..model.presets import ASSETS_DIR, CONFIG_DIR
@@ -79,7 +79,8 @@ class TrainConfig(ConfigSection):
         self.require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "> 0 or null")
         self.require(self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) or null")
         self.require(self.keep_last is None or self.keep_last >= 1, "keep_last", ">= 1 or null")
-        self.require(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", ">= 1 or null (auto)")
+        self.require(self.cpu_threads is None or 1 <= self.cpu_threads <= MAX_THREADS, "cpu_threads",
+                     f"from 1 to {MAX_THREADS} or null (auto)")
         self.require(self.sample_every is None or self.sample_every > 0, "sample_every", "> 0 or null")
         self.require(self.stop_at is None or 0 < self.stop_at <= self.steps, "stop_at",
                      f"in [1, train.steps = {self.steps}] or null")
@@ -100,7 +101,7 @@ class DataConfig(ConfigSection):
         self.require(0 < self.min_scale <= 1, "min_scale", "in (0, 1]")
         self.require(self.resize is None or 0 < self.resize <= MAX_IMAGE_SIDE, "resize",
                      f"null or from 1 to {MAX_IMAGE_SIDE}")
-        self.require(self.num_workers >= 0, "num_workers", ">= 0")
+        self.require(0 <= self.num_workers <= MAX_WORKERS, "num_workers", f"from 0 to {MAX_WORKERS}")
 
 
 @dataclass
@@ -129,7 +130,9 @@ class RunConfig(ConfigSection):
     image_size: int = 256  # training crops
 
     def check(self):
-        self.require_positive("dist_timeout_minutes")
+        self.require(1 / 60 <= self.dist_timeout_minutes <= 7 * 24 * 60, "dist_timeout_minutes",
+                     "from 1/60 (a second) to 10080 (a week)")
+        self.require(-(2**63) <= self.seed < 2**63, "seed", "a 64-bit integer")
         self.require_at_most(MAX_IMAGE_SIDE, "image_size")
         self.require(self.logger != "wandb" or importlib.util.find_spec("wandb") is not None, "logger",
                      "tensorboard, or wandb with the wandb package installed (pip install wandb)")
