@@ -1027,6 +1027,65 @@ def test_every_export_matches_its_manifest_after_a_restart_over_a_larger_one(mod
         assert sorted(os.listdir(out / "wds")) == ["000000.tar"]  # the earlier run's second tar is gone
 
 
+def test_a_resume_is_the_same_tokenization_or_refused(model_dir, class_tree, tmp_path, capsys):
+    """A second probe of issue 32: image names holding newlines made two listings one ({a, "b\\nc"} and
+    {"a\\nb", c}), shards without their tokenize_run.json (a killed --restart removed it late) were reused even by
+    another model, and a resume at another precision mixed bf16 and fp32 codes: each is another tokenization now."""
+    images, out = tmp_path / "images", tmp_path / "tokens"
+    images.mkdir()
+    root_png = open(os.path.join(class_tree, "root.png"), "rb").read()
+    for name in ("a.png", "b.png\nc.png"):
+        (images / name).write_bytes(root_png)
+    argv = ["--model", model_dir, "--data", str(images), "--out", str(out), "--format", "jsonl"]
+    assert tokenize.main(argv) == 0
+    for name in ("a.png", "b.png\nc.png"):
+        os.remove(images / name)
+    for name in ("a.png\nb.png", "c.png"):
+        (images / name).write_bytes(root_png)
+    capsys.readouterr()
+    assert tokenize.main(argv) == 2 and "holds shards of another tokenization" in capsys.readouterr().err
+    os.remove(out / "tokenize_run.json")
+    assert tokenize.main(argv) == 2 and "no record of the tokenization" in capsys.readouterr().err
+    assert tokenize.main([*argv, "--restart"]) == 0
+    assert [json.loads(line)["image"] for line in (out / "tokens.jsonl").read_text().splitlines()] == \
+        ["a.png\nb.png", "c.png"]
+    assert json.loads((out / "tokenize_run.json").read_text())["precision"] == "fp32"
+    record = json.loads((out / "tokenize_run.json").read_text())
+    (out / "tokenize_run.json").write_text(json.dumps({**record, "precision": "bf16"}))  # a run begun on a GPU
+    capsys.readouterr()
+    assert tokenize.main(argv) == 2 and "'precision'" in capsys.readouterr().err
+
+
+def test_tokenize_keeps_its_inputs_and_export_folders_whole(model_dir, class_tree, tmp_path, capsys):
+    """A second probe of issue 32: --restart with --data inside --out (its own wds tars) removed the input; a killed
+    export's hidden temporary file stayed in LlamaGen's folder (which its loader lists); --maskgit-root naming a file
+    failed after the shards were written, and a classes.json of [] was an AttributeError."""
+    out = tmp_path / "tokens"
+    base = ["--model", model_dir, "--out", str(out)]
+    assert tokenize.main([*base, "--data", class_tree, "--format", "wds"]) == 0
+    capsys.readouterr()
+    assert tokenize.main([*base, "--data", str(out / "wds" / "000000.tar"), "--format", "wds", "--restart"]) == 2
+    assert "lies inside --out" in capsys.readouterr().err and (out / "wds" / "000000.tar").exists()
+    leftover = out / "wds" / ".000001.tar.abcd.tmp"
+    leftover.write_bytes(b"half a tar")
+    assert tokenize.main([*base, "--data", class_tree, "--format", "wds"]) == 0
+    assert not leftover.exists()
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    folder_tree = tmp_path / "tree"
+    shutil.copytree(os.path.join(class_tree, "cat"), folder_tree / "cat")
+    for root, message in ((tmp_path / "afile", "is not a folder"), (tmp_path / "listroot", "class folder(s) that "
+                                                                                             "differ")):
+        if root.name == "listroot":
+            root.mkdir()
+            (root / "classes.json").write_text("[]")
+        assert tokenize.main(["--model", model_dir, "--data", str(folder_tree), "--out", str(tmp_path / f"out_{root.name}"),
+                              "--format", "maskgit", "--maskgit-root", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not list((tmp_path / f"out_{root.name}").glob("shard-*"))
+
+
 @pytest.mark.parametrize("field, value", [("split", {"a": 1}), ("data", ["x"]), ("num_images", "12"),
                                           ("image_size", True)])
 def test_push_checks_every_results_field_before_staging_anything(model_dir, tmp_path, capsys, field, value):

@@ -6,6 +6,7 @@ and a temporary left by a killed writer starts with '.' and ends in '.tmp', so i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -71,6 +72,14 @@ def regular_file_size(path: str | os.PathLike) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{os.fspath(path)} is not a regular file (a FIFO, device or folder): expected a file")
     return info.st_size
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """The temporary files atomic_path names (.NAME.XXXX.tmp) that writers killed mid-file left in `folder`."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 MAX_JSON_BYTES = 1 << 30  # the largest JSON file read: an ImageNet manifest is ~100 MB; a config.json a few KB

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..base import distributed
 from ..base.atomic import read_json, write_json
-from ..base.precision import autocast
+from ..base.precision import autocast, resolve_precision
 from ..data.datasets import class_labels, find_images
 from ..data.input_pipeline import PREPROCESSING, PROTOCOL_CROPS, PROTOCOLS
 from ..data.shard_specs import is_tar_source, shard_urls
@@ -70,7 +70,8 @@ def codes_fingerprint(model) -> str:
 
 
 def listing_fingerprint(paths: list[str]) -> str:
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    # JSON, not lines: a name may hold a newline, and {"a", "b\nc"} joined by lines is {"a\nb", "c"}
+    return hashlib.sha256(json.dumps(paths).encode()).hexdigest()
 
 
 def views_of(images: torch.Tensor, augment: str, size: int) -> torch.Tensor:
@@ -113,6 +114,11 @@ def tokenize_shard(model, stream, size, args) -> tuple[np.ndarray, list[str], li
 def run(args) -> int:
     check_output(args.out, folder=True)
     source = TarInput(args.data) if is_tar_source(args.data) else FolderInput(args.data, args.shard_size)
+    _check_apart(source.local_paths(), args.out, "--data")
+    if args.format == "maskgit" and args.maskgit_root is not None and os.path.exists(args.maskgit_root) and \
+            not os.path.isdir(args.maskgit_root):
+        raise CLIError(f"--maskgit-root {args.maskgit_root} is not a folder: expected a folder (or a new path) for "
+                       f"Halton-MaskGIT's Train/ and Eval/")
     info = distributed.setup(args.device)
     try:
         device = info.device
@@ -146,6 +152,7 @@ def run(args) -> int:
             **({"protocol": PROTOCOLS[args.protocol]} if args.protocol != "vqrae" else {}),
             "augment": args.augment if args.augment != "ten-crop" else f"ten-crop of {read_size}",
             "codes_fingerprint": codes_fingerprint(model),
+            "precision": resolve_precision(args.precision, device),  # bf16 and fp32 codes differ in places
         }
         os.makedirs(args.out, exist_ok=True)
         if info.is_main:
@@ -207,6 +214,9 @@ class FolderInput:
     def record(self) -> dict:
         return {"shard_size": self.shard_size, "images": len(self.paths), "listing": listing_fingerprint(self.paths)}
 
+    def local_paths(self) -> list[str]:
+        return [self.root]
+
     def sample_fields(self, i: int):
         """Shard i's images as the samples vqrae-make-shards writes of them: (key, name, fields)."""
         for index in range(len(self.paths))[self._span(i)]:
@@ -239,6 +249,9 @@ class TarInput:
         self.folders = folder_classes(self.urls)
         self.classes = self.folders.names if self.folders else None
 
+    def local_paths(self) -> list[str]:
+        return [url for url in self.urls if os.path.isfile(url)]
+
     def record(self) -> dict:
         local = [os.path.getsize(url) if os.path.isfile(url) else None for url in self.urls]
         return {"tar_shards": len(self.urls),
@@ -258,23 +271,36 @@ class TarInput:
             yield i, [sample.name for sample in samples], [sample.label for sample in samples], stream
 
 
+def _check_apart(paths: list[str], out: str, what: str) -> None:
+    """An input inside --out would be overwritten by an export or removed by --restart."""
+    out = os.path.realpath(out)
+    inside = [p for p in paths if os.path.commonpath([out, os.path.realpath(p)]) == out]
+    if inside:
+        raise CLIError(f"{what} {inside[0]} lies inside --out {out}, whose exports and --restart would overwrite or "
+                       f"remove it: tokenize into another folder")
+
+
 def _check_or_write_run_record(out: str, record: dict, restart: bool) -> None:
-    """Reuse finished shards only for the same tokenization; --restart removes another one's files first."""
+    """Reuse finished shards only for the same tokenization; --restart removes another one's files first. Shards
+    without a record (a --restart killed while removing them, or a record deleted) are another tokenization's too."""
     path = os.path.join(out, RUN_FILE)
     if os.path.isfile(path):
         previous = read_json(path)
         differ = sorted(k for k in {*record, *(previous if isinstance(previous, dict) else {})}
                         if not isinstance(previous, dict) or previous.get(k) != record.get(k))
-        if differ and not restart:
-            raise CLIError(f"{out} holds shards of another tokenization (it differs in {differ}: a different "
-                           f"image listing, model weights or options); use an empty --out, or --restart to "
-                           f"discard them")
-        if differ:
-            for name in os.listdir(out):
-                if name == RUN_FILE or name == MANIFEST or name.startswith("shard-"):
-                    os.remove(os.path.join(out, name))
-            remove_exports(out)
-            print(f"--restart: removed the shards and exports of another tokenization from {out}")
+    else:
+        shards = any(name.startswith("shard-") for name in os.listdir(out))
+        differ = ["no record of the tokenization (tokenize_run.json)"] if shards else []
+    if differ and not restart:
+        raise CLIError(f"{out} holds shards of another tokenization (it differs in {differ}: a different image "
+                       f"listing, model weights or options); use an empty --out, or --restart to discard them")
+    if differ:
+        names = sorted(os.listdir(out), key=lambda name: name != RUN_FILE)  # the record first: a kill leaves none
+        for name in names:
+            if name == RUN_FILE or name == MANIFEST or name.startswith("shard-"):
+                os.remove(os.path.join(out, name))
+        remove_exports(out)
+        print(f"--restart: removed the shards and exports of another tokenization from {out}")
     if not os.path.isfile(path):
         write_json(path, record)
 

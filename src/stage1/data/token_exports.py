@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..base.atomic import atomic_path, read_json, write_json, write_npy
+from ..base.atomic import atomic_path, read_json, remove_leftovers, write_json, write_npy
 from .tar_shards import write_sample
 from .token_shards import Manifest, read_codes, shard_name, shard_rows
 
@@ -118,6 +118,7 @@ def remove_numbered(folder: str, suffix: str, count: int) -> None:
         name = os.path.basename(path)[: -len(suffix)]
         if not (name.isdigit() and int(name) < count):
             os.remove(path)
+    remove_leftovers(folder)  # a killed writer's temporary files, which a loader listing the folder would read
 
 
 def check_labels(labels, reader: str = "LlamaGen") -> None:
@@ -161,7 +162,8 @@ def check_maskgit_classes(root: str, classes: list[str] | None) -> None:
     path = os.path.join(root, MASKGIT_CLASSES)
     if not os.path.exists(path):
         return
-    other = read_json(path).get("classes")
+    written = read_json(path)
+    other = written.get("classes") if isinstance(written, dict) else None
     if other != (classes or []):
         raise ValueError(f"{path} lists {len(other) if isinstance(other, list) else 'no'} class folder(s) that differ "
                          f"from these {len(classes or [])}, so the splits' class ids would not agree: give both "
@@ -187,6 +189,7 @@ def write_maskgit(root: str, split: str, codes: np.ndarray, labels: np.ndarray, 
     folder = os.path.join(root, MASKGIT_SPLITS[split])
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(root, MASKGIT_CLASSES), {"classes": classes})
+    remove_leftovers(root)
     dtype = np.uint16 if manifest.codebook_size <= MASKGIT_UINT16_CODES else np.int32
     views = codes.reshape(-1, *manifest.grid_shape)  # (images * views, h, w), each image's views in turn
     for i, (code, label) in enumerate(zip(views, np.repeat(labels, manifest.views), strict=True)):
