@@ -1027,6 +1027,20 @@ def test_every_export_matches_its_manifest_after_a_restart_over_a_larger_one(mod
         assert sorted(os.listdir(out / "wds")) == ["000000.tar"]  # the earlier run's second tar is gone
 
 
+@pytest.mark.parametrize("command", ["decode", "evaluate", "fit_codebook", "latent_stats", "make_shards", "push",
+                                     "reconstruct", "tokenize", "train"])
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")  # runpy, in-process
+def test_every_command_runs_as_a_module(command, capsys, monkeypatch):
+    """`python -m stage1.cli.NAME` is the command (a second probe of issue 32: seven of them exited 0 doing nothing):
+    here without its required arguments, a usage error."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [command])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module(f"stage1.cli.{command}", run_name="__main__")
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
+
+
 def test_a_resume_is_the_same_tokenization_or_refused(model_dir, class_tree, tmp_path, capsys):
     """A second probe of issue 32: image names holding newlines made two listings one ({a, "b\\nc"} and
     {"a\\nb", c}), shards without their tokenize_run.json (a killed --restart removed it late) were reused even by
@@ -1079,8 +1093,9 @@ def test_tokenize_keeps_its_inputs_and_export_folders_whole(model_dir, class_tre
         if root.name == "listroot":
             root.mkdir()
             (root / "classes.json").write_text("[]")
-        assert tokenize.main(["--model", model_dir, "--data", str(folder_tree), "--out", str(tmp_path / f"out_{root.name}"),
-                              "--format", "maskgit", "--maskgit-root", str(root)]) == 2
+        assert tokenize.main(["--model", model_dir, "--data", str(folder_tree), "--out",
+                              str(tmp_path / f"out_{root.name}"), "--format", "maskgit", "--maskgit-root",
+                              str(root)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not list((tmp_path / f"out_{root.name}").glob("shard-*"))

@@ -202,6 +202,13 @@ def test_the_adapters_check_what_their_callers_give_as_decode_from_indices_does(
         (lambda: quantize.embedding(idx[1].float()), r"integer codes in \[0, 15\]"),
         (lambda: LlamaGenTokenizer(tiny_vqrae(dinov2_dir), image_size=0), r"image_size .* must be an integer in "
                                                                            r"\[1, 8192\] or None"),
+        # A second probe: image_size True was taken as 1; integer images wrapped (uint8 255 + 1 is 0: a white
+        # image got a black one's codes).
+        (lambda: LlamaGenTokenizer(tiny_vqrae(dinov2_dir), image_size=True), r"must be an integer in \[1, 8192\]"),
+        (lambda: tokenizer.img_to_idxBl(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)),
+         r"expected float images in \[-1, 1\] of shape \(B, 3, H, W\), got torch.uint8"),
+        (lambda: LlamaGenTokenizer(tiny_vqrae(dinov2_dir)).encode(torch.ones(1, 3, 32, 32, dtype=torch.bool)),
+         r"expected float images in \[-1, 1\] of shape \(B, 3, H, W\), got torch.bool"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -78,3 +78,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("decode", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

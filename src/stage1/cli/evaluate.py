@@ -243,3 +243,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("evaluate", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,3 +106,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("latent_stats", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,3 +18,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("make_shards", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,3 +25,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("push", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

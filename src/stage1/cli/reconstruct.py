@@ -50,3 +50,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     return launch("reconstruct", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

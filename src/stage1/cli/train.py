@@ -96,3 +96,7 @@ def main(argv: list[str], prog: str = "train_stage1.py") -> int:
 
 def vqrae_train() -> int:
     return main(sys.argv[1:], prog="vqrae-train")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:], prog="python -m stage1.cli.train"))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base.limits import MAX_IMAGE_SIDE
-from .vqrae import VQRAE, tokens_to_grid
+from .vqrae import VQRAE, from_signed, tokens_to_grid
 
 NO_LOSSES = (None, None, None, 0)  # VQModel's (vq_loss, commit_loss, entropy_loss, codebook_usage) in eval mode
 
@@ -39,7 +39,8 @@ class LlamaGenTokenizer(nn.Module):
         if not layout.has_codes or layout.scales or layout.position_shape:
             raise ValueError(f"LlamaGen's GPT predicts one code per position on a grid; this model's quantizer is "
                              f"{model.quantizer.describe()}")
-        if image_size is not None and not (isinstance(image_size, int) and 0 < image_size <= MAX_IMAGE_SIDE):
+        if image_size is not None and not (isinstance(image_size, int) and not isinstance(image_size, bool)
+                                           and 0 < image_size <= MAX_IMAGE_SIDE):
             raise ValueError(f"image_size (the side of the images it paints) must be an integer in [1, "
                              f"{MAX_IMAGE_SIDE}] or None (the model's own), got {image_size!r}")
         self.model = model.eval()
@@ -60,7 +61,7 @@ class LlamaGenTokenizer(nn.Module):
     def encode(self, x: torch.Tensor):
         """Images in [-1, 1] (B, 3, H, W) -> (quant (B, C, h, w): the codes' vectors, losses (none in eval mode),
         (None, None, indices (B * h * w,))), as VQModel.encode; extract_codes_c2i.py reshapes the indices per image."""
-        indices = self.model.encode_to_indices((x + 1) / 2)
+        indices = self.model.encode_to_indices(from_signed(x))
         quant = tokens_to_grid(self.model.quantizer.lookup(indices.flatten(1)), tuple(indices.shape[1:]))
         return quant, NO_LOSSES, (None, None, indices.flatten())
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .quantizers.scales import area, to_tokens
-from .vqrae import VQRAE
+from .vqrae import VQRAE, from_signed
 
 
 def check_scale_codes(layout, ms_idx_Bl) -> list[torch.Tensor]:
@@ -161,7 +161,7 @@ class VARTokenizer(nn.Module):
         """Images in [-1, 1] -> each scale's codes (B, s * s), coarsest first (in VAR's progressive training, the first
         quantize.prog_si + 1 scales)."""
         self.check_scales(v_patch_nums)
-        maps = self.model.encode_to_indices((inp_img_no_grad + 1) / 2)
+        maps = self.model.encode_to_indices(from_signed(inp_img_no_grad))
         return [scale.flatten(1) for scale in maps[: self.quantize.scales_in_training()]]
 
     @torch.no_grad()

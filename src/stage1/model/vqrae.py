@@ -57,6 +57,15 @@ def add_latent_noise(latent: torch.Tensor, noise_tau: float) -> torch.Tensor:
     return latent + sigma.to(latent.dtype) * torch.randn_like(latent)
 
 
+def from_signed(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (LlamaGen's and VAR's) -> [0, 1], for check_images to check. Integer images are refused
+    first: in uint8, 255 + 1 wraps to 0, and a white image would get a black one's codes."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected float images in [-1, 1] of shape (B, 3, H, W), got {got}")
+    return (images + 1) / 2
+
+
 def square_grid(n: int) -> tuple[int, int]:
     side = int(round(n**0.5))
     if side * side != n:
