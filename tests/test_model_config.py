@@ -95,6 +95,28 @@ def test_a_command_line_value_reaches_the_module(dinov2_dir):
     assert model.config.encoder.params == {"normalize": False} and model.encoder.model.layernorm.weight is not None
 
 
+def test_keywords_of_the_wrong_type_are_one_value_error(dinov2_dir, tmp_path):
+    """A second probe of issue 32: decoder_config_path 1.5, ['tiny'] or 1 (a file descriptor to os.path), RAE's
+    encoder_params of a list or naming its checkpoint by a list, and a saved quantizer.kind of ['single'] were
+    TypeErrors and AttributeErrors."""
+    from stage1 import RAE
+
+    for source in (1.5, ["tiny"], 1):
+        with pytest.raises(ValueError, match=r"decoder_config_path must be a preset name, .* got "):
+            VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path=dinov2_dir, decoder_config_path=source)
+    for params, message in (([1], "encoder.params must be a mapping"),
+                            ({"dinov2_path": [dinov2_dir]}, "must name the encoder's checkpoint as a path")):
+        with pytest.raises(ValueError, match=message):
+            RAE(encoder_cls="Dinov2withNorm", encoder_params=params, encoder_input_size=IMAGE_SIZE,
+                decoder_config_path="tiny")
+    tiny_vqrae(dinov2_dir).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantizer"]["kind"] = ["single"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantizer.kind must be a string, got \['single'\] \(list\)"):
+        VQRAE.from_pretrained(tmp_path / "m")
+
+
 def test_encoder_params_of_the_wrong_type_name_the_encoders_options(dinov2_dir):
     """Issue 32, point 3: encoder_params given as a list named neither what was wrong nor what was expected."""
     for params in ([1, 2], "normalize", {"normalise": False}, {"normalize": "no"}):

@@ -208,7 +208,7 @@ def _without_foreign_options(values, path: str):
     (a single codebook with shared_codebook: true): dropped, as the version that wrote it ignored it, with a warning."""
     quantizer = values.get("quantizer") if isinstance(values, dict) else None
     kind = quantizer.get("kind", "single") if isinstance(quantizer, dict) else None
-    if kind not in QUANTIZERS:
+    if not isinstance(kind, str) or kind not in QUANTIZERS:
         return values  # from_dict names what is wrong
     foreign = {name: quantizer[name] for name, default in QuantizerConfig.foreign_options(kind).items()
                if name in quantizer and quantizer[name] != (list(default) if isinstance(default, tuple) else default)}

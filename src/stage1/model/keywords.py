@@ -30,6 +30,9 @@ def load_decoder_config(source: str | dict | DecoderConfig | None, **overrides) 
         values = source.to_dict()
     elif isinstance(source, dict):
         values = {**_preset("vit_b"), **source}
+    elif source is not None and not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"decoder_config_path must be a preset name, a .json / .yaml file or RAE's config folder, a "
+                         f"dict or a DecoderConfig, got {source!r} ({type(source).__name__})")
     elif source is None or source in DECODER_PRESETS:
         values = _preset(source or "vit_b")
     elif os.path.isdir(source) or (os.path.isfile(source) and _is_vit_mae_config(source)):
@@ -114,6 +117,10 @@ def _from_rae_encoder_params(keywords: dict) -> dict:
     if not isinstance(params, Mapping):  # a dict, or OmegaConf's DictConfig (RAE's instantiate_from_config)
         return {}  # EncoderConfig names the expected type
     paths = {key: params[key] for key in RAE_ENCODER_PATH_KEYS if key in params}
+    odd = {key: path for key, path in paths.items() if not isinstance(path, (str, os.PathLike))}
+    if odd:
+        raise ConfigError(f"encoder_params {odd} must name the encoder's checkpoint as a path (a Hub id or a "
+                          f"folder)")
     given = keywords.get("encoder_config_path")
     named = set(paths.values()) | ({given} if given is not None else set())
     if len({os.path.normpath(str(path)) for path in named}) > 1:  # "enc" and "enc/" are one folder

@@ -37,7 +37,7 @@ class RAE(VQRAE):
                  normalization_stat_path: str | None = None, eps: float = 1e-5):
         path = {} if encoder_config_path is None else {"encoder_config_path": encoder_config_path}
         super().__init__(quantizer_kind=NoQuantizer.kind, encoder_cls=encoder_cls,
-                         encoder_input_size=encoder_input_size, encoder_params=dict(encoder_params or {}),
+                         encoder_input_size=encoder_input_size, encoder_params=encoder_params or {},
                          decoder_config_path=decoder_config_path, decoder_patch_size=decoder_patch_size,
                          pretrained_decoder_path=pretrained_decoder_path, noise_tau=noise_tau,
                          reshape_to_2d=reshape_to_2d, normalization_stat_path=normalization_stat_path, eps=eps, **path)
