@@ -165,10 +165,13 @@ def test_a_model_folder_that_would_run_its_own_code_is_refused_without_running_i
 
 @pytest.mark.parametrize("stats, message", [
     ({"image_mean": [0.5, 0.5, 0.5], "image_std": [0, 0, 0]},
-     r"image_std must be a list of 3 finite numbers of at least 1e-6 \(a std of 0 makes every image one input\)"),
-    ({"image_mean": None}, r"image_mean must be a list of 3 finite numbers, got None"),
-    ({"image_mean": [0.5, 0.5]}, r"image_mean must be a list of 3 finite numbers, got \[0.5, 0.5\]"),
+     r"image_std must be a list of 3 numbers from 1e-6 to 1000 \(a std of 0 makes every image one input\)"),
+    ({"image_mean": None}, r"image_mean must be a list of 3 numbers from -1000 to 1000, got None"),
+    ({"image_mean": [0.5, 0.5]}, r"image_mean must be a list of 3 numbers from -1000 to 1000, got \[0.5, 0.5\]"),
     ({"image_std": ["1", 1, 1]}, r"image_std must be a list of 3"),
+    # A second probe: finite in JSON, Inf in float32 (every image code 0), or so wide every image is one input.
+    ({"image_mean": [3.5e38] * 3}, r"image_mean must be a list of 3 numbers from -1000 to 1000"),
+    ({"image_std": [1e300] * 3}, r"image_std must be a list of 3 numbers from 1e-6 to 1000"),
     ([0.5, 0.5, 0.5], r"expected a JSON object \(with image_mean / image_std\), got list"),
 ])
 def test_a_hostile_preprocessor_config_is_one_error(tiny_encoders, tmp_path, stats, message):

@@ -1290,8 +1290,8 @@ json_values = st.recursive(
                                         "image_std": st.lists(st.floats(0, 2), min_size=3, max_size=3)}),
                  json_values))
 def test_hostile_preprocessor_configs_give_finite_statistics_or_one_clear_error(config):
-    """model.encoders.read_image_stats on an encoder folder's preprocessor_config.json: three finite means and three
-    finite stds >= 1e-6 (the family's defaults where a key is absent), or ValueError."""
+    """model.encoders.read_image_stats on an encoder folder's preprocessor_config.json: three means from -1000 to 1000,
+    stds from 1e-6 to 1000 (the family's defaults where a key is absent), or ValueError."""
     from stage1.model.encoders import read_image_stats
 
     with tempfile.TemporaryDirectory() as tmp, no_hang():
@@ -1304,7 +1304,7 @@ def test_hostile_preprocessor_configs_give_finite_statistics_or_one_clear_error(
             event("preprocessor: refused")
             return
     event("preprocessor: read")
-    assert len(mean) == len(std) == 3 and all(math.isfinite(v) for v in mean + std) and min(std) >= 1e-6
+    assert len(mean) == len(std) == 3 and all(abs(v) <= 1000 for v in mean + std) and min(std) >= 1e-6
 
 
 VAR_TEST_SCALES, VAR_TEST_K = (1, 2, 3), 8

@@ -423,6 +423,29 @@ def test_tensors_that_do_not_hold_their_values_or_of_odd_dtypes_are_one_error(tm
     assert torch.equal(read["t"], base.T) and torch.equal(read["row"], base[1])
 
 
+def test_weights_must_be_finite_as_the_model_holds_them(model_dir, dinov2_dir, tmp_path):
+    """A second probe of issue 32: a float64 codebook entry of 1e300 is finite in the file and Inf in float32 (PSNR
+    nan, exit 0), and an encoder with NaN weights gave every image one code."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(model_dir, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    state = load_file(weights)
+    state["quantizer.embedding"] = state["quantizer.embedding"].double()
+    state["quantizer.embedding"][0, 0] = 1e300
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"NaN or Inf in \['quantizer.embedding'\]"):
+        VQRAE.from_pretrained(tmp_path / "model")
+    shutil.copytree(dinov2_dir, tmp_path / "encoder")
+    encoder_weights = tmp_path / "encoder" / "model.safetensors"
+    state = load_file(encoder_weights)
+    name = next(k for k in state if "patch_embeddings.projection.weight" in k)
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, encoder_weights)
+    with pytest.raises(ValueError, match="has NaN or Inf weights in .*patch_embeddings"):
+        tiny_vqrae(str(tmp_path / "encoder"))
+
+
 def test_json_and_yaml_are_read_from_regular_files_only(tmp_path):
     """A second probe: a FIFO named classes.json, results.json or a searchpath's x.yaml blocked its reader forever."""
     from stage1.base.atomic import read_json, read_yaml

@@ -8,7 +8,6 @@ holding `config.json` + weights. A config names an encoder by string through `EN
 from __future__ import annotations
 
 import inspect
-import math
 import os
 
 import torch
@@ -129,6 +128,9 @@ def _optional_file(path: str, name: str) -> str | None:
                        _raise_exceptions_for_connection_errors=False)
 
 
+MAX_PIXEL_STAT = 1000.0  # the largest |mean| or std an encoder's preprocessor_config.json may give (ImageNet: 0.5)
+
+
 def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Input mean/std from the checkpoint's `preprocessor_config.json`, or the family's defaults.
 
@@ -144,12 +146,14 @@ def read_image_stats(path: str, default_mean, default_std) -> tuple[tuple[float,
                          f"{type(config).__name__}")
     mean, std = config.get("image_mean", default_mean), config.get("image_std", default_std)
     channels = len(default_mean)
-    for name, values, least in (("image_mean", mean, -math.inf), ("image_std", std, 1e-6)):
+    # Statistics of pixels in [0, 1]: beyond MAX_PIXEL_STAT they are no such thing (3.5e38 is Inf in float32, and a
+    # std of 1e300 made every image one input, as a std of 0 did).
+    for name, values, least in (("image_mean", mean, -MAX_PIXEL_STAT), ("image_std", std, 1e-6)):
         if not (isinstance(values, (list, tuple)) and len(values) == channels and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= least
+                isinstance(v, (int, float)) and not isinstance(v, bool) and least <= v <= MAX_PIXEL_STAT
                 for v in values)):
-            what = "finite numbers" if name == "image_mean" else "finite numbers of at least 1e-6 (a std of 0 makes " \
-                                                                 "every image one input)"
+            what = (f"numbers from -{MAX_PIXEL_STAT:g} to {MAX_PIXEL_STAT:g}" if name == "image_mean" else
+                    f"numbers from 1e-6 to {MAX_PIXEL_STAT:g} (a std of 0 makes every image one input)")
             raise ValueError(f"{resolved}: {name} must be a list of {channels} {what}, got {values!r}"[:400])
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
@@ -179,6 +183,12 @@ class FrozenEncoder(nn.Module):
         if random:
             raise ValueError(f"the encoder '{path}' lacks {len(random)} weight(s) its config.json needs "
                              f"({random[:3]}): they would be random, not pretrained")
+        # NaN or Inf weights give NaN features for every image, which all snap to one code.
+        damaged = [name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not value.isfinite().all()]
+        if damaged:
+            raise ValueError(f"the encoder '{path}' has NaN or Inf weights in {damaged[:3]}: a damaged copy? fetch "
+                             f"it again")
         super().__init__()
         self.model = model
         # Not the module's state (the frozen encoder is loaded from its checkpoint): what save_pretrained gives back.
