@@ -536,6 +536,7 @@ def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, cap
     hydra.searchpath hung or crashed --cfg job, and as a decoder config was a MemoryError."""
     from stage1 import VQRAE
     from stage1.cli.train import main
+    from stage1.model.presets import CONFIG_DIR
 
     assert len(BILLION_LAUGHS) < 700
     (tmp_path / "experiment").mkdir()
@@ -552,6 +553,22 @@ def test_a_yaml_of_nested_aliases_is_one_error_wherever_it_is_read(tmp_path, cap
     assert main(["hydra.searchpath=[pkg://laughing_configs]", *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values" in err, err
+    # A second probe found ways around the walk, each of which hung: a folder with a space in a quoted searchpath,
+    # a linked experiment folder, a namespace package (no __init__.py), and a choice climbing out of its group.
+    spaced, linked = tmp_path / "sp a", tmp_path / "linked"
+    shutil.copytree(tmp_path / "experiment", spaced / "experiment")
+    linked.mkdir()
+    os.symlink(tmp_path / "experiment", linked / "experiment")
+    namespace = tmp_path / "site" / "laughing_namespace"
+    shutil.copytree(tmp_path / "experiment", namespace / "experiment")
+    for searchpath in (f'"file://{spaced}"', f"file://{linked}", "pkg://laughing_namespace"):
+        assert main([f"hydra.searchpath=[{searchpath}]", *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "laughs.yaml stands for more than 65,536 values" in err, (searchpath, err)
+    climb = os.path.relpath(tmp_path / "experiment" / "laughs", CONFIG_DIR + "/experiment")
+    assert main([f"experiment={climb}", *argv[2:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "climbs out of the experiment folder" in err, err
     (tmp_path / "decoder.yaml").write_text(BILLION_LAUGHS)
     with pytest.raises(ValueError, match="decoder.yaml stands for more than 65,536 values"):
         VQRAE(encoder_cls="Dinov2withNorm", encoder_config_path="x", decoder_config_path=str(tmp_path / "decoder.yaml"))

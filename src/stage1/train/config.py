@@ -185,31 +185,47 @@ def compose_tree(overrides: list[str] | None = None, config_dir: str = CONFIG_DI
 
 def check_config_files(config_dir: str, overrides: list[str]) -> None:
     """Every YAML file hydra may compose from (the config folder, and the folders `hydra.searchpath` names, file://
-    or pkg://) is read through base.atomic.read_yaml first: its size and alias expansion bounded (OmegaConf expanded
-    a 400-byte file of nested aliases until the process hung or crashed)."""
-    folders = [config_dir]
-    for override in overrides:
-        if override.lstrip("+~").startswith("hydra.searchpath="):
-            folders += re.findall(r"file://([^,\]\s'\"]+)", override)
-            folders += [_package_folder(name) for name in re.findall(r"pkg://([^,\]\s'\"]+)", override)]
-    for folder in filter(None, folders):
-        for root, _, names in os.walk(folder):
+    or pkg://, their linked folders included) is read through base.atomic.read_yaml first: its size and alias
+    expansion bounded (OmegaConf expanded a 400-byte file of nested aliases until the process hung or crashed). A
+    group's choice may not climb out of its folder (experiment=../../x would read a file no walk saw)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folders, choices = [config_dir], []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.key_or_group == "hydra.searchpath" and isinstance(override.value(), list):
+            for entry in map(str, override.value()):
+                if entry.startswith("file://"):
+                    folders.append(entry[len("file://"):])
+                elif entry.startswith("pkg://"):
+                    folders += _package_folders(entry[len("pkg://"):])
+        elif isinstance(override.value(), str):
+            choices.append((override.key_or_group, override.value()))
+    groups = {name for folder in folders if os.path.isdir(folder) for name in os.listdir(folder)}
+    for key, value in choices:
+        if key in groups and ".." in re.split(r"[/\\]", value):
+            raise ConfigError(f"{key}={value} climbs out of the {key} folder: expected a name of a file in it "
+                              f"(hydra.searchpath adds folders)")
+    seen = set()
+    for folder in folders:
+        for root, subfolders, names in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a link back up the tree: walked once
+                subfolders.clear()
+                continue
+            seen.add(real)
             for name in sorted(names):
                 if name.endswith((".yaml", ".yml")):
                     read_yaml(os.path.join(root, name))
 
 
-def _package_folder(name: str) -> str | None:
-    """The folder of a searchpath's pkg://a.b (or a/b), found as hydra finds it (importlib.resources); None for a
-    package hydra cannot find either (it then skips it) or one inside a zip (read by hydra, not walked here)."""
-    import importlib.resources
-    import pathlib
-
+def _package_folders(name: str) -> list[str]:
+    """The folders of a searchpath's pkg://a.b (or a/b) as hydra finds them: a package's, or every part of a
+    namespace package's; none for a package that cannot be found (hydra skips it)."""
     try:
-        folder = importlib.resources.files(name.replace("/", ".").rstrip("."))
-    except (ImportError, TypeError, ValueError):
-        return None
-    return str(folder) if isinstance(folder, pathlib.Path) else None
+        spec = importlib.util.find_spec(name.replace("/", ".").rstrip("."))
+    except (ImportError, ValueError):
+        return []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
 
 
 def load_run_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR) -> RunConfig:
