@@ -484,7 +484,7 @@ def test_a_cpu_run_prints_its_thread_choice_and_gives_the_callers_back(train_ima
     run(train_images, tmp_path / "run", "train.cpu_threads=1", "train.steps=2", "train.sample_every=null")
     assert "threads: 1 intra-op per process (train.cpu_threads)" in capsys.readouterr().out
     assert torch.get_num_threads() == before
-    with pytest.raises(ValueError, match=r"train.cpu_threads must be >= 1 or null \(auto\)"):
+    with pytest.raises(ValueError, match=r"train.cpu_threads must be from 1 to 1024 or null \(auto\)"):
         load_run_config(["experiment=tiny_test", "data.path=x", "results_dir=r", "train.cpu_threads=0"])
 
 
