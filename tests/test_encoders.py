@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -185,3 +186,28 @@ def test_a_hostile_preprocessor_config_is_one_error(tiny_encoders, tmp_path, sta
     (copy / "preprocessor_config.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=message):
         build_encoder(cls, str(copy))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("patch_size", 0, r"cannot be built from its config.json and weights \(ZeroDivisionError"),
+    ("hidden_act", "nope", r"cannot be built from its config.json and weights \(KeyError: 'nope'\)"),
+    ("patch_size", [8, 8], r"patch_size and hidden_size must be positive integers \(square patches\), got \[8, 8\]"),
+    ("hidden_size", "32", r"cannot be built from its config.json and weights \(StrictDataclassFieldValidationError"),
+    ("model_type", "nosuch", r"cannot be built from its config.json and weights \(ValueError: .*nosuch"),
+    ("num_hidden_layers", 7, r"describes 7 layers of width 32 .* not this checkpoint's config"),
+])
+def test_an_encoder_folder_transformers_cannot_build_is_one_error_naming_it(tiny_encoders, tmp_path, key, value,
+                                                                             message):
+    """A second probe of issue 32: an encoder folder's config.json edited (a patch size of 0, an unknown activation or
+    model_type, a size of another type) was a ZeroDivisionError, KeyError or TypeError from transformers, or "no such
+    directory" for a folder that exists; a config.json of 200,000 nested brackets a RecursionError."""
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoders["dinov2"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=message):
+        build_encoder("Dinov2withNorm", str(folder))
+    (folder / "config.json").write_text("[" * 200_000)
+    with pytest.raises(ValueError, match="config.json nests too deeply to be read"):
+        build_encoder("Dinov2withNorm", str(folder))
+

@@ -55,19 +55,34 @@ def _not_available(path: str, cause: Exception) -> EncoderNotAvailableError:
     )
 
 
+MAX_ENCODER_CONFIG_BYTES = 1 << 20  # an encoder's config.json is a few KB; transformers reads it whole
+
+
+def _cannot_build(path: str, err: Exception) -> ValueError:
+    """A local encoder folder whose files transformers cannot make a model of (a patch size of 0, an unknown
+    activation or model_type, ...): whatever it raised, one error naming the folder."""
+    return ValueError(f"the encoder '{path}' cannot be built from its config.json and weights "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no message'})")
+
+
 def load_config(path: str):
-    if not os.path.isdir(path) and not may_be_on_hub(path):
+    local = os.path.isdir(path)
+    if not local and not may_be_on_hub(path):
         raise _not_available(path, FileNotFoundError("a local path, not a Hub id (org/name)"))
+    if local and os.path.exists(os.path.join(path, "config.json")):
+        read_json(os.path.join(path, "config.json"), MAX_ENCODER_CONFIG_BYTES)  # bounded before transformers reads it
     try:
         # A folder's own Python (auto_map) never runs: transformers would ask "run the custom code?" on a terminal.
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except ValueError as err:
+    except OSError as err:
+        raise _not_available(path, err) from err
+    except Exception as err:
         if "trust_remote_code" in str(err) or "auto_map" in str(err):
             raise ValueError(f"the encoder '{path}' asks to run Python code of its own (auto_map in its "
                              f"config.json); vqrae never runs code from a model folder: use an encoder whose "
                              f"model_type transformers knows") from None
-        raise _not_available(path, err) from err
-    except OSError as err:
+        if local:
+            raise _cannot_build(path, err) from None
         raise _not_available(path, err) from err
 
 
@@ -75,8 +90,8 @@ def load_pretrained(model_class: type[PreTrainedModel], path: str, **overrides) 
     """The checkpoint's model, with attention on torch's fused scaled_dot_product_attention kernels, and the names
     of weights its files lack (transformers fills them with random numbers: FrozenEncoder refuses any it keeps);
     `overrides` change its config."""
-    _check_weights_hold(model_class, path, overrides)
     try:
+        _check_weights_hold(model_class, path, overrides)
         model, info = model_class.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False,
                                                   output_loading_info=True, **overrides)
     except OSError as err:
@@ -84,6 +99,10 @@ def load_pretrained(model_class: type[PreTrainedModel], path: str, **overrides) 
     except RuntimeError as err:  # transformers' report of weights whose shapes differ from the config's
         raise ValueError(f"the encoder '{path}' has weights of other shapes than its config.json says "
                          f"({str(err).splitlines()[0][:200]})") from None
+    except ValueError:
+        raise  # already one error that names the folder
+    except Exception as err:  # a config transformers took but cannot build (ZeroDivisionError, KeyError, ...)
+        raise _cannot_build(path, err) from None
     return model, sorted(info["missing_keys"])
 
 
@@ -113,7 +132,8 @@ def _safetensors_files(path: str) -> list[str]:
     index = _optional_file(path, "model.safetensors.index.json")
     if index is None:
         return []
-    weight_map = read_json(index).get("weight_map")
+    listed = read_json(index)
+    weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) and os.path.basename(name) == name
                                                    for name in weight_map.values()):
         raise ValueError(f"{index} is not a safetensors index (a weight_map of file names in its folder)")
@@ -194,8 +214,10 @@ class FrozenEncoder(nn.Module):
         # Not the module's state (the frozen encoder is loaded from its checkpoint): what save_pretrained gives back.
         self.dropped_weights = {name: value for name, value in dropped.items() if name not in missing}
         self.path = path
-        self.patch_size = int(patch_size)
-        self.hidden_size = int(hidden_size)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (patch_size, hidden_size)):
+            raise ValueError(f"the encoder '{path}': its config.json's patch_size and hidden_size must be positive "
+                             f"integers (square patches), got {patch_size!r} and {hidden_size!r}")
+        self.patch_size, self.hidden_size = patch_size, hidden_size
         mean, std = read_image_stats(path, self.default_mean, self.default_std)
         # Not persistent: they come from the checkpoint's own files, so saved VQRAE weights never hold them.
         self.register_buffer("image_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
