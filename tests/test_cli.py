@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stage1 import VQRAE
-from stage1.cli import decode, evaluate, fit_codebook, latent_stats, reconstruct, tokenize
+from stage1.cli import decode, evaluate, fit_codebook, latent_stats, push, reconstruct, tokenize
 from stage1.cli.common import prepare
 from stage1.data.images import psnr, to_uint8
 
@@ -341,9 +341,14 @@ def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(mode
     # Every token of the 4x4 grids went into the fit: its distortion (a squared norm per token) is the fitted
     # model's commitment loss (a mean per channel) on them, times the 32 channels.
     assert record["distortion"] / 32 == pytest.approx(error["fitted"], rel=1e-4)
-    # The original is never written over.
-    assert fit_codebook.main([*argv[:4], "--out", model_dir]) == 2
-    assert "--out must differ from --model" in capsys.readouterr().err
+    # The original is never written over, nor its encoder (a second probe of issue 32: --out naming the encoder's
+    # folder overwrote its config.json and weights, and the model could not load any more).
+    encoder_dir = json.loads(open(os.path.join(model_dir, "config.json")).read())["encoder"]["path"]
+    for out in (model_dir, encoder_dir):
+        assert fit_codebook.main([*argv[:4], "--out", out]) == 2
+        assert "is the model's own folder or its encoder's" in capsys.readouterr().err
+    assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", encoder_dir]) == 2
+    assert "--stage" in capsys.readouterr().err and VQRAE.from_pretrained(model_dir) is not None
     # Too few tokens for the codebook: the advice names this command's flags, not training's keys.
     assert fit_codebook.main([*argv[:4], "--out", str(tmp_path / "few"), "--tokens-per-image", "4"]) == 2
     err = capsys.readouterr().err

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from ..base.atomic import read_json
 from ..data.datasets import find_images
 from ..data.images import UnreadableImageError
 from ..data.input_pipeline import ImageBatch, default_workers, image_batches, prepare_image
 from ..data.shard_specs import is_tar_source, shard_urls
 from ..data.tar_shards import FolderClasses, SampleImages, TarSample, read_shard
+from ..model.config import MAX_CONFIG_BYTES
+from ..model.pretrained import ENCODER_SUBDIR
 from ..model.vqrae import VQRAE
 from .arguments import CLIError
 
@@ -99,6 +103,21 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     """`items` in runs of `size` (the parser's positive --batch-size)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def check_apart_from_model(out: str, model: str, flag: str = "--out") -> None:
+    """A folder written whole is neither the model's folder, the encoder saved inside it, nor the encoder its
+    config.json names: writing there would overwrite the files the model is read from."""
+    folders = [model, os.path.join(model, ENCODER_SUBDIR)]
+    config_file = os.path.join(model, "config.json")
+    if os.path.isfile(config_file):
+        with contextlib.suppress(ValueError, OSError):  # a damaged config.json is the model loader's to name
+            encoder = read_json(config_file, MAX_CONFIG_BYTES).get("encoder", {}).get("path")
+            if isinstance(encoder, str):
+                folders.append(encoder)
+    if any(os.path.realpath(out) == os.path.realpath(folder) for folder in folders if os.path.isdir(folder)):
+        raise CLIError(f"{flag} {out} is the model's own folder or its encoder's: the files it is read from would be "
+                       f"overwritten; write to another folder")
 
 
 def check_output(path: str, folder: bool) -> None:

@@ -15,8 +15,8 @@ from ..data.tar_shards import TarIndex
 from ..train.codebook_fit import fit_codebook
 from .arguments import launch
 from .common import (
-    CLIError,
     batches,
+    check_apart_from_model,
     check_output,
     load_model,
     model_image_size,
@@ -26,8 +26,7 @@ from .common import (
 
 def run(args) -> int:
     check_output(args.out, folder=True)
-    if os.path.realpath(args.out) == os.path.realpath(args.model):
-        raise CLIError("--out must differ from --model: the fitted model is written beside the original, never over it")
+    check_apart_from_model(args.out, args.model)
     contents = TarIndex(shard_urls(args.data)) if is_tar_source(args.data) else None  # local tars, read by position
     paths = contents.names if contents is not None else find_images(args.data)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed))[: args.images].tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..model.hub import push_to_hub, stage_model
 from .arguments import launch
-from .common import check_output
+from .common import check_apart_from_model, check_output
 
 
 def run(args) -> int:
@@ -13,6 +13,7 @@ def run(args) -> int:
                     eval_dataset=args.eval_dataset)
     if args.stage is not None:
         check_output(args.stage, folder=True)
+        check_apart_from_model(args.stage, args.model, "--stage")
         stage_model(args.model, args.repo, args.stage, args.results, args.samples, metadata, **keywords)
         print(f"staged the upload of {args.model} for {args.repo} in {args.stage} (nothing sent)")
         return 0
