@@ -1075,6 +1075,28 @@ def test_a_resume_is_the_same_tokenization_or_refused(model_dir, class_tree, tmp
     assert tokenize.main(argv) == 2 and "'precision'" in capsys.readouterr().err
 
 
+def test_resumed_shards_are_checked_as_their_readers_check_them(model_dir, class_tree, tmp_path, capsys):
+    """A second probe of issue 32: a resume exported shards edited by hand as they were (codes past the codebook went
+    to LlamaGen's files, a label of 99 of 2 classes to MaskGIT's); the manifest is checked against them first."""
+    out = tmp_path / "tokens"
+    argv = ["--model", model_dir, "--data", class_tree, "--out", str(out), "--format", "jsonl", "--shard-size", "2"]
+    assert tokenize.main(argv) == 0
+    shard = np.load(out / "shard-00000.npy")
+    np.save(out / "shard-00000.npy", np.full_like(shard, 200))
+    capsys.readouterr()
+    assert tokenize.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == ["vqrae-tokenize: error: shard-00000.npy holds codes from 200 to 200, outside the manifest's "
+                      "codebook of 64"], err
+    np.save(out / "shard-00000.npy", shard)
+    listing = json.loads((out / "shard-00001.json").read_text())
+    listing["labels"][0] = 99
+    (out / "shard-00001.json").write_text(json.dumps(listing))
+    assert tokenize.main(argv) == 2
+    assert "has label 99, not one of the 2 classes (or -1)" in capsys.readouterr().err
+
+
 def test_tokenize_keeps_its_inputs_and_export_folders_whole(model_dir, class_tree, tmp_path, capsys):
     """A second probe of issue 32: --restart with --data inside --out (its own wds tars) removed the input; a killed
     export's hidden temporary file stayed in LlamaGen's folder (which its loader lists); --maskgit-root naming a file

@@ -102,6 +102,14 @@ def read_manifest(folder: str) -> Manifest:
         manifest = Manifest.from_dict(read_json(path))
     except ConfigError as err:
         raise ValueError(f"{path} is not a vqrae-tokenize manifest: {err}") from None
+    check_against_shards(folder, manifest, path)
+    return manifest
+
+
+def check_against_shards(folder: str, manifest: Manifest, path: str) -> None:
+    """Every entry against its shard: the shard inside the folder, of the manifest's row shape and dtype, every code
+    inside the codebook, every row there; every label a class of the manifest's (or -1). `path` names the manifest in
+    errors."""
     row_shape = (*([manifest.views] if manifest.views > 1 else []), *manifest.index_shape)
     rows = {}
     for name in {entry["shard"] for entry in manifest.images}:
@@ -120,7 +128,11 @@ def read_manifest(folder: str) -> Manifest:
         e = beyond[0]
         raise ValueError(f"{path}: {e['path']} is row {e['row']} of {e['shard']}, which holds {rows[e['shard']]} "
                          f"rows ({len(beyond)} such entries)")
-    return manifest
+    classes = len(manifest.classes) if manifest.classes is not None else None
+    odd = [e for e in manifest.images if classes is not None and not -1 <= e.get("label", -1) < classes]
+    if odd:
+        raise ValueError(f"{path}: {odd[0]['path']} has label {odd[0]['label']}, not one of the {classes} classes "
+                         f"(or -1) ({len(odd)} such entries)")
 
 
 def _open_shard(path: str) -> np.ndarray:
@@ -182,6 +194,8 @@ def assemble_manifest(folder: str, num_shards: int, fields: dict) -> Manifest:
     grid = (scales[-1],) * 2 if scales else tuple(index_shape[:2])
     manifest = Manifest(**fields, grid_shape=grid, index_shape=index_shape, dtype=dtype,
                         num_images=len(images), num_shards=num_shards, images=images, skipped=skipped)
+    # Resumed shards are files like any other: checked as a reader of this manifest will check them.
+    check_against_shards(folder, manifest, os.path.join(folder, MANIFEST))
     write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
     return manifest
 
