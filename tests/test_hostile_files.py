@@ -446,6 +446,21 @@ def test_weights_must_be_finite_as_the_model_holds_them(model_dir, dinov2_dir, t
         tiny_vqrae(str(tmp_path / "encoder"))
 
 
+def test_a_file_name_that_is_not_utf8_is_written_printable(tmp_path):
+    """A second probe of issue 32: one image named with a byte that is not UTF-8 stopped vqrae-make-shards ("'utf-8'
+    codec can't encode character '\\udce9'") without naming it; its path.txt is now written as \\xNN, and the
+    sample reads back."""
+    from stage1.data.tar_shards import write_shards
+
+    folder = os.fsencode(tmp_path / "images")
+    os.makedirs(folder)
+    with open(folder + b"/caf\xe9.png", "wb") as f:
+        f.write(png_bytes(3, size=IMAGE_SIZE))
+    (shard,) = write_shards(os.fsdecode(folder), str(tmp_path / "shards"), 10)
+    (sample,) = read_shard(shard)
+    assert sample.name == "caf\\xe9.png" and sample.data == png_bytes(3, size=IMAGE_SIZE)
+
+
 def test_json_and_yaml_are_read_from_regular_files_only(tmp_path):
     """A second probe: a FIFO named classes.json, results.json or a searchpath's x.yaml blocked its reader forever."""
     from stage1.base.atomic import read_json, read_yaml

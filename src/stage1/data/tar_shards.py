@@ -310,7 +310,9 @@ def folder_sample(folder: str, path: str, index: int, label: int) -> tuple[str, 
     with open(os.path.join(folder, path), "rb") as f:
         image = f.read()
     extension = os.path.splitext(path)[1].lower().lstrip(".")
-    return f"{index:09d}", {FIELD_OF_EXTENSION.get(extension, extension): image, "path.txt": path.encode(),
+    # A name that is not UTF-8 (its bytes decoded with surrogate escapes) is written printable, as \xNN: path.txt
+    # must be UTF-8 for the readers to take the sample
+    return f"{index:09d}", {FIELD_OF_EXTENSION.get(extension, extension): image, "path.txt": _printable(path).encode(),
                             "cls": str(label).encode()}
 
 
