@@ -367,6 +367,10 @@ def test_decode_refuses_manifest_paths_outside_its_folders(model_dir, image_dir,
              ("path", str(tmp_path / "absolute.jpg"), "outside the output folder"),
              ("path", "nested/../../../sneaky.jpg", "outside the output folder"),
              ("shard", "../tokens/shard-00000.npy", "names a shard outside its folder")]
+    # A second probe of issue 32: paths that cannot all be written were found after some PNGs were.
+    cases += [("path", "x" * 300 + ".jpg", "a part longer than 255 bytes"),
+              ("path", os.path.splitext(good["images"][1]["path"])[0] + ".png/b.jpg",
+               "both as an image's PNG and as a folder of others")]
     for field, value, message in cases:
         manifest = json.loads(json.dumps(good))
         manifest["images"][0][field] = value

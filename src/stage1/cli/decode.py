@@ -23,6 +23,14 @@ def inside(folder: str, relative: str) -> str | None:
     return target if relative and not os.path.isabs(relative) and target.startswith(root + os.sep) else None
 
 
+def _parents(folder: str, root: str):
+    """The folders from `folder` up to (not including) `root`'s real path."""
+    root = os.path.realpath(root)
+    while folder != root and len(folder) > len(root):
+        yield folder
+        folder = os.path.dirname(folder)
+
+
 def check_model_fits(model, manifest: Manifest) -> None:
     layout, k = model.layout, model.layout.vocab_size
     if manifest.codebook_size != k:
@@ -61,6 +69,16 @@ def run(args) -> int:
                        f"there")
     if len(set(targets)) != len(targets):
         raise CLIError("two images differ only in their extension (e.g. a.jpg and a.png): their PNGs would collide")
+    folders = {os.path.dirname(t) for t in targets}  # every folder a PNG goes in, and the folders above it
+    folders |= {parent for folder in folders for parent in _parents(folder, args.out)}
+    clash = sorted(folders & set(targets))
+    if clash:
+        raise CLIError(f"the manifest names {clash[0]!r} both as an image's PNG and as a folder of others (a.jpg "
+                       f"and a.png/b.jpg): they cannot both be written")
+    long = [t for t in targets if any(len(os.fsencode(part)) > 255 for part in t.split(os.sep))]
+    if long:
+        raise CLIError(f"the manifest names a path with a part longer than 255 bytes, which no file system takes: "
+                       f"{long[0][:300]!r}")
     rows = shard_rows(args.tokens, entries)
     with torch.no_grad():
         for chunk_targets in tqdm(list(batches(targets, args.batch_size)), desc="decode", unit="batch"):
