@@ -461,6 +461,25 @@ def test_a_file_name_that_is_not_utf8_is_written_printable(tmp_path):
     assert sample.name == "caf\\xe9.png" and sample.data == png_bytes(3, size=IMAGE_SIZE)
 
 
+def test_an_image_file_past_the_size_bound_is_not_read_into_a_shard(tmp_path, monkeypatch):
+    """A second probe of issue 32: vqrae-make-shards read every image file whole (a 7 GB sparse one was a MemoryError);
+    one past MAX_IMAGE_BYTES is left out unread, and its sample is listed as having no image when read back."""
+    from stage1.data.tar_shards import write_shards
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "big.png").write_bytes(png_bytes(4, size=IMAGE_SIZE))
+    (tmp_path / "images" / "small.png").write_bytes(png_bytes(5, size=2))
+    monkeypatch.setattr(tar_shards, "MAX_IMAGE_BYTES", len(png_bytes(5, size=2)))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    (shard,) = write_shards(str(tmp_path / "images"), str(tmp_path / "shards"), 10)
+    assert not any(path.endswith("big.png") for path in opened)
+    monkeypatch.undo()
+    samples = read_shard(shard)
+    assert [(s.name, s.data is None) for s in samples] == [("big.png", True), ("small.png", False)]
+
+
 def test_json_and_yaml_are_read_from_regular_files_only(tmp_path):
     """A second probe: a FIFO named classes.json, results.json or a searchpath's x.yaml blocked its reader forever."""
     from stage1.base.atomic import read_json, read_yaml

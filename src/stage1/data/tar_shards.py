@@ -307,9 +307,12 @@ def folder_sample(folder: str, path: str, index: int, label: int) -> tuple[str, 
     """The sample write_shards makes of image `path` under `folder`: its key (the image's index: a key with no dot,
     since webdataset splits a member name at its first dot) and fields (the image's bytes under its extension's
     field, path.txt, cls)."""
-    with open(os.path.join(folder, path), "rb") as f:
-        image = f.read()
     extension = os.path.splitext(path)[1].lower().lstrip(".")
+    full = os.path.join(folder, path)
+    if os.path.getsize(full) > MAX_IMAGE_BYTES:  # no reader takes it: left out unread, and listed when read back
+        return f"{index:09d}", {"path.txt": _printable(path).encode(), "cls": str(label).encode()}
+    with open(full, "rb") as f:
+        image = f.read()
     # A name that is not UTF-8 (its bytes decoded with surrogate escapes) is written printable, as \xNN: path.txt
     # must be UTF-8 for the readers to take the sample
     return f"{index:09d}", {FIELD_OF_EXTENSION.get(extension, extension): image, "path.txt": _printable(path).encode(),

@@ -7,12 +7,15 @@ download. Their features are random projections, not pretrained ones: a stand-in
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ..base.atomic import follow_umask, write_json
+from ..base.config_section import ConfigSection, choice
 
 TINY_FAMILIES = ("dinov2", "dinov2_reg", "siglip", "siglip2_naflex", "mae")
+MAX_TINY_WIDTH, MAX_TINY_LAYERS = 1024, 64  # a stand-in's largest width, and its largest layer / head / patch counts
 ENCODER_CLS = {
     "dinov2": "Dinov2withNorm",
     "dinov2_reg": "Dinov2withNorm",
@@ -79,14 +82,32 @@ def _build(tf, family, dims, sized, image_size, patch_size):
     return model
 
 
-def write_stand_in_encoder(spec: dict, directory: str, image_size: int, seed: int = 0) -> None:
-    """The training stand-in (`init.tiny_encoder` in configs/encoder/tiny_*.yaml): written once to `directory`, kept
-    on resume. `spec` holds the family and the sizes of save_tiny_encoder."""
+@dataclass
+class TinyEncoderConfig(ConfigSection):
+    """A training stand-in's recipe (`init.tiny_encoder` in configs/encoder/tiny_*.yaml): its family and sizes, which
+    save_tiny_encoder takes. Bounded: a stand-in is small (hidden 65536 x 64 layers tried to allocate 17 GB)."""
+
+    section = "init.tiny_encoder"
+    family: str = choice(*TINY_FAMILIES)
+    hidden_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    patch_size: int = 8
+
+    def check(self):
+        self.require_at_most(MAX_TINY_WIDTH, "hidden_size")
+        self.require_at_most(MAX_TINY_LAYERS, "num_hidden_layers", "num_attention_heads", "patch_size")
+        self.require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                     f"divisible by init.tiny_encoder.num_attention_heads ({self.num_attention_heads})")
+
+
+def write_stand_in_encoder(spec: TinyEncoderConfig, directory: str, image_size: int, seed: int = 0) -> None:
+    """The training stand-in: written once to `directory`, kept on resume."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return
-    spec = dict(spec)
-    family = spec.pop("family")
-    save_tiny_encoder(family, directory, image_size=image_size, seed=seed, **spec)
+    sizes = spec.to_dict()
+    family = sizes.pop("family")
+    save_tiny_encoder(family, directory, image_size=image_size, seed=seed, **sizes)
     print(f"encoder: a tiny randomly initialised {family} stand-in at {directory}. It is untrained: the "
           f"reconstructions show the pipeline working, not a real tokenizer. On a machine with network and a GPU, "
           f"train with a real encoder, e.g. encoder=dinov2_b decoder=vit_b.")

@@ -34,6 +34,7 @@ from ..base.limits import MAX_IMAGE_SIDE, MAX_THREADS, MAX_WORKERS
 from ..base.precision import PRECISIONS
 from ..model.config import VQRAEConfig
 from ..model.presets import ASSETS_DIR, CONFIG_DIR
+from ..model.tiny import TinyEncoderConfig
 from .losses import LossConfig
 
 OmegaConf.register_new_resolver("assets_dir", lambda: ASSETS_DIR, replace=True)  # the photos shipped in the package
@@ -109,7 +110,7 @@ class InitConfig(ConfigSection):
     """Where weights start from (a resumed run takes its checkpoint's instead)."""
 
     section = "init"
-    tiny_encoder: dict | None = None  # a stand-in encoder's recipe (stage1.model.tiny): built at encoder.path first
+    tiny_encoder: TinyEncoderConfig | None = None  # a stand-in encoder's recipe: built at encoder.path first
 
 
 @dataclass
