@@ -349,6 +349,10 @@ def test_fit_codebook_writes_the_model_with_a_codebook_fitted_to_the_folder(mode
         assert "is the model's own folder or its encoder's" in capsys.readouterr().err
     assert push.main(["--model", model_dir, "--repo", "a/b", "--stage", encoder_dir]) == 2
     assert "--stage" in capsys.readouterr().err and VQRAE.from_pretrained(model_dir) is not None
+    (tmp_path / "listed").mkdir()  # a config.json that is no object is the model loader's to name, in one line
+    (tmp_path / "listed" / "config.json").write_text("[1]")
+    assert fit_codebook.main(["--model", str(tmp_path / "listed"), *argv[2:4], "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.count("vqrae-fit-codebook: error:") == 1
     # Too few tokens for the codebook: the advice names this command's flags, not training's keys.
     assert fit_codebook.main([*argv[:4], "--out", str(tmp_path / "few"), "--tokens-per-image", "4"]) == 2
     err = capsys.readouterr().err

@@ -95,6 +95,12 @@ def test_a_command_line_value_reaches_the_module(dinov2_dir):
     assert model.config.encoder.params == {"normalize": False} and model.encoder.model.layernorm.weight is not None
 
 
+def test_an_integer_past_floats_range_is_a_wrong_value_not_an_overflow():
+    """A float field given an int too large for a float (10**400 in a config.json) was Python's OverflowError."""
+    with pytest.raises(ValueError, match=r"^quantizer.decay must be a finite number, got 1000"):
+        QuantizerConfig(decay=10**400)
+
+
 def test_keywords_of_the_wrong_type_are_one_value_error(dinov2_dir, tmp_path):
     """A second probe of issue 32: decoder_config_path 1.5, ['tiny'] or 1 (a file descriptor to os.path), RAE's
     encoder_params of a list or naming its checkpoint by a list, and a saved quantizer.kind of ['single'] were

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import sys
 import urllib.error
 
@@ -498,6 +499,10 @@ def test_a_resumed_run_takes_the_thread_count_its_checkpoint_was_made_with(train
     monkeypatch.setattr(ct, "usable_cores", lambda: 2)
     monkeypatch.setattr(ct, "busy_share", lambda: 0.5)  # one core busy: 1 thread
     run(train_images, tmp_path / "run", "train.stop_at=4", "train.sample_every=null")
+    # A copy whose checkpoint was edited to a million threads (which crash torch): bounded as train.cpu_threads is.
+    shutil.copytree(tmp_path / "run", tmp_path / "edited")
+    edited = tmp_path / "edited" / "checkpoints" / "step-0000004" / "trainer_state.pt"
+    torch.save({**torch.load(edited, weights_only=True), "cpu_threads": 10**6}, edited)
     monkeypatch.setattr(ct, "busy_share", lambda: 0.0)  # an idle machine now: 2 threads, then the checkpoint's 1
     capsys.readouterr()
     run(train_images, tmp_path / "run", "train.sample_every=null")
@@ -506,3 +511,6 @@ def test_a_resumed_run_takes_the_thread_count_its_checkpoint_was_made_with(train
     assert "threads: 1 intra-op per process, as the run being resumed had" in out
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000008" / "trainer_state.pt", weights_only=True)
     assert state["cpu_threads"] == 1
+    run(train_images, tmp_path / "edited", "train.sample_every=null")
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "as the run being resumed had" not in out

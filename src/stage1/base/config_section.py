@@ -92,9 +92,15 @@ def _convert(value, hint):
             raise _Mismatch
         return value
     if hint is float:  # finite: an Inf passes every `> 0` check (an Inf eps painted flat grey, an Inf lr NaN weights)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Mismatch
-        return float(value)
+        try:
+            number = float(value)  # an int past float's range (10**400, from a JSON file) is OverflowError
+        except OverflowError:
+            raise _Mismatch from None
+        if not math.isfinite(number):
+            raise _Mismatch
+        return number
     if hint is dict or origin is dict:
         if not isinstance(value, typing.Mapping):
             raise _Mismatch

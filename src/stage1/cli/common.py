@@ -112,9 +112,10 @@ def check_apart_from_model(out: str, model: str, flag: str = "--out") -> None:
     config_file = os.path.join(model, "config.json")
     if os.path.isfile(config_file):
         with contextlib.suppress(ValueError, OSError):  # a damaged config.json is the model loader's to name
-            encoder = read_json(config_file, MAX_CONFIG_BYTES).get("encoder", {}).get("path")
-            if isinstance(encoder, str):
-                folders.append(encoder)
+            config = read_json(config_file, MAX_CONFIG_BYTES)
+            encoder = config.get("encoder") if isinstance(config, dict) else None
+            if isinstance(encoder, dict) and isinstance(encoder.get("path"), str):
+                folders.append(encoder["path"])
     if any(os.path.realpath(out) == os.path.realpath(folder) for folder in folders if os.path.isdir(folder)):
         raise CLIError(f"{flag} {out} is the model's own folder or its encoder's: the files it is read from would be "
                        f"overwritten; write to another folder")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..base import distributed
 from ..base.atomic import write_yaml
 from ..base.cpu_threads import USERS_CHOICE, cpu_threads
+from ..base.limits import MAX_THREADS
 from ..base.precision import autocast, resolve_precision
 from ..base.preemption import StopSignals
 from ..base.run_lock import run_lock
@@ -382,7 +383,9 @@ class Trainer:
                                                                 state["nonfinite_steps"])
         self._restore_rng(state["rng"])
         saved = state.get("cpu_threads")  # absent from checkpoints before it was recorded
-        if self.auto_threads and isinstance(saved, int) and saved >= 1 and saved != torch.get_num_threads():
+        # Bounded as train.cpu_threads is: a checkpoint is a file like any other (a million threads crashed torch)
+        usable = isinstance(saved, int) and 1 <= saved <= MAX_THREADS
+        if self.auto_threads and usable and saved != torch.get_num_threads():
             torch.set_num_threads(saved)
             if self.info.is_main:
                 print(f"threads: {saved} intra-op per process, as the run being resumed had (its float sums)")
