@@ -2,9 +2,11 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from stage1.model.tiny import ENCODER_CLS, TINY_FAMILIES, save_tiny_encoder
@@ -89,3 +91,25 @@ def assert_tokenize_refuses(cases, fmt: str, tmp_path, capsys) -> None:
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and re.search(message, error), error
         assert not out.exists() or not any(name.startswith("shard-") for name in os.listdir(out))
+
+
+# Halton-MaskGIT's layout, read as its loader reads it (test_maskgit.py, and the exports' property in test_fuzz.py)
+class ArraysOnly(pickle.Unpickler):
+    """The documented format holds a dict of a numpy array and an int: nothing else may be named in the file."""
+
+    def find_class(self, module, name):
+        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of the format")
+
+
+def read_like_maskgit(folder):
+    """Halton-MaskGIT's CodeDataset as its README and extractor describe it: every *.pth in sorted order, each a
+    pickle of {"code": (h, w) integers, "y": class}; codes cast to int32."""
+    items = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".pth"):
+            with open(os.path.join(folder, name), "rb") as f:
+                data = ArraysOnly(f).load()
+            items.append((name, data["code"], data["y"]))
+    return items

@@ -28,7 +28,6 @@ import json
 import lzma
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -43,7 +42,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE, smooth_images
+from helpers import IMAGE_SIZE, read_like_maskgit, smooth_images
 from hypothesis import event, given, note
 from hypothesis import strategies as st
 from PIL import Image
@@ -1435,10 +1434,7 @@ def exported_codes(out: str, fmt: str) -> list[tuple[str | None, int, np.ndarray
         folder = os.path.join(out, "maskgit", "Train")
         names = sorted(os.listdir(folder))
         assert names == [f"{i:07d}.pth" for i in range(len(names))], names
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                item = pickle.load(f)  # a file this test's own run wrote
-            found.append((None, item["y"], item["code"].reshape(-1)))
+        found = [(None, y, code.reshape(-1)) for _, code, y in read_like_maskgit(folder)]
     elif fmt == "wds":
         for tar_name in sorted(os.listdir(os.path.join(out, "wds"))):
             with tarfile.open(os.path.join(out, "wds", tar_name)) as tar:

@@ -7,13 +7,12 @@ read back here by a reader written from that documented format; LlamaGenTokenize
 import io
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tokenize_refuses, smooth_images, tiny_vqrae
+from helpers import ArraysOnly, assert_tokenize_refuses, read_like_maskgit, smooth_images, tiny_vqrae
 from PIL import Image
 from torch import nn
 
@@ -37,27 +36,6 @@ def image_tree(root, names, seed):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         Image.fromarray(image).save(os.path.join(root, folder, name))
     return str(root)
-
-
-class ArraysOnly(pickle.Unpickler):
-    """The documented format holds a dict of a numpy array and an int: nothing else may be named in the file."""
-
-    def find_class(self, module, name):
-        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
-            return getattr(np, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of the format")
-
-
-def read_like_maskgit(folder):
-    """Halton-MaskGIT's CodeDataset as its README and extractor describe it: every *.pth in sorted order, each a
-    pickle of {"code": (h, w) integers, "y": class}; codes cast to int32."""
-    items = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".pth"):
-            with open(os.path.join(folder, name), "rb") as f:
-                data = ArraysOnly(f).load()
-            items.append((name, data["code"], data["y"]))
-    return items
 
 
 def halton_order(side: int) -> list[int]:
